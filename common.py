@@ -1,0 +1,915 @@
+"""Shared helpers of the RealAlign reproduction.
+
+RealAlign ("When Preference Labels Fall Short: Aligning Diffusion Models from
+Real Data", ICML 2026) trains a diffusion model in two stages:
+
+  Stage 1, Diffusion-DRO (train_dro.py): pull the model toward real photos and
+           away from its own samples (hinge loss, `diffusion_dro_loss`).
+  Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
+           photo with its salient region inpainted (`diffusion_dpo_loss`).
+
+This file holds everything the scripts share, in this order:
+
+  1. the losses (pure functions of per-sample errors: copy them anywhere),
+  2. small utilities (clear errors, atomic writes, image cropping),
+  3. `Backbone`: one interface over SD-1.5 (UNet, epsilon-prediction) and
+     SD-3.5-M (MMDiT, flow matching), detected from the loaded pipeline,
+  4. LoRA "roles" on one base network (learner / ref / policy) and their EMA,
+  5. the pairs CSV and the cache of VAE latents and prompt embeddings,
+  6. PickScore (used by curation and evaluation),
+  7. the training skeleton both trainers share (flags, state, logging),
+  8. tiny random-weight models for tests and the offline smoke run.
+
+Section numbers in comments refer to ../shared/SPEC.md of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger("realalign")
+
+
+# =============================================================================
+# 1. Losses
+# =============================================================================
+# The losses only see per-sample regression errors, so they work unchanged for
+# epsilon-prediction (SD-1.5) and velocity-prediction (SD-3.5-M) models.
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared error ||pred - target||^2 / numel, shape [B].
+
+    Mean over every non-batch dimension, computed in float32 whatever the input
+    dtype (bf16 errors are too coarse for the small differences the two losses
+    below take between model and reference).
+    """
+    diff = pred.float() - target.float()
+    return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+
+
+def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
+    """Diffusion-DPO loss (Wallace et al. 2024, eq. 14; RealAlign Sec. 3.3, SPEC §4).
+
+        inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
+        loss  = -mean log sigmoid( -beta/2 * inner )
+
+    `*_err_*` are per-sample errors [B] of the trainable model and the frozen
+    reference on the winner (w, the real photo) and loser (l, its inpainted
+    copy), both noised with the same noise and timestep. A model that lowers
+    its error on the winner relative to the reference (inner < 0) lowers the
+    loss.
+
+    Returns (loss, stats); stats are detached floats:
+      implicit_acc  fraction of pairs with inner < 0 (the model prefers w)
+      reward_margin mean of -inner (> 0 when the model prefers w)
+    Note on signs: the implicit reward of a sample is minus its error gap, so
+    the reward margin is -inner; both stats rise as training succeeds.
+    """
+    inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
+    loss = -F.logsigmoid(-0.5 * beta * inner).mean()
+    with torch.no_grad():
+        stats = {
+            "implicit_acc": (inner < 0).float().mean().item(),
+            "reward_margin": (-inner).mean().item(),
+            "inner": inner.mean().item(),
+        }
+    return loss, stats
+
+
+def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_policy, margin=0.001):
+    """Diffusion-DRO hinge loss (Diffusion-DRO, Eq. 9; RealAlign Sec. 3.2, SPEC §3).
+
+        D    = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
+        loss = mean( max(D + margin, 0) )
+
+    `model_err_real`: error of the trainable model on a real image noised with
+    fresh noise, `model_err_policy`: its error against the sampling snapshot's
+    own prediction on the snapshot's trajectory, `ref_*`: the same for the
+    frozen reference. Pushing D down makes the real images more likely and the
+    model's own samples less likely than under the reference.
+
+    Returns (loss, stats); stats are detached floats:
+      D           mean of D
+      active_frac fraction of samples with D + margin > 0 (hinge not saturated)
+    """
+    D = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
+    loss = torch.clamp(D + margin, min=0).mean()
+    with torch.no_grad():
+        stats = {"D": D.mean().item(), "active_frac": (D + margin > 0).float().mean().item()}
+    return loss, stats
+
+
+# =============================================================================
+# 2. Utilities
+# =============================================================================
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def run_main(main):
+    """Run `main()`; a UserError ends with one clear message and exit 2."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def atomic_write(path, write_fn, suffix=None):
+    """Write a file through `write_fn(tmp_path)` then rename, so a killed run
+    never leaves a half-written file behind (os.replace is atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save_image(image: Image.Image, path):
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def atomic_write_text(path, text: str):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def replace_dir(tmp_dir, final_dir):
+    """Move a fully written folder into place (old one removed only after)."""
+    final_dir = Path(final_dir)
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """SPEC §2 preprocessing: shorter side to `resolution` (Lanczos), then a
+    centre crop of resolution x resolution."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((new_w, new_h), Image.LANCZOS)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def image_grid(images, rows, cols, labels=None):
+    """Paste equally sized PIL images into a rows x cols grid."""
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 kernels are slow and imprecise)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated, or the process's peak RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# =============================================================================
+# 3. Backbone: one interface over SD-1.5 and SD-3.5-M
+# =============================================================================
+
+
+def load_pipeline(model, dtype=torch.float32, inpainting=False):
+    """Load a diffusers pipeline from a hub id or a local folder.
+
+    Components that the folder lists as null (a tiny SD-3 model without T5, say)
+    load as None. Any loading failure becomes one UserError naming the model.
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
+
+    kwargs = {"torch_dtype": dtype}
+    index_file = Path(model) / "model_index.json"
+    if Path(model).exists() and not index_file.exists():
+        raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+    if index_file.exists():
+        # pass explicit None for components saved as null (SD-3 without T5)
+        for name, value in json.loads(index_file.read_text()).items():
+            if isinstance(value, list) and value[0] is None:
+                kwargs[name] = None
+    cls = StableDiffusionInpaintPipeline if inpainting else DiffusionPipeline
+    try:
+        pipe = cls.from_pretrained(model, **kwargs)
+    except Exception as err:  # OSError, EnvironmentError, HF hub errors, ...
+        raise UserError(
+            f"could not load the diffusers pipeline '{model}': {type(err).__name__}: {str(err).splitlines()[0]}"
+            " (check the hub id or path; offline, use a local folder or SMOKE=1)"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Backbone:
+    """The model-specific half of training, for SD-1.5 and SD-3(.5) pipelines.
+
+    The trainers only talk to this class, so they have one code path:
+
+      encode_prompts(prompts)      -> cond dict (prompt_embeds [+ pooled])
+      encode_images(pixels)        -> (mean, std) of the VAE latent posterior
+      latents_from_posterior(...)  -> a scaled latent x0 (fresh sample)
+      sample_timesteps(n, gen)     -> training timesteps t
+      add_noise(x0, noise, t)      -> x_t
+      target(x0, noise)            -> regression target (eps, or eps - x0)
+      predict(net, x_t, t, cond)   -> network output
+      policy_trajectory_point(...) -> (x_t, t, prediction) at one random
+                                      step of a guidance-free sampling run
+    """
+
+    def __init__(self, pipe, device=None, dtype=torch.float32):
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+        self.pipe = pipe
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype
+        # SD-3 pipelines carry an MMDiT "transformer", SD-1.5 ones a "unet".
+        self.is_flow = getattr(pipe, "transformer", None) is not None
+        self.kind = "sd3" if self.is_flow else "sd15"
+        self.net = pipe.transformer if self.is_flow else pipe.unet
+        self.net_name = "transformer" if self.is_flow else "unet"
+        self.vae = pipe.vae
+        if self.is_flow:
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            self.shift = float(self.scheduler.config.shift)
+        else:
+            # Training noise follows DDPM whatever sampler the pipeline ships.
+            self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.vae_scale = float(self.vae.config.scaling_factor)
+        self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    # ---- text and images (only used to build the cache and for sampling) ----
+    @torch.no_grad()
+    def encode_prompts(self, prompts, batch_size=32, max_sequence_length=128):
+        """Prompt embeddings, batched. SD-3 also returns pooled embeddings
+        (T5 max length 128 as in SPEC §3)."""
+        out = {}
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            if self.is_flow:
+                embeds, _, pooled, _ = self.pipe.encode_prompt(
+                    chunk, chunk, chunk, device=self.device, do_classifier_free_guidance=False,
+                    max_sequence_length=max_sequence_length,
+                )
+                parts = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            else:
+                embeds, _ = self.pipe.encode_prompt(chunk, self.device, 1, False)
+                parts = {"prompt_embeds": embeds}
+            for key, value in parts.items():
+                out.setdefault(key, []).append(value.float().cpu())
+        return {key: torch.cat(values) for key, values in out.items()}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor):
+        """VAE posterior (mean, std) of images in [-1, 1], in float32.
+
+        Storing the posterior rather than one sample lets every training step
+        draw a fresh latent for free (as re-encoding every step would)."""
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return posterior.mean.float().cpu(), posterior.std.float().cpu()
+
+    def latents_from_posterior(self, mean, std, generator=None):
+        """A fresh latent sample, shifted and scaled as the network expects
+        (SD-3: (z - shift) * scale; SD-1.5: z * scale)."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return (mean + std * noise - self.vae_shift) * self.vae_scale
+
+    @torch.no_grad()
+    def decode(self, latents):
+        latents = latents.to(self.vae.dtype) / self.vae_scale + self.vae_shift
+        images = self.vae.decode(latents).sample.float().clamp(-1, 1)
+        images = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(image) for image in images]
+
+    # ---- the forward process -------------------------------------------------
+    def sample_timesteps(self, n, generator=None, device=None):
+        """SD-1.5: uniform over the 1000 DDPM steps (integers).
+        SD-3: logit-normal u = sigmoid(N(0, 1)) mapped through the flow
+        scheduler's shift, sigma = s*u / (1 + (s-1)*u); t = 1000 * sigma."""
+        device = device or self.device
+        if self.is_flow:
+            u = torch.sigmoid(torch.randn(n, generator=generator))
+            sigma = self.shift * u / (1 + (self.shift - 1) * u)
+            return (sigma * self.num_train_timesteps).to(device)
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(device)
+
+    def _broadcast(self, values, like):
+        return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, x0, noise, t):
+        """SD-1.5: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM add_noise).
+        SD-3:   x_t = (1 - sigma) x0 + sigma eps, sigma = t / 1000."""
+        if self.is_flow:
+            sigma = self._broadcast(t / self.num_train_timesteps, x0)
+            return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
+        a = self._broadcast(self.alphas_cumprod[t.long()], x0)
+        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+    def target(self, x0, noise):
+        """Regression target: eps (SD-1.5) or the velocity eps - x0 (SD-3)."""
+        return noise - x0 if self.is_flow else noise
+
+    def predict(self, net, x_t, t, cond):
+        """One network call; `net` may be the DDP-wrapped or the bare network."""
+        x_t = x_t.to(self.dtype)
+        embeds = cond["prompt_embeds"].to(x_t.device, self.dtype)
+        if self.is_flow:
+            pooled = cond["pooled_prompt_embeds"].to(x_t.device, self.dtype)
+            return net(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                       timestep=t, return_dict=False)[0]
+        return net(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def latent_shape(self, resolution):
+        scale = self.pipe.vae_scale_factor
+        return (self.net.config.in_channels, resolution // scale, resolution // scale)
+
+    # ---- Stage-1 policy sampling (SPEC §3 step 1) ----------------------------
+    @torch.no_grad()
+    def policy_trajectory_point(self, net, cond, resolution, num_steps, generator):
+        """Run the guidance-free sampler with `net` (the frozen snapshot role)
+        and return, per sample, the trajectory point of one random step k:
+        (x_t, t, prediction at x_t). Steps after the largest k are never
+        needed, so the loop stops there (exact, and half the work on average).
+
+        SD-1.5: DPM-Solver++(2M), `num_steps` steps on the grid
+                t_i = offset + step_ratio * (num_steps - 1 - i), with a per-sample
+                integer offset in [0, step_ratio) so every training timestep can
+                be drawn (the Diffusion-DRO "timestep offset" trick).
+        SD-3:   flow-match Euler on the scheduler's shifted sigma grid.
+        """
+        n = cond["prompt_embeds"].shape[0]
+        x = torch.randn((n, *self.latent_shape(resolution)), generator=generator).to(self.device, torch.float32)
+        k = torch.randint(0, num_steps, (n,), generator=generator).to(self.device)
+        out_x, out_t, out_pred = torch.empty_like(x), None, torch.empty_like(x)
+        if self.is_flow:
+            self.scheduler.set_timesteps(num_steps, device=self.device)
+            sigmas = self.scheduler.sigmas.to(self.device, torch.float32)
+            out_t = torch.empty(n, device=self.device)
+            for i in range(int(k.max()) + 1):
+                t = (sigmas[i] * self.num_train_timesteps).expand(n)
+                velocity = self.predict(net, x, t, cond).float()
+                pick = k == i
+                out_x[pick], out_t[pick], out_pred[pick] = x[pick], t[pick], velocity[pick]
+                x = x + (sigmas[i + 1] - sigmas[i]) * velocity
+            return out_x, out_t, out_pred
+
+        step_ratio = self.num_train_timesteps // num_steps
+        offset = torch.randint(0, step_ratio, (n,), generator=generator).to(self.device)
+        out_t = torch.empty(n, dtype=torch.long, device=self.device)
+        alpha_sigma = lambda t: (self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt())
+        x0_prev, h_prev = None, None
+        for i in range(int(k.max()) + 1):
+            t = offset + step_ratio * (num_steps - 1 - i)
+            eps = self.predict(net, x, t, cond).float()
+            pick = k == i
+            out_x[pick], out_t[pick], out_pred[pick] = x[pick], t[pick], eps[pick]
+            # DPM-Solver++(2M) update to the next grid point (x0-parameterised).
+            a_t, s_t = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t))
+            x0 = (x - s_t * eps) / a_t
+            if i + 1 < num_steps:
+                a_n, s_n = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t - step_ratio))
+            else:  # the last step lands on the clean image (alpha=1, sigma=0)
+                a_n, s_n = torch.ones_like(a_t), torch.zeros_like(s_t)
+            h = torch.log(a_n / s_n.clamp_min(1e-12)) - torch.log(a_t / s_t)
+            if x0_prev is None:
+                d = x0  # first step: first order
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (s_n / s_t) * x - a_n * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        return out_x, out_t, out_pred
+
+
+# =============================================================================
+# 4. LoRA roles on one base network, and their EMA
+# =============================================================================
+# Three views of one network (SPEC §3, §6.5): the trainable `learner`, the
+# frozen reference `ref` and, in Stage 1, the frozen sampling snapshot
+# `policy`. Each is a LoRA adapter on the same frozen base weights; switching
+# role only changes which adapter is active, so only one network is in memory.
+
+LEARNER, REF, POLICY = "learner", "ref", "policy"
+
+LORA_TARGETS = {
+    # SD-1.5: UNet attention projections (SPEC §3)
+    "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
+    # SD-3.5-M: MMDiT joint-attention projections, image and text stream
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+}
+
+
+def _tuner_layers(net):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in net.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def role_parameters(net, role):
+    """The LoRA parameters of one role, in a fixed order."""
+    return [param for name, param in net.named_parameters() if f".{role}." in name]
+
+
+def use_role(net, role):
+    """Make `role` the active adapter. Only the learner's parameters ever
+    require gradients, whichever role is active (peft's set_adapter would
+    otherwise flip requires_grad as adapters are switched)."""
+    for layer in _tuner_layers(net):
+        layer.set_adapter(role, inference_mode=True)
+    for param in role_parameters(net, LEARNER):
+        param.requires_grad_(True)
+
+
+def copy_role(net, source, dest):
+    """dest <- source, weights only (e.g. learner -> policy snapshot)."""
+    with torch.no_grad():
+        for p_src, p_dst in zip(role_parameters(net, source), role_parameters(net, dest), strict=True):
+            p_dst.copy_(p_src)
+
+
+def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None):
+    """Add the LoRA roles to the backbone's network.
+
+    Without `init_lora` the learner starts as a fresh LoRA (B = 0, so it equals
+    the base network). With it, the learner is loaded from that checkpoint
+    (rank and alpha then come from the checkpoint's own metadata). Every other
+    role starts as a copy of the learner, so `ref` is "the model at the start
+    of the stage" in both cases.
+    """
+    from peft import LoraConfig
+
+    net = backbone.net
+    net.requires_grad_(False)
+    if init_lora is not None:
+        load_lora_into(backbone, init_lora, adapter_name=LEARNER)
+        config = copy.deepcopy(net.peft_config[LEARNER])
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                            target_modules=LORA_TARGETS[backbone.kind])
+        net.add_adapter(copy.deepcopy(config), adapter_name=LEARNER)
+    for role in roles:
+        if role != LEARNER:
+            net.add_adapter(copy.deepcopy(config), adapter_name=role)
+            copy_role(net, LEARNER, role)
+    # LoRA weights train in fp32 even when the base runs in bf16.
+    for role in roles:
+        for param in role_parameters(net, role):
+            param.data = param.data.float()
+    use_role(net, LEARNER)
+    return config
+
+
+def load_lora_into(backbone, lora, adapter_name):
+    """Load a LoRA checkpoint (folder or hub id, `load_lora_weights` format)
+    into the backbone's network under `adapter_name`; checks it matched."""
+    net = backbone.net
+    try:
+        backbone.pipe.load_lora_weights(lora, adapter_name=adapter_name)
+    except Exception as err:
+        raise UserError(f"could not load the LoRA '{lora}': {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if adapter_name not in getattr(net, "peft_config", {}) or not role_parameters(net, adapter_name):
+        raise UserError(f"the LoRA '{lora}' has no weights for this {backbone.kind} {backbone.net_name} "
+                        "(is it a LoRA of the other backbone?)")
+
+
+def lora_state_dict(net, role, params=None):
+    """The role's LoRA weights in diffusers' saving format. `params` (same order
+    as role_parameters) substitutes other values, e.g. the EMA weights."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if params is not None:
+        backup = [p.detach().clone() for p in role_parameters(net, role)]
+        with torch.no_grad():
+            for p, value in zip(role_parameters(net, role), params, strict=True):
+                p.copy_(value)
+    state = get_peft_model_state_dict(net, adapter_name=role)
+    state = {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(role_parameters(net, role), backup, strict=True):
+                p.copy_(value)
+    return convert_state_dict_to_diffusers(state)
+
+
+def save_lora_checkpoint(backbone, state_dict, config, directory):
+    """Save LoRA weights so that a stock pipeline's `load_lora_weights(dir)`
+    reads them, with the adapter config (rank, alpha, targets) as metadata:
+    SD-3.5-M uses alpha != rank and would otherwise load at the wrong scale."""
+    metadata = config.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"]) if metadata.get("target_modules") else None
+    kwargs = {f"{backbone.net_name}_lora_layers": state_dict,
+              f"{backbone.net_name}_lora_adapter_metadata": metadata}
+    type(backbone.pipe).save_lora_weights(str(directory), **kwargs)
+
+
+class LoraEMA:
+    """Exponential moving average of the learner's LoRA weights (SPEC §3).
+
+    SD-1.5 follows diffusers' EMAModel defaults: at the n-th update (n = 0, 1,
+    ...) decay = 0 for n = 0, else min(max_decay, (1 + n) / (10 + n)).
+    SD-3.5-M (flow_grpo): a fixed decay 0.9 applied every 8 optimizer steps.
+    """
+
+    def __init__(self, params, max_decay=0.9999, update_every=1, warmup=True):
+        self.shadow = [p.detach().clone().float() for p in params]
+        self.max_decay, self.update_every, self.warmup = max_decay, update_every, warmup
+        self.num_updates = 0
+
+    def decay(self):
+        n = self.num_updates
+        if not self.warmup:
+            return self.max_decay
+        return 0.0 if n == 0 else min(self.max_decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def step(self, params, optimizer_step):
+        """Call after optimizer step number `optimizer_step` (1-based)."""
+        if optimizer_step % self.update_every:
+            return
+        decay = self.decay()
+        for shadow, p in zip(self.shadow, params, strict=True):
+            shadow.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+        self.num_updates += 1
+
+    def state_dict(self):
+        return {"shadow": self.shadow, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.shadow = [s.clone() for s in state["shadow"]]
+        self.num_updates = int(state["num_updates"])
+
+
+def load_network_override(backbone, path):
+    """Replace the base UNet/transformer with another one (a folder or hub id,
+    at its root or in a unet/transformer subfolder), for the complementarity
+    experiments (SPEC §4, e.g. mhdang/dpo-sd1.5-text2image-v1)."""
+    cls = type(backbone.net)
+    errors = []
+    for subfolder in (None, backbone.net_name):
+        try:
+            net = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=backbone.net.dtype)
+            break
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+    else:
+        raise UserError(f"could not load a {cls.__name__} from '{path}' ({'; '.join(errors)})")
+    if net.config.get("in_channels") != backbone.net.config.get("in_channels"):
+        raise UserError(f"'{path}' does not fit this pipeline's {backbone.net_name}")
+    setattr(backbone.pipe, backbone.net_name, net)
+    backbone.net = net
+    return net
+
+
+# =============================================================================
+# 5. Pairs CSV and the input cache
+# =============================================================================
+
+PAIR_COLUMNS = ["uid", "prompt", "real_image_path", "fake_image_path"]
+# the public trainers' names for the same columns (SPEC §6.1)
+PAIR_ALIASES = {"win_image_path": "real_image_path", "lose_image_path": "fake_image_path", "caption": "prompt"}
+
+
+def read_pairs_csv(path, need_fake=True):
+    """Read a pairs CSV (curate.py's schema, SPEC §2; win/lose names accepted).
+
+    Image paths may be relative to the CSV's folder. Returns a list of dicts
+    with absolute paths; every problem is a UserError that names it."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pairs CSV not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = [PAIR_ALIASES.get(col, col) for col in (reader.fieldnames or [])]
+        rows = [{PAIR_ALIASES.get(k, k): v for k, v in row.items()} for row in reader]
+    required = ["prompt", "real_image_path"] + (["fake_image_path"] if need_fake else [])
+    missing = [col for col in required if col not in header]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)} (has: {', '.join(header) or 'nothing'})")
+    if not rows:
+        raise UserError(f"{path} has no rows")
+    pairs = []
+    for i, row in enumerate(rows):
+        pair = {"uid": row.get("uid") or str(i), "prompt": row["prompt"] or ""}
+        for col in required[1:]:
+            image_path = Path(row[col] or "")
+            image_path = image_path if image_path.is_absolute() else path.parent / image_path
+            if not row[col] or not image_path.is_file():
+                raise UserError(f"{path}, row {i + 2}: {col} '{row[col]}' is not a file")
+            pair[col] = str(image_path)
+        pairs.append(pair)
+    return pairs
+
+
+def cache_key(model_name, resolution, pairs_csv, need_fake):
+    digest = hashlib.sha256()
+    for part in (str(model_name), str(resolution), str(need_fake)):
+        digest.update(part.encode() + b"\0")
+    digest.update(Path(pairs_csv).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True):
+    """Encode every image and prompt once (SPEC §6.5) and save with safetensors.
+
+    Stored, for N pairs and the U unique prompts (index 0 = the empty prompt,
+    used for caption dropout):
+      real_mean, real_std  [N, 2, C, h, w] VAE posterior of the real image,
+                           unflipped (index 0) and horizontally flipped (1)
+      fake_mean, fake_std  the same for the inpainted image (Stage 2)
+      prompt_embeds        [U, L, D] (and pooled_prompt_embeds [U, D] for SD-3)
+      prompt_index         [N] row -> prompt
+    The flipped image is encoded separately: flipping a latent is not exactly
+    the latent of the flipped image.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    prompts = [""] + sorted({pair["prompt"] for pair in pairs})
+    prompt_id = {prompt: i for i, prompt in enumerate(prompts)}
+    tensors = dict(backbone.encode_prompts(prompts))
+    tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs])
+    sides = ["real"] + (["fake"] if need_fake else [])
+    for side in sides:
+        means, stds = [], []
+        for start in tqdm(range(0, len(pairs), batch_size), desc=f"encoding {side} images", disable=not progress):
+            batch = []
+            for pair in pairs[start : start + batch_size]:
+                try:
+                    image = center_crop_resize(Image.open(pair[f"{side}_image_path"]), resolution)
+                except Exception as err:
+                    raise UserError(f"cannot read {pair[f'{side}_image_path']}: {err}") from None
+                pixels = pil_to_tensor(image)
+                batch += [pixels, pixels.flip(-1)]
+            mean, std = backbone.encode_images(torch.stack(batch))
+            means.append(mean.view(-1, 2, *mean.shape[1:]))
+            stds.append(std.view(-1, 2, *std.shape[1:]))
+        tensors[f"{side}_mean"], tensors[f"{side}_std"] = torch.cat(means), torch.cat(stds)
+    tensors = {key: value.contiguous() for key, value in tensors.items()}
+    atomic_write(cache_file, lambda tmp: save_file(tensors, tmp), suffix=".safetensors")
+    return tensors
+
+
+def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cache_dir, need_fake, accelerator):
+    """The cache for (model, resolution, CSV content): built by the main
+    process if missing (a changed CSV or model gives a new key), read by all."""
+    from safetensors.torch import load_file
+
+    cache_file = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake)}.safetensors"
+    if accelerator.is_main_process and not cache_file.exists():
+        logger.info("building the input cache %s", cache_file)
+        build_input_cache(backbone, pairs, resolution, cache_file, need_fake)
+    accelerator.wait_for_everyone()
+    return load_file(str(cache_file))
+
+
+def cond_from_cache(cache, prompt_ids, device):
+    """Prompt embeddings of the given prompt indices, as a cond dict."""
+    cond = {"prompt_embeds": cache["prompt_embeds"][prompt_ids].to(device)}
+    if "pooled_prompt_embeds" in cache:
+        cond["pooled_prompt_embeds"] = cache["pooled_prompt_embeds"][prompt_ids].to(device)
+    return cond
+
+
+def cat_cond(*conds):
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+# =============================================================================
+# 6. PickScore (SPEC §2): curation filter and evaluation metric
+# =============================================================================
+
+
+class PickScorer:
+    """Raw PickScore: exp(logit_scale) * cos(image embedding, text embedding),
+    both L2-normalised, text truncated to 77 tokens (SPEC §2). Raw units
+    (about 20-23 for SD images); never divided by 26."""
+
+    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                 device=None, dtype=None):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.device = torch.device(device) if device else default_device()
+        dtype = dtype or default_dtype(self.device)
+        try:
+            self.processor = AutoProcessor.from_pretrained(processor)
+            self.model = CLIPModel.from_pretrained(model, torch_dtype=dtype).to(self.device).eval()
+        except Exception as err:
+            raise UserError(f"could not load PickScore ({model}, {processor}): {type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}") from None
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, batch_size=32):
+        scores = []
+        for start in range(0, len(images), batch_size):
+            inputs = self.processor(images=list(images[start : start + batch_size]),
+                                    text=list(prompts[start : start + batch_size]),
+                                    padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+            inputs = {key: value.to(self.device) for key, value in inputs.items()}
+            image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.model.dtype))
+            text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                       attention_mask=inputs.get("attention_mask"))
+            image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
+            text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+            cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+            scores.append((self.model.logit_scale.exp().float() * cosine).cpu())
+        return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+# =============================================================================
+# 8. Tiny random-weight models (tests and the offline smoke run)
+# =============================================================================
+# They are built from configs, saved with save_pretrained and loaded back with
+# the same from_pretrained calls the real models go through, so the tests
+# exercise the users' loading path without network access.
+
+TINY_MODELS = ("sd15", "sd15-inpaint", "sd3", "clip")
+
+
+def _tiny_clip_tokenizer(directory):
+    """A byte-level CLIP tokenizer with no merges: every byte is one token."""
+    from transformers import CLIPTokenizer
+
+    byte_chars = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(byte_chars), 0
+    for b in range(256):  # GPT-2's bytes_to_unicode: every byte gets a printable char
+        if b not in byte_chars:
+            chars.append(256 + extra)
+            extra += 1
+    symbols = [chr(c) for c in chars]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+    return tokenizer
+
+
+def _tiny_text_encoder(with_projection, hidden=32, projection=32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
+                            bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def _tiny_vae(**extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=32, **extra)
+
+
+def build_tiny_model(kind, directory):
+    """Build one tiny model with random weights (seeded) and save it.
+
+    kind: "sd15" (StableDiffusionPipeline), "sd15-inpaint"
+    (StableDiffusionInpaintPipeline), "sd3" (StableDiffusion3Pipeline with two
+    CLIP encoders and no T5), "clip" (CLIPModel + processor, a PickScore
+    stand-in). The VAE downsamples by 2, so 32 px images give 16x16 latents."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, PNDMScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+
+    torch.manual_seed(0)
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = _tiny_clip_tokenizer(tmp / "_tokenizer_src")
+    if kind in ("sd15", "sd15-inpaint"):
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=9 if kind == "sd15-inpaint" else 4, out_channels=4,
+            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        # SD-1.5's own sampler and noise schedule
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                                  set_alpha_to_one=False)
+        cls = StableDiffusionInpaintPipeline if kind == "sd15-inpaint" else StableDiffusionPipeline
+        pipe = cls(vae=_tiny_vae(scaling_factor=0.18215), text_encoder=_tiny_text_encoder(False),
+                   tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    elif kind == "sd3":
+        # MMDiT-X like SD-3.5-M: QK RMS-norm and one dual-attention layer
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                          use_post_quant_conv=False),
+            text_encoder=_tiny_text_encoder(True), tokenizer=tokenizer,
+            text_encoder_2=_tiny_text_encoder(True), tokenizer_2=tokenizer,
+            text_encoder_3=None, tokenizer_3=None)
+    elif kind == "clip":
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+        config = CLIPConfig(
+            text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=77, bos_token_id=512,
+                             eos_token_id=513, pad_token_id=513),
+            vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=32, patch_size=8),
+            projection_dim=16)
+        pipe = CLIPModel(config)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+    else:
+        raise ValueError(f"unknown tiny model {kind!r}; choose from {TINY_MODELS}")
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(tmp / "_tokenizer_src")
+    replace_dir(tmp, directory)
+    return directory
+
+
+def build_tiny_models(root, kinds=TINY_MODELS):
+    """Build (once) every tiny model under `root`; returns {kind: path}."""
+    paths = {}
+    for kind in kinds:
+        path = Path(root) / f"tiny-{kind}"
+        if not path.exists():
+            build_tiny_model(kind, path)
+        paths[kind] = str(path)
+    return paths
+
+
+if __name__ == "__main__":
+    # `python common.py tiny-models DIR`: build the offline models (smoke run)
+    parser = argparse.ArgumentParser(description="RealAlign shared helpers")
+    parser.add_argument("command", choices=["tiny-models"])
+    parser.add_argument("directory")
+    cli_args = parser.parse_args()
+    for name, location in build_tiny_models(cli_args.directory).items():
+        print(f"{name}: {location}")
