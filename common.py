@@ -240,7 +240,7 @@ def load_pipeline(model, dtype=torch.float32, inpainting=False):
     """
     from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     index_file = Path(model) / "model_index.json"
     if Path(model).exists() and not index_file.exists():
         raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
@@ -610,7 +610,7 @@ def load_network_override(backbone, path):
     errors = []
     for subfolder in (None, backbone.net_name):
         try:
-            net = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=backbone.net.dtype)
+            net = cls.from_pretrained(path, subfolder=subfolder, dtype=backbone.net.dtype)
             break
         except Exception as err:
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
@@ -757,7 +757,7 @@ class PickScorer:
         dtype = dtype or default_dtype(self.device)
         try:
             self.processor = AutoProcessor.from_pretrained(processor)
-            self.model = CLIPModel.from_pretrained(model, torch_dtype=dtype).to(self.device).eval()
+            self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
         except Exception as err:
             raise UserError(f"could not load PickScore ({model}, {processor}): {type(err).__name__}: "
                             f"{str(err).splitlines()[0]}") from None
