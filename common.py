@@ -129,7 +129,20 @@ class UserError(Exception):
 
 def run_main(main):
     """Run `main()`; a UserError ends with one clear message and exit 2."""
+    import warnings
+
+    import diffusers
+    import transformers
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
+    # keep the console to our own messages: the libraries' loading chatter and
+    # peft's "several adapters" note (intended: one adapter per role) are noise
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*peft_config.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         main()
     except UserError as err:
@@ -535,9 +548,8 @@ def load_lora_into(backbone, lora, adapter_name):
 
 
 def lora_state_dict(net, role, params=None):
-    """The role's LoRA weights in diffusers' saving format. `params` (same order
+    """The role's LoRA weights, keyed as `load_lora_weights` expects. `params` (same order
     as role_parameters) substitutes other values, e.g. the EMA weights."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     if params is not None:
@@ -551,7 +563,9 @@ def lora_state_dict(net, role, params=None):
         with torch.no_grad():
             for p, value in zip(role_parameters(net, role), backup, strict=True):
                 p.copy_(value)
-    return convert_state_dict_to_diffusers(state)
+    # PEFT key format ("...to_q.lora_A.weight"): what the SD-1.5 and SD-3
+    # loaders of diffusers read (the older "lora.down" format breaks SD-3).
+    return state
 
 
 def save_lora_checkpoint(backbone, state_dict, config, directory):
@@ -778,6 +792,446 @@ class PickScorer:
             cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
             scores.append((self.model.logit_scale.exp().float() * cosine).cpu())
         return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+# =============================================================================
+# 7. The training skeleton shared by train_dro.py and train_dpo.py
+# =============================================================================
+# Both stages are "compute per-sample errors of the learner and the reference
+# on a concatenated batch, take a loss, accumulate to an effective batch of
+# 256". What differs (the loss, and where the second half of the batch comes
+# from) lives in the two scripts; the rest is here, once.
+
+# Per-stage, per-backbone defaults (SPEC §3 and §4); a flag the user gives wins.
+STAGE_DEFAULTS = {
+    "dro": {
+        "sd15": dict(lora_rank=4, lora_alpha=4, learning_rate=1e-4, lr_warmup_steps=0, weight_decay=0.01,
+                     train_batch_size=4, max_train_steps=3200, use_ema=True, ema_decay=0.9999, ema_every=1,
+                     ema_warmup=True, sampler_steps=20, guidance_scale=7.5),
+        "sd3": dict(lora_rank=32, lora_alpha=64, learning_rate=2e-4, lr_warmup_steps=0, weight_decay=1e-4,
+                    train_batch_size=1, max_train_steps=3200, use_ema=True, ema_decay=0.9, ema_every=8,
+                    ema_warmup=False, sampler_steps=10, guidance_scale=4.5),
+    },
+    "dpo": {
+        "sd15": dict(lora_rank=4, lora_alpha=4, learning_rate=2.56e-6, lr_warmup_steps=125, weight_decay=0.01,
+                     train_batch_size=4, max_train_steps=1000, use_ema=False, ema_decay=0.9999, ema_every=1,
+                     ema_warmup=True, beta=2000.0, guidance_scale=7.5),
+        "sd3": dict(lora_rank=32, lora_alpha=64, learning_rate=2.56e-6, lr_warmup_steps=0, weight_decay=1e-4,
+                    train_batch_size=1, max_train_steps=1000, use_ema=False, ema_decay=0.9, ema_every=8,
+                    ema_warmup=False, beta=100.0, guidance_scale=4.5),
+    },
+}
+
+
+def add_training_args(parser):
+    """Flags both trainers share. Those whose default depends on the backbone
+    default to None and are filled in by `apply_backbone_defaults`."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
+                        "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
+    g.add_argument("--pairs", required=True, help="pairs CSV written by curate.py (win/lose column names accepted)")
+    g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json go here")
+    g.add_argument("--init_lora", default=None,
+                   help="start from this LoRA (folder or hub id, load_lora_weights format); it is also the reference")
+    g.add_argument("--init_unet", "--init_transformer", dest="init_network", default=None,
+                   help="replace the pipeline's UNet/transformer by this one first (complementarity runs, "
+                        "e.g. mhdang/dpo-sd1.5-text2image-v1)")
+    g.add_argument("--resolution", type=int, default=512, help="training resolution in pixels")
+    g.add_argument("--cache_dir", default=None, help="input cache folder (default: OUTPUT_DIR/../cache)")
+    g = parser.add_argument_group("optimisation (None = the paper's value for the backbone)")
+    g.add_argument("--train_batch_size", type=int, default=None, help="per-device micro-batch (SD-1.5 4, SD-3 1)")
+    g.add_argument("--effective_batch_size", type=int, default=256,
+                   help="samples per optimizer step over all processes; accumulation = this / (batch x processes)")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps")
+    g.add_argument("--learning_rate", type=float, default=None)
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="linear warm-up, then constant")
+    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (SD-1.5 4, SD-3 32); ignored with --init_lora")
+    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (SD-1.5 4, SD-3 64)")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="checkpoints hold an EMA of the LoRA weights (Stage 1 default on, Stage 2 off)")
+    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay (SD-1.5 0.9999 with warm-up, SD-3 0.9)")
+    g.add_argument("--ema_every", type=int, default=None, help="EMA update interval in optimizer steps (SD-3 8)")
+    g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("run")
+    g.add_argument("--checkpoint_every", type=int, default=100, help="save a checkpoint and the state every N steps")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
+    g.add_argument("--sample_grid_steps", type=int, default=25,
+                   help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
+    g.add_argument("--guidance_scale", type=float, default=None, help="CFG of the checkpoint grids (7.5 / 4.5)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--benchmark_steps", type=int, default=0,
+                   help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
+    return parser
+
+
+def apply_backbone_defaults(args, stage, kind):
+    for key, value in STAGE_DEFAULTS[stage][kind].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def check_run_dir(args):
+    """Refuse what would start training on bad ground, before loading models."""
+    state = Path(args.output_dir) / "state"
+    if args.resume and not (state / "training_state.pt").exists():
+        raise UserError(f"--resume: no saved state in {state}")
+    if not args.resume and state.exists():
+        raise UserError(f"{args.output_dir} already holds a run (state/); pass --resume or use another --output_dir")
+    for flag in ("train_batch_size", "effective_batch_size", "checkpoint_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be >= 1 (got {value})")
+    if args.init_lora and not Path(args.init_lora).exists() and Path(args.init_lora).is_absolute():
+        raise UserError(f"--init_lora {args.init_lora} does not exist")
+
+
+def gradient_accumulation(args, num_processes):
+    """Effective batch = per-device batch x processes x accumulation (SPEC §3)."""
+    per_step = args.train_batch_size * num_processes
+    if args.effective_batch_size % per_step:
+        raise UserError(f"--effective_batch_size {args.effective_batch_size} is not a multiple of "
+                        f"--train_batch_size {args.train_batch_size} x {num_processes} processes")
+    return args.effective_batch_size // per_step
+
+
+def prepare_training(args, stage, need_fake):
+    """Everything before the first step: checks, accelerator, models, defaults,
+    LoRA start point and the input cache. Returns (accelerator, backbone,
+    pairs, cache, grad_accum)."""
+    from accelerate import Accelerator
+
+    check_run_dir(args)
+    pairs = read_pairs_csv(args.pairs, need_fake=need_fake) if not args.benchmark_steps else None
+    use_cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if use_cuda else "no")
+    if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    weight_dtype = torch.bfloat16 if use_cuda else torch.float32
+    pipe = load_pipeline(args.pretrained_model, dtype=weight_dtype)
+    pipe.vae.to(torch.float32)
+    backbone = Backbone(pipe, accelerator.device, weight_dtype)
+    apply_backbone_defaults(args, stage, backbone.kind)
+    grad_accum = gradient_accumulation(args, accelerator.num_processes)
+    if args.init_network:
+        load_network_override(backbone, args.init_network)
+    # the VAE stays in fp32: latents are encoded once and decoded for grids only
+    pipe.vae.to(accelerator.device)
+    backbone.net.to(accelerator.device)
+    if args.gradient_checkpointing:
+        backbone.net.enable_gradient_checkpointing()
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(accelerator.device)
+    cache = None
+    if pairs is not None:
+        cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
+        model_name = f"{args.pretrained_model}|{args.init_network}|{backbone.kind}"
+        cache = load_or_build_cache(backbone, model_name, args.pairs, pairs, args.resolution, cache_dir,
+                                    need_fake, accelerator)
+    # Text encoders are not needed again (embeddings are cached): off the GPU.
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to("cpu")
+    if use_cuda:
+        torch.cuda.empty_cache()
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(vars(args), indent=2, default=str))
+        logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
+                    backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
+                    grad_accum, args.effective_batch_size)
+    return accelerator, backbone, pairs, cache, grad_accum
+
+
+def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
+    """Rows of the cache for one micro-batch: a seeded permutation per epoch,
+    read in order. A function of the step alone, so resuming needs no
+    data-loader state and every process reads different rows."""
+    start = (((step - 1) * grad_accum + micro) * world + rank) * batch_size
+    rows = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_rows)
+        permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        rows.append(int(permutation[offset]))
+    return torch.tensor(rows)
+
+
+def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, flip=True):
+    """Clean latents x0 for each side ("real", "fake") of the given rows and
+    their prompt embeddings. The two sides of a pair share one flip (SPEC
+    §4, §6.2: the fake is pixel-aligned with the real image). A dropped
+    caption (probability `caption_dropout`) becomes the empty prompt."""
+    n = len(rows)
+    flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
+    x0 = {}
+    for side in sides:
+        mean, std = cache[f"{side}_mean"][rows, flip_index], cache[f"{side}_std"][rows, flip_index]
+        x0[side] = backbone.latents_from_posterior(mean, std, generator).to(backbone.device)
+    prompt_ids = cache["prompt_index"][rows].clone()
+    if caption_dropout > 0:
+        prompt_ids[torch.rand(n, generator=generator) < caption_dropout] = 0  # index 0 = ""
+    return x0, cond_from_cache(cache, prompt_ids, backbone.device)
+
+
+def random_inputs(backbone, n, resolution, generator, sides):
+    """Random latents and embeddings of the right shapes (--benchmark_steps)."""
+    shape = (n, *backbone.latent_shape(resolution))
+    x0 = {side: torch.randn(shape, generator=generator).to(backbone.device) for side in sides}
+    net_config = backbone.net.config
+    if backbone.is_flow:
+        cond = {"prompt_embeds": torch.randn(n, 77 + 128, net_config.joint_attention_dim, generator=generator),
+                "pooled_prompt_embeds": torch.randn(n, net_config.pooled_projection_dim, generator=generator)}
+    else:
+        cond = {"prompt_embeds": torch.randn(n, 77, net_config.cross_attention_dim, generator=generator)}
+    return x0, {key: value.to(backbone.device) for key, value in cond.items()}
+
+
+def learner_and_ref_errors(backbone, x_t, t, cond, target):
+    """Per-sample errors of the learner (with grad) and of the frozen reference
+    (no grad) on one concatenated batch: one forward each (SPEC §6.5)."""
+    net = backbone.net
+    use_role(net, REF)
+    with torch.no_grad():
+        ref_err = per_sample_mse(backbone.predict(net, x_t, t, cond), target)
+    use_role(net, LEARNER)
+    model_err = per_sample_mse(backbone.predict(net, x_t, t, cond), target)
+    return model_err, ref_err
+
+
+def make_optimizer(args, params):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon,
+                                  fused=torch.cuda.is_available())
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
+    return optimizer, lr_scheduler
+
+
+def all_reduce_gradients(params, accelerator):
+    """Average the LoRA gradients over processes: one flat all-reduce of a few
+    MB, instead of wrapping the whole network in DDP."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, generator):
+    """OUTPUT_DIR/state: everything `--resume` needs, written atomically."""
+    state_dir = Path(args.output_dir) / "state"
+    tmp = state_dir.with_name("state.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(), "python": random.getstate()},
+               tmp / f"rng_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema else None, "num_processes": accelerator.num_processes,
+                    "roles": {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)]
+                              for role in roles}},
+                   tmp / "training_state.pt")
+        replace_dir(tmp, state_dir)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, generator):
+    """Restore OUTPUT_DIR/state; returns the step it was saved at."""
+    state_dir = Path(args.output_dir) / "state"
+    state = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=False)
+    if state["num_processes"] != accelerator.num_processes:
+        raise UserError(f"the state was saved with {state['num_processes']} processes, this run has "
+                        f"{accelerator.num_processes}: resume with the same number")
+    with torch.no_grad():
+        for role in roles:
+            for p, value in zip(role_parameters(backbone.net, role), state["roles"][role], strict=True):
+                p.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    rng = torch.load(state_dir / f"rng_rank{accelerator.process_index}.pt", weights_only=False)
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return int(state["step"])
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl, one line per optimizer step (main process).
+    On resume, lines past the resumed step are dropped, so the file always
+    matches the weights."""
+
+    def __init__(self, path, resume_step, enabled):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            kept = []
+            if resume_step and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, sample_prompt_ids):
+    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in load_lora_weights format
+    and, unless disabled, a grid of fixed prompts x seeds made with it."""
+    if not accelerator.is_main_process:
+        return
+    final = Path(args.output_dir) / f"checkpoint-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = ema.shadow if ema is not None else None
+    save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
+    if args.sample_grid_steps > 0 and cache is not None:
+        backup = [p.detach().clone() for p in params]
+        if weights is not None:
+            for p, value in zip(params, weights, strict=True):
+                p.copy_(value)
+        use_role(backbone.net, LEARNER)
+        images = generate_grid_images(backbone, cache, sample_prompt_ids, args, seeds=(0, 1))
+        for p, value in zip(params, backup, strict=True):
+            p.copy_(value)
+        image_grid(images, rows=2, cols=len(sample_prompt_ids)).save(tmp / "grid.png")
+    replace_dir(tmp, final)
+    logger.info("saved %s", final)
+
+
+def generate_grid_images(backbone, cache, prompt_ids, args, seeds):
+    """Images of the given cached prompts, one row per seed, with CFG."""
+    n = len(prompt_ids)
+    cond = cond_from_cache(cache, torch.tensor(prompt_ids), backbone.device)
+    uncond = cond_from_cache(cache, torch.zeros(n, dtype=torch.long), backbone.device)
+    kwargs = {"prompt_embeds": cond["prompt_embeds"], "negative_prompt_embeds": uncond["prompt_embeds"]}
+    if backbone.is_flow:
+        kwargs.update(pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                      negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"])
+    kwargs = {key: value.to(backbone.dtype) for key, value in kwargs.items()}
+    images = []
+    autocast = torch.autocast("cuda", torch.bfloat16) if backbone.device.type == "cuda" else contextlib.nullcontext()
+    for seed in seeds:
+        generator = [torch.Generator().manual_seed(seed) for _ in range(n)]
+        with autocast:
+            images += backbone.pipe(**kwargs, num_inference_steps=args.sample_grid_steps, guidance_scale=args.guidance_scale,
+                                    height=args.resolution, width=args.resolution, generator=generator).images
+    return images
+
+
+def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss,
+             after_optimizer_step=None):
+    """The training loop both stages share.
+
+    `micro_batch_loss(rows, generator)` returns (loss, stats dict of floats)
+    for one micro-batch; this function accumulates it to the effective batch,
+    averages gradients over processes, clips, steps AdamW, updates the EMA,
+    logs, checkpoints, and resumes. `after_optimizer_step(step)` runs after
+    each optimizer step (Stage 1 refreshes its sampling snapshot there).
+    """
+    from tqdm.auto import tqdm
+
+    net = backbone.net
+    params = role_parameters(net, LEARNER)
+    optimizer, lr_scheduler = make_optimizer(args, params)
+    ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_warmup) if args.use_ema else None
+    # One generator per process drives every random choice of the step (rows'
+    # flips, noise, timesteps, caption dropout, policy samples), so a resumed
+    # run draws exactly what an uninterrupted one would (SPEC §6.4, §6.6).
+    generator = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
+    seed_everything(args.seed + accelerator.process_index)
+    start_step = 0
+    if args.resume:
+        start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, generator)
+        logger.info("resumed from step %d", start_step)
+    metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step,
+                         accelerator.is_main_process and not args.benchmark_steps)
+    num_rows = len(cache["prompt_index"]) if cache is not None else 0
+    sample_prompt_ids = sorted(set(cache["prompt_index"][:4].tolist())) if cache is not None else []
+    max_steps = args.benchmark_steps or args.max_train_steps
+    if start_step >= max_steps:
+        logger.info("already finished (%d steps)", start_step)
+    progress = tqdm(range(start_step + 1, max_steps + 1), initial=start_step, total=max_steps,
+                    desc="steps", disable=not accelerator.is_main_process)
+    if backbone.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backbone.device)
+    timings = []
+    for step in progress:
+        step_start = time.perf_counter()
+        totals = {}
+        for micro in range(grad_accum):
+            rows = None
+            if cache is not None:
+                rows = micro_batch_rows(step, micro, grad_accum, accelerator.process_index,
+                                        accelerator.num_processes, args.train_batch_size, num_rows, args.seed)
+            with accelerator.autocast():  # bf16 on GPU, a no-op on CPU
+                loss, stats = micro_batch_loss(rows, generator)
+            (loss / grad_accum).backward()
+            stats["loss"] = loss.detach()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / grad_accum
+        all_reduce_gradients(params, accelerator)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params, step)
+        extra = after_optimizer_step(step) if after_optimizer_step else {}
+        # one host sync per optimizer step, for the log: stats averaged over processes
+        keys = sorted(totals)
+        means = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=backbone.device) for k in keys])
+        means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize(backbone.device)
+        seconds = time.perf_counter() - step_start
+        timings.append(seconds)
+        record = {"step": step, **{k: float(v) for k, v in zip(keys, means.tolist())},
+                  "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
+                  "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
+                  "peak_memory_gb": peak_memory_gb(backbone.device), **(extra or {})}
+        metrics.write(record)
+        progress.set_postfix(loss=f"{record['loss']:.4g}")
+        if not args.benchmark_steps and (step % args.checkpoint_every == 0 or step == max_steps):
+            save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, sample_prompt_ids)
+            save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, generator)
+    return timings
+
+
+def report_benchmark(label, args, backbone, timings):
+    """Print the --benchmark_steps figures (the first step is warm-up)."""
+    steady = timings[1:] or timings
+    seconds = sum(steady) / len(steady)
+    print(f"[benchmark] {label}: {backbone.kind} {args.resolution}px, batch {args.effective_batch_size}: "
+          f"{seconds:.3f} s/step, {args.effective_batch_size / seconds:.2f} samples/s, "
+          f"peak memory {peak_memory_gb(backbone.device):.2f} GB", flush=True)
+    return {"label": label, "seconds_per_step": seconds, "samples_per_s": args.effective_batch_size / seconds,
+            "peak_memory_gb": peak_memory_gb(backbone.device)}
 
 
 # =============================================================================

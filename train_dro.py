@@ -1,0 +1,102 @@
+"""Stage 1 of RealAlign: Diffusion-DRO on real images (SPEC §3).
+
+    accelerate launch train_dro.py --pretrained_model ID_OR_PATH \
+        --pairs pairs.csv --output_dir outputs/sd15/stage1
+
+Three views of one network, each a LoRA adapter on the same frozen base
+(common.py, section 4):
+    learner (phi)  trainable
+    ref            frozen copy of the learner at the start of the stage
+    policy (theta) frozen sampling snapshot, re-synced from the learner every
+                   --snapshot_every optimizer steps
+
+One micro-batch of B captions c (dropped to "" with p = 0.2):
+  1. policy: theta samples from c without guidance; per sample one random
+     step of its trajectory gives (x_t, t, theta's prediction = the target);
+  2. real:   the real image of the same caption, noised at the same t with
+     fresh noise; target eps (SD-1.5) or eps - x0 (SD-3);
+  3. learner and ref each run ONE forward over the concatenated
+     [real; policy] batch -> four per-sample errors;
+  4. loss = diffusion_dro_loss (hinge on D, margin 0.001).
+Only the real images of the pairs CSV are used here; the fakes are Stage 2's.
+"""
+
+import argparse
+
+import torch
+
+import common
+from common import LEARNER, POLICY, REF
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="RealAlign Stage 1: Diffusion-DRO on real images")
+    common.add_training_args(parser)
+    g = parser.add_argument_group("Diffusion-DRO")
+    g.add_argument("--margin", type=float, default=0.001, help="hinge margin m in max(D + m, 0)")
+    g.add_argument("--caption_dropout", type=float, default=0.2, help="probability of training on the empty prompt")
+    g.add_argument("--sampler_steps", type=int, default=None,
+                   help="policy sampler steps (SD-1.5 DPM-Solver++ 20, SD-3 flow-match Euler 10)")
+    g.add_argument("--snapshot_every", type=int, default=16,
+                   help="copy the learner into the sampling snapshot every N optimizer steps")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.snapshot_every < 1 or args.sampler_steps is not None and args.sampler_steps < 1:
+        raise common.UserError("--snapshot_every and --sampler_steps must be >= 1")
+    accelerator, backbone, pairs, cache, grad_accum = common.prepare_training(args, "dro", need_fake=False)
+    roles = [LEARNER, REF, POLICY]
+    lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora)
+    net = backbone.net
+
+    def micro_batch_loss(rows, generator):
+        n = args.train_batch_size
+        if rows is None:  # --benchmark_steps: random inputs of the right shapes
+            x0, cond = common.random_inputs(backbone, n, args.resolution, generator, ["real"])
+        else:
+            x0, cond = common.sample_inputs(backbone, cache, rows, generator, ["real"],
+                                            caption_dropout=args.caption_dropout, flip=not args.no_flip)
+        x0_real = x0["real"]
+
+        # 1. the policy side: a trajectory point of the frozen snapshot theta.
+        #    Its prediction is the policy target (never the learner's own:
+        #    that would make the policy term identically zero, SPEC §6.3).
+        common.use_role(net, POLICY)
+        x_policy, t, policy_target = backbone.policy_trajectory_point(
+            net, cond, args.resolution, args.sampler_steps, generator)
+
+        # 2. the expert side: the real image noised at the same timestep.
+        noise = torch.randn(x0_real.shape, generator=generator).to(x0_real.device)
+        x_real = backbone.add_noise(x0_real, noise, t)
+        real_target = backbone.target(x0_real, noise)
+
+        # 3. one learner and one reference forward over [real; policy].
+        model_err, ref_err = common.learner_and_ref_errors(
+            backbone, torch.cat([x_real, x_policy]), torch.cat([t, t]), common.cat_cond(cond, cond),
+            torch.cat([real_target, policy_target]))
+
+        # 4. the Diffusion-DRO hinge loss.
+        loss, stats = common.diffusion_dro_loss(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:],
+                                                margin=args.margin)
+        stats.update(model_err_real=model_err[:n].detach().mean(), model_err_policy=model_err[n:].detach().mean(),
+                     ref_err_real=ref_err[:n].mean(), ref_err_policy=ref_err[n:].mean())
+        return loss, stats
+
+    def refresh_snapshot(step):
+        # theta <- phi every --snapshot_every optimizer steps (SPEC §3)
+        if step % args.snapshot_every == 0:
+            common.copy_role(net, LEARNER, POLICY)
+            return {"snapshot_refreshed": 1}
+        return {"snapshot_refreshed": 0}
+
+    timings = common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
+                              micro_batch_loss, after_optimizer_step=refresh_snapshot)
+    if args.benchmark_steps and accelerator.is_main_process:
+        common.report_benchmark("stage1 (ours)", args, backbone, timings)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
