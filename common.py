@@ -911,7 +911,9 @@ def prepare_training(args, stage, need_fake):
     check_run_dir(args)
     pairs = read_pairs_csv(args.pairs, need_fake=need_fake) if not args.benchmark_steps else None
     use_cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if use_cuda else "no")
+    # cpu=True without GPUs: only then does accelerate join the gloo group that
+    # torchrun sets up (otherwise every process would train on its own)
+    accelerator = Accelerator(mixed_precision="bf16" if use_cuda else "no", cpu=not use_cuda)
     if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -944,6 +946,7 @@ def prepare_training(args, stage, need_fake):
     if use_cuda:
         torch.cuda.empty_cache()
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    args.num_processes, args.gradient_accumulation_steps = accelerator.num_processes, grad_accum
     if accelerator.is_main_process:
         atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(vars(args), indent=2, default=str))
         logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",

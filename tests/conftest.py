@@ -24,10 +24,11 @@ def repo_root():
     return ROOT
 
 
-def make_pairs(directory, n=4, size=32, seed=0):
+def make_pairs(directory, n=4, size=32, seed=0, noise_fakes=False):
     """A pairs CSV of n procedurally drawn (real, fake) image pairs: a coloured
     disc on a gradient, and the same image with the disc region repainted grey
-    (a stand-in for the inpainted fake). Paths are relative to the CSV."""
+    (a stand-in for the inpainted fake), or uniform noise with `noise_fakes`.
+    Paths are relative to the CSV."""
     import csv
 
     import numpy as np
@@ -48,6 +49,8 @@ def make_pairs(directory, n=4, size=32, seed=0):
         real[disc] = colour
         fake = real.copy()
         fake[disc] = 128 + rng.normal(0, 20, (disc.sum(), 3))
+        if noise_fakes:  # a loser that differs everywhere: a strong, easy preference signal
+            fake = rng.uniform(0, 255, real.shape)
         uid = f"img{i:03d}"
         Image.fromarray(real.clip(0, 255).astype("uint8")).save(directory / "real" / f"{uid}.png")
         Image.fromarray(fake.clip(0, 255).astype("uint8")).save(directory / "fake" / f"{uid}.png")

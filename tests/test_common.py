@@ -1,0 +1,284 @@
+"""Tests of common.py: losses, backbone maths, LoRA roles, EMA, input cache."""
+import math
+
+import pytest
+import torch
+
+import common
+from conftest import make_pairs
+
+
+# ---------------------------------------------------------------- losses
+def test_per_sample_mse_is_float32_mean_over_non_batch_dims():
+    pred = torch.arange(24, dtype=torch.bfloat16).view(2, 3, 2, 2)
+    target = torch.zeros(2, 3, 2, 2, dtype=torch.bfloat16)
+    err = common.per_sample_mse(pred, target)
+    assert err.dtype == torch.float32 and err.shape == (2,)
+    expected = [sum(v * v for v in range(12)) / 12, sum(v * v for v in range(12, 24)) / 12]
+    assert err.tolist() == pytest.approx(expected)
+
+
+def test_dpo_loss_hand_computed():
+    model_w, model_l = torch.tensor([0.1, 0.3]), torch.tensor([0.2, 0.1])
+    ref_w, ref_l = torch.tensor([0.2, 0.2]), torch.tensor([0.2, 0.2])
+    loss, stats = common.diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta=10.0)
+    # inner = (m_w - r_w) - (m_l - r_l) = [-0.1, 0.2]; loss = mean(log(1 + exp(beta/2 * inner)))
+    expected = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(1.0))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["implicit_acc"] == 0.5  # only the first pair has inner < 0
+    assert stats["reward_margin"] == pytest.approx(-0.05, abs=1e-7)
+
+
+def test_dro_loss_hand_computed():
+    model_real, model_policy = torch.tensor([0.5, 0.2]), torch.tensor([0.3, 0.4])
+    ref_real, ref_policy = torch.tensor([0.4, 0.4]), torch.tensor([0.3, 0.3])
+    loss, stats = common.diffusion_dro_loss(model_real, model_policy, ref_real, ref_policy, margin=0.001)
+    # D = [0.1 - 0.0, -0.2 - 0.1] = [0.1, -0.3]; hinge = [0.101, 0]
+    assert loss.item() == pytest.approx(0.0505, rel=1e-6)
+    assert stats["D"] == pytest.approx(-0.1, abs=1e-7)
+    assert stats["active_frac"] == 0.5
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_losses_match_formulas_on_random_inputs(batch):
+    g = torch.Generator().manual_seed(batch)
+    errs = [torch.rand(batch, generator=g, dtype=torch.float64) for _ in range(4)]
+    loss, _ = common.diffusion_dpo_loss(*[e.float() for e in errs], beta=2000.0)
+    inner = (errs[0] - errs[2]) - (errs[1] - errs[3])
+    expected = torch.log1p(torch.exp(1000.0 * inner.clamp(max=0.5))).where(inner < 0.5, 1000.0 * inner).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
+    loss, _ = common.diffusion_dro_loss(*[e.float() for e in errs], margin=0.001)
+    D = (errs[0] - errs[2]) - (errs[1] - errs[3])
+    assert loss.item() == pytest.approx(torch.clamp(D + 0.001, min=0).mean().item(), rel=1e-5, abs=1e-7)
+
+
+def test_loss_gradients_point_the_right_way():
+    # DPO: lowering the winner's error (or raising the loser's) lowers the loss
+    model_w, model_l = torch.tensor([0.3], requires_grad=True), torch.tensor([0.3], requires_grad=True)
+    loss, _ = common.diffusion_dpo_loss(model_w, model_l, torch.tensor([0.3]), torch.tensor([0.3]), beta=100.0)
+    loss.backward()
+    assert model_w.grad.item() > 0 and model_l.grad.item() < 0
+    # DRO: lowering the error on real images (raising it on own samples) lowers the loss
+    real, policy = torch.tensor([0.3], requires_grad=True), torch.tensor([0.3], requires_grad=True)
+    loss, _ = common.diffusion_dro_loss(real, policy, torch.tensor([0.3]), torch.tensor([0.3]))
+    loss.backward()
+    assert real.grad.item() > 0 and policy.grad.item() < 0
+
+
+# ---------------------------------------------------------------- backbone
+@pytest.fixture(scope="module")
+def backbones(tiny_models):
+    return {kind: common.Backbone(common.load_pipeline(tiny_models[kind]), "cpu") for kind in ("sd15", "sd3")}
+
+
+def test_kind_detected_from_pipeline(backbones):
+    assert backbones["sd15"].kind == "sd15" and not backbones["sd15"].is_flow
+    assert backbones["sd3"].kind == "sd3" and backbones["sd3"].is_flow
+
+
+def test_sd3_noisy_input_and_velocity_target(backbones):
+    bb = backbones["sd3"]
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0.0, 250.0, 1000.0])
+    x_t = bb.add_noise(x0, noise, t)
+    for i, sigma in enumerate([0.0, 0.25, 1.0]):
+        assert torch.allclose(x_t[i], (1 - sigma) * x0[i] + sigma * noise[i], atol=1e-6)
+    assert torch.equal(bb.target(x0, noise), noise - x0)
+
+
+def test_sd15_add_noise_matches_ddpm_scheduler(backbones):
+    from diffusers import DDPMScheduler
+
+    bb = backbones["sd15"]
+    scheduler = DDPMScheduler.from_config(bb.pipe.scheduler.config)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    assert torch.allclose(bb.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t), atol=1e-6)
+    assert torch.equal(bb.target(x0, noise), noise)
+
+
+def test_timestep_sampling_stays_inside_the_schedule(backbones):
+    g = torch.Generator().manual_seed(0)
+    t15 = backbones["sd15"].sample_timesteps(4000, g)
+    assert t15.dtype == torch.long and t15.min() >= 0 and t15.max() <= 999 and len(t15.unique()) > 900
+    t3 = backbones["sd3"].sample_timesteps(4000, g)
+    assert t3.is_floating_point() and t3.min() > 0 and t3.max() < 1000
+    # shift 3 pushes the logit-normal median (sigma 0.5) to 3*0.5/(1+2*0.5) = 0.75
+    assert t3.median().item() == pytest.approx(750, abs=25)
+
+
+def test_latents_from_posterior_apply_shift_and_scale(backbones):
+    bb = backbones["sd3"]
+    mean, std = torch.full((1, 4, 2, 2), 0.5), torch.zeros(1, 4, 2, 2)
+    expected = (0.5 - 0.0609) * 1.5305
+    assert torch.allclose(bb.latents_from_posterior(mean, std), torch.full_like(mean, expected))
+
+
+def test_dpm_solver_trajectory_matches_diffusers(backbones):
+    """Our per-sample DPM-Solver++(2M) equals diffusers' scheduler on one grid."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    bb = backbones["sd15"]
+    cond = bb.encode_prompts(["a cat"])
+    num_steps = 20
+    # the same initial noise and an offset the test can reproduce: draw as the method does
+    g = torch.Generator().manual_seed(12)
+    x_ours, t_ours, eps_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps, g)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn((1, *bb.latent_shape(32)), generator=g)
+    step = int(torch.randint(0, num_steps, (1,), generator=g))
+    offset = int(torch.randint(0, 50, (1,), generator=g))
+    scheduler = DPMSolverMultistepScheduler.from_config(bb.pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                        solver_order=2, lower_order_final=False)
+    grid = [offset + 50 * (num_steps - 1 - i) for i in range(num_steps)]
+    scheduler.set_timesteps(timesteps=grid)
+    assert step == 18  # this seed runs nearly the whole 20-step trajectory
+    for i, t in enumerate(grid[: step + 1]):
+        eps = bb.predict(bb.net, x, torch.tensor([t]), cond).detach()
+        if i == step:
+            break
+        x = scheduler.step(eps, t, x).prev_sample
+    assert int(t_ours) == grid[step]
+    assert torch.allclose(x_ours, x, atol=1e-4) and torch.allclose(eps_ours, eps, atol=1e-4)
+
+
+def test_flow_euler_trajectory_point_is_on_the_shifted_grid(backbones):
+    bb = backbones["sd3"]
+    cond = bb.encode_prompts(["a", "b", "c"])
+    _, t, _ = bb.policy_trajectory_point(bb.net, cond, 32, 10, torch.Generator().manual_seed(0))
+    bb.scheduler.set_timesteps(10)
+    grid = (bb.scheduler.sigmas[:-1] * 1000).tolist()
+    assert all(min(abs(v - g) for g in grid) < 1e-3 for v in t.tolist())
+
+
+# ---------------------------------------------------------------- LoRA roles
+@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+def test_lora_roles_and_checkpoint_round_trip(kind, tiny_models, tmp_path):
+    bb = common.Backbone(common.load_pipeline(tiny_models[kind]), "cpu")
+    roles = [common.LEARNER, common.REF, common.POLICY]
+    config = common.setup_lora_roles(bb, roles, rank=4, alpha=8)
+    cond = bb.encode_prompts(["a cat", "a dog"])
+    x, t = torch.randn(2, 4, 16, 16), bb.sample_timesteps(2, torch.Generator().manual_seed(0))
+
+    def output(role):
+        common.use_role(bb.net, role)
+        return bb.predict(bb.net, x, t, cond).detach()
+
+    start = output(common.LEARNER)
+    assert torch.equal(start, output(common.REF))
+    params = common.role_parameters(bb.net, common.LEARNER)
+    assert [p for p in bb.net.parameters() if p.requires_grad] == params  # only the learner trains
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        common.use_role(bb.net, common.LEARNER)
+        bb.predict(bb.net, x, t, cond).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = output(common.LEARNER)
+    assert (trained - start).abs().max() > 1e-3
+    assert torch.equal(output(common.REF), start) and torch.equal(output(common.POLICY), start)
+    common.copy_role(bb.net, common.LEARNER, common.POLICY)
+    assert torch.equal(output(common.POLICY), trained)
+
+    common.save_lora_checkpoint(bb, common.lora_state_dict(bb.net, common.LEARNER), config, tmp_path)
+    stock = common.load_pipeline(tiny_models[kind])
+    stock.load_lora_weights(str(tmp_path))  # a stock pipeline, as a user would
+    net = stock.transformer if kind == "sd3" else stock.unet
+    stock_bb = common.Backbone(stock, "cpu")
+    assert torch.allclose(stock_bb.predict(net, x, t, cond), trained, atol=1e-5)
+    assert next(iter(net.peft_config.values())).lora_alpha == 8  # alpha != rank survives
+
+
+def test_lora_of_the_other_backbone_is_refused(tiny_models, tmp_path):
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd15"]), "cpu")
+    config = common.setup_lora_roles(bb, [common.LEARNER], rank=4, alpha=4)
+    common.save_lora_checkpoint(bb, common.lora_state_dict(bb.net, common.LEARNER), config, tmp_path)
+    other = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    with pytest.raises(common.UserError, match="no weights"):
+        common.load_lora_into(other, str(tmp_path), common.LEARNER)
+
+
+def test_ema_follows_diffusers_default_schedule():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = common.LoraEMA([p], max_decay=0.9999)
+    p.data.fill_(1.0)
+    ema.step([p], 1)  # first update: decay 0 -> a copy
+    assert torch.equal(ema.shadow[0], torch.ones(3))
+    p.data.fill_(0.0)
+    ema.step([p], 2)  # second: decay (1 + 1) / (10 + 1)
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 2 / 11))
+    every8 = common.LoraEMA([p], max_decay=0.9, update_every=8, warmup=False)
+    p.data.fill_(1.0)
+    for step in range(1, 8):
+        every8.step([p], step)
+    assert torch.equal(every8.shadow[0], torch.zeros(3))  # no update before step 8
+    every8.step([p], 8)
+    assert torch.allclose(every8.shadow[0], torch.full((3,), 0.1))
+
+
+# ---------------------------------------------------------------- input cache
+def test_cache_round_trip_and_invalidation(backbones, tmp_path):
+    from accelerate import PartialState
+
+    csv_path = make_pairs(tmp_path / "data", n=3)
+    bb = backbones["sd15"]
+    pairs = common.read_pairs_csv(csv_path)
+    state = type("S", (), {"is_main_process": True, "wait_for_everyone": lambda self: None})()
+    built = common.load_or_build_cache(bb, "tiny", csv_path, pairs, 32, tmp_path / "cache", True, state)
+    loaded = common.load_or_build_cache(bb, "tiny", csv_path, pairs, 32, tmp_path / "cache", True, state)
+    assert set(built) >= {"real_mean", "real_std", "fake_mean", "fake_std", "prompt_embeds", "prompt_index"}
+    assert built["real_mean"].shape == (3, 2, 4, 16, 16)
+    for key in built:
+        assert torch.equal(built[key], loaded[key])
+    # the stored posterior is the VAE's, for the unflipped and the flipped image
+    from PIL import Image
+
+    image = common.center_crop_resize(Image.open(pairs[1]["real_image_path"]), 32)
+    pixels = common.pil_to_tensor(image)
+    mean, _ = bb.encode_images(torch.stack([pixels, pixels.flip(-1)]))
+    assert torch.allclose(built["real_mean"][1], mean, atol=1e-5)
+    assert torch.equal(built["prompt_embeds"][0], bb.encode_prompts([""])["prompt_embeds"][0])
+    # editing the CSV gives another key, hence a rebuild
+    files = set((tmp_path / "cache").iterdir())
+    csv_path.write_text(csv_path.read_text().replace("disc number 0", "disc number zero"))
+    common.load_or_build_cache(bb, "tiny", csv_path, common.read_pairs_csv(csv_path), 32,
+                               tmp_path / "cache", True, state)
+    assert len(set((tmp_path / "cache").iterdir()) - files) == 1
+    assert PartialState  # accelerate is importable (the trainers use it)
+
+
+def test_a_pair_shares_one_flip(backbones):
+    """Winner and loser latents of a pair come from the same flip index."""
+    bb = backbones["sd15"]
+    n = 64
+    # real and fake share the posterior, but flipped (index 1) differs from unflipped (0)
+    mean = torch.stack([torch.zeros(n, 4, 2, 2), torch.ones(n, 4, 2, 2)], dim=1)
+    cache = {"real_mean": mean, "real_std": torch.zeros_like(mean), "fake_mean": mean.clone(),
+             "fake_std": torch.zeros_like(mean), "prompt_index": torch.zeros(n, dtype=torch.long),
+             "prompt_embeds": torch.zeros(1, 77, 32)}
+    x0, _ = common.sample_inputs(bb, cache, torch.arange(n), torch.Generator().manual_seed(0), ["real", "fake"])
+    assert torch.equal(x0["real"], x0["fake"])
+    flipped = x0["real"].flatten(1).mean(1) > 0
+    assert 0 < flipped.sum() < n  # both flips occur
+
+
+def test_pairs_csv_errors_are_clear(tmp_path):
+    with pytest.raises(common.UserError, match="not found"):
+        common.read_pairs_csv(tmp_path / "missing.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uid,prompt\n1,a cat\n")
+    with pytest.raises(common.UserError, match="real_image_path"):
+        common.read_pairs_csv(bad)
+    bad.write_text("uid,prompt,win_image_path,lose_image_path\n1,a cat,nope.png,nope2.png\n")
+    with pytest.raises(common.UserError, match="not a file"):
+        common.read_pairs_csv(bad)
+
+
+def test_win_lose_aliases_and_relative_paths(tmp_path):
+    csv_path = make_pairs(tmp_path, n=2)
+    text = csv_path.read_text().replace("real_image_path", "win_image_path").replace("fake_image_path",
+                                                                                     "lose_image_path")
+    csv_path.write_text(text)
+    pairs = common.read_pairs_csv(csv_path)
+    assert pairs[0]["real_image_path"] == str(tmp_path / "real" / "img000.png")
+    assert pairs[1]["fake_image_path"] == str(tmp_path / "fake" / "img001.png")

@@ -1,0 +1,262 @@
+"""Tests of train_dro.py (Stage 1) and train_dpo.py (Stage 2) on the tiny models."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import train_dpo
+import train_dro
+from conftest import ROOT, make_pairs
+
+SMALL = ["--resolution", "32", "--sample_grid_steps", "0", "--checkpoint_every", "2", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """8 training pairs and 2 held-out pairs (different discs)."""
+    root = tmp_path_factory.mktemp("data")
+    return {"train": make_pairs(root / "train", n=8, seed=0), "heldout": make_pairs(root / "heldout", n=2, seed=1)}
+
+
+def run(script, out, model, pairs, *extra):
+    argv = ["--pretrained_model", model, "--pairs", str(pairs), "--output_dir", str(out), *SMALL, *extra]
+    (train_dro if script == "dro" else train_dpo).main([str(a) for a in argv])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def state_of(out):
+    return torch.load(out / "state" / "training_state.pt", weights_only=False)
+
+
+# ----------------------------------------------------------- the logged loss
+@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+def test_dro_loss_equals_formula_and_policy_target_is_the_snapshot(kind, tiny_models, data, tmp_path):
+    log = run("dro", tmp_path, tiny_models[kind], data["train"], "--train_batch_size", "1",
+              "--effective_batch_size", "1", "--max_train_steps", "3", "--learning_rate", "1e-2",
+              "--snapshot_every", "100")
+    for rec in log:  # batch of one: the logged errors are that sample's errors
+        D = (rec["model_err_real"] - rec["ref_err_real"]) - (rec["model_err_policy"] - rec["ref_err_policy"])
+        assert rec["loss"] == pytest.approx(max(D + 0.001, 0.0), abs=5e-7)
+        assert rec["D"] == pytest.approx(D, abs=5e-7)
+        # the target of the policy term is the frozen snapshot's prediction: the
+        # reference equals the snapshot here (no refresh yet), so its error is ~0
+        assert rec["ref_err_policy"] < 1e-9
+    # the learner moved away from the snapshot; with the learner's own
+    # prediction as target this error would be exactly 0 (the SPEC §6.3 defect)
+    assert log[-1]["model_err_policy"] > 1e-7
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+def test_dpo_loss_equals_formula(kind, tiny_models, data, tmp_path):
+    log = run("dpo", tmp_path, tiny_models[kind], data["train"], "--train_batch_size", "1",
+              "--effective_batch_size", "1", "--max_train_steps", "2", "--learning_rate", "1e-3",
+              "--beta", "50")
+    assert log[0]["model_err_w"] == log[0]["ref_err_w"]  # reference = the start point (the base here)
+    for rec in log:
+        inner = (rec["model_err_w"] - rec["ref_err_w"]) - (rec["model_err_l"] - rec["ref_err_l"])
+        assert rec["loss"] == pytest.approx(math.log1p(math.exp(25 * inner)), abs=1e-6)
+        assert rec["implicit_acc"] == float(inner < 0)
+
+
+# ------------------------------------------------------- training does its job
+def lora_minus_base_error(model, lora, pairs_csv, side, draws=32):
+    """Mean over images and fixed noise draws of err(base + LoRA) - err(base)."""
+    bb = common.Backbone(common.load_pipeline(model), "cpu")
+    common.load_lora_into(bb, str(lora), common.LEARNER)
+    pairs = common.read_pairs_csv(pairs_csv)
+    cache = common.build_input_cache(bb, pairs, 32, pairs_csv.parent / f"cache-{bb.kind}.safetensors",
+                                     progress=False)
+    g = torch.Generator().manual_seed(123)
+    rows = torch.arange(len(pairs)).repeat(draws)
+    x0, cond = common.sample_inputs(bb, cache, rows, g, ["real", "fake"], flip=False)
+    noise = torch.randn(x0["real"].shape, generator=g)
+    t = bb.sample_timesteps(len(rows), g)
+    gaps = {}
+    for name in ("real", "fake"):
+        x_t, target = bb.add_noise(x0[name], noise, t), bb.target(x0[name], noise)
+        with torch.no_grad():
+            bb.net.enable_adapters()
+            with_lora = common.per_sample_mse(bb.predict(bb.net, x_t, t, cond), target)
+            bb.net.disable_adapters()
+            base = common.per_sample_mse(bb.predict(bb.net, x_t, t, cond), target)
+        gaps[name] = with_lora - base
+    return gaps[side] if side != "margin" else -(gaps["real"] - gaps["fake"])
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_dro_lowers_heldout_real_error_and_fails_with_flipped_sign(sign, tiny_models, data, tmp_path,
+                                                                   monkeypatch):
+    if sign < 0:  # the same run with the loss negated must do the opposite
+        original = common.diffusion_dro_loss
+        monkeypatch.setattr(common, "diffusion_dro_loss",
+                            lambda *a, **k: (lambda loss, stats: (-loss, stats))(*original(*a, **k)))
+    run("dro", tmp_path, tiny_models["sd15"], data["train"], "--train_batch_size", "4",
+        "--effective_batch_size", "8", "--max_train_steps", "8", "--learning_rate", "3e-3", "--no-use_ema",
+        "--snapshot_every", "4", "--caption_dropout", "0")
+    gap = lora_minus_base_error(tiny_models["sd15"], tmp_path / "checkpoint-8", data["heldout"], "real").mean()
+    assert sign * gap < 0, f"held-out real error moved by {gap:.3g}"
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_dpo_raises_reward_margin_and_fails_when_swapped(swap, tiny_models, tmp_path):
+    """On 4 pairs whose loser is noise (a preference the tiny random SD-3 model
+    can pick up in a few steps; the tiny UNet's errors barely depend on image
+    content), the trained LoRA prefers the winners; trained on swapped pairs it
+    prefers the losers."""
+    pairs = make_pairs(tmp_path / "data", n=4, noise_fakes=True)
+    train_pairs = pairs
+    if swap:
+        text = pairs.read_text().replace("real_image_path", "TMP").replace("fake_image_path", "real_image_path")
+        train_pairs = pairs.with_name("swapped.csv")
+        train_pairs.write_text(text.replace("TMP", "fake_image_path"))
+    log = run("dpo", tmp_path / "run", tiny_models["sd3"], train_pairs, "--train_batch_size", "4",
+              "--effective_batch_size", "4", "--max_train_steps", "8", "--learning_rate", "3e-3", "--beta", "100")
+    margin = lora_minus_base_error(tiny_models["sd3"], tmp_path / "run" / "checkpoint-8", pairs, "margin")
+    accuracy = (margin > 0).float().mean().item()
+    if swap:
+        assert margin.mean() < 0 and accuracy < 0.4, (margin.mean(), accuracy)
+    else:
+        assert margin.mean() > 0 and accuracy > 0.6, (margin.mean(), accuracy)
+        assert sum(r["reward_margin"] for r in log[-3:]) > sum(r["reward_margin"] for r in log[:3])
+
+
+# ------------------------------------------------------------ roles and resume
+def test_snapshot_refresh_every_n_steps(tiny_models, data, tmp_path):
+    common_args = ["--train_batch_size", "2", "--effective_batch_size", "2", "--learning_rate", "1e-2",
+                   "--snapshot_every", "2", "--checkpoint_every", "1"]
+    log = run("dro", tmp_path, tiny_models["sd15"], data["train"], *common_args, "--max_train_steps", "2")
+    state2 = state_of(tmp_path)
+    for a, b in zip(state2["roles"]["policy"], state2["roles"]["learner"]):
+        assert torch.equal(a, b)  # refreshed at step 2
+    log = run("dro", tmp_path, tiny_models["sd15"], data["train"], *common_args, "--max_train_steps", "5",
+              "--resume")
+    assert [r["snapshot_refreshed"] for r in log] == [0, 1, 0, 1, 0]
+    state5 = state_of(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(state5["roles"]["ref"], state2["roles"]["ref"]))
+    assert not all(torch.equal(a, b) for a, b in zip(state5["roles"]["policy"], state5["roles"]["learner"]))
+    checkpoint4 = tmp_path / "checkpoint-4"
+    assert checkpoint4.exists()
+
+
+@pytest.mark.parametrize("script,kind", [("dro", "sd15"), ("dpo", "sd3")])
+def test_resume_equals_uninterrupted(script, kind, tiny_models, data, tmp_path):
+    args = ["--train_batch_size", "2", "--effective_batch_size", "4", "--learning_rate", "1e-3",
+            "--snapshot_every", "2"] if script == "dro" else ["--train_batch_size", "2", "--effective_batch_size",
+                                                             "4", "--learning_rate", "1e-3", "--use_ema"]
+    full = run(script, tmp_path / "full", tiny_models[kind], data["train"], *args, "--max_train_steps", "4")
+    run(script, tmp_path / "cut", tiny_models[kind], data["train"], *args, "--max_train_steps", "2")
+    resumed = run(script, tmp_path / "cut", tiny_models[kind], data["train"], *args, "--max_train_steps", "4",
+                  "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5, abs=1e-8)
+    a, b = state_of(tmp_path / "full"), state_of(tmp_path / "cut")
+    for role in a["roles"]:
+        for x, y in zip(a["roles"][role], b["roles"][role]):
+            assert torch.allclose(x, y, atol=1e-6)
+    for x, y in zip(a["ema"]["shadow"], b["ema"]["shadow"]):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_checkpoint_loads_in_stock_pipeline_and_warm_start(tiny_models, data, tmp_path):
+    """Stage 1 checkpoint -> stock pipeline reproduces the EMA weights; Stage 2
+    warm-started from it uses it as the frozen reference."""
+    run("dro", tmp_path / "s1", tiny_models["sd3"], data["train"], "--train_batch_size", "2",
+        "--effective_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2")
+    state = state_of(tmp_path / "s1")
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    common.setup_lora_roles(bb, [common.LEARNER], rank=32, alpha=64)
+    with torch.no_grad():
+        for p, value in zip(common.role_parameters(bb.net, common.LEARNER), state["ema"]["shadow"]):
+            p.copy_(value)
+    stock = common.load_pipeline(tiny_models["sd3"])
+    stock.load_lora_weights(str(tmp_path / "s1" / "checkpoint-2"))
+    cond = bb.encode_prompts(["a photo"])
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
+    assert torch.allclose(common.Backbone(stock, "cpu").predict(stock.transformer, x, t, cond),
+                          bb.predict(bb.net, x, t, cond), atol=1e-5)
+
+    log = run("dpo", tmp_path / "s2", tiny_models["sd3"], data["train"], "--train_batch_size", "2",
+              "--effective_batch_size", "2", "--max_train_steps", "1", "--init_lora", tmp_path / "s1" / "checkpoint-2")
+    assert log[0]["model_err_w"] == log[0]["ref_err_w"] and log[0]["model_err_l"] == log[0]["ref_err_l"]
+    ref = state_of(tmp_path / "s2")["roles"]["ref"]
+    assert all(torch.equal(a, b.float()) for a, b in zip(ref, state["ema"]["shadow"]))
+    # without --init_lora the reference is the base model: LoRA B matrices at zero
+    run("dpo", tmp_path / "s2-base", tiny_models["sd3"], data["train"], "--train_batch_size", "2",
+        "--effective_batch_size", "2", "--max_train_steps", "1")
+    ref_base = state_of(tmp_path / "s2-base")["roles"]["ref"]
+    assert any(r.abs().sum() > 0 for r in ref_base) and sum(int(r.abs().sum() == 0) for r in ref_base) > 0
+
+
+def test_micro_batches_cover_distinct_rows_across_processes():
+    rows = [common.micro_batch_rows(step=1, micro=m, grad_accum=2, rank=r, world=2, batch_size=3, num_rows=12,
+                                    seed=0).tolist() for m in range(2) for r in range(2)]
+    flat = sum(rows, [])
+    assert len(flat) == 12 and sorted(flat) == list(range(12))  # one epoch = one optimizer step here
+
+
+def test_two_process_training_with_torchrun(tiny_models, data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train_dro.py"), "--pretrained_model", tiny_models["sd15"], "--pairs", str(data["train"]),
+           "--output_dir", str(tmp_path), *SMALL, "--train_batch_size", "1", "--effective_batch_size", "4",
+           "--max_train_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 2  # 1 x 2 x 2 = 4
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
+
+
+# ------------------------------------------------------------------ bad input
+def run_cli(script, *argv):
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
+                            timeout=120)
+    return result.returncode, result.stderr
+
+
+def expect_error(capsys, script, argv, message):
+    module = train_dro if script == "dro" else train_dpo
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: module.main([str(a) for a in argv]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_bad_inputs_stop_with_one_clear_message(tiny_models, data, tmp_path, capsys):
+    base = ["--pairs", data["train"], "--resolution", "32", "--train_batch_size", "2"]
+    sd15 = ["--pretrained_model", tiny_models["sd15"]]
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("uid,caption\n1,a cat\n")
+    expect_error(capsys, "dro", [*sd15, "--pairs", bad_csv, "--output_dir", tmp_path / "a"], "real_image_path")
+    missing = tmp_path / "missing.csv"
+    missing.write_text("prompt,real_image_path,fake_image_path\na,nope.png,nope.png\n")
+    expect_error(capsys, "dpo", [*sd15, "--pairs", missing, "--output_dir", tmp_path / "a"], "is not a file")
+    expect_error(capsys, "dro", [*base, "--pretrained_model", tmp_path / "no-such-model",
+                                 "--output_dir", tmp_path / "a"], "could not load the diffusers pipeline")
+    expect_error(capsys, "dro", [*base, "--pretrained_model", tmp_path, "--output_dir", tmp_path / "a"],
+                 "not a diffusers pipeline")
+    expect_error(capsys, "dro", [*base, *sd15, "--output_dir", tmp_path / "a", "--resume"], "no saved state")
+    expect_error(capsys, "dro", [*base, *sd15, "--output_dir", tmp_path / "a", "--effective_batch_size", "5"],
+                 "not a multiple")
+    # a LoRA of the other backbone
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    config = common.setup_lora_roles(bb, [common.LEARNER], rank=4, alpha=4)
+    common.save_lora_checkpoint(bb, common.lora_state_dict(bb.net, common.LEARNER), config, tmp_path / "sd3-lora")
+    expect_error(capsys, "dpo", [*base, *sd15, "--output_dir", tmp_path / "b", "--effective_batch_size", "2",
+                                 "--init_lora", tmp_path / "sd3-lora"], "other backbone")
+    # a finished run is not overwritten without --resume
+    run("dro", tmp_path / "done", tiny_models["sd15"], data["train"], "--train_batch_size", "2",
+        "--effective_batch_size", "2", "--max_train_steps", "1")
+    before = (tmp_path / "done" / "metrics.jsonl").read_text()
+    expect_error(capsys, "dro", [*base, *sd15, "--output_dir", tmp_path / "done"], "already holds a run")
+    assert (tmp_path / "done" / "metrics.jsonl").read_text() == before
+    # and the real command line: exit status 2, one line, no traceback
+    code, err = run_cli("train_dro.py", *sd15, "--pairs", bad_csv, "--output_dir", tmp_path / "c")
+    assert code == 2 and err.strip().startswith("error:") and "Traceback" not in err
