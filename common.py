@@ -830,7 +830,7 @@ def add_training_args(parser):
     g.add_argument("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
                         "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
-    g.add_argument("--pairs", required=True, help="pairs CSV written by curate.py (win/lose column names accepted)")
+    g.add_argument("--pairs", default=None, help="pairs CSV written by curate.py (win/lose column names accepted)")
     g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json go here")
     g.add_argument("--init_lora", default=None,
                    help="start from this LoRA (folder or hub id, load_lora_weights format); it is also the reference")
@@ -909,6 +909,8 @@ def prepare_training(args, stage, need_fake):
     from accelerate import Accelerator
 
     check_run_dir(args)
+    if not args.pairs and not args.benchmark_steps:
+        raise UserError("--pairs is required (the pairs CSV written by curate.py)")
     pairs = read_pairs_csv(args.pairs, need_fake=need_fake) if not args.benchmark_steps else None
     use_cuda = torch.cuda.is_available()
     # cpu=True without GPUs: only then does accelerate join the gloo group that
@@ -1183,7 +1185,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
                     desc="steps", disable=not accelerator.is_main_process)
     if backbone.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backbone.device)
-    timings = []
+    records = []
     for step in progress:
         step_start = time.perf_counter()
         totals = {}
@@ -1213,28 +1215,43 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
         if backbone.device.type == "cuda":
             torch.cuda.synchronize(backbone.device)
         seconds = time.perf_counter() - step_start
-        timings.append(seconds)
         record = {"step": step, **{k: float(v) for k, v in zip(keys, means.tolist())},
                   "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
                   "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
                   "peak_memory_gb": peak_memory_gb(backbone.device), **(extra or {})}
         metrics.write(record)
+        records.append(record)
         progress.set_postfix(loss=f"{record['loss']:.4g}")
         if not args.benchmark_steps and (step % args.checkpoint_every == 0 or step == max_steps):
             save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, sample_prompt_ids)
             save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, generator)
-    return timings
+    return records
 
 
-def report_benchmark(label, args, backbone, timings):
-    """Print the --benchmark_steps figures (the first step is warm-up)."""
-    steady = timings[1:] or timings
-    seconds = sum(steady) / len(steady)
-    print(f"[benchmark] {label}: {backbone.kind} {args.resolution}px, batch {args.effective_batch_size}: "
-          f"{seconds:.3f} s/step, {args.effective_batch_size / seconds:.2f} samples/s, "
-          f"peak memory {peak_memory_gb(backbone.device):.2f} GB", flush=True)
-    return {"label": label, "seconds_per_step": seconds, "samples_per_s": args.effective_batch_size / seconds,
-            "peak_memory_gb": peak_memory_gb(backbone.device)}
+def benchmark_clock(args):
+    """Wall time for --benchmark_steps, synchronising the GPU first; 0 (and no
+    host sync) in normal training."""
+    if not args.benchmark_steps:
+        return 0.0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def report_benchmark(label, args, backbone, records):
+    """Print the --benchmark_steps figures as one JSON line (the first step is
+    a warm-up and is left out of the means)."""
+    steady = records[1:] or records
+    seconds = sum(r["step_seconds"] for r in steady) / len(steady)
+    result = {"label": label, "backbone": backbone.kind, "resolution": args.resolution,
+              "batch": args.effective_batch_size, "steps": len(steady), "seconds_per_step": seconds,
+              "samples_per_s": args.effective_batch_size / seconds, "peak_memory_gb": peak_memory_gb(backbone.device),
+              "device": torch.cuda.get_device_name() if backbone.device.type == "cuda" else "cpu"}
+    if "sampling_seconds" in steady[0]:  # Stage 1: the share of the step spent drawing policy samples
+        result["sampling_share"] = sum(r["sampling_seconds"] * args.gradient_accumulation_steps
+                                       for r in steady) / (seconds * len(steady))
+    print("BENCHMARK " + json.dumps(result), flush=True)
+    return result
 
 
 # =============================================================================

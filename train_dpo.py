@@ -64,9 +64,9 @@ def main(argv=None):
                      ref_err_w=ref_err[:n].mean(), ref_err_l=ref_err[n:].mean())
         return loss, stats
 
-    timings = common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss)
+    records = common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss)
     if args.benchmark_steps and accelerator.is_main_process:
-        common.report_benchmark("stage2 (ours)", args, backbone, timings)
+        common.report_benchmark("stage2 (ours)", args, backbone, records)
     accelerator.end_training()
 
 

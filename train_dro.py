@@ -64,8 +64,10 @@ def main(argv=None):
         #    Its prediction is the policy target (never the learner's own:
         #    that would make the policy term identically zero, SPEC §6.3).
         common.use_role(net, POLICY)
+        sampling_start = common.benchmark_clock(args)
         x_policy, t, policy_target = backbone.policy_trajectory_point(
             net, cond, args.resolution, args.sampler_steps, generator)
+        sampling_seconds = common.benchmark_clock(args) - sampling_start
 
         # 2. the expert side: the real image noised at the same timestep.
         noise = torch.randn(x0_real.shape, generator=generator).to(x0_real.device)
@@ -82,6 +84,8 @@ def main(argv=None):
                                                 margin=args.margin)
         stats.update(model_err_real=model_err[:n].detach().mean(), model_err_policy=model_err[n:].detach().mean(),
                      ref_err_real=ref_err[:n].mean(), ref_err_policy=ref_err[n:].mean())
+        if args.benchmark_steps:
+            stats["sampling_seconds"] = sampling_seconds
         return loss, stats
 
     def refresh_snapshot(step):
@@ -91,10 +95,10 @@ def main(argv=None):
             return {"snapshot_refreshed": 1}
         return {"snapshot_refreshed": 0}
 
-    timings = common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
+    records = common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
                               micro_batch_loss, after_optimizer_step=refresh_snapshot)
     if args.benchmark_steps and accelerator.is_main_process:
-        common.report_benchmark("stage1 (ours)", args, backbone, timings)
+        common.report_benchmark("stage1 (ours)", args, backbone, records)
     accelerator.end_training()
 
 

@@ -1,0 +1,411 @@
+"""Tests of curate.py (SPEC §2) on the tiny offline models, at 32 px."""
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from accelerate import PartialState
+from PIL import Image
+
+import common
+import curate
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def make_real_folder(folder, n=5):
+    """n colourful captioned images (40x48, so the crop really crops), plus one
+    unreadable image with a caption and one image without a caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    for i in range(n):
+        pixels = np.zeros((40, 48, 3), np.uint8)
+        pixels[..., i % 3] = 200  # a saturated background: much more colourful than the tiny model's fakes
+        pixels[10:25, 12:30] = rng.randint(0, 255, 3)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo number {i}\n")
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (folder / "broken.txt").write_text("a broken file")
+    Image.fromarray(pixels).save(folder / "uncaptioned.png")
+    return folder
+
+
+def curate_args(tiny_models, real_images, output_dir, *extra):
+    return ["--real_images", str(real_images), "--output_dir", str(output_dir), "--resolution", "32",
+            "--saliency", "spectral", "--num_inference_steps", "2",
+            "--inpaint_model", tiny_models["sd15-inpaint"],
+            "--pickscore_model", tiny_models["clip"], "--pickscore_processor", tiny_models["clip"], *extra]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models run ~10x faster on one thread when the 2 cores are shared
+    (thread contention dominates such small kernels); restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory):
+    return make_real_folder(tmp_path_factory.mktemp("real-images"))
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_models, real_folder, tmp_path_factory):
+    """One full run (filters loosened so that several pairs are kept), shared by
+    the schema and determinism tests. --drop_nonphoto with a model that cannot
+    load exercises the "skip the filter with a warning" path."""
+    out = tmp_path_factory.mktemp("run") / "pairs"
+    curate.main(curate_args(tiny_models, real_folder, out, "--top_k", "3", "--min_pickscore_gap", "-1000",
+                            "--drop_nonphoto", "--nonphoto_model", str(out.parent / "no-such-vlm")))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# pure parts
+# ---------------------------------------------------------------------------
+
+def test_colorfulness_matches_hand_computation():
+    # two pixels, pure red and pure blue
+    image = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8))
+    # rg = R - G = [255, 0]:            mean 127.5,  population std 127.5
+    # yb = (R + G)/2 - B = [127.5, -255]: mean -63.75, population std 191.25
+    expected = math.sqrt(127.5**2 + 191.25**2) + 0.3 * math.sqrt(127.5**2 + 63.75**2)
+    assert curate.colorfulness(image) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(272.6187, abs=1e-4)
+    # a gray image has no colour at all
+    assert curate.colorfulness(Image.new("RGB", (8, 8), (90, 90, 90))) == 0.0
+
+
+def test_spectral_saliency_marks_the_bright_object():
+    image = np.full((64, 64, 3), 20, np.uint8)
+    image[36:52, 8:24] = 240  # one bright object, off centre
+    saliency = curate.spectral_residual_saliency(Image.fromarray(image))
+    assert saliency.shape == (64, 64) and saliency.min() == 0.0 and saliency.max() == pytest.approx(1.0)
+    inside = np.zeros((64, 64), bool)
+    inside[36:52, 8:24] = True
+    assert saliency[inside].mean() > 2 * saliency[~inside].mean()
+    # the map's peak lies on (or right next to) the object
+    y, x = np.unravel_index(saliency.argmax(), saliency.shape)
+    assert 32 <= y < 56 and 4 <= x < 28
+
+
+def test_constant_image_gives_an_empty_mask_not_nan():
+    saliency = curate.spectral_residual_saliency(Image.new("RGB", (32, 32), (128, 50, 10)))
+    assert np.isfinite(saliency).all() and saliency.max() == 0.0
+    assert np.array_equal(curate.minmax_normalise(np.full((4, 4), 3.0)), np.zeros((4, 4)))
+
+
+def test_u2net_saliency_pre_and_post_processing(monkeypatch):
+    """The U^2-Net path without its weights: a stand-in for rembg's ONNX session
+    checks the input it gets (SPEC §2: 320x320, ImageNet mean/std) and returns a
+    fused map whose min-max normalised, resized version must come back."""
+    import types
+
+    seen = {}
+
+    class FakeOnnxSession:
+        def get_inputs(self):
+            return [types.SimpleNamespace(name="input.1")]
+
+        def run(self, output_names, feeds):
+            seen["input"] = feeds["input.1"]
+            fused = np.full((1, 1, 320, 320), 0.2, np.float32)
+            fused[0, 0, :, 160:] = 0.6  # the right half is salient
+            return [fused] + [fused] * 6  # d0 (fused) first, then the side outputs
+
+    fake_rembg = types.ModuleType("rembg")
+    fake_rembg.new_session = lambda name, providers: types.SimpleNamespace(inner_session=FakeOnnxSession())
+    monkeypatch.setitem(sys.modules, "rembg", fake_rembg)
+    saliency = curate.U2NetSaliency(torch.device("cpu"))(Image.new("RGB", (64, 48), (255, 0, 0)))
+    x = seen["input"]
+    assert x.shape == (1, 3, 320, 320) and x.dtype == np.float32
+    expected = (np.array([1.0, 0.0, 0.0]) - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    assert np.allclose(x[0, :, 100, 100], expected, atol=1e-5)
+    assert saliency.shape == (48, 64) and saliency.min() == 0.0 and saliency.max() == pytest.approx(1.0)
+    assert saliency[:, :28].max() == 0.0 and saliency[:, 36:].min() == pytest.approx(1.0)
+
+    # rembg missing: one clear error that says what to install
+    monkeypatch.setitem(sys.modules, "rembg", None)
+    with pytest.raises(common.UserError, match="pip install"):
+        curate.U2NetSaliency(torch.device("cpu"))
+
+
+def test_uid_seed_is_stable_and_distinct():
+    assert curate.uid_seed(0, "abc") == curate.uid_seed(0, "abc")
+    assert curate.uid_seed(0, "abc") != curate.uid_seed(1, "abc") != curate.uid_seed(0, "abd")
+    # a fixed value: the hash must not change between Python runs or versions
+    assert curate.uid_seed(0, "abc") == int.from_bytes(hashlib.sha256(b"0/abc").digest()[:8], "big") % 2**63
+
+
+def test_filters_on_a_hand_made_table():
+    def row(uid, color_real, color_fake, ps_real, ps_fake, nonphoto=None, removed_by=""):
+        return dict(uid=uid, color_real=color_real, color_fake=color_fake, pickscore_real=ps_real,
+                    pickscore_fake=ps_fake, nonphoto=nonphoto, removed_by=removed_by)
+
+    nan = float("nan")
+    table = [
+        row("a_unreadable", nan, nan, nan, nan, removed_by="unreadable_image"),
+        row("b_anime", 50, 10, 30.0, 1.0, nonphoto=True),          # would win everything, but is artwork
+        row("c_dull", 10, 10, 25.0, 1.0, nonphoto=False),          # colorfulness equal: not strictly greater
+        row("d_small_gap", 50, 10, 21.5, 21.0),                    # gap 0.5, not > 0.5
+        row("e_fake_better", 50, 10, 21.0, 21.25),                 # negative gap
+        row("f_best", 50, 10, 24.0, 20.0),
+        row("h_tied", 50, 10, 22.0, 20.0),                         # tie at the K boundary with g_tied
+        row("g_tied", 50, 10, 22.0, 20.0),
+        row("i_last", 50, 10, 21.0, 20.0),
+        row("j_nan_fake", 50, nan, 23.0, 20.0),                    # a missing score fails its filter
+    ]
+    rows, kept = curate.filter_pairs(table, min_pickscore_gap=0.5, top_k=2)
+    removed = {r["uid"]: r["removed_by"] for r in rows}
+    assert removed == {"a_unreadable": "unreadable_image", "b_anime": "nonphoto", "c_dull": "colorfulness",
+                       "d_small_gap": "pickscore_gap", "e_fake_better": "pickscore_gap", "f_best": "",
+                       "g_tied": "", "h_tied": "top_k", "i_last": "top_k", "j_nan_fake": "colorfulness"}
+    # best first; of the two tied at 22.0 the smaller uid wins, whatever the input order
+    assert [r["uid"] for r in kept] == ["f_best", "g_tied"]
+    _, kept_reversed = curate.filter_pairs(table[::-1], min_pickscore_gap=0.5, top_k=2)
+    assert [r["uid"] for r in kept_reversed] == ["f_best", "g_tied"]
+    # top_k 0 keeps every survivor; the input table is left untouched (pure function)
+    _, kept_all = curate.filter_pairs(table, min_pickscore_gap=0.5, top_k=0)
+    assert [r["uid"] for r in kept_all] == ["f_best", "g_tied", "h_tied", "i_last"]
+    assert table[1]["removed_by"] == ""
+    # with the default gap 0.02, d_small_gap survives the gap filter
+    rows, _ = curate.filter_pairs(table, min_pickscore_gap=0.02, top_k=0)
+    assert {r["uid"]: r["removed_by"] for r in rows}["d_small_gap"] == ""
+
+
+def test_input_listers(tmp_path):
+    PartialState()  # accelerate's logger needs the state
+    # HPDv3: only real_images sides, uid = stem, duplicates dropped
+    root = tmp_path / "hpdv3"
+    root.mkdir()
+    entries = [
+        {"prompt": "a dog", "path1": "images/real_images/dog.jpg", "model1": "real_images",
+         "path2": "images/sdxl/x.jpg", "model2": "sdxl"},
+        {"prompt": "a dog", "path1": "images/flux/y.jpg", "model1": "flux",
+         "path2": "images/real_images/dog.jpg", "model2": "real_images"},
+        {"prompt": "a cat", "path1": "images/kolors/z.jpg", "model1": "kolors",
+         "path2": "images/real_images/cat.jpg", "model2": "real_images"},
+        {"prompt": "", "path1": "images/real_images/nocap.jpg", "model1": "real_images",
+         "path2": "images/sdxl/w.jpg", "model2": "sdxl"},
+    ]
+    (root / "all.json").write_text(json.dumps(entries))
+    candidates, counts = curate.list_real_images(root, tmp_path / "out")
+    assert [(c["uid"], c["prompt"]) for c in candidates] == [("cat", "a cat"), ("dog", "a dog")]
+    assert candidates[1]["source_image"] == str(root / "images/real_images/dog.jpg")
+    assert counts == {"input_kind": "HPDv3", "listed": 4, "missing_caption": 1, "duplicate_uid": 1}
+
+    # CSV: paths relative to the CSV, uid optional
+    (tmp_path / "list.csv").write_text("uid,prompt,image_path\nu1,first,a/one.png\n,second,b/two.png\n")
+    candidates, _ = curate.list_real_images(tmp_path / "list.csv", tmp_path / "out")
+    assert [(c["uid"], c["prompt"], c["source_image"]) for c in candidates] == [
+        ("two", "second", str(tmp_path / "b/two.png")), ("u1", "first", str(tmp_path / "a/one.png"))]
+
+    # image folder with metadata.jsonl (HF imagefolder); the output folder inside it is ignored
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "sub" / "p.png")
+    Image.new("RGB", (8, 8)).save(folder / "q.jpg")
+    (folder / "q.txt").write_text("caption from txt")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "sub/p.png", "text": "caption from meta"}))
+    (folder / "out" / "real").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "out" / "real" / "old.png")
+    (folder / "out" / "real" / "old.txt").write_text("must not be listed")
+    candidates, _ = curate.list_real_images(folder, folder / "out")
+    assert [(c["uid"], c["prompt"]) for c in candidates] == [("q", "caption from txt"),
+                                                             ("sub__p", "caption from meta")]
+
+
+# ---------------------------------------------------------------------------
+# full runs on the tiny models
+# ---------------------------------------------------------------------------
+
+def test_output_schema(first_run, real_folder):
+    out = first_run
+    scores = read_csv(out / "scores.csv")
+    pairs = read_csv(out / "pairs.csv")
+    summary = json.loads((out / "summary.json").read_text())
+
+    # every candidate appears once in scores.csv, with the reason it was removed
+    assert sorted(r["uid"] for r in scores) == ["broken", "img0", "img1", "img2", "img3", "img4"]
+    by_uid = {r["uid"]: r for r in scores}
+    assert by_uid["broken"]["removed_by"] == "unreadable_image" and by_uid["broken"]["pickscore_real"] == ""
+    for uid in ["img0", "img1", "img2", "img3", "img4"]:
+        row = by_uid[uid]
+        assert row["removed_by"] in ("", "colorfulness", "pickscore_gap", "top_k")
+        # every score is filled in and consistent with the filters' rules
+        color_real, color_fake = float(row["color_real"]), float(row["color_fake"])
+        gap = float(row["pickscore_real"]) - float(row["pickscore_fake"])
+        assert float(row["pickscore_gap"]) == pytest.approx(gap)
+        assert (row["removed_by"] == "colorfulness") == (not color_real > color_fake)
+        assert 0.0 <= float(row["mask_fraction"]) <= 1.0
+        assert row["nonphoto_answer"] == ""  # the VLM could not load: nobody was asked
+        # the saved crop is the crop of the source image, bit for bit
+        crop = common.center_crop_resize(Image.open(real_folder / f"{uid}.png"), 32)
+        assert np.array_equal(pixels(out / "real" / f"{uid}.png"), np.asarray(crop))
+        assert Image.open(out / "fake" / f"{uid}.png").size == (32, 32)
+        assert Image.open(out / "mask" / f"{uid}.png").mode == "L"
+
+    # pairs.csv: SPEC §2 columns, top 3 by PickScore(real), paths relative to the CSV
+    assert list(pairs[0].keys()) == curate.PAIR_COLUMNS
+    kept = [r for r in scores if r["removed_by"] == ""]
+    assert len(pairs) == len(kept) == 3
+    assert sorted(r["uid"] for r in pairs) == sorted(r["uid"] for r in kept)
+    real_scores = [float(r["pickscore_real"]) for r in pairs]
+    assert real_scores == sorted(real_scores, reverse=True)
+    assert all(float(r["color_real"]) > float(r["color_fake"]) for r in pairs)
+    for r in pairs:
+        assert r["real_image_path"] == f"real/{r['uid']}.png" and r["fake_image_path"] == f"fake/{r['uid']}.png"
+    # the trainers' reader accepts it
+    assert [p["uid"] for p in common.read_pairs_csv(out / "pairs.csv")] == [r["uid"] for r in pairs]
+
+    # preview: 3 pairs x (real | mask | fake)
+    assert Image.open(out / "preview.png").size == (3 * 32, 3 * 32)
+    assert summary["listed"] == 7 and summary["missing_caption"] == 1 and summary["candidates"] == 6
+    assert summary["removed_by"]["unreadable_image"] == 1
+    assert summary["kept_pairs"] == 3 and summary["fakes_generated_this_run"] == 5 and summary["num_processes"] == 1
+    assert summary["nonphoto_filter"] == "skipped for some images: model unavailable"
+
+
+def test_determinism(first_run, tiny_models, real_folder, tmp_path):
+    second = tmp_path / "second"
+    curate.main(curate_args(tiny_models, real_folder, second, "--top_k", "3", "--min_pickscore_gap", "-1000"))
+    for uid in ["img0", "img1", "img2", "img3", "img4"]:
+        assert np.array_equal(pixels(first_run / "fake" / f"{uid}.png"), pixels(second / "fake" / f"{uid}.png"))
+        assert np.array_equal(pixels(first_run / "mask" / f"{uid}.png"), pixels(second / "mask" / f"{uid}.png"))
+    assert (first_run / "pairs.csv").read_text() == (second / "pairs.csv").read_text()
+    # the seed matters: another --seed gives other fakes
+    other = tmp_path / "other-seed"
+    curate.main(curate_args(tiny_models, real_folder, other, "--seed", "1", "--max_images", "2"))
+    uid = read_csv(other / "scores.csv")[0]["uid"]
+    assert not np.array_equal(pixels(first_run / "fake" / f"{uid}.png"), pixels(other / "fake" / f"{uid}.png"))
+
+
+def test_text2image_fakes(tiny_models, real_folder, tmp_path):
+    """The rebuttal's ablation: the fake is a plain generation from the caption, no mask."""
+    out = tmp_path / "t2i"
+    curate.main(curate_args(tiny_models, real_folder, out, "--fake_mode", "text2image", "--t2i_model",
+                            tiny_models["sd15"], "--max_images", "3", "--top_k", "0", "--min_pickscore_gap", "-1000"))
+    scores = read_csv(out / "scores.csv")
+    readable = [r["uid"] for r in scores if r["removed_by"] != "unreadable_image"]
+    assert len(scores) == 3 and readable
+    assert sorted(p.stem for p in (out / "fake").glob("*.png")) == sorted(readable)
+    assert not (out / "mask").exists() and all(r["mask_fraction"] == "" for r in scores)
+    settings = json.loads((out / "generation_settings.json").read_text())
+    assert settings["fake_mode"] == "text2image" and settings["model"] == tiny_models["sd15"]
+    kept = read_csv(out / "pairs.csv")
+    if kept:  # preview rows are real | fake
+        assert Image.open(out / "preview.png").size == (2 * 32, len(kept) * 32)
+
+
+def test_resume_regenerates_only_missing_fakes(tiny_models, real_folder, tmp_path):
+    out = tmp_path / "pairs"
+    # batch size 1: a uid's fake is then bitwise independent of which uids share its batch
+    args = curate_args(tiny_models, real_folder, out, "--batch_size", "1", "--top_k", "0")
+    curate.main(args)
+    originals = {p.name: pixels(p) for p in (out / "fake").glob("*.png")}
+    assert len(originals) == 5
+    # an interrupted run: two fakes never written, and a temp file left by a kill mid-write
+    (out / "fake" / "img1.png").unlink()
+    (out / "fake" / "img3.png").unlink()
+    (out / "fake" / ".img3.png.tmp123.png").write_bytes(b"half a png")
+    untouched = {name: (out / "fake" / name).stat().st_mtime_ns for name in originals if name not in
+                 ("img1.png", "img3.png")}
+    curate.main(args)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fakes_generated_this_run"] == 2 and summary["fakes_reused"] == 3
+    for name, mtime in untouched.items():
+        assert (out / "fake" / name).stat().st_mtime_ns == mtime
+    for name in ("img1.png", "img3.png"):
+        assert np.array_equal(pixels(out / "fake" / name), originals[name])
+    scores = read_csv(out / "scores.csv")
+    assert sorted(r["uid"] for r in scores) == ["broken", "img0", "img1", "img2", "img3", "img4"]
+    generated_now = {r["uid"] for r in scores if r["fake_generated_by_process"] != ""}
+    assert generated_now == {"img1", "img3"}
+
+    # resuming with settings that change the fakes is refused
+    with pytest.raises(common.UserError, match="other settings"):
+        curate.main(curate_args(tiny_models, real_folder, out, "--seed", "7"))
+
+
+def start_cli(*args, cwd):
+    return subprocess.Popen([sys.executable, "curate.py", *map(str, args)], cwd=cwd, env=CHILD_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_bad_input_stops_with_one_clear_message(tiny_models, tmp_path, repo_root):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pairs.csv").write_text("uid,prompt,real_image_path,fake_image_path\nold,kept,real/a.png,fake/a.png\n")
+    before = (out / "pairs.csv").read_bytes()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.csv").write_text("uid,caption,file\n1,a dog,dog.png\n")
+    # --inpaint_model does not exist: bad input must be rejected before any model is looked at
+    cases = {
+        tmp_path / "missing": "does not exist",
+        tmp_path / "empty": "has no image",
+        tmp_path / "bad.csv": "lacks the column(s) prompt, image_path",
+    }
+    # started together: most of each run is Python importing torch and diffusers
+    runs = {real_images: start_cli("--real_images", real_images, "--output_dir", out, "--saliency", "spectral",
+                                   "--inpaint_model", tmp_path / "no-model", cwd=repo_root)
+            for real_images in cases}
+    for real_images, message in cases.items():
+        _, stderr = runs[real_images].communicate(timeout=120)
+        assert runs[real_images].returncode == 2, stderr
+        assert message in stderr and stderr.count("error:") == 1
+        assert "Traceback" not in stderr and "no-model" not in stderr
+
+    # the same errors in-process (same code path as above, minus the exit code):
+    # images without any caption, and good input with a bad model path
+    uncaptioned = tmp_path / "uncaptioned"
+    uncaptioned.mkdir()
+    Image.new("RGB", (8, 8)).save(uncaptioned / "a.png")
+    with pytest.raises(common.UserError, match="has no image with a caption"):
+        curate.main(curate_args(tiny_models, uncaptioned, out))
+    good_args = curate_args(tiny_models, make_real_folder(tmp_path / "good", n=1), out)
+    good_args[good_args.index("--inpaint_model") + 1] = str(tmp_path / "no-model")
+    with pytest.raises(common.UserError, match="could not load the diffusers pipeline"):
+        curate.main(good_args)
+    assert (out / "pairs.csv").read_bytes() == before
+
+
+def test_two_processes_generate_each_uid_once(tiny_models, real_folder, tmp_path, repo_root):
+    out = tmp_path / "pairs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "curate.py", *curate_args(tiny_models, real_folder, out, "--top_k", "0")]
+    result = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300,
+                            env=CHILD_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    scores = read_csv(out / "scores.csv")
+    uids = [r["uid"] for r in scores]
+    assert sorted(uids) == ["broken", "img0", "img1", "img2", "img3", "img4"]  # each uid once
+    generated_by = {r["uid"]: r["fake_generated_by_process"] for r in scores if r["uid"] != "broken"}
+    assert set(generated_by.values()) == {"0", "1"}  # both processes did part of the work
+    assert summary["fakes_generated_this_run"] == 5
+    assert sorted(p.name for p in (out / "fake").glob("*.png")) == [f"img{i}.png" for i in range(5)]
