@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 200 python3 tests/benchmark.py --arch sd15 --resolution 512 --batch 4 --steps 2 --workdir /tmp/bw \
+timeout 170 python3 tests/benchmark.py --arch sd15 --resolution 512 --batch 4 --steps 2 --workdir /tmp/bw \
     --out "$OUT/sd15.json" 2>&1 | tee "$OUT/sd15.log"
-timeout 250 python3 tests/benchmark.py --arch sd35m --resolution 512 --batch 2 --steps 2 --workdir /tmp/bw \
+timeout 190 python3 tests/benchmark.py --arch sd35m --resolution 512 --batch 2 --steps 2 --workdir /tmp/bw \
     --out "$OUT/sd35m.json" 2>&1 | tee "$OUT/sd35m.log"
