@@ -1379,11 +1379,48 @@ def build_tiny_models(root, kinds=TINY_MODELS):
     return paths
 
 
+COLOUR_NAMES = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
+                "magenta": (210, 40, 200), "orange": (250, 140, 20)}
+
+
+def draw_disc_image(rng, size, colour):
+    """A saturated disc on a smooth two-colour gradient: a procedural "photo"
+    with one salient object, for tests and the smoke run. Returns (uint8
+    array, boolean disc mask)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    background = np.stack([xx * 255 / size, yy * 255 / size, np.full_like(xx, 128)], -1).astype(np.float64)
+    cx, cy = rng.integers(size // 4, 3 * size // 4, 2).tolist()
+    disc = (xx - cx) ** 2 + (yy - cy) ** 2 < (size // 5) ** 2
+    background[disc] = colour
+    return background.clip(0, 255).astype(np.uint8), disc
+
+
+def make_smoke_images(directory, n=8, size=64, seed=0):
+    """n captioned images (PNG + .txt caption, a Hugging Face image-folder
+    layout that curate.py reads) and prompts.txt for the evaluation."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOUR_NAMES)
+    for i in range(n):
+        name = names[i % len(names)]
+        array, _ = draw_disc_image(rng, size, COLOUR_NAMES[name])
+        Image.fromarray(array).save(directory / f"photo{i:03d}.png")
+        (directory / f"photo{i:03d}.txt").write_text(f"a photo of a {name} ball on a gradient background")
+    (directory.parent / "prompts.txt").write_text("".join(f"a {name} ball in a field\n" for name in names[:3]))
+    return directory
+
+
 if __name__ == "__main__":
-    # `python common.py tiny-models DIR`: build the offline models (smoke run)
+    # offline helpers of the smoke run (run_all.sh):
+    #   python common.py tiny-models DIR    build the tiny random-weight models
+    #   python common.py smoke-images DIR   draw captioned procedural images
     parser = argparse.ArgumentParser(description="RealAlign shared helpers")
-    parser.add_argument("command", choices=["tiny-models"])
+    parser.add_argument("command", choices=["tiny-models", "smoke-images"])
     parser.add_argument("directory")
     cli_args = parser.parse_args()
-    for name, location in build_tiny_models(cli_args.directory).items():
-        print(f"{name}: {location}")
+    if cli_args.command == "tiny-models":
+        for name, location in build_tiny_models(cli_args.directory).items():
+            print(f"{name}: {location}")
+    else:
+        print(make_smoke_images(cli_args.directory))

@@ -25,10 +25,10 @@ def repo_root():
 
 
 def make_pairs(directory, n=4, size=32, seed=0, noise_fakes=False):
-    """A pairs CSV of n procedurally drawn (real, fake) image pairs: a coloured
-    disc on a gradient, and the same image with the disc region repainted grey
-    (a stand-in for the inpainted fake), or uniform noise with `noise_fakes`.
-    Paths are relative to the CSV."""
+    """A pairs CSV of n procedural (real, fake) pairs: a coloured disc on a
+    gradient (common.draw_disc_image), and the same image with the disc
+    repainted noisy grey (a stand-in for the inpainted fake), or uniform noise
+    with `noise_fakes`. Paths are relative to the CSV."""
     import csv
 
     import numpy as np
@@ -38,21 +38,15 @@ def make_pairs(directory, n=4, size=32, seed=0, noise_fakes=False):
     (directory / "real").mkdir(parents=True, exist_ok=True)
     (directory / "fake").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
     rows = []
     for i in range(n):
-        colour = rng.integers(0, 256, 3)
-        background = np.stack([xx * 255 / size, yy * 255 / size, np.full_like(xx, 128)], -1)
-        cx, cy, r = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [size // 5]
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
-        real = background.copy()
-        real[disc] = colour
-        fake = real.copy()
+        real, disc = common.draw_disc_image(rng, size, rng.integers(0, 256, 3))
+        fake = real.astype(float)
         fake[disc] = 128 + rng.normal(0, 20, (disc.sum(), 3))
         if noise_fakes:  # a loser that differs everywhere: a strong, easy preference signal
             fake = rng.uniform(0, 255, real.shape)
         uid = f"img{i:03d}"
-        Image.fromarray(real.clip(0, 255).astype("uint8")).save(directory / "real" / f"{uid}.png")
+        Image.fromarray(real).save(directory / "real" / f"{uid}.png")
         Image.fromarray(fake.clip(0, 255).astype("uint8")).save(directory / "fake" / f"{uid}.png")
         rows.append({"uid": uid, "prompt": f"a photo of disc number {i}", "real_image_path": f"real/{uid}.png",
                      "fake_image_path": f"fake/{uid}.png"})
