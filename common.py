@@ -400,44 +400,59 @@ class Backbone:
 
     # ---- Stage-1 policy sampling (SPEC §3 step 1) ----------------------------
     @torch.no_grad()
-    def policy_trajectory_point(self, net, cond, resolution, num_steps, generator):
-        """Run the guidance-free sampler with `net` (the frozen snapshot role)
-        and return, per sample, the trajectory point of one random step k:
-        (x_t, t, prediction at x_t). Steps after the largest k are never
-        needed, so the loop stops there (exact, and half the work on average).
+    def policy_trajectory_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1):
+        """Run the guidance-free sampler with `net` (the frozen snapshot role),
+        one trajectory per entry of `cond`, and return the trajectory point
+        (x_t, t, prediction at x_t) of one random step k of each. Steps after
+        the largest k are never needed, so the loop stops there (exact, and
+        half the work on average).
 
         SD-1.5: DPM-Solver++(2M), `num_steps` steps on the grid
                 t_i = offset + step_ratio * (num_steps - 1 - i), with a per-sample
                 integer offset in [0, step_ratio) so every training timestep can
                 be drawn (the Diffusion-DRO "timestep offset" trick).
         SD-3:   flow-match Euler on the scheduler's shifted sigma grid.
+
+        `points_per_trajectory` K > 1 (opt-in, train_dro.py's flag of the same
+        name) returns K points at distinct random steps of each trajectory,
+        trajectory-major: [traj0 point0, traj0 point1, ..., traj1 point0, ...].
         """
         n = cond["prompt_embeds"].shape[0]
+        K = points_per_trajectory
         x = torch.randn((n, *self.latent_shape(resolution)), generator=generator).to(self.device, torch.float32)
-        k = torch.randint(0, num_steps, (n,), generator=generator).to(self.device)
-        out_x, out_t, out_pred = torch.empty_like(x), None, torch.empty_like(x)
+        if K == 1:
+            k = torch.randint(0, num_steps, (n, 1), generator=generator)
+        else:  # K distinct steps per trajectory
+            k = torch.stack([torch.randperm(num_steps, generator=generator)[:K] for _ in range(n)])
+        k = k.to(self.device)
+        out_x = torch.empty((n * K, *x.shape[1:]), device=self.device)
+        out_pred, out_t = torch.empty_like(out_x), None
+
+        def record(i, t, prediction):
+            trajectory, point = (k == i).nonzero(as_tuple=True)
+            slots = trajectory * K + point
+            out_x[slots], out_t[slots], out_pred[slots] = x[trajectory], t[trajectory], prediction[trajectory]
+
         if self.is_flow:
             self.scheduler.set_timesteps(num_steps, device=self.device)
             sigmas = self.scheduler.sigmas.to(self.device, torch.float32)
-            out_t = torch.empty(n, device=self.device)
+            out_t = torch.empty(n * K, device=self.device)
             for i in range(int(k.max()) + 1):
                 t = (sigmas[i] * self.num_train_timesteps).expand(n)
                 velocity = self.predict(net, x, t, cond).float()
-                pick = k == i
-                out_x[pick], out_t[pick], out_pred[pick] = x[pick], t[pick], velocity[pick]
+                record(i, t, velocity)
                 x = x + (sigmas[i + 1] - sigmas[i]) * velocity
             return out_x, out_t, out_pred
 
         step_ratio = self.num_train_timesteps // num_steps
         offset = torch.randint(0, step_ratio, (n,), generator=generator).to(self.device)
-        out_t = torch.empty(n, dtype=torch.long, device=self.device)
+        out_t = torch.empty(n * K, dtype=torch.long, device=self.device)
         alpha_sigma = lambda t: (self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt())
         x0_prev, h_prev = None, None
         for i in range(int(k.max()) + 1):
             t = offset + step_ratio * (num_steps - 1 - i)
             eps = self.predict(net, x, t, cond).float()
-            pick = k == i
-            out_x[pick], out_t[pick], out_pred[pick] = x[pick], t[pick], eps[pick]
+            record(i, t, eps)
             # DPM-Solver++(2M) update to the next grid point (x0-parameterised).
             a_t, s_t = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t))
             x0 = (x - s_t * eps) / a_t

@@ -224,6 +224,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2, help="samples per optimizer step (one micro-batch)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     parser.add_argument("--stages", default="dro,dpo")
+    parser.add_argument("--points_per_trajectory", type=int, default=4,
+                        help="also time Stage 1 with train_dro.py --points_per_trajectory K (0: skip)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--workdir", default=None, help="where the random-weight model is saved (default: temp)")
     # internal: one baseline measurement in this process
@@ -249,7 +251,10 @@ def main():
                 str(args.batch), "--effective_batch_size", str(args.batch), "--resolution", str(args.resolution)]
         base = [sys.executable, __file__, "--baseline_worker", "--model", str(model), "--stage", stage,
                 "--batch", str(args.batch), "--steps", str(args.steps), "--resolution", str(args.resolution)]
-        for command in (ours, base):
+        commands = [ours, base]
+        if stage == "dro" and args.points_per_trajectory > 1 and args.batch % args.points_per_trajectory == 0:
+            commands.append(ours + ["--points_per_trajectory", str(args.points_per_trajectory)])
+        for command in commands:
             result = measure(command, env)
             if result:
                 results.append(result)
@@ -269,10 +274,10 @@ def markdown_table(results):
                     f"{r['batch']} | {r['seconds_per_step']:.3f} | {r['samples_per_s']:.2f} | "
                     f"{r['peak_memory_gb']:.2f} | {share} |")
     for stage in ("stage1", "stage2"):
-        pair = {r["label"].split(" ")[1]: r for r in results if r["label"].startswith(stage)}
-        if len(pair) == 2:
-            ours, base = pair["(ours)"], pair["(baseline)"]
-            rows.append(f"\n{stage}: ours / baseline = {ours['samples_per_s'] / base['samples_per_s']:.2f}x "
+        runs = {r["label"].split(" ")[1].strip("()"): r for r in results if r["label"].startswith(stage)}
+        base = runs.pop("baseline", None)
+        for name, ours in runs.items() if base else ():
+            rows.append(f"\n{stage}: {name} / baseline = {ours['samples_per_s'] / base['samples_per_s']:.2f}x "
                         f"samples/s, {ours['peak_memory_gb'] / base['peak_memory_gb']:.2f}x peak memory")
     return "\n".join(rows)
 

@@ -151,6 +151,21 @@ def test_flow_euler_trajectory_point_is_on_the_shifted_grid(backbones):
     assert all(min(abs(v - g) for g in grid) < 1e-3 for v in t.tolist())
 
 
+def test_several_points_per_trajectory(backbones):
+    """--points_per_trajectory K: K distinct grid steps of each trajectory."""
+    for kind, num_steps in (("sd3", 4), ("sd15", 4)):
+        bb = backbones[kind]
+        cond = bb.encode_prompts(["a", "b", "c"])
+        x, t, pred = bb.policy_trajectory_point(bb.net, cond, 32, num_steps, torch.Generator().manual_seed(0),
+                                                points_per_trajectory=num_steps)
+        assert x.shape[0] == t.shape[0] == pred.shape[0] == 3 * num_steps
+        for trajectory in t.view(3, num_steps):
+            assert len(trajectory.unique()) == num_steps  # every step of the trajectory, once each
+        # the trajectory's first step (the highest t) starts from pure noise: its x is that noise
+        first = t.view(3, num_steps).argmax(dim=1) + torch.arange(3) * num_steps
+        assert x[first].std().item() == pytest.approx(1.0, abs=0.15)
+
+
 # ---------------------------------------------------------------- LoRA roles
 @pytest.mark.parametrize("kind", ["sd15", "sd3"])
 def test_lora_roles_and_checkpoint_round_trip(kind, tiny_models, tmp_path):

@@ -92,9 +92,9 @@ def test_real_run_without_gpu_fails_fast_and_points_to_smoke(tmp_path):
 def test_benchmark_runs_on_the_tiny_config(tmp_path):
     """tests/benchmark.py end to end on the tiny model (figures printed, not asserted)."""
     result = subprocess.run(["python", str(ROOT / "tests" / "benchmark.py"), "--arch", "tiny", "--resolution", "32",
-                             "--batch", "2", "--steps", "1", "--workdir", str(tmp_path), "--out",
+                             "--batch", "2", "--steps", "1", "--points_per_trajectory", "2", "--workdir", str(tmp_path), "--out",
                              str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
     print(result.stdout)
     assert result.returncode == 0, result.stderr[-3000:]
     labels = [r["label"] for r in json.loads((tmp_path / "bench.json").read_text())]
-    assert labels == ["stage1 (ours)", "stage1 (baseline)", "stage2 (ours)", "stage2 (baseline)"]
+    assert labels == ["stage1 (ours)", "stage1 (baseline)", "stage1 (ours-2pts)", "stage2 (ours)", "stage2 (baseline)"]

@@ -51,6 +51,16 @@ def test_dro_loss_equals_formula_and_policy_target_is_the_snapshot(kind, tiny_mo
     assert log[-1]["model_err_policy"] > 1e-7
 
 
+def test_dro_with_several_points_per_trajectory(tiny_models, data, tmp_path):
+    """The opt-in --points_per_trajectory 2: one trajectory serves both samples
+    of a micro-batch of 2, and the same real image is used at both timesteps."""
+    log = run("dro", tmp_path, tiny_models["sd3"], data["train"], "--train_batch_size", "2",
+              "--effective_batch_size", "2", "--max_train_steps", "2", "--points_per_trajectory", "2",
+              "--learning_rate", "1e-2")
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    assert log[-1]["model_err_policy"] > 0 and log[0]["ref_err_policy"] < 1e-9
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sd3"])
 def test_dpo_loss_equals_formula(kind, tiny_models, data, tmp_path):
     log = run("dpo", tmp_path, tiny_models[kind], data["train"], "--train_batch_size", "1",
@@ -245,6 +255,8 @@ def test_bad_inputs_stop_with_one_clear_message(tiny_models, data, tmp_path, cap
     expect_error(capsys, "dro", [*base, *sd15, "--output_dir", tmp_path / "a", "--resume"], "no saved state")
     expect_error(capsys, "dro", [*base, *sd15, "--output_dir", tmp_path / "a", "--effective_batch_size", "5"],
                  "not a multiple")
+    expect_error(capsys, "dro", [*base, *sd15, "--output_dir", tmp_path / "a", "--effective_batch_size", "2",
+                                 "--points_per_trajectory", "3"], "must be >= 1 and divide")
     # a LoRA of the other backbone
     bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
     config = common.setup_lora_roles(bb, [common.LEARNER], rank=4, alpha=4)
