@@ -207,7 +207,7 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def image_grid(images, rows, cols, labels=None):
+def image_grid(images, rows, cols):
     """Paste equally sized PIL images into a rows x cols grid."""
     w, h = images[0].size
     grid = Image.new("RGB", (cols * w, rows * h), "white")
@@ -517,7 +517,7 @@ def copy_role(net, source, dest):
             p_dst.copy_(p_src)
 
 
-def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None):
+def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     """Add the LoRA roles to the backbone's network.
 
     Without `init_lora` the learner starts as a fresh LoRA (B = 0, so it equals
@@ -530,6 +530,9 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None):
 
     net = backbone.net
     net.requires_grad_(False)
+    # peft draws the LoRA A matrices from the global RNG: seed it, so runs are
+    # reproducible and every process starts from the same weights.
+    torch.manual_seed(seed)
     if init_lora is not None:
         load_lora_into(backbone, init_lora, adapter_name=LEARNER)
         config = copy.deepcopy(net.peft_config[LEARNER])
@@ -1118,6 +1121,39 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+CURVE_KEYS = ("loss", "D", "active_frac", "implicit_acc", "reward_margin", "grad_norm")
+
+
+def plot_training_curves(metrics_path, path, keys=CURVE_KEYS, panel=(320, 200)):
+    """OUTPUT_DIR/curves.png: one small line plot per logged quantity against
+    the optimizer step (PIL only; no plotting library needed)."""
+    from PIL import ImageDraw
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    keys = [key for key in keys if records and key in records[0]]
+    if not keys:
+        return
+    image = Image.new("RGB", (panel[0] * len(keys), panel[1]), "white")
+    draw = ImageDraw.Draw(image)
+    for i, key in enumerate(keys):
+        steps = [r["step"] for r in records]
+        values = [r[key] for r in records]
+        low, high = min(values), max(values)
+        high = high if high > low else low + 1e-12
+        left, top, width, height = i * panel[0] + 45, 25, panel[0] - 60, panel[1] - 50
+        draw.rectangle([left, top, left + width, top + height], outline="black")
+        draw.text((left, 5), key, fill="black")
+        draw.text((left - 42, top - 5), f"{high:.3g}", fill="gray")
+        draw.text((left - 42, top + height - 8), f"{low:.3g}", fill="gray")
+        draw.text((left, top + height + 5), f"step {steps[0]}", fill="gray")
+        draw.text((left + width - 50, top + height + 5), f"{steps[-1]}", fill="gray")
+        span = max(steps[-1] - steps[0], 1)
+        points = [(left + width * (s - steps[0]) / span, top + height * (high - v) / (high - low))
+                  for s, v in zip(steps, values)]
+        draw.line(points if len(points) > 1 else points * 2, fill=(31, 119, 180), width=2)
+    image.save(path)
+
+
 @torch.no_grad()
 def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, sample_prompt_ids):
     """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in load_lora_weights format
@@ -1141,6 +1177,9 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
             p.copy_(value)
         image_grid(images, rows=2, cols=len(sample_prompt_ids)).save(tmp / "grid.png")
     replace_dir(tmp, final)
+    metrics_path = Path(args.output_dir) / "metrics.jsonl"
+    if metrics_path.exists():
+        plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
     logger.info("saved %s", final)
 
 
@@ -1189,6 +1228,10 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     if args.resume:
         start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, generator)
         logger.info("resumed from step %d", start_step)
+    if accelerator.num_processes > 1:  # every process must hold the same LoRA weights
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(backbone.device)
+        if not torch.allclose(accelerator.gather(checksum), checksum):
+            raise RuntimeError("the processes start from different LoRA weights")
     metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step,
                          accelerator.is_main_process and not args.benchmark_steps)
     num_rows = len(cache["prompt_index"]) if cache is not None else 0

@@ -36,7 +36,8 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator, backbone, pairs, cache, grad_accum = common.prepare_training(args, "dpo", need_fake=True)
     roles = [LEARNER, REF]
-    lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora)
+    lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora,
+                                            seed=args.seed)
 
     def micro_batch_loss(rows, generator):
         n = args.train_batch_size

@@ -56,7 +56,8 @@ def main(argv=None):
         raise common.UserError(f"--points_per_trajectory {args.points_per_trajectory} must be >= 1 and divide "
                                f"--train_batch_size {args.train_batch_size}")
     roles = [LEARNER, REF, POLICY]
-    lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora)
+    lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora,
+                                            seed=args.seed)
     net = backbone.net
 
     def micro_batch_loss(rows, generator):

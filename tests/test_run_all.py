@@ -43,7 +43,7 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
         pipe.load_lora_weights(str(out / stage / "checkpoint-4"), adapter_name=stage)
         pipe.set_adapters(stage)
         assert not torch.allclose(bb.predict(bb.net, x, t, cond), base)
-        assert (out / stage / "checkpoint-4" / "grid.png").is_file()
+        assert (out / stage / "checkpoint-4" / "grid.png").is_file() and (out / stage / "curves.png").is_file()
         log = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == [1, 2, 3, 4]
 

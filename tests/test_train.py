@@ -202,6 +202,17 @@ def test_checkpoint_loads_in_stock_pipeline_and_warm_start(tiny_models, data, tm
     assert any(r.abs().sum() > 0 for r in ref_base) and sum(int(r.abs().sum() == 0) for r in ref_base) > 0
 
 
+def test_gradient_checkpointing_gives_the_same_training(tiny_models, data, tmp_path):
+    args = ["--train_batch_size", "2", "--effective_batch_size", "2", "--max_train_steps", "3",
+            "--learning_rate", "1e-2"]
+    plain = run("dro", tmp_path / "plain", tiny_models["sd3"], data["train"], *args)
+    checkpointed = run("dro", tmp_path / "gc", tiny_models["sd3"], data["train"], *args, "--gradient_checkpointing")
+    for a, b in zip(plain, checkpointed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+        assert a["model_err_policy"] == pytest.approx(b["model_err_policy"], rel=1e-4, abs=1e-9)
+    assert checkpointed[-1]["model_err_policy"] > 0  # gradients reached the LoRA through the checkpoints
+
+
 def test_micro_batches_cover_distinct_rows_across_processes():
     rows = [common.micro_batch_rows(step=1, micro=m, grad_accum=2, rank=r, world=2, batch_size=3, num_rows=12,
                                     seed=0).tolist() for m in range(2) for r in range(2)]
@@ -209,9 +220,10 @@ def test_micro_batches_cover_distinct_rows_across_processes():
     assert len(flat) == 12 and sorted(flat) == list(range(12))  # one epoch = one optimizer step here
 
 
-def test_two_process_training_with_torchrun(tiny_models, data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "train_dro.py"), "--pretrained_model", tiny_models["sd15"], "--pairs", str(data["train"]),
+@pytest.mark.parametrize("script,port", [("train_dro.py", 29517), ("train_dpo.py", 29518)])
+def test_two_process_training_with_torchrun(script, port, tiny_models, data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / script), "--pretrained_model", tiny_models["sd15"], "--pairs", str(data["train"]),
            "--output_dir", str(tmp_path), *SMALL, "--train_batch_size", "1", "--effective_batch_size", "4",
            "--max_train_steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
