@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -424,32 +425,38 @@ class Backbone:
             k = torch.randint(0, num_steps, (n, 1), generator=generator)
         else:  # K distinct steps per trajectory
             k = torch.stack([torch.randperm(num_steps, generator=generator)[:K] for _ in range(n)])
+        last_step = int(k.max())  # on the CPU: no host sync
         k = k.to(self.device)
-        out_x = torch.empty((n * K, *x.shape[1:]), device=self.device)
-        out_pred, out_t = torch.empty_like(out_x), None
+        # outputs [n, K, ...], filled with torch.where: no host sync per step
+        out_x = torch.zeros((n, K, *x.shape[1:]), device=self.device)
+        out_pred = torch.zeros_like(out_x)
+        out_t = torch.zeros((n, K), device=self.device, dtype=torch.float32 if self.is_flow else torch.long)
 
         def record(i, t, prediction):
-            trajectory, point = (k == i).nonzero(as_tuple=True)
-            slots = trajectory * K + point
-            out_x[slots], out_t[slots], out_pred[slots] = x[trajectory], t[trajectory], prediction[trajectory]
+            hit = k == i  # [n, K]: the points taken at step i
+            mask = hit.view(n, K, *([1] * (x.ndim - 1)))
+            out_x.copy_(torch.where(mask, x.unsqueeze(1), out_x))
+            out_pred.copy_(torch.where(mask, prediction.unsqueeze(1), out_pred))
+            out_t.copy_(torch.where(hit, t.unsqueeze(1).to(out_t.dtype), out_t))
+
+        def trajectory_major():  # [n, K, ...] -> [n*K, ...]: traj0 point0, traj0 point1, ...
+            return out_x.flatten(0, 1), out_t.flatten(), out_pred.flatten(0, 1)
 
         if self.is_flow:
             self.scheduler.set_timesteps(num_steps, device=self.device)
             sigmas = self.scheduler.sigmas.to(self.device, torch.float32)
-            out_t = torch.empty(n * K, device=self.device)
-            for i in range(int(k.max()) + 1):
+            for i in range(last_step + 1):
                 t = (sigmas[i] * self.num_train_timesteps).expand(n)
                 velocity = self.predict(net, x, t, cond).float()
                 record(i, t, velocity)
                 x = x + (sigmas[i + 1] - sigmas[i]) * velocity
-            return out_x, out_t, out_pred
+            return trajectory_major()
 
         step_ratio = self.num_train_timesteps // num_steps
         offset = torch.randint(0, step_ratio, (n,), generator=generator).to(self.device)
-        out_t = torch.empty(n * K, dtype=torch.long, device=self.device)
         alpha_sigma = lambda t: (self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt())
         x0_prev, h_prev = None, None
-        for i in range(int(k.max()) + 1):
+        for i in range(last_step + 1):
             t = offset + step_ratio * (num_steps - 1 - i)
             eps = self.predict(net, x, t, cond).float()
             record(i, t, eps)
@@ -468,7 +475,7 @@ class Backbone:
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
             x = (s_n / s_t) * x - a_n * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        return out_x, out_t, out_pred
+        return trajectory_major()
 
 
 # =============================================================================
@@ -983,9 +990,13 @@ def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows,
     rows = []
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, num_rows)
-        permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        rows.append(int(permutation[offset]))
+        rows.append(int(_epoch_permutation(num_rows, seed, epoch)[offset]))
     return torch.tensor(rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_rows, seed, epoch):
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
 def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, flip=True):
