@@ -190,6 +190,25 @@ def replace_dir(tmp_dir, final_dir):
         os.replace(tmp_dir, final_dir)
 
 
+def check_same_settings(path, settings, what):
+    """Refuse to mix outputs made with different settings in one folder: if
+    the JSON at `path` (written by an earlier run) differs from `settings`,
+    stop with a message naming every changed key. An absent or unreadable
+    file passes (the caller writes it)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError:
+        return
+    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if previous.get(key) != value]
+    if changed:
+        raise UserError(f"{what} was made with other settings ({'; '.join(changed)}); use another output folder, "
+                        "the same settings to resume, or delete it")
+
+
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     """SPEC §2 preprocessing: shorter side to `resolution` (Lanczos), then a
     centre crop of resolution x resolution."""
@@ -572,22 +591,33 @@ def load_lora_into(backbone, lora, adapter_name):
                         "(is it a LoRA of the other backbone?)")
 
 
+@contextlib.contextmanager
+def weights_swapped(params, values):
+    """Temporarily give `params` the `values` (e.g. the EMA weights); restored
+    on exit. `values=None` leaves them as they are."""
+    if values is None:
+        yield
+        return
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, value in zip(params, values, strict=True):
+            p.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, backup, strict=True):
+                p.copy_(value)
+
+
 def lora_state_dict(net, role, params=None):
     """The role's LoRA weights, keyed as `load_lora_weights` expects. `params` (same order
     as role_parameters) substitutes other values, e.g. the EMA weights."""
     from peft.utils import get_peft_model_state_dict
 
-    if params is not None:
-        backup = [p.detach().clone() for p in role_parameters(net, role)]
-        with torch.no_grad():
-            for p, value in zip(role_parameters(net, role), params, strict=True):
-                p.copy_(value)
-    state = get_peft_model_state_dict(net, adapter_name=role)
-    state = {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
-    if params is not None:
-        with torch.no_grad():
-            for p, value in zip(role_parameters(net, role), backup, strict=True):
-                p.copy_(value)
+    with weights_swapped(role_parameters(net, role), params):
+        state = get_peft_model_state_dict(net, adapter_name=role)
+        state = {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
     # PEFT key format ("...to_q.lora_A.weight"): what the SD-1.5 and SD-3
     # loaders of diffusers read (the older "lora.down" format breaks SD-3).
     return state
@@ -730,7 +760,17 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
 
     prompts = [""] + sorted({pair["prompt"] for pair in pairs})
     prompt_id = {prompt: i for i, prompt in enumerate(prompts)}
+    # the text encoders (T5-XXL alone is ~9.5 GB for SD-3.5-M) visit the device
+    # only for this one pass; training reads the cached embeddings
+    encoders = [getattr(backbone.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    encoders = [encoder for encoder in encoders if encoder is not None]
+    for encoder in encoders:
+        encoder.to(backbone.device)
     tensors = dict(backbone.encode_prompts(prompts))
+    for encoder in encoders:
+        encoder.to("cpu")
+    if backbone.device.type == "cuda":
+        torch.cuda.empty_cache()
     tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs])
     sides = ["real"] + (["fake"] if need_fake else [])
     for side in sides:
@@ -827,24 +867,19 @@ class PickScorer:
 # 256". What differs (the loss, and where the second half of the batch comes
 # from) lives in the two scripts; the rest is here, once.
 
-# Per-stage, per-backbone defaults (SPEC §3 and §4); a flag the user gives wins.
+# The paper's defaults (SPEC §3 and §4); a flag the user gives wins. What a
+# backbone keeps in both stages, then what each stage sets.
+BACKBONE_DEFAULTS = {
+    "sd15": dict(lora_rank=4, lora_alpha=4, weight_decay=0.01, train_batch_size=4, ema_decay=0.9999, ema_every=1,
+                 ema_warmup=True, guidance_scale=7.5),
+    "sd3": dict(lora_rank=32, lora_alpha=64, weight_decay=1e-4, train_batch_size=1, ema_decay=0.9, ema_every=8,
+                ema_warmup=False, guidance_scale=4.5),
+}
 STAGE_DEFAULTS = {
-    "dro": {
-        "sd15": dict(lora_rank=4, lora_alpha=4, learning_rate=1e-4, lr_warmup_steps=0, weight_decay=0.01,
-                     train_batch_size=4, max_train_steps=3200, use_ema=True, ema_decay=0.9999, ema_every=1,
-                     ema_warmup=True, sampler_steps=20, guidance_scale=7.5),
-        "sd3": dict(lora_rank=32, lora_alpha=64, learning_rate=2e-4, lr_warmup_steps=0, weight_decay=1e-4,
-                    train_batch_size=1, max_train_steps=3200, use_ema=True, ema_decay=0.9, ema_every=8,
-                    ema_warmup=False, sampler_steps=10, guidance_scale=4.5),
-    },
-    "dpo": {
-        "sd15": dict(lora_rank=4, lora_alpha=4, learning_rate=2.56e-6, lr_warmup_steps=125, weight_decay=0.01,
-                     train_batch_size=4, max_train_steps=1000, use_ema=False, ema_decay=0.9999, ema_every=1,
-                     ema_warmup=True, beta=2000.0, guidance_scale=7.5),
-        "sd3": dict(lora_rank=32, lora_alpha=64, learning_rate=2.56e-6, lr_warmup_steps=0, weight_decay=1e-4,
-                    train_batch_size=1, max_train_steps=1000, use_ema=False, ema_decay=0.9, ema_every=8,
-                    ema_warmup=False, beta=100.0, guidance_scale=4.5),
-    },
+    "dro": {"sd15": dict(learning_rate=1e-4, lr_warmup_steps=0, max_train_steps=3200, use_ema=True, sampler_steps=20),
+            "sd3": dict(learning_rate=2e-4, lr_warmup_steps=0, max_train_steps=3200, use_ema=True, sampler_steps=10)},
+    "dpo": {"sd15": dict(learning_rate=2.56e-6, lr_warmup_steps=125, max_train_steps=1000, use_ema=False, beta=2000.0),
+            "sd3": dict(learning_rate=2.56e-6, lr_warmup_steps=0, max_train_steps=1000, use_ema=False, beta=100.0)},
 }
 
 
@@ -897,7 +932,7 @@ def add_training_args(parser):
 
 
 def apply_backbone_defaults(args, stage, kind):
-    for key, value in STAGE_DEFAULTS[stage][kind].items():
+    for key, value in {**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -914,8 +949,6 @@ def check_run_dir(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be >= 1 (got {value})")
-    if args.init_lora and not Path(args.init_lora).exists() and Path(args.init_lora).is_absolute():
-        raise UserError(f"--init_lora {args.init_lora} does not exist")
 
 
 def gradient_accumulation(args, num_processes):
@@ -957,21 +990,12 @@ def prepare_training(args, stage, need_fake):
     backbone.net.to(accelerator.device)
     if args.gradient_checkpointing:
         backbone.net.enable_gradient_checkpointing()
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to(accelerator.device)
     cache = None
     if pairs is not None:
         cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
         model_name = f"{args.pretrained_model}|{args.init_network}|{backbone.kind}"
         cache = load_or_build_cache(backbone, model_name, args.pairs, pairs, args.resolution, cache_dir,
                                     need_fake, accelerator)
-    # Text encoders are not needed again (embeddings are cached): off the GPU.
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to("cpu")
-    if use_cuda:
-        torch.cuda.empty_cache()
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     args.num_processes, args.gradient_accumulation_steps = accelerator.num_processes, grad_accum
     if accelerator.is_main_process:
@@ -1178,14 +1202,9 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
     weights = ema.shadow if ema is not None else None
     save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
     if args.sample_grid_steps > 0 and cache is not None:
-        backup = [p.detach().clone() for p in params]
-        if weights is not None:
-            for p, value in zip(params, weights, strict=True):
-                p.copy_(value)
         use_role(backbone.net, LEARNER)
-        images = generate_grid_images(backbone, cache, sample_prompt_ids, args, seeds=(0, 1))
-        for p, value in zip(params, backup, strict=True):
-            p.copy_(value)
+        with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
+            images = generate_grid_images(backbone, cache, sample_prompt_ids, args, seeds=(0, 1))
         image_grid(images, rows=2, cols=len(sample_prompt_ids)).save(tmp / "grid.png")
     replace_dir(tmp, final)
     metrics_path = Path(args.output_dir) / "metrics.jsonl"

@@ -526,19 +526,9 @@ def csv_text(rows, columns):
 
 def check_generation_settings(output_dir, settings):
     """Refuse to mix fakes made with different settings in one folder."""
-    path = output_dir / GENERATION_SETTINGS_FILE
     fake_dir = output_dir / "fake"
-    if not path.is_file() or not fake_dir.is_dir() or not any(fake_dir.iterdir()):
-        return
-    try:
-        previous = json.loads(path.read_text())
-    except ValueError:
-        return  # unreadable: it is rewritten below
-    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
-               if previous.get(key) != value]
-    if changed:
-        raise common.UserError(f"{output_dir} holds fakes made with other settings ({'; '.join(changed)}); "
-                               "use a new --output_dir, or the same settings to resume")
+    if fake_dir.is_dir() and any(fake_dir.iterdir()):
+        common.check_same_settings(output_dir / GENERATION_SETTINGS_FILE, settings, f"the fakes in {output_dir}")
 
 
 # =============================================================================

@@ -493,13 +493,8 @@ def check_generation_settings(out_dir, name, settings, write=True):
     """Images of one method folder must all come from the same settings.
     Every process checks (so all stop together); only the main one writes."""
     path = out_dir / name / "generation.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            changed = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in settings if old.get(k) != settings[k])
-            raise UserError(f"{out_dir / name} was generated with other settings ({changed}); use another "
-                            "--output_dir or method name, or delete that folder")
-    elif write:
+    common.check_same_settings(path, settings, f"{out_dir / name}")
+    if write and not path.is_file():
         common.atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
