@@ -1701,7 +1701,7 @@ def parse_userstudy_args(argv):
         parser = argparse.ArgumentParser(
             prog="evaluate.py userstudy-tally", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
             description="Tally a user study (paper Fig. 4): win / tie / lose of the first method against each "
-                        "baseline, with 95%% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png.",
+                        "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png.",
         )
         parser.add_argument("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
         parser.add_argument("votes", nargs="+", help="The participants' vote files, as the page saves them.")
@@ -1735,13 +1735,13 @@ def parse_userstudy_args(argv):
                              "images of an evaluation run on the same prompts are reused).")
     parser.add_argument("--output_dir", type=str, default="outputs/eval",
                         help="The evaluation folder whose images are reused (laid out as the main command writes it).")
-    parser.add_argument("--study_dir", type=str, default=None, help="Where the study goes (default: OUTPUT_DIR/userstudy).")
+    parser.add_argument("--study_dir", type=str, default=None, help="Where the study goes; None = OUTPUT_DIR/userstudy.")
     parser.add_argument("--question", type=str, default=STUDY_QUESTION, help="The question the page asks.")
     parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
-                        help="Sampling steps (default: 50 for SD-1.5, 40 for SD-3.5-M).")
+                        help="Sampling steps; None = 50 for SD-1.5, 40 for SD-3.5-M.")
     parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance (default: 7.5 for SD-1.5, 4.5 for SD-3.5-M).")
+                        help="Classifier-free guidance; None = 7.5 for SD-1.5, 4.5 for SD-3.5-M.")
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call.")
     parser.add_argument("--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
                         help="Where fetched prompt sets are kept.")

@@ -171,6 +171,8 @@ def test_tally_by_hand(tmp_path):
             evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(path)])
     with pytest.raises(common.UserError, match="two vote files"):
         evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(alice), str(alice)])
+    with pytest.raises(common.UserError, match="at least 1"):
+        evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(alice), "--bootstrap_samples", "0"])
     with pytest.raises(common.UserError, match="key.json not found"):
         evaluate.main(["userstudy-tally", str(tmp_path), str(alice)])
 
