@@ -1839,8 +1839,8 @@ def userstudy_main(args):
     }
     # The id ties vote files to this study; it is a hash, so it names no method.
     key = {"study_id": study_hash(key), **key}
-    old_key = study_dir / "key.json"
-    if old_key.is_file() and json.loads(old_key.read_text())["study_id"] != key["study_id"]:
+    key_path = study_dir / "key.json"
+    if key_path.is_file() and json.loads(key_path.read_text())["study_id"] != key["study_id"]:
         raise UserError(f"{study_dir} holds another study (votes collected for it would no longer match its key); "
                         "use another --study_dir")
 
@@ -1863,10 +1863,10 @@ def userstudy_main(args):
     # "</" is escaped so that no prompt can close the <script> element
     common.atomic_write_text(page / "index.html", STUDY_PAGE.replace(
         "__STUDY__", json.dumps(page_data, ensure_ascii=False).replace("</", "<\\/")))
-    common.atomic_write_text(old_key, json.dumps(key, indent=2) + "\n")
+    common.atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
     logger.info("user study %s: %d comparisons (%d prompts x %d baseline(s)) in %s", key["study_id"],
                 len(comparisons), len(indices), len(methods) - 1, page)
-    print(f"Study page: {page / 'index.html'} (share the folder {page}; keep {old_key} to yourself)\n"
+    print(f"Study page: {page / 'index.html'} (share the folder {page}; keep {key_path} to yourself)\n"
           f"Tally:      python evaluate.py userstudy-tally {study_dir} votes-*.json")
 
 
