@@ -2,7 +2,7 @@
 # coding=utf-8
 """Evaluate text-to-image models as RealAlign's Table 1 and Figure 2 do (SPEC §5).
 
-Two commands:
+Commands:
 
   python evaluate.py --method base= --method ours=outputs/dpo/checkpoint-800 --prompts pickapic_v2
       generate one image per prompt and seed for every method, score them with
@@ -12,6 +12,12 @@ Two commands:
       score the images of an existing output folder with more metrics (e.g. in
       a Python environment that has a conflicting scorer package installed) and
       refresh the report; the new scores merge with the old ones.
+
+  python evaluate.py userstudy --method ours=... --method dpo=... --prompts hpdv2 --num_prompts 60
+  python evaluate.py userstudy-tally STUDY_DIR votes-*.json
+      the paper's Fig. 4 user study: a blind side-by-side comparison page
+      that opens from disk, then the win / tie / lose tally and its bar chart
+      (README, "User study").
 
 Under `accelerate launch` (or torchrun) the prompts, and then the images to
 score, are split across the processes; the main process merges the results.
@@ -94,6 +100,9 @@ PROMPT_SETS = {
     "drawbench": "shunk031/DrawBench, parquet conversion, column prompts (200 unique prompts; needs pyarrow)",
     "hpdv2": "zhwang/HPDv2, benchmark/{anime,concept-art,paintings,photo}.json (3200 prompts)",
 }
+# The prompts of the paper's qualitative panels, shipped in prompts/NAME.txt
+# (one prompt per line, in the order the figure's caption lists them).
+FIGURE_PROMPT_SETS = {"figure6": "paper Fig. 6 (SD-1.5)", "figure7": "paper Fig. 7 (SD-3.5-M)"}
 
 AESTHETIC_WEIGHTS_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
@@ -161,6 +170,8 @@ def add_scoring_args(parser):
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("userstudy", "userstudy-tally"):
+        return parse_userstudy_args(argv)
     if argv and argv[0] == "score":
         parser = argparse.ArgumentParser(
             prog="evaluate.py score",
@@ -196,7 +207,8 @@ def parse_args(argv=None):
              "another network (e.g. RealAlign trained on top of Diffusion-DPO). Default: base=.",
     )
     parser.add_argument("--prompts", type=str, default="pickapic_v2",
-                        help=f"A prompt set ({', '.join(PROMPT_SETS)}) or a text file with one prompt per line.")
+                        help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the paper's qualitative "
+                             f"panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
     parser.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts (quick runs).")
     parser.add_argument("--output_dir", type=str, default="outputs/eval", help="Where images and reports go.")
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
@@ -296,7 +308,9 @@ def read_prompt_file(path):
 
 def load_prompts(spec, cache_dir, max_prompts=None):
     """The prompts of a set name or a text file; never empty."""
-    if spec in PROMPT_SETS:
+    if spec in FIGURE_PROMPT_SETS:
+        prompts, source = read_figure_prompts(spec), f"{spec} ({figure_prompts_path(spec)})"
+    elif spec in PROMPT_SETS:
         cached = Path(cache_dir) / "prompts" / f"{spec}.txt"
         if not cached.is_file():
             try:
@@ -1170,31 +1184,52 @@ def draw_figure2(report, path):
 
 
 def draw_grid(out_dir, manifest, methods, num_prompts, path):
-    """The first prompts at the first seed, one row per method."""
+    """The first prompts at the first seed, laid out as the paper's qualitative
+    panels (Figs. 6-7): one column per method, one row per prompt, the prompt
+    text beside its row. Drawn with matplotlib, which wraps and places text."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     if not manifest:
         return False
     seed = manifest[0]["seed"]
     indices = sorted({e["index"] for e in manifest})[:num_prompts]
+    prompts = {e["index"]: e["prompt"] for e in manifest}
     by_key = {(e["method"], e["seed"], e["index"]): out_dir / e["image"] for e in manifest}
-    tiles = [[by_key.get((m, seed, i)) for i in indices] for m in methods]
-    first = next((p for row in tiles for p in row if p is not None and p.is_file()), None)
-    if first is None:
+    tiles = [[by_key.get((m, seed, i)) for m in methods] for i in indices]
+    if not any(p is not None and p.is_file() for row in tiles for p in row):
         return False
-    size = max(128, min(256, Image.open(first).width))  # tiny test images are enlarged to stay readable
-    label_width, header = 140, 24
-    grid = Image.new("RGB", (label_width + size * len(indices), header + size * len(methods)), "white")
-    draw = ImageDraw.Draw(grid)
-    font = _font(14)
-    for col, index in enumerate(indices):
-        draw.text((label_width + col * size + 4, 4), f"prompt {index}", fill="black", font=font)
-    draw.text((6, 4), f"seed {seed}", fill="black", font=font)
-    for row, method in enumerate(methods):
-        draw.text((6, header + row * size + size // 2), method, fill="black", font=font, anchor="lm")
-        for col, tile in enumerate(tiles[row]):
-            if tile is not None and tile.is_file():
-                grid.paste(Image.open(tile).convert("RGB").resize((size, size)),
-                           (label_width + col * size, header + row * size))
-    common.atomic_save_image(grid, path)
+    tile, text_width = 2.4, 2.6  # inches; at 100 dpi a tile is 240 px, tiny test images are enlarged
+    figure, axes = plt.subplots(
+        len(indices), len(methods) + 1, squeeze=False, dpi=100,
+        figsize=(text_width + tile * len(methods), 0.5 + tile * len(indices)),
+        gridspec_kw={"width_ratios": [text_width] + [tile] * len(methods), "wspace": 0.04, "hspace": 0.04},
+    )
+    for row, index in enumerate(indices):
+        lines = textwrap.wrap(prompts[index], 30)
+        if len(lines) > 9:  # a long prompt is cut, not drawn over the next row
+            lines = lines[:8] + [lines[8] + " ..."]
+        axes[row][0].axis("off")
+        axes[row][0].text(0.97, 0.5, "\n".join(lines), ha="right", va="center", fontsize=9,
+                          transform=axes[row][0].transAxes)
+        for col, tile_path in enumerate(tiles[row], start=1):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(methods[col - 1], fontsize=11)
+            if tile_path is not None and tile_path.is_file():
+                image = Image.open(tile_path).convert("RGB")
+                ax.imshow(np.asarray(image), interpolation="nearest" if image.width < 128 else "antialiased")
+            else:
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
+    figure.suptitle(f"seed {seed}", fontsize=10)
+    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(figure)
     return True
 
 
@@ -1258,6 +1293,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == "score":
         return score_main(args)
+    if args.command == "userstudy":
+        return userstudy_main(args)
+    if args.command == "userstudy-tally":
+        return userstudy_tally_main(args)
 
     # ---- 1. check every input before any heavy work --------------------------
     metrics = parse_metrics(args.metrics)
@@ -1413,6 +1452,569 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
     failed = {m: r for m, r in not_run.items() if r.startswith("failed")}
     if failed:
         raise SystemExit(f"error: metric(s) failed while scoring: {failed} (the other results were written)")
+
+
+# =============================================================================
+# Paper Figs. 6-7: the prompts of the qualitative panels
+# =============================================================================
+
+FIGURE_PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+
+def figure_prompts_path(name):
+    return FIGURE_PROMPTS_DIR / f"{name}.txt"
+
+
+def read_figure_prompts(name):
+    """The prompts of a paper figure (FIGURE_PROMPT_SETS), from the file this
+    repository ships for it. Until someone has copied them from the paper the
+    file is absent, and we say so rather than draw a panel of other prompts."""
+    path = figure_prompts_path(name)
+    if not path.is_file():
+        raise UserError(f"--prompts {name}: {path} is missing. It must hold the prompts of {FIGURE_PROMPT_SETS[name]} "
+                        "as the figure's caption lists them, one per line; this repository does not ship them yet "
+                        "(prompts/README.md). Fill it in from the paper, or pass a text file of prompts instead")
+    return read_prompt_file(path)
+
+
+# =============================================================================
+# Paper Fig. 4: the user study
+# =============================================================================
+# `evaluate.py userstudy` writes STUDY_DIR with
+#   page/index.html               the blind comparison page (opens from disk, no server)
+#   page/images/c017-1.png, -2.png  left and right image of comparison c017
+#   key.json                      which method is on which side: kept OUT of page/,
+#                                 so sharing page/ keeps the study blind
+# and `evaluate.py userstudy-tally STUDY_DIR votes...` writes tally.md,
+# tally.json and figure4.png there.
+
+STUDY_CHOICES = ("left", "tie", "right")
+STUDY_QUESTION = ("Which image is better? Judge the overall quality: how realistic and detailed it looks, the "
+                  "absence of artifacts, and how well it matches the text.")
+
+# The study page: plain HTML and JavaScript with no library, so that it opens
+# from disk (file://) in any browser. __STUDY__ is replaced by the page's data:
+# the study id, the question, and per comparison its id, prompt and the two
+# image files. Which side holds which method is not in it (key.json is).
+STUDY_PAGE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Image comparison study</title>
+<style>
+  body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; background: #f3f3f3; color: #222; }
+  main { max-width: 1120px; margin: 0 auto; padding: 18px 20px; }
+  [hidden] { display: none !important; }
+  h1 { font-size: 24px; margin: 8px 0 14px; }
+  p { line-height: 1.45; }
+  #progress { height: 10px; background: #dcdcdc; border-radius: 5px; overflow: hidden; }
+  #bar { height: 100%; width: 0; background: #3b7dd8; transition: width .15s; }
+  #count { font-size: 14px; color: #555; margin: 6px 0 10px; }
+  #question { color: #444; margin: 0 0 6px; }
+  #prompt { font-size: 19px; font-weight: 600; margin: 0 0 12px; }
+  .pair { display: flex; gap: 18px; justify-content: center; }
+  figure { margin: 0; text-align: center; }
+  /* both images and the answer buttons fit in the window, whatever its shape */
+  figure img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-ratio: 1 / 1;
+               object-fit: contain; background: #fff; border: 1px solid #ccc; }
+  figure img.small { image-rendering: pixelated; }
+  figcaption { font-size: 15px; color: #555; margin-top: 4px; }
+  .choices { display: flex; gap: 12px; justify-content: center; margin: 16px 0 10px; }
+  button { font-size: 16px; padding: 10px 18px; border-radius: 6px; border: 1px solid #999; background: #fff; cursor: pointer; }
+  button:hover { background: #eef3fb; }
+  button.chosen { background: #3b7dd8; color: #fff; border-color: #3b7dd8; }
+  button:disabled { opacity: .4; cursor: default; }
+  .nav { display: flex; justify-content: space-between; align-items: center; font-size: 14px; color: #666; }
+  input { font-size: 16px; padding: 8px; width: 16em; }
+  kbd { border: 1px solid #aaa; border-bottom-width: 2px; border-radius: 3px; padding: 0 5px; background: #fff; }
+</style>
+</head>
+<body>
+<main>
+  <section id="intro" hidden>
+    <h1>Which image is better?</h1>
+    <p>You will see <b id="total"></b> pairs of images. Both images of a pair were made from the text shown above
+      them. <span id="intro-question"></span></p>
+    <p>Answer with the buttons or the keys <kbd>1</kbd> left is better, <kbd>2</kbd> about the same,
+      <kbd>3</kbd> right is better; <kbd>Backspace</kbd> goes back. There are no right answers: go with your
+      impression. Your progress is kept in this browser, so you can close the page and continue later.</p>
+    <p><label>Your participant id: <input id="pid" autocomplete="off"></label>
+      <button id="start">Start</button></p>
+  </section>
+
+  <section id="study" hidden>
+    <div id="progress"><div id="bar"></div></div>
+    <div id="count"></div>
+    <p id="question"></p>
+    <p id="prompt"></p>
+    <div class="pair">
+      <figure><img id="left" alt="left image"><figcaption>left (1)</figcaption></figure>
+      <figure><img id="right" alt="right image"><figcaption>right (3)</figcaption></figure>
+    </div>
+    <div class="choices">
+      <button data-choice="left"><kbd>1</kbd> Left is better</button>
+      <button data-choice="tie"><kbd>2</kbd> About the same</button>
+      <button data-choice="right"><kbd>3</kbd> Right is better</button>
+    </div>
+    <div class="nav"><button id="back">&larr; Back</button><span id="who"></span></div>
+  </section>
+
+  <section id="done" hidden>
+    <h1>Thank you!</h1>
+    <p>All <b id="done-total"></b> comparisons are answered. Save your votes and send the file to the person who
+      runs the study.</p>
+    <p><button id="download">Save my votes (JSON)</button> <button id="review">&larr; Back to the last pair</button></p>
+    <p><button id="restart">Start again as another participant</button></p>
+  </section>
+</main>
+<script>
+"use strict";
+const STUDY = __STUDY__;
+const STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one running participant
+const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c]));
+const $ = id => document.getElementById(id);
+let state = JSON.parse(localStorage.getItem(STORE) || "null");
+let shownAt = 0;
+
+// A participant's own order of the comparisons, drawn from a generator seeded
+// by the study id and the participant id: reproducible, and every participant
+// sees the pairs in a different order (no order effect shared by all).
+function hash(text) {
+  let h = 2166136261;
+  for (const ch of text) { h ^= ch.codePointAt(0); h = Math.imul(h, 16777619); }
+  return h >>> 0;
+}
+function mulberry32(a) {
+  return () => {
+    a = (a + 0x6D2B79F5) | 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+function participantOrder(pid) {
+  const random = mulberry32(hash(STUDY.id + "/" + pid)), ids = STUDY.comparisons.map(c => c.id);
+  for (let i = ids.length - 1; i > 0; i--) {
+    const j = Math.floor(random() * (i + 1));
+    [ids[i], ids[j]] = [ids[j], ids[i]];
+  }
+  return ids;
+}
+
+function save() { localStorage.setItem(STORE, JSON.stringify(state)); }
+function show(section) { for (const s of ["intro", "study", "done"]) $(s).hidden = s !== section; }
+
+function render() {
+  if (!state) {
+    $("total").textContent = STUDY.comparisons.length;
+    $("intro-question").textContent = STUDY.question;
+    show("intro");
+    $("pid").focus();
+    return;
+  }
+  const n = state.order.length, answered = Object.keys(state.answers).length;
+  $("bar").style.width = (100 * answered / n) + "%";
+  $("count").textContent = answered + " of " + n + " answered";
+  document.body.dataset.comparison = "";
+  if (state.pos >= n) { $("done-total").textContent = n; show("done"); return; }
+  const c = byId[state.order[state.pos]];
+  document.body.dataset.comparison = c.id;  // read by the browser test
+  $("question").textContent = STUDY.question;
+  $("prompt").textContent = "\u201c" + c.prompt + "\u201d";
+  $("left").src = c.left;
+  $("right").src = c.right;
+  $("who").textContent = "participant " + state.participant + " \u00b7 pair " + (state.pos + 1) + " of " + n;
+  const previous = state.answers[c.id];
+  for (const b of document.querySelectorAll("[data-choice]")) b.classList.toggle("chosen", !!previous && previous.choice === b.dataset.choice);
+  $("back").disabled = state.pos === 0;
+  show("study");
+  shownAt = performance.now();
+  const next = byId[state.order[state.pos + 1]];  // preload the next pair
+  if (next) { new Image().src = next.left; new Image().src = next.right; }
+}
+
+function start() {
+  const pid = $("pid").value.trim();
+  if (!pid) { $("pid").focus(); return; }
+  state = { participant: pid, order: participantOrder(pid), pos: 0, answers: {} };
+  save();
+  render();
+}
+function choose(choice) {
+  if (!state || state.pos >= state.order.length) return;
+  state.answers[state.order[state.pos]] = { choice: choice, time_ms: Math.round(performance.now() - shownAt) };
+  state.pos += 1;
+  save();
+  render();
+}
+function back() {
+  if (state && state.pos > 0) { state.pos -= 1; save(); render(); }
+}
+// The votes as the tally reads them; also callable from the console.
+function studyVotes() {
+  return {
+    study: STUDY.id, participant: state.participant, comparisons: state.order.length,
+    saved_at: new Date().toISOString(),
+    votes: state.order.filter(id => id in state.answers).map(id => ({
+      comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })),
+  };
+}
+window.studyVotes = studyVotes;
+function download() {
+  const blob = new Blob([JSON.stringify(studyVotes(), null, 1)], { type: "application/json" });
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = "votes-" + state.participant.replace(/[^A-Za-z0-9._-]+/g, "_") + ".json";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+}
+
+for (const img of [$("left"), $("right")]) img.addEventListener("load", () => img.classList.toggle("small", img.naturalWidth < 128));
+for (const b of document.querySelectorAll("[data-choice]")) b.addEventListener("click", () => choose(b.dataset.choice));
+$("start").addEventListener("click", start);
+$("back").addEventListener("click", back);
+$("review").addEventListener("click", back);
+$("download").addEventListener("click", download);
+$("restart").addEventListener("click", () => {
+  if (confirm("Start again as another participant? Save your votes first: the answers kept in this browser are cleared.")) {
+    localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
+  }
+});
+document.addEventListener("keydown", event => {
+  if (!$("intro").hidden) { if (event.key === "Enter") start(); return; }
+  if ($("study").hidden) return;
+  const choice = { "1": "left", "2": "tie", "3": "right" }[event.key];
+  if (choice) { event.preventDefault(); choose(choice); }
+  else if (event.key === "Backspace") { event.preventDefault(); back(); }
+});
+render();
+</script>
+</body>
+</html>
+"""
+
+
+def parse_userstudy_args(argv):
+    if argv[0] == "userstudy-tally":
+        parser = argparse.ArgumentParser(
+            prog="evaluate.py userstudy-tally", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            description="Tally a user study (paper Fig. 4): win / tie / lose of the first method against each "
+                        "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png.",
+        )
+        parser.add_argument("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
+        parser.add_argument("votes", nargs="+", help="The participants' vote files, as the page saves them.")
+        parser.add_argument("--bootstrap_samples", type=int, default=10000,
+                            help="Resamples of the participant-level bootstrap behind the 95%% intervals.")
+        parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+        args = parser.parse_args(argv[1:])
+        args.command = "userstudy-tally"
+        return args
+
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py userstudy", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
+                    "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images "
+                    "come from the evaluation folder --output_dir; the missing ones are generated there first.",
+    )
+    # The generation flags mean what they mean in the main command (same
+    # defaults), so the study reuses the images an evaluation already made.
+    parser.add_argument("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
+    parser.add_argument("--method", type=str, action="append", default=None, metavar="NAME=SPEC",
+                        help="Twice or more. The first is the method under study ('ours'), each later one a "
+                             "baseline it is compared with. SPEC as in the main command (empty = the base model).")
+    parser.add_argument("--prompts", type=str, default="hpdv2",
+                        help="The prompt set or file the study's prompts are drawn from (the paper: HPDv2).")
+    parser.add_argument("--num_prompts", type=int, default=60, help="Prompts drawn (the paper: 60).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the draws: which prompts, the side of 'ours' in each comparison, their order.")
+    parser.add_argument("--image_seed", type=int, default=DEFAULT_SEEDS[0],
+                        help="Generation seed of the images shown (the first of the evaluation's seeds, so the "
+                             "images of an evaluation run on the same prompts are reused).")
+    parser.add_argument("--output_dir", type=str, default="outputs/eval",
+                        help="The evaluation folder whose images are reused (laid out as the main command writes it).")
+    parser.add_argument("--study_dir", type=str, default=None, help="Where the study goes; None = OUTPUT_DIR/userstudy.")
+    parser.add_argument("--question", type=str, default=STUDY_QUESTION, help="The question the page asks.")
+    parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Sampling steps; None = 50 for SD-1.5, 40 for SD-3.5-M.")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Classifier-free guidance; None = 7.5 for SD-1.5, 4.5 for SD-3.5-M.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call.")
+    parser.add_argument("--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
+                        help="Where fetched prompt sets are kept.")
+    args = parser.parse_args(argv[1:])
+    args.command = "userstudy"
+    return args
+
+
+def sample_study(prompts, methods, num_prompts, seed):
+    """The comparisons of a study, all drawn from one seeded generator.
+
+    num_prompts prompts are drawn without replacement; each gives one
+    comparison of 'ours' (the first method) with every baseline. The side of
+    'ours' is drawn per comparison; the comparisons are shuffled before they
+    are numbered, so an id says nothing about its baseline or side."""
+    if num_prompts < 1 or num_prompts > len(prompts):
+        raise UserError(f"--num_prompts {num_prompts}: the prompt set has {len(prompts)} prompts")
+    rng = np.random.default_rng(seed)
+    indices = sorted(int(i) for i in rng.choice(len(prompts), size=num_prompts, replace=False))
+    ours = methods[0]["name"]
+    pairs = [(index, m["name"]) for index in indices for m in methods[1:]]
+    order = rng.permutation(len(pairs))
+    ours_left = rng.random(len(pairs)) < 0.5
+    width = len(str(len(pairs)))
+    comparisons = {}
+    for number, k in enumerate(order):
+        index, baseline = pairs[k]
+        comparisons[f"c{number + 1:0{width}d}"] = {
+            "prompt_index": index, "prompt": prompts[index], "ours": ours, "baseline": baseline,
+            "ours_side": "left" if ours_left[number] else "right"}
+    return indices, comparisons
+
+
+def generate_study_images(args, methods, prompts, indices, out_dir):
+    """Make sure the evaluation folder holds image `index` at --image_seed for
+    every method, generating only the missing ones. The folder's checks apply
+    as in the main command: same prompts (prompts.txt), and every method's
+    images made with the same settings (NAME/generation.json)."""
+    state = make_state()
+    device = state.device
+    check_prompts(out_dir, prompts, write=state.is_main_process)
+    items = [(args.image_seed, index) for index in indices]
+    dtype = common.default_dtype(device)
+    pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # as in the main command: a blacked-out image would be judged
+    pipe.to(device)
+    backbone = common.Backbone(pipe, device, dtype)
+    base_net = backbone.net
+    default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
+    steps = args.num_inference_steps or default_steps
+    guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
+    for method in methods:
+        name = method["name"]
+        # the same settings record as the main command's, so either reuses the other's images
+        settings = {"spec": method["spec"], "pretrained_model": args.pretrained_model, "backbone": backbone.kind,
+                    "num_inference_steps": steps, "guidance_scale": guidance, "resolution": args.resolution}
+        check_generation_settings(out_dir, name, settings, write=state.is_main_process)
+        todo = [(s, i) for s, i in items if not (out_dir / image_relpath(name, s, i)).is_file()]
+        if not todo:
+            logger.info("%s: all %d images of the study exist in %s", name, len(items), out_dir)
+            continue
+        if state.is_main_process:
+            drop_scores(out_dir, [image_relpath(name, s, i) for s, i in todo])
+        state.wait_for_everyone()
+        logger.info("%s: generating %d of the study's %d images", name, len(todo), len(items))
+        adapters = apply_method(backbone, method, device)
+        try:
+            with state.split_between_processes(todo) as mine:
+                generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
+                                args.batch_size, device, state.is_main_process)
+        finally:
+            restore_base(backbone, base_net, adapters)
+        state.wait_for_everyone()
+    return state
+
+
+def userstudy_main(args):
+    """`evaluate.py userstudy`: the study folder (page, images, key)."""
+    methods = parse_methods(args.method)
+    if len(methods) < 2:
+        raise UserError("a user study needs --method twice or more: the method under study first, then the "
+                        "baseline(s) it is compared with")
+    out_dir = Path(args.output_dir)
+    study_dir = Path(args.study_dir) if args.study_dir else out_dir / "userstudy"
+    prompts = load_prompts(args.prompts, args.cache_dir)
+    indices, comparisons = sample_study(prompts, methods, args.num_prompts, args.seed)
+    key = {
+        "ours": methods[0]["name"],
+        "baselines": [m["name"] for m in methods[1:]],
+        "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
+        "prompts": args.prompts, "num_prompts": args.num_prompts, "seed": args.seed, "image_seed": args.image_seed,
+        "evaluation_folder": str(out_dir), "pretrained_model": args.pretrained_model,
+        "comparisons": comparisons,
+    }
+    # The id ties vote files to this study; it is a hash, so it names no method.
+    key = {"study_id": study_hash(key), **key}
+    key_path = study_dir / "key.json"
+    if key_path.is_file() and json.loads(key_path.read_text())["study_id"] != key["study_id"]:
+        raise UserError(f"{study_dir} holds another study (votes collected for it would no longer match its key); "
+                        "use another --study_dir")
+
+    state = generate_study_images(args, methods, prompts, indices, out_dir)
+    if not state.is_main_process:
+        return
+    page = study_dir / "page"
+    page_comparisons = []
+    for cid, c in comparisons.items():
+        sides = {c["ours_side"]: c["ours"], ("right" if c["ours_side"] == "left" else "left"): c["baseline"]}
+        files = {}
+        for side, number in (("left", 1), ("right", 2)):
+            files[side] = f"images/{cid}-{number}.png"
+            source = out_dir / image_relpath(sides[side], args.image_seed, c["prompt_index"])
+            # re-encoded rather than copied: a PNG text chunk could name its maker
+            with Image.open(source) as image:
+                common.atomic_save_image(image.convert("RGB"), page / files[side])
+        page_comparisons.append({"id": cid, "prompt": c["prompt"], **files})
+    page_data = {"id": key["study_id"], "question": args.question, "comparisons": page_comparisons}
+    # "</" is escaped so that no prompt can close the <script> element
+    common.atomic_write_text(page / "index.html", STUDY_PAGE.replace(
+        "__STUDY__", json.dumps(page_data, ensure_ascii=False).replace("</", "<\\/")))
+    common.atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
+    logger.info("user study %s: %d comparisons (%d prompts x %d baseline(s)) in %s", key["study_id"],
+                len(comparisons), len(indices), len(methods) - 1, page)
+    print(f"Study page: {page / 'index.html'} (share the folder {page}; keep {key_path} to yourself)\n"
+          f"Tally:      python evaluate.py userstudy-tally {study_dir} votes-*.json")
+
+
+def study_hash(record):
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_study_votes(paths, key):
+    """{participant: {comparison: choice}} from the pages' vote files, checked
+    against the key: same study, known comparisons, one file per participant."""
+    participants, files = {}, {}
+    for path in map(Path, paths):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            study, participant, votes = data["study"], str(data["participant"]).strip(), data["votes"]
+        except FileNotFoundError:
+            raise UserError(f"no vote file {path}") from None
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a vote file of the study page (JSON with study, participant, votes)") \
+                from None
+        if study != key["study_id"]:
+            raise UserError(f"{path} holds votes of study {study}, not of this one ({key['study_id']})")
+        if not participant:
+            raise UserError(f"{path} has no participant id")
+        if participant in participants:
+            raise UserError(f"participant '{participant}' has two vote files: {files[participant]} and {path}")
+        choices = {}
+        for vote in votes:
+            cid, choice = vote.get("comparison"), vote.get("choice")
+            if cid not in key["comparisons"] or choice not in STUDY_CHOICES:
+                raise UserError(f"{path}: a vote for comparison {cid!r} with choice {choice!r} does not belong to "
+                                f"this study (choices: {', '.join(STUDY_CHOICES)})")
+            choices[cid] = choice
+        participants[participant], files[participant] = choices, path
+    return participants
+
+
+def tally_study(key, participants, bootstrap_samples, seed):
+    """Win / tie / lose percentages of 'ours' per baseline, pooled over votes.
+
+    The 95% intervals come from a participant-level percentile bootstrap:
+    one participant's votes are correlated (taste, attention), so whole
+    participants are resampled with replacement, not single votes. With one
+    participant there is nothing to resample and no interval is given."""
+    names = list(participants)
+    counts = {b: np.zeros((len(names), 3), dtype=np.int64) for b in key["baselines"]}  # win, tie, lose
+    for p, name in enumerate(names):
+        for cid, choice in participants[name].items():
+            comparison = key["comparisons"][cid]
+            outcome = 1 if choice == "tie" else 0 if choice == comparison["ours_side"] else 2
+            counts[comparison["baseline"]][p, outcome] += 1
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for baseline, matrix in counts.items():
+        total = int(matrix.sum())
+        row = {"votes": total, "participants": int((matrix.sum(1) > 0).sum())}
+        for j, outcome in enumerate(("win", "tie", "lose")):
+            row[outcome] = 100.0 * matrix[:, j].sum() / total if total else None
+            row[f"{outcome}_ci95"] = None
+        if total and len(names) > 1:
+            draws = rng.integers(0, len(names), size=(bootstrap_samples, len(names)))
+            sums = matrix[draws].sum(axis=1)  # (samples, 3)
+            n = sums.sum(axis=1)
+            shares = 100.0 * sums[n > 0] / n[n > 0, None]
+            low, high = np.percentile(shares, [2.5, 97.5], axis=0)
+            for j, outcome in enumerate(("win", "tie", "lose")):
+                row[f"{outcome}_ci95"] = [float(low[j]), float(high[j])]
+        rows[baseline] = row
+    answered = {name: len(choices) for name, choices in participants.items()}
+    return {"study_id": key["study_id"], "ours": key["ours"], "participants": len(names),
+            "comparisons": len(key["comparisons"]), "answered": answered, "baselines": rows,
+            "interval": f"95% participant-level percentile bootstrap, {bootstrap_samples} resamples, seed {seed}"}
+
+
+def tally_markdown(tally):
+    ours = tally["ours"]
+
+    def cell(row, outcome):
+        if row[outcome] is None:
+            return "—"
+        ci = row[f"{outcome}_ci95"]
+        return f"{row[outcome]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+    lines = [f"# User study: {ours} vs each baseline (paper Fig. 4)", "",
+             f"{tally['participants']} participant(s), {tally['comparisons']} comparisons in the study. "
+             f"Win = the participant preferred {ours}'s image. Percentages pool all votes; brackets: "
+             f"{tally['interval']} (whole participants are resampled: one person's votes are correlated)"
+             + ("." if tally["participants"] > 1 else "; none with a single participant."), "",
+             "| " + ours + " vs | Win % | Tie % | Lose % | Votes | Participants |", "|---|---|---|---|---|---|"]
+    for baseline, row in tally["baselines"].items():
+        lines.append(f"| {baseline} | {cell(row, 'win')} | {cell(row, 'tie')} | {cell(row, 'lose')} | "
+                     f"{row['votes']} | {row['participants']} |")
+    partial = {name: n for name, n in tally["answered"].items() if n < tally["comparisons"]}
+    if partial:
+        lines += ["", "Incomplete vote files (answered of " + str(tally["comparisons"]) + "): "
+                  + ", ".join(f"{name}: {n}" for name, n in partial.items())]
+    return "\n".join(lines) + "\n"
+
+
+def draw_figure4(tally, path):
+    """Horizontal stacked bars, one per baseline: win | tie | lose, as in the paper's Fig. 4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(b, r) for b, r in tally["baselines"].items() if r["votes"]]
+    if not rows:
+        return False
+    figure, ax = plt.subplots(figsize=(7.5, 0.8 + 0.6 * len(rows)), dpi=120)
+    colours = {"win": "#3b7dd8", "tie": "#c8c8c8", "lose": "#e58b3a"}
+    labels = {"win": f"{tally['ours']} wins", "tie": "tie", "lose": f"{tally['ours']} loses"}
+    y = np.arange(len(rows))[::-1]
+    left = np.zeros(len(rows))
+    for outcome in ("win", "tie", "lose"):
+        values = np.array([r[outcome] for _, r in rows])
+        bars = ax.barh(y, values, left=left, color=colours[outcome], label=labels[outcome], height=0.6)
+        ax.bar_label(bars, labels=[f"{v:.0f}%" if v >= 6 else "" for v in values], label_type="center", fontsize=9)
+        left += values
+    ax.set_yticks(y, [f"{tally['ours']} vs {b}" for b, _ in rows])
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"% of votes ({tally['participants']} participant(s))")
+    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=9)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(figure)
+    return True
+
+
+def userstudy_tally_main(args):
+    """`evaluate.py userstudy-tally`: tally.json, tally.md and figure4.png."""
+    study_dir = Path(args.study_dir)
+    key_path = study_dir / "key.json"
+    if not key_path.is_file():
+        raise UserError(f"{key_path} not found: STUDY_DIR is the folder `evaluate.py userstudy` wrote")
+    if args.bootstrap_samples < 1:
+        raise UserError(f"--bootstrap_samples must be at least 1, not {args.bootstrap_samples}")
+    key = json.loads(key_path.read_text())
+    tally = tally_study(key, read_study_votes(args.votes, key), args.bootstrap_samples, args.seed)
+    common.atomic_write_text(study_dir / "tally.json", json.dumps(tally, indent=2) + "\n")
+    text = tally_markdown(tally)
+    common.atomic_write_text(study_dir / "tally.md", text)
+    draw_figure4(tally, study_dir / "figure4.png")
+    print(text)
+    logger.info("wrote %s, %s and %s", study_dir / "tally.md", study_dir / "tally.json", study_dir / "figure4.png")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #   2. stage1   Diffusion-DRO on the real photos                     train_dro.py
 #   3. stage2   Diffusion-DPO on the pairs, from the Stage-1 LoRA    train_dpo.py
 #   4. eval     Table 1 metrics for base / stage 1 / RealAlign       evaluate.py
+#   5. panel    the qualitative panel of paper Fig. 6 / Fig. 7       evaluate.py
 #
 #   bash run_all.sh                      the paper's SD-1.5 run (GPUs, network)
 #   BACKBONE=sd35m bash run_all.sh       the SD-3.5-M run (needs HF_TOKEN: gated model)
@@ -22,8 +23,10 @@ BACKBONE=${BACKBONE:-sd15}                     # sd15 (Stable Diffusion 1.5) or 
 # The paper's values per backbone (SPEC §3-5), and the smoke run's (seconds on a CPU).
 if [ "$BACKBONE" = sd35m ]; then
   d_model=stabilityai/stable-diffusion-3.5-medium; d_ckpt1=3200; d_ckpt2=450; d_prompts=drawbench; d_batch=1
+  d_panel=figure7
 else
   d_model=stable-diffusion-v1-5/stable-diffusion-v1-5; d_ckpt1=1600; d_ckpt2=800; d_prompts=pickapic_v2; d_batch=4
+  d_panel=figure6
 fi
 d_steps1=3200; d_steps2=1000; d_every=50; d_out=outputs/$BACKBONE; d_seeds="42 123 456 789 1000"
 d_metrics=pickscore,imagereward,unifiedreward,hpsv3,deqa,aesthetic,laplacian,sgp
@@ -52,6 +55,7 @@ STAGE2_BATCH=${STAGE2_BATCH:-$d_batch}         # per-GPU micro-batch of Stage 2
 PROMPTS=${PROMPTS:-$d_prompts}                 # Table 1 prompt set (pickapic_v2 / drawbench / partiprompts / hpdv2 / file)
 METRICS=${METRICS:-$d_metrics}                 # Table 1 + Figure 2 metrics
 SEEDS=${SEEDS:-$d_seeds}                       # one image per prompt per seed
+PANEL_PROMPTS=${PANEL_PROMPTS:-$d_panel}       # qualitative panel prompts: figure6 / figure7 (prompts/) or a file
 
 log() { echo "[run_all] $*"; }
 die() { echo "[run_all] error: $*" >&2; exit 1; }
@@ -145,6 +149,31 @@ step eval "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$
   --method "realalign=$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" \
   --metrics "$METRICS" --seeds $SEEDS "${EVAL_ARGS[@]}"
 
+# ------------------------------------------------------------------ 5. panel
+# One column per method, one row per prompt (paper Figs. 6-7), first seed only.
+# The paper's prompt lists live in prompts/figure6.txt and figure7.txt; while
+# one is missing (prompts/README.md) the smoke run draws the panel from its
+# Table 1 prompts and the real run skips the step with a notice.
+if [[ "$PANEL_PROMPTS" == figure[67] ]] && [ ! -f "prompts/$PANEL_PROMPTS.txt" ]; then
+  if [ "$SMOKE" = 1 ]; then
+    log "panel: prompts/$PANEL_PROMPTS.txt is missing (prompts/README.md); using the smoke prompts"
+    PANEL_PROMPTS=$OUTPUT_DIR/data/prompts.txt
+  else
+    log "panel: skipped, prompts/$PANEL_PROMPTS.txt is missing: copy the prompts of the paper's figure caption"
+    log "       into it (prompts/README.md), or set PANEL_PROMPTS to a prompt file, and rerun"
+    PANEL_PROMPTS=
+  fi
+fi
+if [ -n "$PANEL_PROMPTS" ]; then
+  # shellcheck disable=SC2086
+  step panel "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/panel" \
+    --method base= --method "stage1=$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" \
+    --method "realalign=$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" \
+    "${EVAL_ARGS[@]}" --prompts "$PANEL_PROMPTS" --seeds ${SEEDS%% *} --grid_prompts 1000 \
+    --metrics laplacian  # the panel needs no score: laplacian is the one metric that loads no model
+fi
+
 log "all steps done. Table 1: $OUTPUT_DIR/eval/results.md"
+[ -f "$OUTPUT_DIR/panel/grid.png" ] && log "qualitative panel: $OUTPUT_DIR/panel/grid.png"
 [ -f "$OUTPUT_DIR/eval/results.md" ] && cat "$OUTPUT_DIR/eval/results.md"
 exit 0

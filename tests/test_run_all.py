@@ -57,11 +57,19 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     assert "| realalign |" in (out / "eval" / "results.md").read_text()
     assert (out / "eval" / "figure2.png").is_file() and (out / "eval" / "grid.png").is_file()
 
+    # 5. the qualitative panel (paper Figs. 6-7): every method, every prompt, one seed; the paper's prompt
+    # list is not shipped yet, so the smoke run says so and uses its own prompts
+    panel = json.loads((out / "panel" / "run.json").read_text())
+    assert [m["name"] for m in panel["methods"]] == ["base", "stage1", "realalign"] and panel["seeds"] == [42]
+    assert (out / "panel" / "grid.png").is_file() and "qualitative panel:" in result.stdout
+    if not (ROOT / "prompts" / ("figure7.txt" if backbone == "sd35m" else "figure6.txt")).is_file():
+        assert "using the smoke prompts" in result.stdout
+
     # a rerun skips every finished step
     if backbone == "sd15":
         again = smoke(out, backbone)
         assert again.returncode == 0
-        assert again.stdout.count("done already, skipped") == 6
+        assert again.stdout.count("done already, skipped") == 7
 
 
 def test_interrupted_stage_resumes(tmp_path):

@@ -1,0 +1,323 @@
+"""The user-study kit (paper Fig. 4) and the qualitative panels (paper Figs. 6-7)
+of evaluate.py, on the tiny offline models; the study page is driven in a real
+headless Chromium where one is installed."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import common
+import evaluate
+
+PROMPTS = ["a red apple on a wooden table", "a photo of a dog in the snow", "a city street at night",
+           "a bowl of soup </script><b>bold", "mountains at dawn"]
+# Names that cannot turn up by chance in the page's text or file names.
+OURS, BASELINES = "zebraours", ["yakbaseline", "gnubaseline"]
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+
+
+@pytest.fixture(scope="module")
+def study(tiny_models, tmp_path_factory):
+    """A study of 3 of 5 prompts x 2 baselines. The evaluation folder already
+    holds 'ours' images (solid colours, as if an earlier evaluation had made
+    them): the study must reuse them and generate only the baselines'."""
+    work = tmp_path_factory.mktemp("userstudy")
+    prompt_file = work / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n")
+    eval_dir = work / "eval"
+    for index, colour in enumerate(COLOURS):
+        common.atomic_save_image(Image.new("RGB", (32, 32), colour), eval_dir / evaluate.image_relpath(OURS, 42, index))
+    ours_before = {p: p.stat().st_mtime_ns for p in (eval_dir / OURS).rglob("*.png")}
+    argv = ["userstudy", "--pretrained_model", tiny_models["sd15"], "--method", f"{OURS}=",
+            "--method", f"{BASELINES[0]}=", "--method", f"{BASELINES[1]}={tiny_models['sd15']}",
+            "--prompts", str(prompt_file), "--num_prompts", "3", "--seed", "5", "--output_dir", str(eval_dir),
+            "--resolution", "32", "--num_inference_steps", "2"]
+    evaluate.main(argv)
+    return {"work": work, "eval": eval_dir, "dir": eval_dir / "userstudy", "argv": argv, "ours_before": ours_before,
+            "key": json.loads((eval_dir / "userstudy" / "key.json").read_text())}
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# ---------------------------------------------------------------------------
+# the study folder
+# ---------------------------------------------------------------------------
+
+
+def test_sample_study_is_seeded_and_balanced():
+    methods = [{"name": n, "spec": ""} for n in [OURS] + BASELINES]
+    prompts = [f"prompt {i}" for i in range(50)]
+    indices, comparisons = evaluate.sample_study(prompts, methods, 20, seed=3)
+    assert evaluate.sample_study(prompts, methods, 20, seed=3) == (indices, comparisons)  # reproducible
+    assert evaluate.sample_study(prompts, methods, 20, seed=4)[0] != indices
+    assert len(set(indices)) == 20 and all(0 <= i < 50 for i in indices)
+    # every drawn prompt meets every baseline exactly once
+    pairs = sorted((c["prompt_index"], c["baseline"]) for c in comparisons.values())
+    assert pairs == sorted((i, b) for i in indices for b in BASELINES)
+    assert all(c["prompt"] == prompts[c["prompt_index"]] and c["ours"] == OURS for c in comparisons.values())
+    sides = [c["ours_side"] for c in comparisons.values()]
+    assert 10 <= sides.count("left") <= 30  # drawn per comparison (40 fair coins: 10..30 has p > 0.998)
+    # ids are numbered after the shuffle: the baselines are interleaved, not in blocks
+    by_id = [comparisons[cid]["baseline"] for cid in sorted(comparisons)]
+    assert by_id[:20] != [BASELINES[0]] * 20
+    with pytest.raises(common.UserError, match="has 50 prompts"):
+        evaluate.sample_study(prompts, methods, 51, seed=0)
+
+
+def test_study_folder_reuses_images_and_matches_key(study):
+    key, page = study["key"], study["dir"] / "page"
+    assert key["ours"] == OURS and key["baselines"] == BASELINES and len(key["comparisons"]) == 3 * 2
+    # the images the folder held were reused, not regenerated
+    assert {p: p.stat().st_mtime_ns for p in (study["eval"] / OURS).rglob("*.png")} == study["ours_before"]
+    for cid, c in key["comparisons"].items():
+        sides = {c["ours_side"]: c["ours"], "right" if c["ours_side"] == "left" else "left": c["baseline"]}
+        for side, number in (("left", 1), ("right", 2)):
+            source = study["eval"] / evaluate.image_relpath(sides[side], 42, c["prompt_index"])
+            assert np.array_equal(pixels(page / "images" / f"{cid}-{number}.png"), pixels(source))
+        ours_image = pixels(page / "images" / f"{cid}-{1 if c['ours_side'] == 'left' else 2}.png")
+        assert tuple(ours_image[0, 0]) == COLOURS[c["prompt_index"]]  # the solid colour: ours is where the key says
+
+
+def test_study_page_is_blind(study):
+    page = study["dir"] / "page"
+    files = sorted(p for p in page.rglob("*") if p.is_file())
+    assert [p.name for p in files if p.suffix == ".html"] == ["index.html"] and "key.json" not in {p.name for p in files}
+    for name in [OURS] + BASELINES:
+        for path in files:
+            assert name not in path.name
+            assert name.encode() not in path.read_bytes(), f"{name} appears in {path}"
+    html = (page / "index.html").read_text()
+    # a prompt cannot close the page's <script> element
+    assert "</script><b>" not in html and html.count("</script>") == 1
+
+
+def test_second_run_regenerates_nothing(study, caplog):
+    images = sorted(study["eval"].glob("*/seed_*/*.png")) + sorted((study["dir"] / "page").rglob("*.png"))
+    before = {p: p.stat().st_mtime_ns for p in images}
+    with caplog.at_level("INFO", logger="realalign"):
+        evaluate.main(study["argv"])
+    assert "generating" not in caplog.text
+    assert caplog.text.count("all 3 images of the study exist") == 3
+    assert {p: p.stat().st_mtime_ns for p in sorted(study["eval"].glob("*/seed_*/*.png"))} == \
+        {p: t for p, t in before.items() if "seed_" in str(p)}
+    assert json.loads((study["dir"] / "key.json").read_text()) == study["key"]
+    # another draw into the same study folder would orphan the votes: refused
+    with pytest.raises(common.UserError, match="holds another study"):
+        evaluate.main([a if a != "5" else "6" for a in study["argv"]])
+    with pytest.raises(common.UserError, match="--method twice or more"):
+        evaluate.main(["userstudy", "--method", "a=", "--prompts", str(study["work"] / "prompts.txt")])
+
+
+# ---------------------------------------------------------------------------
+# the tally
+# ---------------------------------------------------------------------------
+
+
+def synthetic_key():
+    comparisons = {f"c{i}": {"prompt_index": i, "prompt": "p", "ours": "ours", "baseline": b, "ours_side": side}
+                   for i, (b, side) in enumerate([("dpo", "left"), ("dpo", "right"), ("sd", "left"), ("sd", "right")])}
+    return {"study_id": "abc", "ours": "ours", "baselines": ["dpo", "sd"], "comparisons": comparisons}
+
+
+def write_votes(path, participant, choices, study="abc"):
+    votes = [{"comparison": cid, "choice": choice, "time_ms": 100} for cid, choice in choices.items()]
+    path.write_text(json.dumps({"study": study, "participant": participant, "votes": votes}))
+    return path
+
+
+def test_tally_by_hand(tmp_path):
+    key = synthetic_key()
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "key.json").write_text(json.dumps(key))
+    # alice: dpo c0 left = ours wins, c1 tie; sd c2 right = ours loses, c3 right = ours wins
+    # bob:   dpo c0 right = loses, c1 right = wins;  sd c2 left = wins (c3 unanswered)
+    alice = write_votes(tmp_path / "a.json", "alice", {"c0": "left", "c1": "tie", "c2": "right", "c3": "right"})
+    bob = write_votes(tmp_path / "b.json", "bob", {"c0": "right", "c1": "right", "c2": "left"})
+    evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(alice), str(bob), "--bootstrap_samples", "2000"])
+    tally = json.loads((tmp_path / "study" / "tally.json").read_text())
+    dpo, sd = tally["baselines"]["dpo"], tally["baselines"]["sd"]
+    assert (dpo["votes"], dpo["win"], dpo["tie"], dpo["lose"]) == (4, 50.0, 25.0, 25.0)
+    assert (sd["votes"], sd["win"], sd["tie"], sd["lose"]) == (3, pytest.approx(200 / 3), 0.0, pytest.approx(100 / 3))
+    assert tally["participants"] == 2 and tally["answered"] == {"alice": 4, "bob": 3}
+    # participant-level bootstrap: a resample is {alice, alice}, {bob, bob} or one of each (2000 draws give all
+    # three). dpo: alice win + tie, bob lose + win: every resample has 50% wins
+    assert dpo["win_ci95"] == [50.0, 50.0]
+    # sd: alice lose+win (50%), bob win (100%): resamples give 50%, 66.7% or 100%
+    low, high = sd["win_ci95"]
+    assert low == pytest.approx(50.0) and high == pytest.approx(100.0)
+    text = (tmp_path / "study" / "tally.md").read_text()
+    assert "| dpo | 50.0 [50.0, 50.0] | 25.0 [" in text and "bob: 3" in text and "bootstrap" in text
+    assert Image.open(tmp_path / "study" / "figure4.png").format == "PNG"
+
+    # one participant: no interval to give
+    evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(alice)])
+    tally = json.loads((tmp_path / "study" / "tally.json").read_text())
+    assert tally["baselines"]["dpo"]["win_ci95"] is None and "none with a single participant" in \
+        (tmp_path / "study" / "tally.md").read_text()
+
+    bad = {
+        write_votes(tmp_path / "x.json", "carol", {"c0": "left"}, study="zzz"): "votes of study zzz",
+        write_votes(tmp_path / "y.json", "carol", {"c9": "left"}): "does not belong to this study",
+        write_votes(tmp_path / "z.json", "carol", {"c0": "up"}): "does not belong to this study",
+        tmp_path / "missing.json": "no vote file",
+    }
+    for path, message in bad.items():
+        with pytest.raises(common.UserError, match=message):
+            evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(path)])
+    with pytest.raises(common.UserError, match="two vote files"):
+        evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(alice), str(alice)])
+    with pytest.raises(common.UserError, match="at least 1"):
+        evaluate.main(["userstudy-tally", str(tmp_path / "study"), str(alice), "--bootstrap_samples", "0"])
+    with pytest.raises(common.UserError, match="key.json not found"):
+        evaluate.main(["userstudy-tally", str(tmp_path), str(alice)])
+
+
+# ---------------------------------------------------------------------------
+# the page in a real browser
+# ---------------------------------------------------------------------------
+
+
+def chrome_driver(download_dir):
+    """A headless Chromium driven by selenium, or pytest.skip with the reason."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver_path = shutil.which("chromedriver")
+    if not browser or not driver_path:
+        pytest.skip("Chromium or chromedriver is not installed (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
+                                              "download.prompt_for_download": False})
+    try:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    except Exception as err:  # e.g. a browser/driver version mismatch
+        pytest.skip(f"could not start headless Chromium: {str(err).splitlines()[0]}")
+    # headless Chrome saves downloads only where it is told to
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
+    return driver
+
+
+def test_page_in_headless_chromium(study, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chrome_driver(tmp_path)
+    rng = np.random.default_rng(0)
+    keys = {"left": "1", "tie": "2", "right": "3"}
+    try:
+        driver.get((study["dir"] / "page" / "index.html").resolve().as_uri())
+        current = lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-comparison")
+        press = lambda key: driver.find_element(By.TAG_NAME, "body").send_keys(key)
+        driver.find_element(By.ID, "pid").send_keys("alice", Keys.ENTER)
+        total = len(study["key"]["comparisons"])
+        made, seen = {}, []
+        while len(made) < total:
+            cid = current()
+            assert cid in study["key"]["comparisons"] and cid not in seen
+            seen.append(cid)
+            choice = ["left", "tie", "right"][rng.integers(3)]
+            if len(seen) == 2:
+                # answer, go back, change the answer: the later one counts
+                press(keys["left"])
+                press(Keys.BACKSPACE)
+                assert current() == cid
+                choice = "right"
+            press(keys[choice])
+            made[cid] = choice
+            if len(made) == total // 2:
+                next_cid = current()
+                driver.refresh()  # progress is kept in localStorage
+                assert current() == next_cid
+                assert driver.find_element(By.ID, "count").text == f"{len(made)} of {total} answered"
+        assert driver.find_element(By.ID, "done").is_displayed()
+        assert driver.find_element(By.ID, "bar").get_attribute("style").replace(" ", "") == "width:100%;"
+        exported = driver.execute_script("return studyVotes()")
+        driver.find_element(By.ID, "download").click()
+        votes_file = tmp_path / "votes-alice.json"
+        WebDriverWait(driver, 10).until(lambda _: votes_file.is_file())
+    finally:
+        driver.quit()
+    saved = json.loads(votes_file.read_text())
+    assert saved["votes"] == exported["votes"] and saved["participant"] == "alice"
+    assert {v["comparison"]: v["choice"] for v in saved["votes"]} == made
+    assert all(isinstance(v["time_ms"], int) and v["time_ms"] >= 0 for v in saved["votes"])
+
+    evaluate.main(["userstudy-tally", str(study["dir"]), str(votes_file)])
+    tally = json.loads((study["dir"] / "tally.json").read_text())
+    for baseline in BASELINES:
+        outcomes = []
+        for cid, choice in made.items():
+            c = study["key"]["comparisons"][cid]
+            if c["baseline"] == baseline:
+                outcomes.append("tie" if choice == "tie" else "win" if choice == c["ours_side"] else "lose")
+        row = tally["baselines"][baseline]
+        assert row["votes"] == len(outcomes) == 3
+        for outcome in ("win", "tie", "lose"):
+            assert row[outcome] == pytest.approx(100 * outcomes.count(outcome) / len(outcomes))
+
+
+# ---------------------------------------------------------------------------
+# paper Figs. 6-7: named prompt sets and the panel
+# ---------------------------------------------------------------------------
+
+
+def test_figure_prompt_sets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "FIGURE_PROMPTS_DIR", tmp_path)
+    with pytest.raises(common.UserError, match=r"figure6.txt is missing.*paper Fig. 6 \(SD-1.5\).*prompts/README.md"):
+        evaluate.load_prompts("figure6", tmp_path)
+    with pytest.raises(SystemExit) as exit_info:  # on the command line: one line, exit 2, nothing written
+        common.run_main(lambda: evaluate.main(["--prompts", "figure7", "--output_dir", str(tmp_path / "out")]))
+    assert exit_info.value.code == 2 and "paper Fig. 7 (SD-3.5-M)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "figure7.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert evaluate.load_prompts("figure7", tmp_path) == ["first prompt", "second prompt"]
+
+
+def test_repository_prompt_files_are_real_or_absent(repo_root):
+    # the shipped sets are the paper's or nothing: a file here must be non-empty
+    for name in evaluate.FIGURE_PROMPT_SETS:
+        path = repo_root / "prompts" / f"{name}.txt"
+        assert not path.exists() or evaluate.read_prompt_file(path)
+
+
+def test_grid_is_methods_by_prompts_with_prompt_text(tmp_path):
+    methods, prompts = ["base", "ours", "dpo"], PROMPTS[:2]
+    manifest = []
+    for m, method in enumerate(methods):
+        for index, prompt in enumerate(prompts):
+            image = evaluate.image_relpath(method, 42, index)
+            common.atomic_save_image(Image.new("RGB", (32, 32), COLOURS[m]), tmp_path / image)
+            manifest.append({"image": image, "method": method, "seed": 42, "index": index, "prompt": prompt})
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    monkeypatch_text = plt.Axes.text
+
+    def spy(self, x, y, s, *args, **kwargs):
+        drawn.append(s)
+        return monkeypatch_text(self, x, y, s, *args, **kwargs)
+
+    plt.Axes.text = spy
+    try:
+        assert evaluate.draw_grid(tmp_path, manifest, methods, 4, tmp_path / "grid.png")
+    finally:
+        plt.Axes.text = monkeypatch_text
+    # the prompt text, wrapped, beside each row (not "prompt 0")
+    assert [" ".join(s.split()) for s in drawn] == prompts
+    grid = pixels(tmp_path / "grid.png")
+    # one column per method: each method's colour appears, left to right in order, in the first image row
+    row = grid[grid.shape[0] // 3]
+    first_x = [np.flatnonzero((row == COLOURS[m]).all(-1)) for m in range(3)]
+    assert all(len(x) > 100 for x in first_x)
+    assert first_x[0].min() < first_x[1].min() < first_x[2].min()
+    assert grid.shape[1] > grid.shape[0]  # 3 columns + text, 2 rows: landscape
