@@ -227,15 +227,6 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def image_grid(images, rows, cols):
-    """Paste equally sized PIL images into a rows x cols grid."""
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -419,6 +410,9 @@ class Backbone:
         return (self.net.config.in_channels, resolution // scale, resolution // scale)
 
     # ---- Stage-1 policy sampling (SPEC §3 step 1) ----------------------------
+    # Hand-written rather than diffusers' DPMSolverMultistepScheduler: that
+    # scheduler steps one timestep shared by the whole batch, while each sample
+    # here has its own timestep grid (per-sample offset) and its own stop step.
     @torch.no_grad()
     def policy_trajectory_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1):
         """Run the guidance-free sampler with `net` (the frozen snapshot role),
@@ -634,6 +628,9 @@ def save_lora_checkpoint(backbone, state_dict, config, directory):
     type(backbone.pipe).save_lora_weights(str(directory), **kwargs)
 
 
+# Hand-written rather than diffusers' EMAModel: EMAModel covers the SD-1.5
+# schedule, not flow_grpo's fixed decay every 8 steps, and it averages one
+# module's parameters, not one LoRA role among several adapters of a network.
 class LoraEMA:
     """Exponential moving average of the learner's LoRA weights (SPEC §3).
 
@@ -1128,7 +1125,10 @@ def make_optimizer(args, params):
 
 def all_reduce_gradients(params, accelerator):
     """Average the LoRA gradients over processes: one flat all-reduce of a few
-    MB, instead of wrapping the whole network in DDP."""
+    MB, instead of wrapping the whole network in DDP. Hand-written: DDP (what
+    accelerator.prepare would add) needs one module whose parameters all
+    train in every forward, and here the network runs as three LoRA roles of
+    which only the learner trains; accelerate's reduce() does the transport."""
     if accelerator.num_processes == 1:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])
