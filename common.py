@@ -952,7 +952,8 @@ def add_training_args(parser):
                         "uploaded by --push_to_hub (default: the last step; run_all.sh: STAGE1_CKPT / STAGE2_CKPT)")
     g.add_argument("--resume_from_checkpoint", choices=["latest"], action=_ResumeLatest, dest="resume",
                    default=argparse.SUPPRESS,
-                   help="diffusers' name of --resume: continue from OUTPUT_DIR/state, the latest state saved")
+                   help="diffusers' name of --resume: continue from OUTPUT_DIR/state, the latest state saved "
+                        "(default: off)")
     g.add_argument("--push_to_hub", action="store_true",
                    help="upload the final checkpoint (LoRA, model card, grid) to the Hugging Face hub (default: off)")
     g.add_argument("--hub_model_id", default=None,
