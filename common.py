@@ -884,7 +884,8 @@ def add_training_args(parser):
     """Flags both trainers share. Those whose default depends on the backbone
     default to None and are filled in by `apply_backbone_defaults`."""
     g = parser.add_argument_group("model and data")
-    g.add_argument("--pretrained_model", "--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    g.add_argument("--pretrained_model", "--pretrained_model_name_or_path",
+                   default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
                         "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
     g.add_argument("--pairs", default=None, help="pairs CSV written by curate.py (win/lose column names accepted)")
@@ -1454,10 +1455,10 @@ def apply_ecosystem_defaults(args, stage, pairs):
         args.tracker_project_name = f"realalign-{args.stage}"
     if args.validation_prompts is None:  # four fixed prompts of the pairs: the first four distinct ones
         args.validation_prompts = list(dict.fromkeys(pair["prompt"] for pair in pairs or []))[:4]
-    last = args.max_train_steps
-    if args.final_checkpoint is not None and not args.benchmark_steps and (
-            args.final_checkpoint > last or args.final_checkpoint % args.checkpoint_every and args.final_checkpoint != last):
-        raise UserError(f"--final_checkpoint {args.final_checkpoint} is not a step that gets a checkpoint "
+    final, last = args.final_checkpoint, args.max_train_steps
+    if final is not None and not args.benchmark_steps and (
+            final > last or final % args.checkpoint_every and final != last):
+        raise UserError(f"--final_checkpoint {final} is not a step that gets a checkpoint "
                         f"(multiples of --checkpoint_every {args.checkpoint_every}, or --max_train_steps {last})")
 
 
@@ -1473,8 +1474,9 @@ def mixed_precision_autocast(args, backbone):
 def init_trackers(args, accelerator, start_step):
     """Start the --report_to trackers (main process; accelerate does nothing
     on the others). TensorBoard's purge_step hides what an interrupted run
-    logged after the state it resumes from, as metrics.jsonl drops it."""
-    if args.report_to == "none":
+    logged after the state it resumes from, as metrics.jsonl drops it.
+    --benchmark_steps, which writes no metrics.jsonl either, starts none."""
+    if args.report_to == "none" or args.benchmark_steps:
         return
     # trackers take scalars and strings only (TensorBoard's hparams)
     config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -1555,11 +1557,13 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
         description += ("\n\n![checkpoint grid](./grid.png)\n\nColumns: "
                         + "; ".join(f"\"{prompt}\"" for prompt in args.validation_prompts)
                         + f". Rows: seeds 0 and 1; {args.sample_grid_steps} steps, guidance {args.guidance_scale}.")
+    example_prompt = (args.validation_prompts or ["a photo"])[0]
     usage = "\n".join([
         "import torch", "from diffusers import DiffusionPipeline", "",
-        f"pipe = DiffusionPipeline.from_pretrained(\"{args.pretrained_model}\", torch_dtype=torch.bfloat16).to(\"cuda\")",
+        f"pipe = DiffusionPipeline.from_pretrained(\"{args.pretrained_model}\", torch_dtype=torch.bfloat16)",
+        "pipe.to(\"cuda\")",
         f"pipe.load_lora_weights(\"{location}\")",
-        f"image = pipe(\"{(args.validation_prompts or ['a photo'])[0]}\", guidance_scale={args.guidance_scale}).images[0]",
+        f"image = pipe({example_prompt!r}, guidance_scale={args.guidance_scale}).images[0]",
     ])
     hyperparameters = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
                                  *(f"| {key} | {_markdown_cell(value)} |" for key, value in public_args(args).items())])
