@@ -227,15 +227,6 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def image_grid(images, rows, cols):
-    """Paste equally sized PIL images into a rows x cols grid."""
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -419,6 +410,9 @@ class Backbone:
         return (self.net.config.in_channels, resolution // scale, resolution // scale)
 
     # ---- Stage-1 policy sampling (SPEC §3 step 1) ----------------------------
+    # Hand-written rather than diffusers' DPMSolverMultistepScheduler: that
+    # scheduler steps one timestep shared by the whole batch, while each sample
+    # here has its own timestep grid (per-sample offset) and its own stop step.
     @torch.no_grad()
     def policy_trajectory_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1):
         """Run the guidance-free sampler with `net` (the frozen snapshot role),
@@ -634,6 +628,9 @@ def save_lora_checkpoint(backbone, state_dict, config, directory):
     type(backbone.pipe).save_lora_weights(str(directory), **kwargs)
 
 
+# Hand-written rather than diffusers' EMAModel: EMAModel covers the SD-1.5
+# schedule, not flow_grpo's fixed decay every 8 steps, and it averages one
+# module's parameters, not one LoRA role among several adapters of a network.
 class LoraEMA:
     """Exponential moving average of the learner's LoRA weights (SPEC §3).
 
@@ -887,7 +884,8 @@ def add_training_args(parser):
     """Flags both trainers share. Those whose default depends on the backbone
     default to None and are filled in by `apply_backbone_defaults`."""
     g = parser.add_argument_group("model and data")
-    g.add_argument("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    g.add_argument("--pretrained_model", "--pretrained_model_name_or_path",
+                   default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
                         "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
     g.add_argument("--pairs", default=None, help="pairs CSV written by curate.py (win/lose column names accepted)")
@@ -920,7 +918,8 @@ def add_training_args(parser):
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("run")
-    g.add_argument("--checkpoint_every", type=int, default=100, help="save a checkpoint and the state every N steps")
+    g.add_argument("--checkpoint_every", "--checkpointing_steps", type=int, default=100,
+                   help="save a checkpoint and the state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
     g.add_argument("--sample_grid_steps", type=int, default=25,
                    help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
@@ -928,7 +927,49 @@ def add_training_args(parser):
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     g.add_argument("--benchmark_steps", type=int, default=0,
                    help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
+    # The handles of diffusers' training examples (README "Trackers, the hub,
+    # precision"). There is no --dataloader_num_workers: the trainers read a
+    # tensor cache in memory, there is no data loader to give workers to.
+    g = parser.add_argument_group("precision")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="compute precision of the frozen base network (the LoRA weights stay fp32); fp16 trains "
+                        "with a gradient scaler. Default: bf16 on a GPU, no (fp32) on CPU")
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on Ampere or newer GPUs for what runs in fp32 (default: on)")
+    g = parser.add_argument_group("logging and hub")
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"], default="tensorboard",
+                   help="tracker that receives every metric of metrics.jsonl and the checkpoint grids, through "
+                        "accelerate; 'all' = every installed one (default: tensorboard)")
+    g.add_argument("--logging_dir", default="logs",
+                   help="tracker folder, relative to OUTPUT_DIR (default: logs)")
+    g.add_argument("--tracker_project_name", default=None,
+                   help="tracker project / run name (default: realalign-stage1 or realalign-stage2)")
+    g.add_argument("--validation_prompts", nargs="+", default=None,
+                   help="prompts of the checkpoint grids (default: the first four distinct prompts of the pairs CSV)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="keep only the newest N checkpoint folders, plus --final_checkpoint (default: keep all)")
+    g.add_argument("--final_checkpoint", type=int, default=None,
+                   help="the step whose checkpoint this run delivers: never deleted by --checkpoints_total_limit, "
+                        "uploaded by --push_to_hub (default: the last step; run_all.sh: STAGE1_CKPT / STAGE2_CKPT)")
+    g.add_argument("--resume_from_checkpoint", choices=["latest"], action=_ResumeLatest, dest="resume",
+                   default=argparse.SUPPRESS,
+                   help="diffusers' name of --resume: continue from OUTPUT_DIR/state, the latest state saved "
+                        "(default: off)")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="upload the final checkpoint (LoRA, model card, grid) to the Hugging Face hub (default: off)")
+    g.add_argument("--hub_model_id", default=None,
+                   help="hub repository, e.g. you/realalign-sd15 (default: the name of OUTPUT_DIR)")
+    g.add_argument("--hub_token", default=None,
+                   help="hub token (default: the token of `hf auth login`, which is safer than a flag)")
     return parser
+
+
+class _ResumeLatest(argparse.Action):
+    """`--resume_from_checkpoint latest` sets --resume: the state in OUTPUT_DIR
+    is always the latest one, so 'latest' is the only value there is."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
 
 
 def apply_backbone_defaults(args, stage, kind):
@@ -965,24 +1006,33 @@ def prepare_training(args, stage, need_fake):
     LoRA start point and the input cache. Returns (accelerator, backbone,
     pairs, cache, grad_accum)."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     check_run_dir(args)
+    check_ecosystem_args(args)  # trackers installed, hub flags: before any model loads
     if not args.pairs and not args.benchmark_steps:
         raise UserError("--pairs is required (the pairs CSV written by curate.py)")
     pairs = read_pairs_csv(args.pairs, need_fake=need_fake) if not args.benchmark_steps else None
     use_cuda = torch.cuda.is_available()
+    if args.mixed_precision is None:  # bf16 on GPU; CPU bf16 kernels are slow, so fp32 there
+        args.mixed_precision = "bf16" if use_cuda else "no"
     # cpu=True without GPUs: only then does accelerate join the gloo group that
     # torchrun sets up (otherwise every process would train on its own)
-    accelerator = Accelerator(mixed_precision="bf16" if use_cuda else "no", cpu=not use_cuda)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, cpu=not use_cuda,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)))
     if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    weight_dtype = torch.bfloat16 if use_cuda else torch.float32
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
     pipe = load_pipeline(args.pretrained_model, dtype=weight_dtype)
     pipe.vae.to(torch.float32)
     backbone = Backbone(pipe, accelerator.device, weight_dtype)
     apply_backbone_defaults(args, stage, backbone.kind)
     grad_accum = gradient_accumulation(args, accelerator.num_processes)
+    apply_ecosystem_defaults(args, stage, pairs)
     if args.init_network:
         load_network_override(backbone, args.init_network)
     # the VAE stays in fp32: latents are encoded once and decoded for grids only
@@ -999,7 +1049,7 @@ def prepare_training(args, stage, need_fake):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     args.num_processes, args.gradient_accumulation_steps = accelerator.num_processes, grad_accum
     if accelerator.is_main_process:
-        atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(vars(args), indent=2, default=str))
+        atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(public_args(args), indent=2, default=str))
         logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
                     backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
                     grad_accum, args.effective_batch_size)
@@ -1077,7 +1127,10 @@ def make_optimizer(args, params):
 
 def all_reduce_gradients(params, accelerator):
     """Average the LoRA gradients over processes: one flat all-reduce of a few
-    MB, instead of wrapping the whole network in DDP."""
+    MB, instead of wrapping the whole network in DDP. Hand-written: DDP (what
+    accelerator.prepare would add) needs one module whose parameters all
+    train in every forward, and here the network runs as three LoRA roles of
+    which only the learner trains; accelerate's reduce() does the transport."""
     if accelerator.num_processes == 1:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -1190,9 +1243,12 @@ def plot_training_curves(metrics_path, path, keys=CURVE_KEYS, panel=(320, 200)):
 
 
 @torch.no_grad()
-def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, sample_prompt_ids):
-    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in load_lora_weights format
-    and, unless disabled, a grid of fixed prompts x seeds made with it."""
+def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation):
+    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in load_lora_weights format,
+    a model card (README.md) and, unless disabled, a grid of the validation
+    prompts x seeds made with it (also sent to the trackers)."""
+    from diffusers.utils import make_image_grid
+
     if not accelerator.is_main_process:
         return
     final = Path(args.output_dir) / f"checkpoint-{step}"
@@ -1201,33 +1257,37 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
     tmp.mkdir(parents=True)
     weights = ema.shadow if ema is not None else None
     save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
-    if args.sample_grid_steps > 0 and cache is not None:
+    if args.sample_grid_steps > 0 and validation is not None:
         use_role(backbone.net, LEARNER)
         with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
-            images = generate_grid_images(backbone, cache, sample_prompt_ids, args, seeds=(0, 1))
-        image_grid(images, rows=2, cols=len(sample_prompt_ids)).save(tmp / "grid.png")
+            images = generate_grid_images(backbone, validation, args, seeds=(0, 1))
+        grid = make_image_grid(images, rows=2, cols=len(args.validation_prompts))
+        grid.save(tmp / "grid.png")
+        log_grid(accelerator, grid, step)
+    write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
     replace_dir(tmp, final)
+    prune_checkpoints(args)
     metrics_path = Path(args.output_dir) / "metrics.jsonl"
     if metrics_path.exists():
         plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
     logger.info("saved %s", final)
 
 
-def generate_grid_images(backbone, cache, prompt_ids, args, seeds):
-    """Images of the given cached prompts, one row per seed, with CFG."""
-    n = len(prompt_ids)
-    cond = cond_from_cache(cache, torch.tensor(prompt_ids), backbone.device)
-    uncond = cond_from_cache(cache, torch.zeros(n, dtype=torch.long), backbone.device)
+def generate_grid_images(backbone, validation, args, seeds):
+    """Images of the validation prompts (embeddings of ["", *prompts] from
+    encode_validation_prompts), one row per seed, with CFG."""
+    n = len(validation["prompt_embeds"]) - 1
+    cond = cond_from_cache(validation, torch.arange(1, n + 1), backbone.device)
+    uncond = cond_from_cache(validation, torch.zeros(n, dtype=torch.long), backbone.device)
     kwargs = {"prompt_embeds": cond["prompt_embeds"], "negative_prompt_embeds": uncond["prompt_embeds"]}
     if backbone.is_flow:
         kwargs.update(pooled_prompt_embeds=cond["pooled_prompt_embeds"],
                       negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"])
     kwargs = {key: value.to(backbone.dtype) for key, value in kwargs.items()}
     images = []
-    autocast = torch.autocast("cuda", torch.bfloat16) if backbone.device.type == "cuda" else contextlib.nullcontext()
     for seed in seeds:
         generator = [torch.Generator().manual_seed(seed) for _ in range(n)]
-        with autocast:
+        with mixed_precision_autocast(args, backbone):
             images += backbone.pipe(**kwargs, num_inference_steps=args.sample_grid_steps, guidance_scale=args.guidance_scale,
                                     height=args.resolution, width=args.resolution, generator=generator).images
     return images
@@ -1258,6 +1318,9 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     if args.resume:
         start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, generator)
         logger.info("resumed from step %d", start_step)
+    init_trackers(args, accelerator, start_step)
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(backbone.device.type, enabled=args.mixed_precision == "fp16")
     if accelerator.num_processes > 1:  # every process must hold the same LoRA weights
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(backbone.device)
         if not torch.allclose(accelerator.gather(checksum), checksum):
@@ -1265,7 +1328,9 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step,
                          accelerator.is_main_process and not args.benchmark_steps)
     num_rows = len(cache["prompt_index"]) if cache is not None else 0
-    sample_prompt_ids = sorted(set(cache["prompt_index"][:4].tolist())) if cache is not None else []
+    validation = None
+    if cache is not None and args.sample_grid_steps > 0 and not args.benchmark_steps and accelerator.is_main_process:
+        validation = encode_validation_prompts(backbone, args.validation_prompts)
     max_steps = args.benchmark_steps or args.max_train_steps
     if start_step >= max_steps:
         logger.info("already finished (%d steps)", start_step)
@@ -1282,15 +1347,19 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
             if cache is not None:
                 rows = micro_batch_rows(step, micro, grad_accum, accelerator.process_index,
                                         accelerator.num_processes, args.train_batch_size, num_rows, args.seed)
-            with accelerator.autocast():  # bf16 on GPU, a no-op on CPU
+            with mixed_precision_autocast(args, backbone):
                 loss, stats = micro_batch_loss(rows, generator)
-            (loss / grad_accum).backward()
+            scaler.scale(loss / grad_accum).backward()
             stats["loss"] = loss.detach()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / grad_accum
         all_reduce_gradients(params, accelerator)
+        # unscaled after the all-reduce: every process then sees the same
+        # gradients, finds the same inf/NaN and skips the same fp16 steps
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+        scaler.update()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -1307,12 +1376,18 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
                   "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
                   "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
                   "peak_memory_gb": peak_memory_gb(backbone.device), **(extra or {})}
+        if scaler.is_enabled():
+            record["grad_scale"] = scaler.get_scale()
         metrics.write(record)
+        # the trackers get the same numbers (a no-op without one)
+        accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step)
         records.append(record)
         progress.set_postfix(loss=f"{record['loss']:.4g}")
         if not args.benchmark_steps and (step % args.checkpoint_every == 0 or step == max_steps):
-            save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, sample_prompt_ids)
+            save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation)
             save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, generator)
+    if args.push_to_hub and not args.benchmark_steps:
+        push_final_checkpoint(args, accelerator, backbone, cache)
     return records
 
 
@@ -1340,6 +1415,218 @@ def report_benchmark(label, args, backbone, records):
                                        for r in steady) / (seconds * len(steady))
     print("BENCHMARK " + json.dumps(result), flush=True)
     return result
+
+
+# ---- trackers, precision, model card, checkpoint limit, hub -----------------
+# The handles of diffusers' training examples, kept out of the loop above:
+# the loop only calls these.
+
+STAGE_NAMES = {"dro": "stage1", "dpo": "stage2"}
+STAGE_TITLES = {"stage1": "Stage 1, Diffusion-DRO on real images",
+                "stage2": "Stage 2, Diffusion-DPO on real vs inpainted pairs"}
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SECRET_ARGS = ("hub_token",)  # never written to args.json, the trackers or a model card
+
+
+def public_args(args):
+    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
+
+
+def check_ecosystem_args(args):
+    """The tracker and hub flags, checked before any model loads."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available(), "wandb": bool(is_wandb_available())}
+    if args.report_to in installed and not installed[args.report_to]:
+        raise UserError(f"--report_to {args.report_to}: {args.report_to} is not installed "
+                        f"(pip install {args.report_to}), or pass --report_to none")
+    for flag in ("checkpoints_total_limit", "final_checkpoint"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be >= 1 (got {value})")
+    if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
+        raise UserError("--hub_model_id and --hub_token only make sense with --push_to_hub")
+
+
+def apply_ecosystem_defaults(args, stage, pairs):
+    """Defaults that need the stage, the pairs or the backbone's step count."""
+    args.stage = STAGE_NAMES[stage]
+    if args.tracker_project_name is None:
+        args.tracker_project_name = f"realalign-{args.stage}"
+    if args.validation_prompts is None:  # four fixed prompts of the pairs: the first four distinct ones
+        args.validation_prompts = list(dict.fromkeys(pair["prompt"] for pair in pairs or []))[:4]
+    final, last = args.final_checkpoint, args.max_train_steps
+    if final is not None and not args.benchmark_steps and (
+            final > last or final % args.checkpoint_every and final != last):
+        raise UserError(f"--final_checkpoint {final} is not a step that gets a checkpoint "
+                        f"(multiples of --checkpoint_every {args.checkpoint_every}, or --max_train_steps {last})")
+
+
+def mixed_precision_autocast(args, backbone):
+    """Autocast in the --mixed_precision dtype (nothing to do for "no"). Ours
+    rather than accelerator.autocast(): accelerate does not autocast fp16 on
+    CPU, and the fp16 path (with its gradient scaler) is tested on CPU."""
+    if args.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(backbone.device.type, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
+
+
+def init_trackers(args, accelerator, start_step):
+    """Start the --report_to trackers (main process; accelerate does nothing
+    on the others). TensorBoard's purge_step hides what an interrupted run
+    logged after the state it resumes from, as metrics.jsonl drops it.
+    --benchmark_steps, which writes no metrics.jsonl either, starts none."""
+    if args.report_to == "none" or args.benchmark_steps:
+        return
+    # trackers take scalars and strings only (TensorBoard's hparams)
+    config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+              for key, value in public_args(args).items()}
+    accelerator.init_trackers(args.tracker_project_name, config=config,
+                              init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
+
+
+def log_grid(accelerator, grid, step):
+    """The checkpoint grid as an image in each tracker."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation": np.asarray(grid)[None]}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": [grid]}, step)
+
+
+def encode_validation_prompts(backbone, prompts):
+    """Embeddings of ["", *prompts] for the checkpoint grids, encoded once at
+    the start: the text encoders visit the device only for this pass, as for
+    the input cache."""
+    if not prompts:
+        return None
+    encoders = [getattr(backbone.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    encoders = [encoder for encoder in encoders if encoder is not None]
+    for encoder in encoders:
+        encoder.to(backbone.device)
+    embeddings = backbone.encode_prompts(["", *prompts])
+    for encoder in encoders:
+        encoder.to("cpu")
+    return embeddings
+
+
+def _markdown_cell(value):
+    return f"`{value}`".replace("|", "\\|").replace("\n", " ")
+
+
+def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
+    """README.md of a checkpoint folder, with diffusers' model-card helpers:
+    base model, stage, warm start, data, every hyperparameter, the grid and
+    how to load it. `repo_id`: where it is uploaded (default: its folder)."""
+    import huggingface_hub.constants
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    location = repo_id or str((Path(args.output_dir) / f"checkpoint-{step}").resolve())
+    weights = (f"an EMA of the LoRA weights (decay {args.ema_decay}, updated every {args.ema_every} steps)"
+               if args.use_ema else "the LoRA weights")
+    warm_start = (f"`{args.init_lora}` (the Stage-1 LoRA; a frozen copy of it is the reference)" if args.init_lora
+                  else "none: a fresh LoRA on the base model, which is also the reference")
+    base = f"`{args.pretrained_model}`" + (f", its {'transformer' if kind == 'sd3' else 'UNet'} replaced by "
+                                           f"`{args.init_network}`" if args.init_network else "")
+    data = f"`{args.pairs}`: {num_pairs} (real, inpainted) pairs" if num_pairs is not None else "random inputs"
+    if args.stage == "stage1" and num_pairs is not None:
+        data += " (Stage 1 trains on their real photos only)"
+    summary_path = Path(args.pairs or "").parent / "summary.json"
+    if args.pairs and summary_path.is_file():  # written by curate.py next to its pairs.csv
+        summary = json.loads(summary_path.read_text())
+        settings = summary.get("settings", {})
+        data += (f", curated by curate.py from {summary.get('listed')} listed images ({summary.get('input_kind')}); "
+                 f"fakes: {settings.get('fake_mode')} with `{settings.get('model')}`, saliency "
+                 f"{settings.get('saliency')}, top_k {settings.get('top_k')}")
+    elif args.pairs:
+        data += " (no curate.py summary.json beside it: a CSV made elsewhere)"
+    description = "\n".join([
+        f"# RealAlign {STAGE_TITLES[args.stage]}: LoRA for {args.pretrained_model}, step {step}",
+        "",
+        "LoRA weights trained with RealAlign (\"When Preference Labels Fall Short: Aligning Diffusion Models "
+        f"from Real Data\", ICML 2026), {STAGE_TITLES[args.stage]}. They hold {weights} at optimizer step "
+        f"{step} of {args.max_train_steps}.",
+        "",
+        f"- **Base model:** {base}",
+        f"- **Stage:** {STAGE_TITLES[args.stage]}",
+        f"- **Warm start:** {warm_start}",
+        f"- **Data:** {data}",
+        f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`",
+    ])
+    if (Path(directory) / "grid.png").is_file():
+        description += ("\n\n![checkpoint grid](./grid.png)\n\nColumns: "
+                        + "; ".join(f"\"{prompt}\"" for prompt in args.validation_prompts)
+                        + f". Rows: seeds 0 and 1; {args.sample_grid_steps} steps, guidance {args.guidance_scale}.")
+    example_prompt = (args.validation_prompts or ["a photo"])[0]
+    usage = "\n".join([
+        "import torch", "from diffusers import DiffusionPipeline", "",
+        f"pipe = DiffusionPipeline.from_pretrained(\"{args.pretrained_model}\", torch_dtype=torch.bfloat16)",
+        "pipe.to(\"cuda\")",
+        f"pipe.load_lora_weights(\"{location}\")",
+        f"image = pipe({example_prompt!r}, guidance_scale={args.guidance_scale}).images[0]",
+    ])
+    hyperparameters = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
+                                 *(f"| {key} | {_markdown_cell(value)} |" for key, value in public_args(args).items())])
+    # The helper first looks for a card already on the hub; this card describes
+    # this checkpoint only, so the lookup is skipped (it would also wait ~30 s
+    # for retries without a network): the card comes from diffusers' template.
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        card = load_or_create_model_card(
+            repo_id_or_path=repo_id or f"realalign-{args.stage}", from_training=True, model_description=description,
+            base_model=args.pretrained_model, inference=True,
+            license="creativeml-openrail-m" if kind == "sd15" else "other")  # SD-3.5: Stability AI community licence
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = offline
+    card = populate_model_card(card, tags=["text-to-image", "diffusers", "lora", "diffusers-training", "realalign",
+                                            "stable-diffusion" if kind == "sd15" else "sd3",
+                                            "diffusion-dro" if args.stage == "stage1" else "diffusion-dpo"])
+    # diffusers' training template leaves three TODO slots; we know what goes there
+    card.text = (card.text
+                 .replace("# TODO: add an example code snippet for running this diffusion pipeline", usage)
+                 .replace("[TODO: provide examples of latent issues and potential remediations]",
+                          f"Trained on {num_pairs} photos (Stage 2: and their inpainted copies), a small set: the "
+                          "paper's Table 1 measures what it changes. The base model's licence and limitations "
+                          "apply.")
+                 .replace("[TODO: describe the data used to train the model]", hyperparameters))
+    card.save(str(Path(directory) / "README.md"))
+    return card
+
+
+def prune_checkpoints(args):
+    """--checkpoints_total_limit N: delete the oldest checkpoint folders beyond
+    the newest N; --final_checkpoint (the one Stage 2 or the evaluation
+    reads) is never deleted. OUTPUT_DIR/state, which --resume reads, is not a
+    checkpoint folder and is never touched."""
+    if not args.checkpoints_total_limit:
+        return
+    steps = sorted(int(path.name.split("-")[1]) for path in Path(args.output_dir).glob("checkpoint-*")
+                   if path.is_dir() and path.name.split("-")[1].isdigit())
+    prunable = [step for step in steps if step != args.final_checkpoint]
+    for step in prunable[: max(len(prunable) - args.checkpoints_total_limit, 0)]:
+        shutil.rmtree(Path(args.output_dir) / f"checkpoint-{step}")
+        logger.info("deleted checkpoint-%d (--checkpoints_total_limit %d)", step, args.checkpoints_total_limit)
+
+
+def push_final_checkpoint(args, accelerator, backbone, cache):
+    """--push_to_hub: upload the final checkpoint folder (LoRA weights, grid,
+    model card naming the repository) with huggingface_hub, as diffusers'
+    examples do (create_repo, then upload_folder)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    if accelerator.is_main_process:
+        step = args.final_checkpoint or args.max_train_steps
+        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                              token=args.hub_token).repo_id
+        write_model_card(args, backbone.kind, folder, step, len(cache["prompt_index"]) if cache else None,
+                         repo_id=repo_id)
+        upload_folder(repo_id=repo_id, folder_path=str(folder), token=args.hub_token,
+                      commit_message=f"RealAlign {args.stage}, step {step}")
+        logger.info("uploaded %s to https://huggingface.co/%s", folder, repo_id)
+    accelerator.wait_for_everyone()
+
 
 
 # =============================================================================

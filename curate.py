@@ -37,7 +37,6 @@ Offline smoke run on the tiny random models (`python common.py tiny-models DIR`)
 
 import argparse
 import csv
-import gc
 import hashlib
 import io
 import json
@@ -51,6 +50,8 @@ import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
+from diffusers.training_utils import free_memory  # gc.collect() + the accelerator's cache, between model stages
+from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -507,13 +508,6 @@ def batches(items, size):
         yield items[start : start + size]
 
 
-def free_memory():
-    """Release a stage's models (the caller drops its references first)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def csv_text(rows, columns):
     """CSV text; floats at full precision, missing values empty."""
     buffer = io.StringIO()
@@ -740,7 +734,8 @@ def main(argv=None):
                 with Image.open(fake_dir / f"{pair['uid']}.png") as fake:
                     tiles.append(fake.convert("RGB"))
             columns = 3 if args.fake_mode == "inpaint" else 2
-            common.atomic_save_image(common.image_grid(tiles, len(preview_rows), columns),
+            # resize: a missing mask is an 8 px placeholder; every tile becomes the photo's size
+            common.atomic_save_image(make_image_grid(tiles, len(preview_rows), columns, resize=tiles[0].width),
                                      output_dir / "preview.png")
 
         # one-screen summary: how many images each step kept

@@ -10,6 +10,8 @@
 #   BACKBONE=sd35m bash run_all.sh       the SD-3.5-M run (needs HF_TOKEN: gated model)
 #   SMOKE=1 bash run_all.sh              the same four steps on tiny offline models (CPU, < 3 min)
 #   SMOKE=1 BACKBONE=sd35m bash run_all.sh
+#   DRY_RUN=1 bash run_all.sh            print every command (launch lines included) instead of running it
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 bash run_all.sh   on node 0, and MACHINE_RANK=1 on node 1
 #
 # A rerun resumes: finished steps are skipped, an interrupted one continues.
 # Every setting below is an environment variable; the defaults are the paper's.
@@ -56,6 +58,13 @@ PROMPTS=${PROMPTS:-$d_prompts}                 # Table 1 prompt set (pickapic_v2
 METRICS=${METRICS:-$d_metrics}                 # Table 1 + Figure 2 metrics
 SEEDS=${SEEDS:-$d_seeds}                       # one image per prompt per seed
 PANEL_PROMPTS=${PANEL_PROMPTS:-$d_panel}       # qualitative panel prompts: figure6 / figure7 (prompts/) or a file
+NUM_MACHINES=${NUM_MACHINES:-1}                # nodes; start this script on each (OUTPUT_DIR on a shared filesystem)
+MACHINE_RANK=${MACHINE_RANK:-0}                # this node's rank: 0 .. NUM_MACHINES-1
+MAIN_PROCESS_IP=${MAIN_PROCESS_IP:-}           # address of the rank-0 node (needed when NUM_MACHINES > 1)
+MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}  # a free port on the rank-0 node
+CHECKPOINTS_TOTAL_LIMIT=${CHECKPOINTS_TOTAL_LIMIT:-}  # keep only the newest N checkpoints (+ STAGE1_CKPT / STAGE2_CKPT)
+HUB_MODEL_ID=${HUB_MODEL_ID:-}                 # set (you/name): upload Stage 2's STAGE2_CKPT checkpoint to this hub repo
+DRY_RUN=${DRY_RUN:-0}                          # 1 = print the commands, run nothing, skip the GPU and hub checks
 
 log() { echo "[run_all] $*"; }
 die() { echo "[run_all] error: $*" >&2; exit 1; }
@@ -77,16 +86,24 @@ if [ "$SMOKE" = 1 ]; then
   EVAL_ARGS=(--prompts "$OUTPUT_DIR/data/prompts.txt" --resolution 32 --num_inference_steps 2 --batch_size 3
              --pickscore_model "$TINY/tiny-clip" --pickscore_processor "$TINY/tiny-clip" --clip_model "$TINY/tiny-clip")
 else
-  if [ "$NUM_GPUS" -lt 1 ]; then
+  if [ "$DRY_RUN" = 1 ]; then  # no GPU or hub checks: the commands are only printed
+    [ "$NUM_GPUS" -ge 1 ] || { log "dry run: no GPU here, showing NUM_GPUS=1 per node"; NUM_GPUS=1; }
+  elif [ "$NUM_GPUS" -lt 1 ]; then
     die "no GPU found (nvidia-smi lists none). The real run needs GPUs (SPEC: 4-8 x 80 GB);
        try the offline smoke run instead:  SMOKE=1 bash run_all.sh"
   fi
-  if [ "${HF_HUB_OFFLINE:-0}" != 1 ] && ! timeout 20 python -c "import huggingface_hub as h; h.HfApi().model_info('$MODEL')" \
+  if [ "$DRY_RUN" != 1 ] && [ "${HF_HUB_OFFLINE:-0}" != 1 ] && ! timeout 20 python -c "import huggingface_hub as h; h.HfApi().model_info('$MODEL')" \
        >/dev/null 2>&1; then
     die "cannot reach the Hugging Face hub for $MODEL (no network, or a gated model without HF_TOKEN).
        With the models already cached, set HF_HUB_OFFLINE=1; to try the pipeline offline:  SMOKE=1 bash run_all.sh"
   fi
-  LAUNCH=(accelerate launch --num_processes "$NUM_GPUS" --mixed_precision bf16)
+  # accelerate's --num_processes is the total over all nodes
+  LAUNCH=(accelerate launch --num_processes "$((NUM_GPUS * NUM_MACHINES))" --mixed_precision bf16)
+  if [ "$NUM_MACHINES" -gt 1 ]; then
+    [ -n "$MAIN_PROCESS_IP" ] || die "NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP, the address of the rank-0 node"
+    LAUNCH+=(--num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP"
+             --main_process_port "$MAIN_PROCESS_PORT")
+  fi
   REAL_PATH=$REAL_IMAGES; [ "$REAL_IMAGES" = hpdv3 ] && REAL_PATH=$DATA_DIR/hpdv3
   CURATE_ARGS=(--real_images "$REAL_PATH" --saliency "$SALIENCY" --top_k "$TOP_K")
   [ -n "$MAX_IMAGES" ] && CURATE_ARGS+=(--max_images "$MAX_IMAGES")
@@ -94,13 +111,22 @@ else
   STAGE2_EXTRA=()
   EVAL_ARGS=(--prompts "$PROMPTS")
 fi
+[ -n "$CHECKPOINTS_TOTAL_LIMIT" ] && TRAIN_ARGS+=(--checkpoints_total_limit "$CHECKPOINTS_TOTAL_LIMIT")
+HUB_ARGS=()
+if [ -n "$HUB_MODEL_ID" ]; then
+  HUB_ARGS=(--push_to_hub --hub_model_id "$HUB_MODEL_ID")
+  if [ "$DRY_RUN" != 1 ] && ! timeout 20 python -c "import huggingface_hub as h; h.whoami()" >/dev/null 2>&1; then
+    die "HUB_MODEL_ID is set but the hub does not know you (no network, or not logged in: hf auth login)"
+  fi
+fi
 PAIRS=$OUTPUT_DIR/pairs/pairs.csv
-mkdir -p "$OUTPUT_DIR"
+[ "$DRY_RUN" = 1 ] || mkdir -p "$OUTPUT_DIR"
 
 # Run one step unless it is marked done; stop the whole run at the first failure.
 step() {
   local name=$1; shift
   if [ -f "$OUTPUT_DIR/.done-$name" ]; then log "$name: done already, skipped"; return; fi
+  if [ "$DRY_RUN" = 1 ]; then log "$name (dry run): $(printf '%q ' "$@")"; return; fi
   log "$name: $*"
   local start=$SECONDS
   "$@" || die "step '$name' failed (exit $?). Fix the cause and rerun: finished steps are skipped, this one resumes."
@@ -135,14 +161,14 @@ fi
 step curate "${LAUNCH[@]}" curate.py --output_dir "$OUTPUT_DIR/pairs" "${CURATE_ARGS[@]}"
 step stage1 "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
   --output_dir "$OUTPUT_DIR/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
-  "${TRAIN_ARGS[@]}" $(resume_flag "$OUTPUT_DIR/stage1")
-[ -d "$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" ] || die "no Stage-1 checkpoint at step $STAGE1_CKPT
+  "${TRAIN_ARGS[@]}" --final_checkpoint "$STAGE1_CKPT" $(resume_flag "$OUTPUT_DIR/stage1")
+[ "$DRY_RUN" = 1 ] || [ -d "$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" ] || die "no Stage-1 checkpoint at step $STAGE1_CKPT
        (STAGE1_CKPT must be a multiple of CHECKPOINT_EVERY, at most STAGE1_STEPS)"
 step stage2 "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
   --init_lora "$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" --output_dir "$OUTPUT_DIR/stage2" \
   --max_train_steps "$STAGE2_STEPS" --train_batch_size "$STAGE2_BATCH" "${TRAIN_ARGS[@]}" "${STAGE2_EXTRA[@]}" \
-  $(resume_flag "$OUTPUT_DIR/stage2")
-[ -d "$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" ] || die "no Stage-2 checkpoint at step $STAGE2_CKPT"
+  --final_checkpoint "$STAGE2_CKPT" "${HUB_ARGS[@]}" $(resume_flag "$OUTPUT_DIR/stage2")
+[ "$DRY_RUN" = 1 ] || [ -d "$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" ] || die "no Stage-2 checkpoint at step $STAGE2_CKPT"
 # shellcheck disable=SC2086
 step eval "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/eval" \
   --method base= --method "stage1=$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" \
@@ -173,6 +199,7 @@ if [ -n "$PANEL_PROMPTS" ]; then
     --metrics laplacian  # the panel needs no score: laplacian is the one metric that loads no model
 fi
 
+[ "$DRY_RUN" = 1 ] && { log "dry run: nothing was run"; exit 0; }
 log "all steps done. Table 1: $OUTPUT_DIR/eval/results.md"
 [ -f "$OUTPUT_DIR/panel/grid.png" ] && log "qualitative panel: $OUTPUT_DIR/panel/grid.png"
 [ -f "$OUTPUT_DIR/eval/results.md" ] && cat "$OUTPUT_DIR/eval/results.md"
