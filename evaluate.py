@@ -227,6 +227,9 @@ def add_scoring_args(parser):
                         help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models in place "
                              "(scripts/style/...), for the 'stylization' metric; run it in OneIG-Bench's own "
                              "environment through `evaluate.py score --metrics stylization`.")
+    parser.add_argument("--stylization_results", type=str, default=None,
+                        help="results.json of another evaluation folder that holds the 'stylization' metric for "
+                             "the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
     parser.add_argument("--prompt_source", choices=["authors", "hub"], default="authors",
                         help="Where a named prompt set comes from: the authors' prompt files (the paper's prompts, "
                              "pinned commit) or the Hugging Face hub datasets.")
@@ -1214,6 +1217,23 @@ def human_preference(results, methods):
     return {m: 0.5 * a + 0.5 * b for m, a, b in zip(methods, *columns)}
 
 
+def stylization_means(results, methods, other_results=None):
+    """Figure 2 (b)'s stylization per method: this folder's 'stylization'
+    means, or those of another evaluation folder's results.json (paper Fig.
+    2 (b) scores stylization on OneIG-Bench's style prompts and human
+    preference on DrawBench: two folders, matched by method name). None
+    unless every method has one."""
+    if other_results:
+        path = Path(other_results)
+        try:
+            results = json.loads(path.read_text())["results"]
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"--stylization_results {path}: not an evaluate.py results.json ({_first_line(err)})") \
+                from None
+    values = {m: results.get(m, {}).get("stylization", {}).get("mean") for m in methods}
+    return None if any(v is None for v in values.values()) else values
+
+
 def _rank_marks(values, higher_is_better):
     """{index: "best" | "second"} by value. A mark goes only to a value held
     by one method: a tie (at the shown precision) is nobody's best, and
@@ -1351,9 +1371,9 @@ def draw_figure2(report, path):
     results = report["results"]
     mean = lambda method, metric: results.get(method, {}).get(metric, {}).get("mean")
     has = lambda metric: all(mean(m, metric) is not None for m in methods)
-    preference = report.get("human_preference")
+    preference, stylization = report.get("human_preference"), report.get("stylization")
     panel_a = has("laplacian") and has("sgp")
-    panel_b = bool(preference) and has("stylization")
+    panel_b = bool(preference) and bool(stylization)
     if not panel_a and not panel_b:
         return False
     paper = paper_values(report)
@@ -1382,7 +1402,7 @@ def draw_figure2(report, path):
     ax.set_title("(b) Human preference vs stylization")
     if panel_b:
         for i, m in enumerate(methods):
-            ax.scatter(preference[m], mean(m, "stylization"), color=colours[i % len(colours)], s=60, label=m,
+            ax.scatter(preference[m], stylization[m], color=colours[i % len(colours)], s=60, label=m,
                        zorder=3)
         ax.set_xlabel(AXIS_NAMES["human_preference"])
         ax.set_ylabel(AXIS_NAMES["stylization"])
@@ -1390,11 +1410,12 @@ def draw_figure2(report, path):
         ax.legend(fontsize=8)
     else:
         why = [] if preference else ["unifiedreward and hpsv3 (human preference)"]
-        if not has("stylization"):
-            why.append("stylization: OneIG-Bench's style score on its style prompts, in its own environment "
-                       "(evaluate.py score --metrics stylization --oneig_dir ...)")
+        if not stylization:
+            why.append("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
+                       "(--metrics stylization\n--oneig_dir, or --stylization_results)")
         ax.axis("off")
-        ax.text(0.5, 0.5, "not drawn: needs\n" + "\n".join(why), ha="center", va="center", wrap=True, fontsize=9)
+        ax.text(0.5, 0.5, "not drawn: needs\n" + "\n".join("• " + w for w in why), ha="center", va="center",
+                fontsize=9)
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=100)
@@ -1461,6 +1482,7 @@ def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_p
         "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics},
         "results": results,
         "human_preference": human_preference(results, methods),
+        "stylization": stylization_means(results, methods, run_info.get("stylization_results")),
         # a failure is always shown; "not run" only while the metric has no scores
         "not_run": {m: r for m, r in not_run.items() if m in metrics and (m not in scored or r.startswith("failed"))},
     })
@@ -1577,6 +1599,10 @@ def main(argv=None):
                        "guidance_scale": guidance, "resolution": args.resolution,
                        "dtype": str(dtype).removeprefix("torch."), "device": device.type},
     }
+    # what an earlier run recorded about its scores stays true of them
+    if (out_dir / RUN_INFO).is_file():
+        previous = json.loads((out_dir / RUN_INFO).read_text())
+        run_info.update({k: previous[k] for k in ("unifiedreward_question", "stylization_results") if k in previous})
     if state.is_main_process:
         write_jsonl(out_dir / MANIFEST, manifest)
         common.atomic_write_text(out_dir / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
@@ -1645,6 +1671,9 @@ def score_main(args):
 
 def finish(out_dir, run_info, manifest, metrics, args, state):
     """Score what is missing, merge the processes' scores, write the report."""
+    if args.stylization_results:  # kept for later refreshes of the report
+        stylization_means({}, [], args.stylization_results)  # readable? (before any scoring)
+        run_info["stylization_results"] = args.stylization_results
     if "unifiedreward" in metrics:
         # the question decides the scale of UnifiedReward's answers: one
         # question per output folder, named in results.md

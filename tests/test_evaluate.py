@@ -398,6 +398,16 @@ def test_results_markdown_beside_the_papers_numbers(tmp_path):
     assert "20.70 ± 0.00" in evaluate.results_markdown(two)
 
 
+def test_one_unifiedreward_question_per_folder(tmp_path):
+    """Scores made with one question are not mixed with another's."""
+    run_info = {"methods": [{"name": "base", "spec": ""}], "unifiedreward_question": "old.txt (user file)"}
+    manifest = [{"image": "base/seed_42/00000.png", "method": "base", "seed": 42, "index": 0, "prompt": "p"}]
+    args = evaluate.parse_args(["--metrics", "unifiedreward"])
+    with pytest.raises(common.UserError, match=r"another question \(old.txt \(user file\)\)"):
+        evaluate.finish(tmp_path, run_info, manifest, ["unifiedreward"], args, state=None)
+    assert not (tmp_path / "scores.jsonl").exists()
+
+
 def test_figure2_plots_every_row_with_the_papers_points(tmp_path):
     report = {"backbone": "sd15", "prompts": "pickapic_v2", "n_prompts": 500, "human_preference": None,
               "methods": [{"name": n, "spec": ""} for n in ("base", "diffusion_dpo", "realalign", "mine")],
@@ -407,6 +417,22 @@ def test_figure2_plots_every_row_with_the_papers_points(tmp_path):
     assert Image.open(tmp_path / "figure2.png").size == (1100, 460)
     # without texture/realism and without stylization there is nothing to draw
     assert not evaluate.draw_figure2({**report, "results": {}}, tmp_path / "none.png")
+    # panel (b): human preference here, stylization from another folder
+    # (OneIG-Bench's style prompts), matched by method name
+    names = [m["name"] for m in report["methods"]]
+    other = tmp_path / "oneig" / "results.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({"results": {n: {"stylization": {"mean": 0.3 + 0.01 * i}}
+                                             for i, n in enumerate(names)}}))
+    assert evaluate.stylization_means(report["results"], names, other) == \
+        {n: pytest.approx(0.3 + 0.01 * i) for i, n in enumerate(names)}
+    assert evaluate.stylization_means(report["results"], names) is None
+    assert evaluate.stylization_means(report["results"], names + ["absent"], other) is None
+    with pytest.raises(common.UserError, match="not an evaluate.py results.json"):
+        evaluate.stylization_means({}, names, tmp_path / "nope.json")
+    both = {**report, "human_preference": {n: i / 3 for i, n in enumerate(names)},
+            "stylization": evaluate.stylization_means({}, names, other)}
+    assert evaluate.draw_figure2({**both, "results": {}}, tmp_path / "b_only.png")
 
 
 # ---------------------------------------------------------------------------
