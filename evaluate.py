@@ -98,9 +98,9 @@ HIGHER_IS_BETTER = {metric: True for metric in ALL_METRICS}
 # (as the aesthetic weights are), so the prompts are exactly the paper's:
 # one prompt per line, read with line.strip() (inner whitespace kept as
 # written: 13 of the 500 Pick-a-Pic prompts hold double spaces, which T5 and
-# UnifiedReward see). The commit is the short hash the authors' evaluation
-# was published at (the full hash could not be looked up offline; GitHub
-# resolves a short one). A fetched file must hold the stated number of
+# UnifiedReward see). The commit is given by its short hash (the full one
+# could not be looked up without network): if the download is refused,
+# put the full hash here. A fetched file must hold the stated number of
 # prompts, else the set is refused (a moved or edited file).
 AUTHORS_REPO = "https://raw.githubusercontent.com/Cwyxx/RealAlign/158ce28"
 AUTHORS_PROMPT_FILES = {
