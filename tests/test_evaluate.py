@@ -168,6 +168,28 @@ def test_pickscore_defaults_to_fp32_and_bf16_would_move_it(tiny_models):
     assert model.dtype == torch.float32
 
 
+def test_scorers_are_fp32_on_gpu_too(tiny_models, monkeypatch):
+    """The dtype a scorer asks for on a CUDA device (no GPU needed: the model
+    load is intercepted)."""
+    import transformers
+
+    asked = []
+
+    class Loaded:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained",
+                        lambda model, dtype=None, **kwargs: asked.append(dtype) or Loaded())
+    clip = tiny_models["clip"]
+    common.PickScorer(clip, clip, device="cuda")
+    evaluate._load_clip(clip, "cuda")
+    assert asked == [torch.float32, torch.float32]
+
+
 def test_generation_precision_follows_the_public_protocol(tiny_models):
     """SD-3.5-M on GPU: VAE in fp32, sampling under fp16 autocast; SD-1.5 and
     CPU runs: nothing changes."""
