@@ -823,14 +823,18 @@ def cat_cond(*conds):
 class PickScorer:
     """Raw PickScore: exp(logit_scale) * cos(image embedding, text embedding),
     both L2-normalised, text truncated to 77 tokens (SPEC §2). Raw units
-    (about 20-23 for SD images); never divided by 26."""
+    (about 20-23 for SD images); never divided by 26.
+
+    fp32 by default, on GPU too, as the public scorers run: in bf16 the
+    embeddings carry ~3 significant digits, which at logit scale 100 moves a
+    score by ~0.1, as much as some gaps of paper Table 1 and more than
+    curation's PickScore-gap filter (0.02) tolerates."""
 
     def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                 device=None, dtype=None):
+                 device=None, dtype=torch.float32):
         from transformers import AutoProcessor, CLIPModel
 
         self.device = torch.device(device) if device else default_device()
-        dtype = dtype or default_dtype(self.device)
         try:
             self.processor = AutoProcessor.from_pretrained(processor)
             self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
@@ -1754,6 +1758,37 @@ def build_tiny_models(root, kinds=TINY_MODELS):
     return paths
 
 
+def build_tiny_released(root):
+    """Offline stand-ins for the released weights of paper Table 1's rows,
+    made from the tiny models under `root` (build_tiny_models first): a
+    perturbed SD-1.5 UNet (Diffusion-DPO's released UNet) and random LoRAs
+    (Flow-GRPO's SD-3.5-M LoRA, the authors' RealAlign LoRAs). Seeded;
+    built once. Returns {name: path}."""
+    root = Path(root)
+    out = root / "released"
+    paths = {"dpo-unet-sd15": out / "dpo-unet-sd15", "realalign-lora-sd15": out / "realalign-lora-sd15",
+             "flowgrpo-lora-sd3": out / "flowgrpo-lora-sd3", "realalign-lora-sd3": out / "realalign-lora-sd3"}
+    generator = torch.Generator().manual_seed(1)
+    if not paths["dpo-unet-sd15"].exists():
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(root / "tiny-sd15", subfolder="unet")
+        with torch.no_grad():
+            for param in unet.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+        unet.save_pretrained(paths["dpo-unet-sd15"])
+    for name in ("realalign-lora-sd15", "flowgrpo-lora-sd3", "realalign-lora-sd3"):
+        if paths[name].exists():
+            continue
+        backbone = Backbone(load_pipeline(str(root / f"tiny-{name.rsplit('-', 1)[1]}")), "cpu")
+        config = setup_lora_roles(backbone, [LEARNER], rank=4, alpha=4)
+        with torch.no_grad():  # B = 0 after set-up: give the LoRA an effect
+            for param in role_parameters(backbone.net, LEARNER):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER), config, paths[name])
+    return {name: str(path) for name, path in paths.items()}
+
+
 COLOUR_NAMES = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
                 "magenta": (210, 40, 200), "orange": (250, 140, 20)}
 
@@ -1790,12 +1825,16 @@ if __name__ == "__main__":
     # offline helpers of the smoke run (run_all.sh):
     #   python common.py tiny-models DIR    build the tiny random-weight models
     #   python common.py smoke-images DIR   draw captioned procedural images
+    #   python common.py tiny-released DIR  stand-ins for the released weights (after tiny-models DIR)
     parser = argparse.ArgumentParser(description="RealAlign shared helpers")
-    parser.add_argument("command", choices=["tiny-models", "smoke-images"])
+    parser.add_argument("command", choices=["tiny-models", "smoke-images", "tiny-released"])
     parser.add_argument("directory")
     cli_args = parser.parse_args()
     if cli_args.command == "tiny-models":
         for name, location in build_tiny_models(cli_args.directory).items():
+            print(f"{name}: {location}")
+    elif cli_args.command == "tiny-released":
+        for name, location in build_tiny_released(cli_args.directory).items():
             print(f"{name}: {location}")
     else:
         print(make_smoke_images(cli_args.directory))

@@ -35,14 +35,17 @@ Output folder (--output_dir):
   run.json                methods in order (the first is the baseline), settings
   results.json            per method and metric: mean over prompts per seed,
                           then mean and std over seeds, n and missing counts
-  results.md              Table 1 (SPEC §5) with relative gains over the baseline
-  figure2.png             texture detail vs realism, human preference vs realism
+  results.md              paper Table 1: relative gains over the baseline, and the
+                          paper's values beside ours where it reports the same row
+  figure2.png             paper Fig. 2: (a) texture detail vs realism, (b) human
+                          preference vs stylization (OneIG-Bench), paper points hollow
   grid.png                the same prompts and seed across methods
 
 Section numbers in comments refer to ../shared/SPEC.md.
 """
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -56,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import common
 from common import UserError
@@ -76,24 +79,45 @@ SAMPLING_DEFAULTS = {"sd15": (50, 7.5), "sd3": (40, 4.5)}
 
 # Every metric, in the column order of the report: Table 1's six, then the
 # Figure 2 ones, then plain CLIP score.
-ALL_METRICS = ["pickscore", "imagereward", "unifiedreward", "hpsv3", "deqa", "aesthetic", "laplacian", "sgp", "clip"]
-# The default set reproduces Table 1 and Figure 2; CLIP score is opt-in.
-DEFAULT_METRICS = ",".join(m for m in ALL_METRICS if m != "clip")
+ALL_METRICS = ["pickscore", "imagereward", "unifiedreward", "hpsv3", "deqa", "aesthetic", "laplacian", "sgp",
+               "stylization", "clip"]
+# The default set reproduces Table 1 and Figure 2 (a). CLIP score is opt-in,
+# and so is stylization: it needs OneIG-Bench's style prompts and its own
+# environment (Figure 2 (b), see StylizationMetric).
+DEFAULT_METRICS = ",".join(m for m in ALL_METRICS if m not in ("clip", "stylization"))
 
 METRIC_TITLES = {
     "pickscore": "PickScore", "imagereward": "ImageReward", "unifiedreward": "UnifiedReward", "hpsv3": "HPSv3",
-    "deqa": "DeQA", "aesthetic": "Aesthetic", "laplacian": "Texture (Lap. var.)", "sgp": "Realism (SGP)",
-    "clip": "CLIP score",
+    "deqa": "DeQA", "aesthetic": "Aesthetic", "laplacian": "Texture Detail (Laplacian var.)",
+    "sgp": "Realism (SGP-PickScore)", "stylization": "Stylization (OneIG-Bench)", "clip": "CLIP score",
 }
 # Decimals shown in results.md. The realism gap is a small difference of two
 # PickScores (about -0.04 in Figure 2), the Laplacian variance is in the 1000s.
-METRIC_DECIMALS = {"laplacian": 0, "sgp": 3}
+METRIC_DECIMALS = {"laplacian": 0, "sgp": 3, "stylization": 3}
 # Every metric here is "higher is better", Laplacian variance included (more
 # texture detail, Figure 2). The table code honours this map, so a metric
 # where lower is better only needs False here.
 HIGHER_IS_BETTER = {metric: True for metric in ALL_METRICS}
 
-# Public prompt sets (SPEC §7). Each is fetched once and cached as a text file.
+# The prompt sets of paper Table 1. By default they are the authors' own
+# files, fetched by plain URL from their GitHub repository at a pinned commit
+# (as the aesthetic weights are), so the prompts are exactly the paper's:
+# one prompt per line, read with line.strip() (inner whitespace kept as
+# written: 13 of the 500 Pick-a-Pic prompts hold double spaces, which T5 and
+# UnifiedReward see). The commit is given by its short hash (the full one
+# could not be looked up without network): if the download is refused,
+# put the full hash here. A fetched file must hold the stated number of
+# prompts, else the set is refused (a moved or edited file).
+AUTHORS_REPO = "https://raw.githubusercontent.com/Cwyxx/RealAlign/158ce28"
+AUTHORS_PROMPT_FILES = {
+    # name: (path in the authors' repository, number of prompts)
+    "pickapic_v2": ("training_sd35m/dataset/pick_a_pic_v2/test.txt", 500),
+    "partiprompts": ("training_sd35m/dataset/partiprompts/test.txt", 1632),
+    # drawbench/test.txt beside it repeats the 200 prompts to 999 lines
+    "drawbench": ("training_sd35m/dataset/drawbench-unique/test.txt", 200),
+}
+# The same sets from the Hugging Face hub (--prompt_source hub), and HPDv2,
+# which only the hub has. Their order can differ from the authors' files.
 PROMPT_SETS = {
     "pickapic_v2": "yuvalkirstain/pickapic_v2, split test_unique, column caption (500 unique prompts; needs pyarrow)",
     "partiprompts": "nateraw/parti-prompts, PartiPrompts.tsv, column Prompt (1632 prompts)",
@@ -110,15 +134,53 @@ AESTHETIC_WEIGHTS_URL = (
 
 # Our own wording of the UnifiedReward point-score question: it asks for the
 # two criteria of the model's image-generation scoring task (prompt alignment
-# and visual quality) and for the "Final Score: x" line that the parser reads
-# (SPEC §5). To use another wording (e.g. the authors' exact one) pass a text
-# file with a {prompt} placeholder as --unifiedreward_question.
+# and visual quality) and for the "Final Score: x" line that the parser reads.
+# It is NOT the authors' question: for numbers comparable with paper Table 1,
+# copy the question template of their repository (Cwyxx/RealAlign,
+# training_sd35m/flow_grpo/rewards.py) into a text file with a {prompt}
+# placeholder and pass it as --unifiedreward_question. results.md names the
+# question used.
 UNIFIEDREWARD_QUESTION = (
     "You are shown an image that a text-to-image model generated from the caption below. Rate the image on two "
     "criteria: how faithfully it depicts the caption, and its overall visual quality (realism, detail, absence of "
     "artifacts). Explain your judgement briefly, then end with one line of the form 'Final Score: x', where x is "
     "a number from 1 to 5.\nCaption: {prompt}"
 )
+
+# The paper's numbers, the one copy in this repository: paper Table 1 (mean
+# over prompts and seeds, PickScore raw) and the points of paper Fig. 2 (a)
+# (texture detail = Laplacian variance, realism = SGP-PickScore; SD-1.5
+# only; the caption does not name the prompts, taken here as Table 1's).
+# Keyed by (backbone, prompt set), then by the method names run_all.sh uses.
+# results.md shows them beside a run's numbers only for these combinations
+# (the full prompt set, a method of that name); a method evaluated under
+# another name or on other prompts gets no paper value.
+PAPER_RESULTS = {
+    ("sd15", "pickapic_v2"): {
+        "base": dict(pickscore=20.65, imagereward=0.16, unifiedreward=2.92, hpsv3=5.98, deqa=3.70, aesthetic=5.48,
+                     laplacian=1832, sgp=-0.041),
+        "diffusion_dpo": dict(pickscore=21.03, imagereward=0.33, unifiedreward=3.03, hpsv3=6.80, deqa=3.78,
+                              aesthetic=5.59, laplacian=1552, sgp=-0.075),
+        "realalign": dict(pickscore=21.04, imagereward=0.38, unifiedreward=3.06, hpsv3=7.33, deqa=3.96,
+                          aesthetic=5.64, laplacian=2354, sgp=-0.009),
+        "diffusion_dpo_realalign": dict(pickscore=21.19, imagereward=0.42, unifiedreward=3.08, hpsv3=7.50,
+                                        deqa=3.95, aesthetic=5.65),
+    },
+    ("sd3", "drawbench"): {
+        "base": dict(pickscore=22.42, imagereward=0.79, unifiedreward=3.30, hpsv3=10.03, deqa=4.09, aesthetic=5.44),
+        "flow_grpo": dict(pickscore=23.56, imagereward=1.26, unifiedreward=3.59, hpsv3=12.63, deqa=4.18,
+                          aesthetic=5.94),
+        "realalign": dict(pickscore=22.80, imagereward=1.08, unifiedreward=3.46, hpsv3=12.77, deqa=4.26,
+                          aesthetic=5.55),
+        "flow_grpo_realalign": dict(pickscore=23.63, imagereward=1.30, unifiedreward=3.60, hpsv3=13.30, deqa=4.21,
+                                    aesthetic=5.99),
+    },
+}
+# The authors' released RealAlign LoRAs are the paper's RealAlign row.
+PAPER_ROW_ALIASES = {"realalign_released": "realalign"}
+
+# The DeQA-Score revision the public evaluation loads (its remote code).
+DEQA_REVISION = "f37ba4273ad8d7548e21ac2fa58353c517e4df49"
 
 MANIFEST, SCORES, RUN_INFO, PROMPTS_FILE = "manifest.jsonl", "scores.jsonl", "run.json", "prompts.txt"
 
@@ -166,6 +228,20 @@ def add_scoring_args(parser):
                         help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
     parser.add_argument("--deqa_model", type=str, default="zhiyuanyou/DeQA-Score-Mix3",
                         help="DeQA-Score model (loaded with trust_remote_code).")
+    parser.add_argument("--deqa_revision", type=str, default=DEQA_REVISION,
+                        help="Revision of --deqa_model, pinned to the one the public evaluation uses (its remote "
+                             "code runs from this revision).")
+    # Figure 2 (b): stylization (paper Fig. 2 caption: OneIG-Bench's style score)
+    parser.add_argument("--oneig_dir", type=str, default=None,
+                        help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models in place "
+                             "(scripts/style/...), for the 'stylization' metric; run it in OneIG-Bench's own "
+                             "environment through `evaluate.py score --metrics stylization`.")
+    parser.add_argument("--stylization_results", type=str, default=None,
+                        help="results.json of another evaluation folder that holds the 'stylization' metric for "
+                             "the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
+    parser.add_argument("--prompt_source", choices=["authors", "hub"], default="authors",
+                        help="Where a named prompt set comes from: the authors' prompt files (the paper's prompts, "
+                             "pinned commit) or the Hugging Face hub datasets.")
 
 
 def parse_args(argv=None):
@@ -219,6 +295,11 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="Classifier-free guidance (default: 7.5 for SD-1.5, 4.5 for SD-3.5-M, SPEC §5).")
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call (per process).")
+    parser.add_argument(
+        "--generation_dtype", choices=["fp16", "bf16"], default="fp16",
+        help="Half precision of generation on a GPU. fp16 is the public protocol's (SD-1.5 pipeline in fp16; "
+             "SD-3.5-M transformer and text encoders in fp16, VAE in fp32, under fp16 autocast). On CPU "
+             "everything runs in fp32.")
     parser.add_argument("--grid_prompts", type=int, default=4, help="Prompts shown in grid.png.")
     add_scoring_args(parser)
     args = parser.parse_args(argv)
@@ -302,29 +383,69 @@ def fetch_prompt_set(name):
 
 
 def read_prompt_file(path):
-    """One prompt per line; blank lines are skipped, surrounding spaces stripped."""
+    """One prompt per line, read as the public code reads its prompt files
+    (line.strip(): surrounding spaces go, inner whitespace stays as written);
+    blank lines are skipped."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_prompts(spec, cache_dir, max_prompts=None):
-    """The prompts of a set name or a text file; never empty."""
+def download_url(url, path):
+    """Fetch a file by plain URL (torch's downloader, as for the aesthetic
+    weights). The tests replace this function to serve local files."""
+    torch.hub.download_url_to_file(url, str(path), progress=False)
+
+
+def fetch_authors_prompts(name, cached):
+    """The authors' prompt file of set `name`, downloaded to `cached` and
+    checked against its stated prompt count."""
+    relpath, expected = AUTHORS_PROMPT_FILES[name]
+    url = f"{AUTHORS_REPO}/{relpath}"
+    tmp = cached.with_name(cached.name + ".download")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_url(url, tmp)
+    except Exception as err:
+        raise UserError(f"could not fetch the prompt set '{name}' from {url} ({_first_line(err)}); offline, "
+                        "download that file and pass it as --prompts FILE") from None
+    prompts = read_prompt_file(tmp)
+    if len(prompts) != expected:
+        tmp.unlink()
+        raise UserError(f"{url} holds {len(prompts)} prompts, not the {expected} of paper Table 1's set '{name}'; "
+                        "refusing it (pass --prompt_source hub, or a prompt file)")
+    os.replace(tmp, cached)
+
+
+def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
+    """The prompts of a set name or a text file; never empty.
+
+    A set name is fetched once and cached as a text file, from the authors'
+    files (`source` "authors", the sets of AUTHORS_PROMPT_FILES) or from the
+    hub (`source` "hub", or a set only the hub has)."""
     if spec in FIGURE_PROMPT_SETS:
         prompts, source = read_figure_prompts(spec), f"{spec} ({figure_prompts_path(spec)})"
     elif spec in PROMPT_SETS:
-        cached = Path(cache_dir) / "prompts" / f"{spec}.txt"
-        if not cached.is_file():
-            try:
-                prompts = fetch_prompt_set(spec)
-            except UserError:
-                raise
-            except Exception as err:
-                raise UserError(f"could not fetch the prompt set '{spec}' ({PROMPT_SETS[spec]}): "
-                                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                                "(offline, pass a text file of prompts instead)") from None
-            # a prompt is one line of the cache file
-            common.atomic_write_text(cached, "".join(" ".join(p.split()) + "\n" for p in prompts if p.strip()))
+        if source == "authors" and spec in AUTHORS_PROMPT_FILES:
+            cached = Path(cache_dir) / "prompts" / f"{spec}.authors.txt"
+            if not cached.is_file():
+                fetch_authors_prompts(spec, cached)
+            source_text = f"{AUTHORS_REPO}/{AUTHORS_PROMPT_FILES[spec][0]}"
+        else:
+            cached = Path(cache_dir) / "prompts" / f"{spec}.hub.txt"
+            if not cached.is_file():
+                try:
+                    prompts = fetch_prompt_set(spec)
+                except UserError:
+                    raise
+                except Exception as err:
+                    raise UserError(f"could not fetch the prompt set '{spec}' ({PROMPT_SETS[spec]}): "
+                                    f"{_first_line(err)} (offline, pass a text file of prompts instead)") from None
+                # a prompt is one line of the cache file: only line breaks
+                # inside a prompt become spaces, other whitespace is kept
+                common.atomic_write_text(cached, "".join(" ".join(p.strip().splitlines()) + "\n"
+                                                         for p in prompts if p.strip()))
+            source_text = PROMPT_SETS[spec]
         prompts = read_prompt_file(cached)
-        source = f"{spec} (cached in {cached})"
+        source = f"{spec} ({source_text}, cached in {cached})"
     elif Path(spec).is_file():
         prompts, source = read_prompt_file(spec), spec
     else:
@@ -499,6 +620,24 @@ def restore_base(backbone, base_net, adapters):
 # =============================================================================
 
 
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def set_generation_precision(pipe, kind, dtype, device):
+    """The public protocol's precision for generation; returns the context
+    to sample in.
+
+    SD-1.5: the whole pipeline in `dtype` (fp16 in the public scripts), no
+    autocast. SD-3.5-M: transformer and text encoders in `dtype`, the VAE in
+    fp32 (decoding SD-3's 16-channel latents in fp16 can overflow), and the
+    sampling loop under autocast to `dtype`, as the public script does. On
+    CPU everything is fp32 and nothing changes."""
+    if device.type != "cuda" or kind != "sd3":
+        return contextlib.nullcontext()
+    pipe.vae.to(torch.float32)
+    return torch.autocast("cuda", dtype=dtype)
+
+
 def image_relpath(method, seed, index):
     return f"{method}/seed_{seed}/{index:05d}.png"
 
@@ -624,7 +763,8 @@ def _load_clip(model_id, device):
 
     try:
         processor = AutoProcessor.from_pretrained(model_id)
-        model = CLIPModel.from_pretrained(model_id, dtype=common.default_dtype(device)).to(device).eval()
+        # fp32 on GPU too, as the public scorers (see common.PickScorer)
+        model = CLIPModel.from_pretrained(model_id, dtype=torch.float32).to(device).eval()
     except Exception as err:
         raise ScorerUnavailable(f"could not load the CLIP model '{model_id}' ({_first_line(err)}); download it or "
                                 "pass a local folder") from None
@@ -759,16 +899,15 @@ class AestheticMetric:
 
 
 def rgb_to_gray(image):
-    """Grayscale of an 8-bit RGB image: the BT.601 luma weights
-    0.299 R + 0.587 G + 0.114 B in OpenCV's 14-bit fixed point,
+    """Grayscale of an 8-bit RGB image exactly as OpenCV's
+    cv2.cvtColor(.., COLOR_RGB2GRAY) computes it on uint8: the BT.601 luma
+    weights 0.299 R + 0.587 G + 0.114 B in 15-bit fixed point, rounded,
 
-        gray = (4899 R + 9617 G + 1868 B + 8192) >> 14   (integers 0-255).
+        gray = (9798 R + 19235 G + 3735 B + 16384) >> 15   (integers 0-255).
 
-    This is cv2.cvtColor(.., COLOR_RGB2GRAY)'s formula; OpenCV's vectorised
-    path rounds an occasional pixel one level differently (checked: the
-    Laplacian variance then differs by about 1e-5 relative)."""
+    (Hand-written rather than imported so that OpenCV is not a dependency.)"""
     rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
-    return (rgb[..., 0] * 4899 + rgb[..., 1] * 9617 + rgb[..., 2] * 1868 + 8192) >> 14
+    return (rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735 + 16384) >> 15
 
 
 def laplacian_variance(image):
@@ -836,8 +975,9 @@ class HPSv3Metric:
 
 
 class DeQAMetric:
-    """DeQA-Score (image only, 1-5 scale): the model's own `score` method from
-    its remote code (SPEC §5)."""
+    """DeQA-Score (image only, 1-5 scale), loaded as the public evaluation
+    loads it: the pinned revision's remote code, fp16 on GPU (fp32 on CPU),
+    eager attention, scored by the model's own `score(images)` method."""
 
     def __init__(self, args, device):
         from transformers import AutoModelForCausalLM
@@ -845,7 +985,8 @@ class DeQAMetric:
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                args.deqa_model, trust_remote_code=True, attn_implementation="eager", dtype=dtype).to(device).eval()
+                args.deqa_model, revision=args.deqa_revision, trust_remote_code=True, attn_implementation="eager",
+                dtype=dtype).to(device).eval()
         except Exception as err:
             raise ScorerUnavailable(
                 f"could not load {args.deqa_model} ({_first_line(err)}); its remote code targets an older "
@@ -855,6 +996,62 @@ class DeQAMetric:
     @torch.no_grad()
     def __call__(self, images, prompts):
         return [float(v) for v in torch.as_tensor(self.model.score(images)).float().flatten()]
+
+
+class StylizationMetric:
+    """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score, computed by
+    OneIG-Bench's own style evaluator, imported from a clone of its
+    repository (--oneig_dir), in its own Python environment (run
+    `evaluate.py score --metrics stylization` there, as for HPSv3).
+
+    Images must come from OneIG-Bench's style prompts: the style class of
+    each prompt is read from the clone's scripts/style/style.csv. Per image,
+    as OneIG-Bench's style_score does: the image's CSD and OneIG style
+    embeddings are compared (dot product) with the reference embeddings of
+    its class, and the score is the mean of the two best matches, each
+    clipped at 0. A prompt without a style class gets no score (missing)."""
+
+    wants_paths = True  # the style encoders read image files themselves
+
+    def __init__(self, args, device):
+        if not args.oneig_dir:
+            raise ScorerUnavailable("needs --oneig_dir, a clone of github.com/OneIG-Bench/OneIG-Benchmark with its "
+                                    "style models, in OneIG-Bench's environment (README: Metric environments)")
+        root = Path(args.oneig_dir).resolve()
+        style_dir = root / "scripts" / "style"
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))  # its modules import each other as scripts.*
+        try:
+            from scripts.utils.inference import CSDStyleEmbedding, SEStyleEmbedding
+
+            self.csd = CSDStyleEmbedding(model_path=str(style_dir / "models" / "checkpoint.pth"))
+            self.se = SEStyleEmbedding(pretrained_path="xingpng/OneIG-StyleEncoder")
+            self.csd_ref = torch.load(style_dir / "CSD_embed.pt", weights_only=False)
+            self.se_ref = torch.load(style_dir / "SE_embed.pt", weights_only=False)
+            with open(style_dir / "style.csv", newline="", encoding="utf-8") as f:
+                table = list(csv.DictReader(f))
+        except Exception as err:
+            raise ScorerUnavailable(f"OneIG-Bench's style evaluator did not load from {root} ({_first_line(err)}); "
+                                    "install its requirements and models as its README says") from None
+        column = next((c for c in ("prompt_en", "prompt") if table and c in table[0]), None)
+        if column is None or "class" not in table[0]:
+            raise ScorerUnavailable(f"{style_dir / 'style.csv'} lacks a prompt or a class column")
+        # the class as style_score.py spells it ("Line Art" -> "line_art")
+        self.style_of = {row[column].strip(): row["class"].strip().lower().replace(" ", "_")
+                         for row in table if row.get("class", "").strip() not in ("", "nan")}
+
+    @torch.no_grad()
+    def __call__(self, paths, prompts):
+        scores = []
+        for path, prompt in zip(paths, prompts):
+            style = self.style_of.get(prompt.strip())
+            if style is None or style not in self.csd_ref or style not in self.se_ref:
+                scores.append(None)
+                continue
+            csd = self.csd.get_style_embedding(str(path)) @ self.csd_ref[style].T
+            se = self.se.get_style_embedding(str(path)) @ self.se_ref[style].T
+            scores.append((max(float(csd.max()), 0.0) + max(float(se.max()), 0.0)) / 2)
+        return scores
 
 
 FINAL_SCORE = re.compile(r"final\s*score\s*[:：]\s*\**\s*([-+]?\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -920,7 +1117,7 @@ class UnifiedRewardMetric:
 SCORERS = {
     "pickscore": PickScoreMetric, "imagereward": ImageRewardMetric, "unifiedreward": UnifiedRewardMetric,
     "hpsv3": HPSv3Metric, "deqa": DeQAMetric, "aesthetic": AestheticMetric, "laplacian": LaplacianMetric,
-    "sgp": RealismMetric, "clip": ClipScoreMetric,
+    "sgp": RealismMetric, "stylization": StylizationMetric, "clip": ClipScoreMetric,
 }
 
 
@@ -1034,30 +1231,72 @@ def human_preference(results, methods):
     return {m: 0.5 * a + 0.5 * b for m, a, b in zip(methods, *columns)}
 
 
+def stylization_means(results, methods, other_results=None):
+    """Figure 2 (b)'s stylization per method: this folder's 'stylization'
+    means, or those of another evaluation folder's results.json (paper Fig.
+    2 (b) scores stylization on OneIG-Bench's style prompts and human
+    preference on DrawBench: two folders, matched by method name). None
+    unless every method has one."""
+    if other_results:
+        path = Path(other_results)
+        try:
+            results = json.loads(path.read_text())["results"]
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"--stylization_results {path}: not an evaluate.py results.json ({_first_line(err)})") \
+                from None
+    values = {m: results.get(m, {}).get("stylization", {}).get("mean") for m in methods}
+    return None if any(v is None for v in values.values()) else values
+
+
 def _rank_marks(values, higher_is_better):
-    """{index: "best" | "second"} by value; ties share a mark."""
+    """{index: "best" | "second"} by value. A mark goes only to a value held
+    by one method: a tie (at the shown precision) is nobody's best, and
+    nothing is second to a tied best."""
     distinct = sorted({v for v in values if v is not None}, reverse=higher_is_better)
+    holders = lambda value: [i for i, v in enumerate(values) if v == value]
     marks = {}
-    for i, v in enumerate(values):
-        if v is not None and v == distinct[0]:
-            marks[i] = "best"
-        elif v is not None and len(distinct) > 1 and v == distinct[1]:
-            marks[i] = "second"
+    if distinct and len(holders(distinct[0])) == 1:
+        marks[holders(distinct[0])[0]] = "best"
+        if len(distinct) > 1 and len(holders(distinct[1])) == 1:
+            marks[holders(distinct[1])[0]] = "second"
     return marks
 
 
-def results_markdown(report):
-    """Table 1 (SPEC §5) as markdown from a results.json dict.
+def paper_values(report):
+    """{method: {metric: value}} of the paper (PAPER_RESULTS) for the methods
+    of this report whose (backbone, prompt set, name) the paper reports: the
+    full named prompt set, not a subset. Empty when none is known."""
+    table = PAPER_RESULTS.get((report.get("backbone"), report.get("prompts")))
+    full = AUTHORS_PROMPT_FILES.get(report.get("prompts"), (None, None))[1]
+    if table is None or report.get("n_prompts") != full:
+        return {}
+    known = {}
+    for method in report["methods"]:
+        row = table.get(PAPER_ROW_ALIASES.get(method["name"], method["name"]))
+        if row:
+            known[method["name"]] = row
+    return known
 
-    Rows are methods, columns metrics. Each cell: mean ± std over seeds, and,
-    except on the baseline (first) row, the relative gain over the baseline,
-    (value - baseline) / |baseline|, in percent. Per column the best value is
-    bold and the second best underlined, compared at the shown precision and
-    in the direction of HIGHER_IS_BETTER."""
+
+def _plural(count, word):
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def results_markdown(report):
+    """Table 1 as markdown from a results.json dict.
+
+    Rows are methods, columns metrics. Each cell: mean ± std over seeds (the
+    mean alone for one seed), and, except on the baseline (first) row, the
+    relative gain over the baseline, (value - baseline) / |baseline|, in
+    percent. Per column the best value is bold and the second best
+    underlined, compared at the shown precision and in the direction of
+    HIGHER_IS_BETTER. Where the paper reports the same combination
+    (paper_values), the paper's value and our difference follow."""
     methods = [m["name"] for m in report["methods"]]
     metrics = report["metrics"]
     results = report["results"]
     baseline = methods[0]
+    paper = paper_values(report)
     lines = [f"# {report.get('title', 'Evaluation')}", ""]
     lines.append("| Method | " + " | ".join(METRIC_TITLES.get(m, m) for m in metrics) + " |")
     lines.append("|---|" + "---|" * len(metrics))
@@ -1070,10 +1309,13 @@ def results_markdown(report):
         base = means[0]
         for i, method in enumerate(methods):
             entry = results.get(method, {}).get(metric)
+            reference = paper.get(method, {}).get(metric)
             if entry is None or entry["mean"] is None:
-                cells[method].append("—")
+                cells[method].append("—" + (f" · paper {reference:.{decimals}f}" if reference is not None else ""))
                 continue
-            text = f"{entry['mean']:.{decimals}f} ± {entry['std']:.{decimals}f}"
+            text = f"{entry['mean']:.{decimals}f}"
+            if len(entry.get("per_seed") or {}) != 1:  # one seed has no spread to show
+                text += f" ± {entry['std']:.{decimals}f}"
             if marks.get(i) == "best":
                 text = f"**{text}**"
             elif marks.get(i) == "second":
@@ -1081,6 +1323,9 @@ def results_markdown(report):
             if method != baseline and base not in (None, 0):
                 gain = round(100 * (entry["mean"] - base) / abs(base), 1) + 0.0  # + 0.0 turns -0.0 into 0.0
                 text += f" ({gain:+.1f}%)"
+            if reference is not None:
+                difference = round(entry["mean"] - reference, decimals) + 0.0
+                text += f" · paper {reference:.{decimals}f} (Δ {difference:+.{decimals}f})"
             cells[method].append(text)
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(cells[method]) + " |")
@@ -1088,16 +1333,25 @@ def results_markdown(report):
     lines += [
         "",
         f"Mean over {report.get('n_prompts', '?')} prompts per seed, then mean ± std (population) over "
-        f"{len(seeds)} seeds ({', '.join(str(s) for s in seeds)}). Relative gains are over the first row "
-        f"({baseline}). **Bold**: best, <u>underlined</u>: second best. "
+        f"{_plural(len(seeds), 'seed')} ({', '.join(str(s) for s in seeds)}). Relative gains are over the first row "
+        f"({baseline}). **Bold**: best, <u>underlined</u>: second best (a tie is neither). "
         + ("All metrics are higher-is-better." if all(HIGHER_IS_BETTER.get(m, True) for m in metrics)
            else "Lower is better for: " + ", ".join(m for m in metrics if not HIGHER_IS_BETTER.get(m, True)) + "."),
     ]
+    if paper:
+        lines += ["", f"'paper': the value of paper Table 1 / Fig. 2 (a) for {report.get('backbone')} on "
+                      f"{report.get('prompts')}; Δ = ours − paper."]
     missing = [(method, metric, results[method][metric]["missing"]) for method in methods
                for metric in metrics if results.get(method, {}).get(metric, {}).get("missing")]
     if missing:
         lines += ["", "Missing scores (excluded from the means, e.g. unparseable UnifiedReward answers):"]
         lines += [f"- {method} / {metric}: {count}" for method, metric, count in missing]
+    if "unifiedreward" in metrics:
+        unparsed = sum(results.get(m, {}).get("unifiedreward", {}).get("missing", 0) for m in methods)
+        total = unparsed + sum(results.get(m, {}).get("unifiedreward", {}).get("n", 0) for m in methods)
+        lines += ["", f"UnifiedReward question: {report.get('unifiedreward_question', 'not recorded')}. "
+                      f"Unparsed answers (no 'Final Score: x'): {unparsed} of {total}, left out of the means "
+                      "(the public code counts them as 0.0)."]
     if report.get("human_preference"):
         lines += ["", "Human preference (½·minmax UnifiedReward + ½·minmax HPSv3 across methods): "
                   + ", ".join(f"{m} {v:.3f}" for m, v in report["human_preference"].items())]
@@ -1109,77 +1363,78 @@ def results_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has a single bitmap size
-        return ImageFont.load_default()
-
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def _scatter_panel(points, x_label, y_label, title, size=(520, 440)):
-    """One scatter plot drawn with PIL: points = [(label, x, y)]."""
-    width, height = size
-    left, right, top, bottom = 80, 20, 56, 60
-    panel = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(panel)
-    font, small = _font(15), _font(12)
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-
-    def span(values):
-        lo, hi = min(values), max(values)
-        pad = (hi - lo) * 0.15 or abs(lo) * 0.1 or 1.0
-        return lo - pad, hi + pad
-
-    (x0, x1), (y0, y1) = span(xs), span(ys)
-    to_px = lambda x, y: (left + (x - x0) / (x1 - x0) * (width - left - right),
-                          height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for frac in (0.0, 0.5, 1.0):  # three ticks per axis
-        xv, yv = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
-        px, _ = to_px(xv, y0)
-        _, py = to_px(x0, yv)
-        draw.line([px, height - bottom, px, height - bottom + 5], fill="black")
-        draw.text((px, height - bottom + 8), f"{xv:.4g}", fill="black", font=small, anchor="ma")
-        draw.line([left - 5, py, left, py], fill="black")
-        draw.text((left - 8, py), f"{yv:.4g}", fill="black", font=small, anchor="rm")
-    draw.text((width / 2, 6), title, fill="black", font=font, anchor="ma")
-    draw.text(((left + width - right) / 2, height - 22), x_label, fill="black", font=font, anchor="ma")
-    draw.text((6, top - 22), y_label, fill="black", font=font)
-    for i, (label, x, y) in enumerate(points):
-        px, py = to_px(x, y)
-        color = PALETTE[i % len(PALETTE)]
-        draw.ellipse([px - 6, py - 6, px + 6, py + 6], fill=color, outline="black")
-        draw.text((px + 9, py - 9), label, fill=color, font=small)
-    return panel
+# Paper Fig. 2's axis names.
+AXIS_NAMES = {"laplacian": "Texture Detail (Laplacian variance)", "sgp": "Realism (SGP-PickScore)",
+              "human_preference": "Human Preference (½ minmax HPSv3 + ½ minmax UnifiedReward)",
+              "stylization": "Stylization (OneIG-Bench style score)"}
 
 
 def draw_figure2(report, path):
-    """Figure-2-style scatter (SPEC §5): texture detail (Laplacian variance)
-    vs realism (SGP-PickScore), and human preference vs realism. A panel is
-    drawn only when its metrics exist; returns False when none can be."""
+    """Paper Fig. 2 for the methods of this report, with matplotlib:
+    (a) texture detail (Laplacian variance) vs realism (SGP-PickScore), the
+    paper's points drawn hollow where the paper reports the same method
+    (paper_values); (b) human preference vs stylization (OneIG-Bench). A
+    panel whose metrics are missing is replaced by a note saying why.
+    Returns False (nothing drawn) when neither panel can be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     methods = [m["name"] for m in report["methods"]]
     results = report["results"]
     mean = lambda method, metric: results.get(method, {}).get(metric, {}).get("mean")
-    panels = []
-    if all(mean(m, "laplacian") is not None and mean(m, "sgp") is not None for m in methods):
-        panels.append(_scatter_panel([(m, mean(m, "laplacian"), mean(m, "sgp")) for m in methods],
-                                     "texture detail (Laplacian variance)", "realism (SGP-PickScore)",
-                                     "Texture detail vs realism"))
-    preference = report.get("human_preference")
-    if preference and all(mean(m, "sgp") is not None for m in methods):
-        panels.append(_scatter_panel([(m, preference[m], mean(m, "sgp")) for m in methods],
-                                     "human preference (UnifiedReward, HPSv3)", "realism (SGP-PickScore)",
-                                     "Human preference vs realism"))
-    if not panels:
+    has = lambda metric: all(mean(m, metric) is not None for m in methods)
+    preference, stylization = report.get("human_preference"), report.get("stylization")
+    panel_a = has("laplacian") and has("sgp")
+    panel_b = bool(preference) and bool(stylization)
+    if not panel_a and not panel_b:
         return False
-    figure = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for i, panel in enumerate(panels):
-        figure.paste(panel, (i * panel.width, 0))
-    common.atomic_save_image(figure, path)
+    paper = paper_values(report)
+    colours = plt.get_cmap("tab10").colors
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
+    # (a) texture detail vs realism
+    ax = axes[0]
+    ax.set_title("(a) Texture detail vs realism")
+    if panel_a:
+        for i, m in enumerate(methods):
+            colour = colours[i % len(colours)]
+            ax.scatter(mean(m, "laplacian"), mean(m, "sgp"), color=colour, s=60, label=m, zorder=3)
+            row = paper.get(m, {})
+            if "laplacian" in row and "sgp" in row:
+                ax.scatter(row["laplacian"], row["sgp"], facecolors="none", edgecolors=colour, s=80, linewidths=1.5,
+                           label=f"{m} (paper)", zorder=3)
+        ax.set_xlabel(AXIS_NAMES["laplacian"])
+        ax.set_ylabel(AXIS_NAMES["sgp"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "not drawn: needs the laplacian and sgp metrics", ha="center", va="center", wrap=True)
+    # (b) human preference vs stylization
+    ax = axes[1]
+    ax.set_title("(b) Human preference vs stylization")
+    if panel_b:
+        for i, m in enumerate(methods):
+            ax.scatter(preference[m], stylization[m], color=colours[i % len(colours)], s=60, label=m,
+                       zorder=3)
+        ax.set_xlabel(AXIS_NAMES["human_preference"])
+        ax.set_ylabel(AXIS_NAMES["stylization"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    else:
+        why = [] if preference else ["unifiedreward and hpsv3 (human preference)"]
+        if not stylization:
+            why.append("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
+                       "(--metrics stylization\n--oneig_dir, or --stylization_results)")
+        ax.axis("off")
+        ax.text(0.5, 0.5, "not drawn: needs\n" + "\n".join("• " + w for w in why), ha="center", va="center",
+                fontsize=9)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
     return True
 
 
@@ -1255,14 +1510,15 @@ def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_p
         "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics},
         "results": results,
         "human_preference": human_preference(results, methods),
+        "stylization": stylization_means(results, methods, run_info.get("stylization_results")),
         # a failure is always shown; "not run" only while the metric has no scores
         "not_run": {m: r for m, r in not_run.items() if m in metrics and (m not in scored or r.startswith("failed"))},
     })
     common.atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
     common.atomic_write_text(out_dir / "results.md", results_markdown(report))
     if not draw_figure2(report, out_dir / "figure2.png"):
-        logger.info("figure2.png not drawn: it needs laplacian and sgp (and unifiedreward + hpsv3 for the "
-                    "human-preference panel)")
+        logger.info("figure2.png not drawn: panel (a) needs laplacian and sgp, panel (b) unifiedreward, hpsv3 "
+                    "and stylization")
     draw_grid(out_dir, manifest, methods, grid_prompts, out_dir / "grid.png")
     return report
 
@@ -1305,13 +1561,15 @@ def main(argv=None):
     device = state.device
     out_dir = Path(args.output_dir)
     with state.main_process_first():  # only the main process downloads a prompt set
-        prompts = load_prompts(args.prompts, args.cache_dir, args.max_prompts)
+        prompts = load_prompts(args.prompts, args.cache_dir, args.max_prompts, args.prompt_source)
     check_prompts(out_dir, prompts, write=state.is_main_process)
     logger.info("%d prompts x %d seeds x %d methods on %d process(es)", len(prompts), len(args.seeds),
                 len(methods), state.num_processes)
 
-    # ---- 2. the base pipeline, loaded once (bf16 on GPU, SPEC §5) ------------
-    dtype = common.default_dtype(device)
+    # ---- 2. the base pipeline, loaded once, in the public protocol's dtypes ----
+    # On GPU: fp16 (or --generation_dtype bf16); SD-3.5-M keeps its VAE in
+    # fp32 and samples under autocast (set_generation_precision). On CPU: fp32.
+    dtype = torch.float32 if device.type != "cuda" else HALF_DTYPES[args.generation_dtype]
     pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
     # The public evaluation disables the safety checker: a blacked-out image
     # would be scored as if the model had drawn it.
@@ -1320,6 +1578,8 @@ def main(argv=None):
     pipe.to(device)
     backbone = common.Backbone(pipe, device, dtype)
     base_net = backbone.net
+    kind = backbone.kind
+    autocast = set_generation_precision(pipe, kind, dtype, device)
     default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
     steps = args.num_inference_steps or default_steps
     guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
@@ -1329,7 +1589,8 @@ def main(argv=None):
     for method in methods:
         name = method["name"]
         settings = {"spec": method["spec"], "pretrained_model": args.pretrained_model, "backbone": backbone.kind,
-                    "num_inference_steps": steps, "guidance_scale": guidance, "resolution": args.resolution}
+                    "num_inference_steps": steps, "guidance_scale": guidance, "resolution": args.resolution,
+                    "dtype": str(dtype).removeprefix("torch.")}
         check_generation_settings(out_dir, name, settings, write=state.is_main_process)
         items = [(seed, index) for seed in args.seeds for index in range(len(prompts))]
         manifest += [{"image": image_relpath(name, s, i), "method": name, "seed": s, "index": i,
@@ -1347,7 +1608,7 @@ def main(argv=None):
                     guidance)
         adapters = apply_method(backbone, method, device)
         try:
-            with state.split_between_processes(todo) as mine:
+            with state.split_between_processes(todo) as mine, autocast:
                 generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
                                 args.batch_size, device, state.is_main_process)
         finally:
@@ -1362,11 +1623,18 @@ def main(argv=None):
         "title": f"{Path(args.pretrained_model).name}, {Path(args.prompts).name}",
         "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
         "prompts": args.prompts,
+        "prompt_source": args.prompt_source if args.prompts in PROMPT_SETS else "file",
+        "backbone": kind,
         "n_prompts": len(prompts),
         "seeds": list(args.seeds),
         "generation": {"pretrained_model": args.pretrained_model, "num_inference_steps": steps,
-                       "guidance_scale": guidance, "resolution": args.resolution},
+                       "guidance_scale": guidance, "resolution": args.resolution,
+                       "dtype": str(dtype).removeprefix("torch."), "device": device.type},
     }
+    # what an earlier run recorded about its scores stays true of them
+    if (out_dir / RUN_INFO).is_file():
+        previous = json.loads((out_dir / RUN_INFO).read_text())
+        run_info.update({k: previous[k] for k in ("unifiedreward_question", "stylization_results") if k in previous})
     if state.is_main_process:
         write_jsonl(out_dir / MANIFEST, manifest)
         common.atomic_write_text(out_dir / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
@@ -1421,7 +1689,7 @@ def score_main(args):
     else:
         if args.prompts is None:
             raise UserError(f"{out_dir} has no {MANIFEST}: pass --prompts (the prompts its images were made from)")
-        prompts = load_prompts(args.prompts, args.cache_dir)
+        prompts = load_prompts(args.prompts, args.cache_dir, source=args.prompt_source)
         manifest, run_info = scan_image_folder(out_dir, prompts, args.baseline)
         if state.is_main_process:
             write_jsonl(out_dir / MANIFEST, manifest)
@@ -1435,6 +1703,20 @@ def score_main(args):
 
 def finish(out_dir, run_info, manifest, metrics, args, state):
     """Score what is missing, merge the processes' scores, write the report."""
+    if args.stylization_results:  # kept for later refreshes of the report
+        stylization_means({}, [], args.stylization_results)  # readable? (before any scoring)
+        run_info["stylization_results"] = args.stylization_results
+    if "unifiedreward" in metrics:
+        # the question decides the scale of UnifiedReward's answers: one
+        # question per output folder, named in results.md
+        question = (f"{args.unifiedreward_question} (user file)" if args.unifiedreward_question
+                    else "evaluate.py's own wording (UNIFIEDREWARD_QUESTION), not the authors'")
+        recorded = run_info.get("unifiedreward_question")
+        table = read_score_table(out_dir)
+        if recorded and recorded != question and any((e["image"], "unifiedreward") not in table for e in manifest):
+            raise UserError(f"{out_dir} holds UnifiedReward scores from another question ({recorded}); pass the "
+                            "same --unifiedreward_question, or use another output folder")
+        run_info["unifiedreward_question"] = recorded or question
     not_run = score_images(out_dir, manifest, metrics, args, state)
     state.wait_for_everyone()
     if not state.is_main_process:

@@ -3,13 +3,22 @@
 #   1. curate   real photos -> (real, inpainted fake) pairs          curate.py
 #   2. stage1   Diffusion-DRO on the real photos                     train_dro.py
 #   3. stage2   Diffusion-DPO on the pairs, from the Stage-1 LoRA    train_dpo.py
-#   4. eval     Table 1 metrics for base / stage 1 / RealAlign       evaluate.py
-#   5. panel    the qualitative panel of paper Fig. 6 / Fig. 7       evaluate.py
+#   4. eval     paper Table 1, one row per method, beside the paper's numbers   evaluate.py
+#   5. panel    the qualitative panel of paper Fig. 6 / Fig. 7, every row            evaluate.py
+#
+# Table 1's rows (paper Table 1; the Stage-1-only row is the ablation):
+#   SD-1.5 on Pick-a-Pic v2:   base, diffusion_dpo (released UNet), stage1, realalign
+#   SD-3.5-M on DrawBench:     base, flow_grpo (released LoRA), stage1, realalign
+#   COMPLEMENTARITY=1 adds "<baseline> + RealAlign" (diffusion_dpo_realalign / flow_grpo_realalign): both
+#                   stages trained again on top of the baseline network or LoRA (paper Fig. 5), in
+#                   OUTPUT_DIR/complementarity/; opt-in because it doubles the training.
+#   RELEASED=1      adds realalign_released: the authors' released RealAlign LoRA, to tell a training
+#                   problem from an evaluation problem.
 #
 #   bash run_all.sh                      the paper's SD-1.5 run (GPUs, network)
 #   BACKBONE=sd35m bash run_all.sh       the SD-3.5-M run (needs HF_TOKEN: gated model)
-#   SMOKE=1 bash run_all.sh              the same four steps on tiny offline models (CPU, < 3 min)
-#   SMOKE=1 BACKBONE=sd35m bash run_all.sh
+#   SMOKE=1 bash run_all.sh              the same steps on tiny offline models (CPU, < 3 min)
+#   SMOKE=1 BACKBONE=sd35m COMPLEMENTARITY=1 RELEASED=1 bash run_all.sh    every row, offline
 #   DRY_RUN=1 bash run_all.sh            print every command (launch lines included) instead of running it
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 bash run_all.sh   on node 0, and MACHINE_RANK=1 on node 1
 #
@@ -23,12 +32,16 @@ BACKBONE=${BACKBONE:-sd15}                     # sd15 (Stable Diffusion 1.5) or 
 [ "$BACKBONE" = sd15 ] || [ "$BACKBONE" = sd35m ] || { echo "BACKBONE must be sd15 or sd35m" >&2; exit 1; }
 
 # The paper's values per backbone (SPEC §3-5), and the smoke run's (seconds on a CPU).
+# The baseline row is a released model: SD-1.5 Diffusion-DPO's UNet (a network: the complementarity
+# stages start from it with --init_unet), SD-3.5-M Flow-GRPO's LoRA (continued with --init_lora).
 if [ "$BACKBONE" = sd35m ]; then
   d_model=stabilityai/stable-diffusion-3.5-medium; d_ckpt1=3200; d_ckpt2=450; d_prompts=drawbench; d_batch=1
-  d_panel=figure7
+  baseline_name=flow_grpo; d_baseline=jieliu/SD3.5M-FlowGRPO-PickScore; baseline_init=--init_lora
+  d_released=Xixixixihahahaha/RealAlign-SD-3.5-M; d_panel=figure7
 else
   d_model=stable-diffusion-v1-5/stable-diffusion-v1-5; d_ckpt1=1600; d_ckpt2=800; d_prompts=pickapic_v2; d_batch=4
-  d_panel=figure6
+  baseline_name=diffusion_dpo; d_baseline=mhdang/dpo-sd1.5-text2image-v1; baseline_init=--init_unet
+  d_released=Xixixixihahahaha/RealAlign-SD-1.5; d_panel=figure6
 fi
 d_steps1=3200; d_steps2=1000; d_every=50; d_out=outputs/$BACKBONE; d_seeds="42 123 456 789 1000"
 d_metrics=pickscore,imagereward,unifiedreward,hpsv3,deqa,aesthetic,laplacian,sgp
@@ -40,7 +53,18 @@ fi
 
 OUTPUT_DIR=${OUTPUT_DIR:-$d_out}               # everything is written under here
 [ "$SMOKE" = 1 ] && d_model=$OUTPUT_DIR/tiny-models/tiny-$([ "$BACKBONE" = sd35m ] && echo sd3 || echo sd15)
+if [ "$SMOKE" = 1 ]; then  # offline stand-ins for the released weights (python common.py tiny-released)
+  if [ "$BACKBONE" = sd35m ]; then
+    d_baseline=$OUTPUT_DIR/tiny-models/released/flowgrpo-lora-sd3; d_released=$OUTPUT_DIR/tiny-models/released/realalign-lora-sd3
+  else
+    d_baseline=$OUTPUT_DIR/tiny-models/released/dpo-unet-sd15; d_released=$OUTPUT_DIR/tiny-models/released/realalign-lora-sd15
+  fi
+fi
 MODEL=${MODEL:-$d_model}                       # base pipeline (hub id or folder; SD-3.5-M is gated: set HF_TOKEN)
+BASELINE=${BASELINE:-$d_baseline}              # the baseline row: Diffusion-DPO UNet (SD-1.5) / Flow-GRPO LoRA (SD-3.5-M)
+COMPLEMENTARITY=${COMPLEMENTARITY:-0}          # 1 = also train both stages on top of BASELINE ("+ RealAlign" row)
+RELEASED=${RELEASED:-0}                        # 1 = also evaluate the authors' released RealAlign LoRA
+RELEASED_LORA=${RELEASED_LORA:-$d_released}    # that LoRA (hub id or folder)
 DATA_DIR=${DATA_DIR:-data}                     # downloads (HPDv3) go here
 REAL_IMAGES=${REAL_IMAGES:-hpdv3}              # hpdv3 (downloaded), or your folder / CSV of captioned photos
 MAX_IMAGES=${MAX_IMAGES:-}                     # curate a random subset of this many images (empty = all)
@@ -140,6 +164,7 @@ resume_flag() { [ -f "$1/state/training_state.pt" ] && echo --resume || true; }
 if [ "$SMOKE" = 1 ]; then
   step tiny-models python common.py tiny-models "$TINY"
   step smoke-images python common.py smoke-images "$OUTPUT_DIR/data/images"
+  step tiny-released python common.py tiny-released "$TINY"
 else
   log "disk: models ~10 GB (SD-1.5) / ~30 GB (SD-3.5-M with T5) in the HF cache; HPDv3 archive ~300 GB while"
   log "      extracting (estimate; only its 57,759 real photos are used); curated pairs < 1 GB; checkpoints ~100 MB."
@@ -169,11 +194,44 @@ step stage2 "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PA
   --max_train_steps "$STAGE2_STEPS" --train_batch_size "$STAGE2_BATCH" "${TRAIN_ARGS[@]}" "${STAGE2_EXTRA[@]}" \
   --final_checkpoint "$STAGE2_CKPT" "${HUB_ARGS[@]}" $(resume_flag "$OUTPUT_DIR/stage2")
 [ "$DRY_RUN" = 1 ] || [ -d "$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" ] || die "no Stage-2 checkpoint at step $STAGE2_CKPT"
+
+# Table 1's rows, named as evaluate.py's paper table names them (base first: the gains are over it)
+METHODS=(--method base= --method "$baseline_name=$BASELINE"
+         --method "stage1=$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT"
+         --method "realalign=$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT")
+EVAL_STEP=eval
+if [ "$COMPLEMENTARITY" = 1 ]; then
+  # "<baseline> + RealAlign" (paper Fig. 5): the same two stages, both on top of the baseline. SD-1.5:
+  # every stage runs on the Diffusion-DPO UNet (--init_unet), and the row stacks the final LoRA on it.
+  # SD-3.5-M: Stage 1 continues the Flow-GRPO LoRA (--init_lora; it is also the reference), Stage 2
+  # continues Stage 1's, so the final LoRA holds both.
+  C=$OUTPUT_DIR/complementarity
+  C_NET=(); [ "$baseline_init" = --init_unet ] && C_NET=(--init_unet "$BASELINE")
+  C_INIT1=(); [ "$baseline_init" = --init_lora ] && C_INIT1=(--init_lora "$BASELINE")
+  step complementarity-stage1 "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
+    --output_dir "$C/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
+    "${C_NET[@]}" "${C_INIT1[@]}" "${TRAIN_ARGS[@]}" --final_checkpoint "$STAGE1_CKPT" $(resume_flag "$C/stage1")
+  [ "$DRY_RUN" = 1 ] || [ -d "$C/stage1/checkpoint-$STAGE1_CKPT" ] || die "no complementarity Stage-1 checkpoint at step $STAGE1_CKPT"
+  step complementarity-stage2 "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
+    "${C_NET[@]}" --init_lora "$C/stage1/checkpoint-$STAGE1_CKPT" --output_dir "$C/stage2" \
+    --max_train_steps "$STAGE2_STEPS" --train_batch_size "$STAGE2_BATCH" "${TRAIN_ARGS[@]}" "${STAGE2_EXTRA[@]}" \
+    --final_checkpoint "$STAGE2_CKPT" $(resume_flag "$C/stage2")
+  [ "$DRY_RUN" = 1 ] || [ -d "$C/stage2/checkpoint-$STAGE2_CKPT" ] || die "no complementarity Stage-2 checkpoint at step $STAGE2_CKPT"
+  if [ "$baseline_init" = --init_unet ]; then
+    METHODS+=(--method "${baseline_name}_realalign=$BASELINE+$C/stage2/checkpoint-$STAGE2_CKPT")
+  else
+    METHODS+=(--method "${baseline_name}_realalign=$C/stage2/checkpoint-$STAGE2_CKPT")
+  fi
+  EVAL_STEP+=-complementarity
+fi
+if [ "$RELEASED" = 1 ]; then
+  METHODS+=(--method "realalign_released=$RELEASED_LORA")
+  EVAL_STEP+=-released
+fi
+# evaluate.py resumes per method: a later run with more rows only adds what is new
 # shellcheck disable=SC2086
-step eval "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/eval" \
-  --method base= --method "stage1=$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" \
-  --method "realalign=$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" \
-  --metrics "$METRICS" --seeds $SEEDS "${EVAL_ARGS[@]}"
+step "$EVAL_STEP" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/eval" \
+  "${METHODS[@]}" --metrics "$METRICS" --seeds $SEEDS "${EVAL_ARGS[@]}"
 
 # ------------------------------------------------------------------ 5. panel
 # One column per method, one row per prompt (paper Figs. 6-7), first seed only.
@@ -192,9 +250,8 @@ if [[ "$PANEL_PROMPTS" == figure[67] ]] && [ ! -f "prompts/$PANEL_PROMPTS.txt" ]
 fi
 if [ -n "$PANEL_PROMPTS" ]; then
   # shellcheck disable=SC2086
-  step panel "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/panel" \
-    --method base= --method "stage1=$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" \
-    --method "realalign=$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" \
+  step "panel${EVAL_STEP#eval}" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/panel" \
+    "${METHODS[@]}" \
     "${EVAL_ARGS[@]}" --prompts "$PANEL_PROMPTS" --seeds ${SEEDS%% *} --grid_prompts 1000 \
     --metrics laplacian  # the panel needs no score: laplacian is the one metric that loads no model
 fi

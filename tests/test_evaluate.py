@@ -134,6 +134,148 @@ def test_laplacian_variance_hand_computed():
     assert evaluate.rgb_to_gray(Image.fromarray(colours)).tolist() == [[76, 150, 29, 255]]
 
 
+def test_grayscale_is_opencvs_15_bit_formula():
+    """(9798 R + 19235 G + 3735 B + 16384) >> 15, worked by hand: blue 250 ->
+    (933750 + 16384) >> 15 = 950134 // 32768 = 28 (the 14-bit formula gives
+    29); (10, 20, 30) -> (97980 + 384700 + 112050 + 16384) >> 15 = 611114 //
+    32768 = 18; (200, 100, 50) -> (1959600 + 1923500 + 186750 + 16384) >> 15 =
+    4086234 // 32768 = 124."""
+    colours = np.array([[[0, 0, 250], [10, 20, 30], [200, 100, 50], [0, 0, 0]]], dtype=np.uint8)
+    assert evaluate.rgb_to_gray(Image.fromarray(colours)).tolist() == [[28, 18, 124, 0]]
+
+
+def test_pickscore_defaults_to_fp32_and_bf16_would_move_it(tiny_models):
+    """Scorers run in fp32 (the public protocol): bf16 moves PickScore on the
+    tiny CLIP by the printed amount; at the real model's logit scale of 100
+    the same relative error is ~7x larger (the tiny CLIP's scale is
+    exp(2.66) = 14.3)."""
+    clip = tiny_models["clip"]
+    fp32 = common.PickScorer(clip, clip, device="cpu")
+    assert fp32.model.dtype == torch.float32
+    bf16 = common.PickScorer(clip, clip, device="cpu", dtype=torch.bfloat16)
+    images, prompts = random_images(8, seed=3), PROMPTS * 2 + PROMPTS[:2]
+    moved = np.abs(bf16(images, prompts) - fp32(images, prompts))
+    scale = float(fp32.model.logit_scale.exp())
+    print(f"bf16 vs fp32 PickScore on the tiny CLIP (logit scale {scale:.1f}): mean |diff| {moved.mean():.4f}, "
+          f"max {moved.max():.4f}; at logit scale 100: ~{moved.mean() * 100 / scale:.3f}")
+    # bf16 keeps 8 bits of mantissa (~0.4% relative): the change is clearly
+    # above fp32 rounding (1e-6 relative) and above curation's 0.02 gap filter
+    # once scaled to the real model's logit scale
+    assert moved.max() > 1e-3
+    assert moved.mean() * 100 / scale > 0.02
+    # the evaluation's CLIP models are fp32 too
+    model, _ = evaluate._load_clip(clip, "cpu")
+    assert model.dtype == torch.float32
+
+
+def test_scorers_are_fp32_on_gpu_too(tiny_models, monkeypatch):
+    """The dtype a scorer asks for on a CUDA device (no GPU needed: the model
+    load is intercepted)."""
+    import transformers
+
+    asked = []
+
+    class Loaded:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained",
+                        lambda model, dtype=None, **kwargs: asked.append(dtype) or Loaded())
+    clip = tiny_models["clip"]
+    common.PickScorer(clip, clip, device="cuda")
+    evaluate._load_clip(clip, "cuda")
+    assert asked == [torch.float32, torch.float32]
+
+
+def test_generation_precision_follows_the_public_protocol(tiny_models):
+    """SD-3.5-M on GPU: VAE in fp32, sampling under fp16 autocast; SD-1.5 and
+    CPU runs: nothing changes."""
+    pipe = common.load_pipeline(tiny_models["sd3"], dtype=torch.float16)
+    assert isinstance(evaluate.set_generation_precision(pipe, "sd3", torch.float16, torch.device("cpu")),
+                      type(evaluate.contextlib.nullcontext()))
+    assert pipe.vae.dtype == torch.float16
+    context = evaluate.set_generation_precision(pipe, "sd3", torch.float16, torch.device("cuda"))
+    assert isinstance(context, torch.autocast) and context.fast_dtype == torch.float16
+    assert pipe.vae.dtype == torch.float32 and pipe.transformer.dtype == torch.float16
+    sd15 = common.load_pipeline(tiny_models["sd15"], dtype=torch.float16)
+    evaluate.set_generation_precision(sd15, "sd15", torch.float16, torch.device("cuda"))
+    assert sd15.vae.dtype == torch.float16  # SD-1.5: the whole pipeline in fp16
+    assert evaluate.parse_args([]).generation_dtype == "fp16"
+    assert evaluate.parse_args(["--generation_dtype", "bf16"]).generation_dtype == "bf16"
+
+
+def test_deqa_is_loaded_as_the_public_code_loads_it(monkeypatch):
+    """Pinned revision, fp16 on GPU, eager attention, model.score(images)."""
+    import transformers
+
+    seen = {}
+
+    class FakeDeQA(torch.nn.Module):
+        def score(self, images):
+            return torch.tensor([[3.5] * len(images)])
+
+    def from_pretrained(model, **kwargs):
+        seen.update(kwargs, model=model)
+        return FakeDeQA()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    args = evaluate.parse_args([])
+    metric = evaluate.DeQAMetric(args, "cpu")
+    assert seen == {"model": "zhiyuanyou/DeQA-Score-Mix3", "revision": "f37ba4273ad8d7548e21ac2fa58353c517e4df49",
+                    "trust_remote_code": True, "attn_implementation": "eager", "dtype": torch.float32}
+    assert metric(random_images(2), ["a", "b"]) == [3.5, 3.5]
+    evaluate.DeQAMetric(evaluate.parse_args(["--deqa_revision", "main"]), "cuda")
+    assert seen["revision"] == "main" and seen["dtype"] == torch.float16
+
+
+def make_fake_oneig(root):
+    """A stand-in for a OneIG-Benchmark clone: its style evaluator's module
+    (scripts/utils/inference.py) with encoders that embed an image by its
+    normalised mean colour, reference embeddings per style, and style.csv."""
+    (root / "scripts" / "utils").mkdir(parents=True)
+    (root / "scripts" / "style").mkdir(parents=True)
+    (root / "scripts" / "utils" / "inference.py").write_text(
+        "import numpy as np, torch\n"
+        "from PIL import Image\n"
+        "class _Encoder:\n"
+        "    def __init__(self, model_path=None, pretrained_path=None):\n"
+        "        self.sign = -1.0 if pretrained_path else 1.0\n"
+        "    def get_style_embedding(self, path):\n"
+        "        rgb = torch.tensor(np.asarray(Image.open(path).convert('RGB'), dtype=np.float32).mean((0, 1)))\n"
+        "        return (self.sign * rgb / rgb.norm())[None]\n"
+        "CSDStyleEmbedding = SEStyleEmbedding = _Encoder\n")
+    reference = {"line_art": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])}
+    torch.save(reference, root / "scripts" / "style" / "CSD_embed.pt")
+    torch.save({"line_art": -reference["line_art"]}, root / "scripts" / "style" / "SE_embed.pt")
+    (root / "scripts" / "style" / "style.csv").write_text(
+        "id,class,prompt_en\n000,Line Art,a cat in line art\n001,,a plain photo\n")
+
+
+def test_stylization_runs_oneig_benchs_style_evaluator(tmp_path):
+    # without a OneIG-Bench clone the metric reports how to get it
+    with pytest.raises(evaluate.ScorerUnavailable, match="needs --oneig_dir"):
+        evaluate.StylizationMetric(evaluate.parse_args([]), "cpu")
+    make_fake_oneig(tmp_path / "oneig")
+    metric = evaluate.StylizationMetric(evaluate.parse_args(["--oneig_dir", str(tmp_path / "oneig")]), "cpu")
+    paths = []
+    for i, colour in enumerate([(200, 100, 0), (0, 0, 255)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), colour).save(paths[-1])
+    scores = metric(paths + paths[:1], ["a cat in line art", "a cat in line art", "a plain photo"])
+    # image 0: unit mean colour (0.894, 0.447, 0): best CSD match 0.894, the
+    # SE embedding is its negative and matches the negated references alike;
+    # image 1 (pure blue) matches neither reference: 0; no style class: None
+    assert scores[0] == pytest.approx(200 / np.hypot(200, 100), abs=1e-6)
+    assert scores[1] == 0.0 and scores[2] is None
+    sys.path.remove(str((tmp_path / "oneig").resolve()))
+    sys.modules.pop("scripts.utils.inference", None)
+    sys.modules.pop("scripts.utils", None)
+    sys.modules.pop("scripts", None)
+
+
 def test_aesthetic_and_clip_score_on_tiny_clip(tiny_models, aesthetic_weights):
     args = scorer_args(tiny_models, aesthetic_weights)
     images = random_images(2, seed=2)
@@ -208,7 +350,7 @@ def test_results_markdown_gains_bold_underline(monkeypatch):
     report["results"]["dpo"]["unifiedreward"]["missing"] = 3
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in evaluate.results_markdown(report).splitlines() if line.startswith("| ")}
-    assert rows["Method"] == ["PickScore", "UnifiedReward", "Texture (Lap. var.)"]
+    assert rows["Method"] == ["PickScore", "UnifiedReward", "Texture Detail (Laplacian var.)"]
     assert rows["sd15"] == ["20.00 ± 0.10", "<u>3.00 ± 0.01</u>", "<u>1832 ± 5</u>"]  # baseline: no gain
     assert rows["dpo"] == ["**21.00 ± 0.20** (+5.0%)", "**3.10 ± 0.02** (+3.3%)", "1552 ± 4 (-15.3%)"]
     assert rows["ours"] == ["<u>20.50 ± 0.05</u> (+2.5%)", "—", "**2354 ± 6** (+28.5%)"]
@@ -220,6 +362,99 @@ def test_results_markdown_gains_bold_underline(monkeypatch):
     monkeypatch.setitem(evaluate.HIGHER_IS_BETTER, "laplacian", False)
     text = evaluate.results_markdown(report)
     assert "**1552 ± 4** (-15.3%)" in text and "<u>1832 ± 5</u>" in text and "Lower is better for: laplacian" in text
+
+
+def test_results_markdown_beside_the_papers_numbers(tmp_path):
+    """A hand-made results.json of a known combination (SD-1.5, the full
+    Pick-a-Pic v2 set): every cell of a paper row shows the paper's value and
+    our difference; a method the paper does not have shows none; one seed
+    prints no spread; a tie is nobody's best."""
+    one_seed = lambda mean: {"mean": mean, "std": 0.0, "per_seed": {"42": mean}, "n": 500, "missing": 0}
+    report = {
+        "title": "known", "backbone": "sd15", "prompts": "pickapic_v2", "n_prompts": 500, "seeds": [42],
+        "methods": [{"name": n, "spec": ""} for n in ("base", "diffusion_dpo", "realalign", "stage1")],
+        "metrics": ["pickscore", "unifiedreward", "laplacian", "sgp"],
+        "unifiedreward_question": "q.txt (user file)",
+        "results": {
+            "base": {"pickscore": one_seed(20.70), "unifiedreward": one_seed(2.90), "laplacian": one_seed(1800.2),
+                     "sgp": one_seed(-0.05)},
+            "diffusion_dpo": {"pickscore": one_seed(21.004), "unifiedreward": one_seed(3.00),
+                              "laplacian": one_seed(1500.0), "sgp": one_seed(-0.08)},
+            "realalign": {"pickscore": one_seed(20.996), "unifiedreward": one_seed(3.10),
+                          "laplacian": one_seed(2400.0), "sgp": one_seed(-0.01)},
+            "stage1": {"pickscore": one_seed(20.80), "unifiedreward": one_seed(3.05), "laplacian": one_seed(2000.0),
+                       "sgp": one_seed(-0.02)},
+        },
+    }
+    report["results"]["realalign"]["unifiedreward"]["missing"] = 7
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(report))
+    text = evaluate.results_markdown(json.loads(path.read_text()))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ")}
+    assert rows["base"] == ["20.70 · paper 20.65 (Δ +0.05)", "2.90 · paper 2.92 (Δ -0.02)",
+                            "1800 · paper 1832 (Δ -32)", "-0.050 · paper -0.041 (Δ -0.009)"]
+    # 21.004 and 20.996 both show as 21.00: a tie, so neither is bold and
+    # nothing is underlined in that column
+    assert rows["diffusion_dpo"][0] == "21.00 (+1.5%) · paper 21.03 (Δ -0.03)"
+    assert rows["realalign"][0] == "21.00 (+1.4%) · paper 21.04 (Δ -0.04)"
+    assert rows["realalign"][1] == "**3.10** (+6.9%) · paper 3.06 (Δ +0.04)"
+    assert rows["realalign"][2] == "**2400** (+33.3%) · paper 2354 (Δ +46)"
+    assert rows["stage1"] == ["20.80 (+0.5%)", "<u>3.05</u> (+5.2%)", "<u>2000</u> (+11.1%)", "<u>-0.020</u> (+60.0%)"]
+    assert "±" not in "".join(sum(rows.values(), []))
+    assert "over 1 seed (42)" in text and "1 seeds" not in text
+    assert "Unparsed answers (no 'Final Score: x'): 7 of 2007" in text and "q.txt (user file)" in text
+    # another prompt set, or a subset of this one: no paper values
+    for change in ({"prompts": "partiprompts"}, {"n_prompts": 100}, {"backbone": "sd3"}):
+        assert "paper" not in evaluate.results_markdown({**report, **change}).split("Methods:")[0]
+    # the released LoRAs are compared with the paper's RealAlign row
+    report["methods"][3]["name"] = "realalign_released"
+    report["results"]["realalign_released"] = report["results"].pop("stage1")
+    assert "<u>2000</u> (+11.1%) · paper 2354 (Δ -354)" in evaluate.results_markdown(report)
+    # two seeds: "seeds" and the spread are back
+    two = {**report, "seeds": [42, 123]}
+    for method in two["results"].values():
+        for entry in method.values():
+            entry["per_seed"] = {"42": entry["mean"], "123": entry["mean"]}
+    assert "over 2 seeds (42, 123)" in evaluate.results_markdown(two)
+    assert "20.70 ± 0.00" in evaluate.results_markdown(two)
+
+
+def test_one_unifiedreward_question_per_folder(tmp_path):
+    """Scores made with one question are not mixed with another's."""
+    run_info = {"methods": [{"name": "base", "spec": ""}], "unifiedreward_question": "old.txt (user file)"}
+    manifest = [{"image": "base/seed_42/00000.png", "method": "base", "seed": 42, "index": 0, "prompt": "p"}]
+    args = evaluate.parse_args(["--metrics", "unifiedreward"])
+    with pytest.raises(common.UserError, match=r"another question \(old.txt \(user file\)\)"):
+        evaluate.finish(tmp_path, run_info, manifest, ["unifiedreward"], args, state=None)
+    assert not (tmp_path / "scores.jsonl").exists()
+
+
+def test_figure2_plots_every_row_with_the_papers_points(tmp_path):
+    report = {"backbone": "sd15", "prompts": "pickapic_v2", "n_prompts": 500, "human_preference": None,
+              "methods": [{"name": n, "spec": ""} for n in ("base", "diffusion_dpo", "realalign", "mine")],
+              "results": {n: {"laplacian": {"mean": 1800.0 + 100 * i}, "sgp": {"mean": -0.05 + 0.01 * i}}
+                          for i, n in enumerate(("base", "diffusion_dpo", "realalign", "mine"))}}
+    assert evaluate.draw_figure2(report, tmp_path / "figure2.png")
+    assert Image.open(tmp_path / "figure2.png").size == (1100, 460)
+    # without texture/realism and without stylization there is nothing to draw
+    assert not evaluate.draw_figure2({**report, "results": {}}, tmp_path / "none.png")
+    # panel (b): human preference here, stylization from another folder
+    # (OneIG-Bench's style prompts), matched by method name
+    names = [m["name"] for m in report["methods"]]
+    other = tmp_path / "oneig" / "results.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({"results": {n: {"stylization": {"mean": 0.3 + 0.01 * i}}
+                                             for i, n in enumerate(names)}}))
+    assert evaluate.stylization_means(report["results"], names, other) == \
+        {n: pytest.approx(0.3 + 0.01 * i) for i, n in enumerate(names)}
+    assert evaluate.stylization_means(report["results"], names) is None
+    assert evaluate.stylization_means(report["results"], names + ["absent"], other) is None
+    with pytest.raises(common.UserError, match="not an evaluate.py results.json"):
+        evaluate.stylization_means({}, names, tmp_path / "nope.json")
+    both = {**report, "human_preference": {n: i / 3 for i, n in enumerate(names)},
+            "stylization": evaluate.stylization_means({}, names, other)}
+    assert evaluate.draw_figure2({**both, "results": {}}, tmp_path / "b_only.png")
 
 
 # ---------------------------------------------------------------------------
@@ -258,6 +493,40 @@ def test_bad_method_exits_2_with_message(tiny_models, prompt_file, tmp_path, cap
     assert exit_info.value.code == 2
     assert "--method 'ours' must be NAME=SPEC" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # stopped before any work
+
+
+def test_authors_prompt_sets_by_url(tmp_path, monkeypatch):
+    """A named set defaults to the authors' file at the pinned commit, read
+    with line.strip() (inner whitespace kept), with the stated count enforced."""
+    served = {}
+
+    def fake_download(url, path):
+        Path(path).write_text(served[url], encoding="utf-8")
+
+    monkeypatch.setattr(evaluate, "download_url", fake_download)
+    for name, (relpath, count) in evaluate.AUTHORS_PROMPT_FILES.items():
+        url = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/158ce28/{relpath}"
+        lines = [f"  prompt {i} of {name}  with  double spaces " for i in range(count)]
+        served[url] = "\n".join(lines) + "\n\n"  # a trailing blank line is not a prompt
+        prompts = evaluate.load_prompts(name, tmp_path / "cache")
+        assert len(prompts) == count
+        assert prompts[0] == f"prompt 0 of {name}  with  double spaces"
+        # cached: a second load does not download
+        served.pop(url)
+        assert evaluate.load_prompts(name, tmp_path / "cache") == prompts
+    assert {name: n for name, (_, n) in evaluate.AUTHORS_PROMPT_FILES.items()} == \
+        {"pickapic_v2": 500, "partiprompts": 1632, "drawbench": 200}
+    # a file with another number of prompts is refused and not cached
+    served[f"{evaluate.AUTHORS_REPO}/training_sd35m/dataset/drawbench-unique/test.txt"] = "only one\n"
+    with pytest.raises(common.UserError, match="holds 1 prompts, not the 200"):
+        evaluate.load_prompts("drawbench", tmp_path / "other_cache")
+    assert not list((tmp_path / "other_cache" / "prompts").iterdir())
+
+
+def test_hub_prompt_sets_keep_inner_whitespace(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "fetch_prompt_set", lambda name: ["a  cat\n on a mat ", "b\tdog", "  "])
+    assert evaluate.load_prompts("partiprompts", tmp_path, source="hub") == ["a  cat  on a mat", "b\tdog"]
+    assert evaluate.load_prompts("hpdv2", tmp_path) == ["a  cat  on a mat", "b\tdog"]  # a hub-only set
 
 
 def test_prompt_file_and_consistency(prompt_file, tmp_path):

@@ -18,10 +18,36 @@ def smoke(out, backbone, extra_env=None):
     return subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
 
 
+# paper Table 1's rows per backbone, as run_all.sh names them
+ROWS = {"sd15": ["base", "diffusion_dpo", "stage1", "realalign"], "sd35m": ["base", "flow_grpo", "stage1", "realalign"]}
+EXTRA_ROWS = {"sd15": ["diffusion_dpo_realalign", "realalign_released"],
+              "sd35m": ["flow_grpo_realalign", "realalign_released"]}
+ALL_ROWS = {"COMPLEMENTARITY": "1", "RELEASED": "1"}
+
+
+def check_table(out, rows):
+    """results.json holds every row and every requested metric, with finite
+    values, and the rows differ from each other (each loaded its weights)."""
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert [m["name"] for m in results["methods"]] == rows
+    for method in rows:
+        for metric in ("pickscore", "sgp", "laplacian", "clip"):
+            value = results["results"][method][metric]
+            assert value["n"] == 6 and value["missing"] == 0 and value["mean"] == value["mean"]
+    laplacian = [results["results"][m]["laplacian"]["mean"] for m in rows]
+    assert len(set(laplacian)) == len(rows), laplacian
+    table = (out / "eval" / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in rows)
+    assert "paper" not in table.split("Methods:")[0]  # the smoke prompts are not a paper combination
+    return results
+
+
 @pytest.mark.parametrize("backbone,tiny", [("sd15", "tiny-sd15"), ("sd35m", "tiny-sd3")])
 def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
+    """SD-1.5: the default rows, then a rerun that adds the opt-in rows.
+    SD-3.5-M: every row in one run."""
     out = tmp_path / "smoke"
-    result = smoke(out, backbone)
+    result = smoke(out, backbone, None if backbone == "sd15" else ALL_ROWS)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
     # 1. curation: pairs with the SPEC §2 columns, files that exist
@@ -47,29 +73,44 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
         log = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == [1, 2, 3, 4]
 
-    # 4. Table 1: every method and every requested metric, with finite values
-    results = json.loads((out / "eval" / "results.json").read_text())
-    assert [m["name"] for m in results["methods"]] == ["base", "stage1", "realalign"]
-    for method in ("base", "stage1", "realalign"):
-        for metric in ("pickscore", "sgp", "laplacian", "clip"):
-            value = results["results"][method][metric]
-            assert value["n"] == 6 and value["missing"] == 0 and value["mean"] == value["mean"]
-    assert "| realalign |" in (out / "eval" / "results.md").read_text()
+    # 4. Table 1: every row and every requested metric, with finite values
+    rows = ROWS[backbone] + ([] if backbone == "sd15" else EXTRA_ROWS[backbone])
+    results = check_table(out, rows)
     assert (out / "eval" / "figure2.png").is_file() and (out / "eval" / "grid.png").is_file()
+    # the "+ RealAlign" stages start from the baseline: SD-3.5-M continues
+    # the stand-in Flow-GRPO LoRA in Stage 1 and Stage 1's LoRA in Stage 2
+    if backbone == "sd35m":
+        released = out / "tiny-models" / "released"
+        args1 = json.loads((out / "complementarity" / "stage1" / "args.json").read_text())
+        args2 = json.loads((out / "complementarity" / "stage2" / "args.json").read_text())
+        assert args1["init_lora"] == str(released / "flowgrpo-lora-sd3")
+        assert args2["init_lora"] == str(out / "complementarity" / "stage1" / "checkpoint-4")
+        assert results["methods"][4]["spec"] == str(out / "complementarity" / "stage2" / "checkpoint-4")
+        return
 
     # 5. the qualitative panel (paper Figs. 6-7): every method, every prompt, one seed; the paper's prompt
     # list is not shipped yet, so the smoke run says so and uses its own prompts
     panel = json.loads((out / "panel" / "run.json").read_text())
-    assert [m["name"] for m in panel["methods"]] == ["base", "stage1", "realalign"] and panel["seeds"] == [42]
+    assert [m["name"] for m in panel["methods"]] == ROWS[backbone] and panel["seeds"] == [42]
     assert (out / "panel" / "grid.png").is_file() and "qualitative panel:" in result.stdout
     if not (ROOT / "prompts" / ("figure7.txt" if backbone == "sd35m" else "figure6.txt")).is_file():
         assert "using the smoke prompts" in result.stdout
 
     # a rerun skips every finished step
-    if backbone == "sd15":
-        again = smoke(out, backbone)
-        assert again.returncode == 0
-        assert again.stdout.count("done already, skipped") == 7
+    again = smoke(out, backbone)
+    assert again.returncode == 0
+    assert again.stdout.count("done already, skipped") == 8  # 3 input steps, curate, 2 stages, eval, panel
+    # a rerun with the opt-in rows trains only the complementarity stages and
+    # evaluates only the new rows; SD-1.5 trains them on the stand-in DPO UNet
+    more = smoke(out, backbone, ALL_ROWS)
+    assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-3000:]
+    assert more.stdout.count("done already, skipped") == 6  # every step but the eval and the panel
+    assert "base: all 6 images exist" in more.stderr + more.stdout
+    results = check_table(out, ROWS[backbone] + EXTRA_ROWS[backbone])
+    dpo_unet = str(out / "tiny-models" / "released" / "dpo-unet-sd15")
+    for stage in ("stage1", "stage2"):
+        assert json.loads((out / "complementarity" / stage / "args.json").read_text())["init_network"] == dpo_unet
+    assert results["methods"][4]["spec"] == f"{dpo_unet}+{out}/complementarity/stage2/checkpoint-4"
 
 
 def test_interrupted_stage_resumes(tmp_path):
