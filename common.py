@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,8 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
     its error on the winner relative to the reference (inner < 0) lowers the
     loss.
 
-    Returns (loss, stats); stats are detached floats:
+    Returns (loss, stats); stats are detached 0-dim tensors (no host sync
+    here; call float() to log):
       implicit_acc  fraction of pairs with inner < 0 (the model prefers w)
       reward_margin mean of -inner (> 0 when the model prefers w)
     Note on signs: the implicit reward of a sample is minus its error gap, so
@@ -89,9 +91,9 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
     loss = -F.logsigmoid(-0.5 * beta * inner).mean()
     with torch.no_grad():
         stats = {
-            "implicit_acc": (inner < 0).float().mean().item(),
-            "reward_margin": (-inner).mean().item(),
-            "inner": inner.mean().item(),
+            "implicit_acc": (inner < 0).float().mean(),
+            "reward_margin": (-inner).mean(),
+            "inner": inner.mean(),
         }
     return loss, stats
 
@@ -108,14 +110,15 @@ def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_p
     frozen reference. Pushing D down makes the real images more likely and the
     model's own samples less likely than under the reference.
 
-    Returns (loss, stats); stats are detached floats:
+    Returns (loss, stats); stats are detached 0-dim tensors (no host sync
+    here; call float() to log):
       D           mean of D
       active_frac fraction of samples with D + margin > 0 (hinge not saturated)
     """
     D = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
     loss = torch.clamp(D + margin, min=0).mean()
     with torch.no_grad():
-        stats = {"D": D.mean().item(), "active_frac": (D + margin > 0).float().mean().item()}
+        stats = {"D": D.mean(), "active_frac": (D + margin > 0).float().mean()}
     return loss, stats
 
 
@@ -251,6 +254,16 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device copy of a freshly drawn tensor (noise, latents,
+    timesteps). On CUDA it goes through pinned memory without blocking, so the
+    host can queue the next kernels while it travels; elsewhere a plain .to()."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def peak_memory_gb(device) -> float:
     """Peak GPU memory allocated, or the process's peak RSS on CPU."""
     if torch.device(device).type == "cuda":
@@ -330,6 +343,9 @@ class Backbone:
             self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
             self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        # network calls and rows evaluated through `predict` (the benchmark
+        # counts the policy sampler's evaluations with these; host ints, no sync)
+        self.network_calls, self.network_rows = 0, 0
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
@@ -385,8 +401,8 @@ class Backbone:
         if self.is_flow:
             u = torch.sigmoid(torch.randn(n, generator=generator))
             sigma = self.shift * u / (1 + (self.shift - 1) * u)
-            return (sigma * self.num_train_timesteps).to(device)
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(device)
+            return to_device(sigma * self.num_train_timesteps, device)
+        return to_device(torch.randint(0, self.num_train_timesteps, (n,), generator=generator), device)
 
     def _broadcast(self, values, like):
         return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
@@ -406,6 +422,8 @@ class Backbone:
 
     def predict(self, net, x_t, t, cond):
         """One network call; `net` may be the DDP-wrapped or the bare network."""
+        self.network_calls += 1
+        self.network_rows += x_t.shape[0]
         x_t = x_t.to(self.dtype)
         embeds = cond["prompt_embeds"].to(x_t.device, self.dtype)
         if self.is_flow:
@@ -526,13 +544,30 @@ def role_parameters(net, role):
     return [param for name, param in net.named_parameters() if f".{role}." in name]
 
 
+# use_role runs several times per micro-batch; walking the whole network's
+# modules each time (thousands in the SD-3.5-M MMDiT) costs milliseconds of
+# host time, so the tuner layers and the learner's parameters are looked up
+# once per network and set of adapters.
+_ROLE_LOOKUP = weakref.WeakKeyDictionary()
+
+
+def _role_lookup(net):
+    adapters = tuple(getattr(net, "peft_config", {}))
+    cached = _ROLE_LOOKUP.get(net)
+    if cached is None or cached[0] != adapters:
+        cached = (adapters, _tuner_layers(net), role_parameters(net, LEARNER))
+        _ROLE_LOOKUP[net] = cached
+    return cached[1], cached[2]
+
+
 def use_role(net, role):
     """Make `role` the active adapter. Only the learner's parameters ever
     require gradients, whichever role is active (peft's set_adapter would
     otherwise flip requires_grad as adapters are switched)."""
-    for layer in _tuner_layers(net):
+    layers, learner_params = _role_lookup(net)
+    for layer in layers:
         layer.set_adapter(role, inference_mode=True)
-    for param in role_parameters(net, LEARNER):
+    for param in learner_params:
         param.requires_grad_(True)
 
 
@@ -808,9 +843,9 @@ def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cach
 
 def cond_from_cache(cache, prompt_ids, device):
     """Prompt embeddings of the given prompt indices, as a cond dict."""
-    cond = {"prompt_embeds": cache["prompt_embeds"][prompt_ids].to(device)}
+    cond = {"prompt_embeds": to_device(cache["prompt_embeds"][prompt_ids].float(), device)}
     if "pooled_prompt_embeds" in cache:
-        cond["pooled_prompt_embeds"] = cache["pooled_prompt_embeds"][prompt_ids].to(device)
+        cond["pooled_prompt_embeds"] = to_device(cache["pooled_prompt_embeds"][prompt_ids].float(), device)
     return cond
 
 
@@ -926,6 +961,9 @@ def add_training_args(parser):
                    help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
     g.add_argument("--guidance_scale", type=float, default=None, help="CFG of the checkpoint grids (7.5 / 4.5)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU, where compiling "
+                        "costs more than it saves at test sizes); see README 'Throughput and memory'")
     g.add_argument("--benchmark_steps", type=int, default=0,
                    help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
     return parser
@@ -990,6 +1028,11 @@ def prepare_training(args, stage, need_fake):
     backbone.net.to(accelerator.device)
     if args.gradient_checkpointing:
         backbone.net.enable_gradient_checkpointing()
+    if use_cuda and backbone.kind == "sd15":  # cuDNN's fastest convolutions want NHWC
+        backbone.net.to(memory_format=torch.channels_last)
+    args.compile = use_cuda if args.compile is None else args.compile
+    if args.compile:
+        compile_network(backbone.net)
     cache = None
     if pairs is not None:
         cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
@@ -1004,6 +1047,30 @@ def prepare_training(args, stage, need_fake):
                     backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
                     grad_accum, args.effective_batch_size)
     return accelerator, backbone, pairs, cache, grad_accum
+
+
+def compile_network(net, backend="inductor"):
+    """torch.compile the network in place (nn.Module.compile: the module, its
+    parameters and the LoRA roles stay the same objects; tracing happens at
+    the first call, so roles added later are part of the graph).
+
+    The LoRA role switch (`use_role`) sets each LoRA layer's active adapter,
+    an attribute dynamo guards on. We keep those guards rather than switch
+    roles by swapping weights or scaling adapters (either would touch the
+    learner's parameters or run every adapter on every call): each role, at
+    each batch shape and grad mode, is compiled ONCE at its first use, and
+    later switches select the cached graph (a guard check, no recompile).
+    Shapes are static (dynamic=False): a step has only a few distinct batch
+    sizes, and static shapes get the fastest kernels; the cache limit is
+    raised so that roles x shapes fit (the default, 8, would fall back to
+    eager with a warning)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    net.compile(backend=backend, dynamic=False)
+    return net
 
 
 def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
@@ -1032,8 +1099,9 @@ def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, 
     flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
     x0 = {}
     for side in sides:
-        mean, std = cache[f"{side}_mean"][rows, flip_index], cache[f"{side}_std"][rows, flip_index]
-        x0[side] = backbone.latents_from_posterior(mean, std, generator).to(backbone.device)
+        # the cache stores bf16; the latent sample is drawn in fp32
+        mean, std = cache[f"{side}_mean"][rows, flip_index].float(), cache[f"{side}_std"][rows, flip_index].float()
+        x0[side] = to_device(backbone.latents_from_posterior(mean, std, generator), backbone.device)
     prompt_ids = cache["prompt_index"][rows].clone()
     if caption_dropout > 0:
         prompt_ids[torch.rand(n, generator=generator) < caption_dropout] = 0  # index 0 = ""
@@ -1043,14 +1111,14 @@ def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, 
 def random_inputs(backbone, n, resolution, generator, sides):
     """Random latents and embeddings of the right shapes (--benchmark_steps)."""
     shape = (n, *backbone.latent_shape(resolution))
-    x0 = {side: torch.randn(shape, generator=generator).to(backbone.device) for side in sides}
+    x0 = {side: to_device(torch.randn(shape, generator=generator), backbone.device) for side in sides}
     net_config = backbone.net.config
     if backbone.is_flow:
         cond = {"prompt_embeds": torch.randn(n, 77 + 128, net_config.joint_attention_dim, generator=generator),
                 "pooled_prompt_embeds": torch.randn(n, net_config.pooled_projection_dim, generator=generator)}
     else:
         cond = {"prompt_embeds": torch.randn(n, 77, net_config.cross_attention_dim, generator=generator)}
-    return x0, {key: value.to(backbone.device) for key, value in cond.items()}
+    return x0, {key: to_device(value, backbone.device) for key, value in cond.items()}
 
 
 def learner_and_ref_errors(backbone, x_t, t, cond, target):
@@ -1237,8 +1305,8 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
              after_optimizer_step=None):
     """The training loop both stages share.
 
-    `micro_batch_loss(rows, generator)` returns (loss, stats dict of floats)
-    for one micro-batch; this function accumulates it to the effective batch,
+    `micro_batch_loss(rows, generator)` returns (loss, stats dict of floats or
+    detached 0-dim tensors) for one micro-batch; this function accumulates it to the effective batch,
     averages gradients over processes, clips, steps AdamW, updates the EMA,
     logs, checkpoints, and resumes. `after_optimizer_step(step)` runs after
     each optimizer step (Stage 1 refreshes its sampling snapshot there).
@@ -1327,17 +1395,19 @@ def benchmark_clock(args):
 
 
 def report_benchmark(label, args, backbone, records):
-    """Print the --benchmark_steps figures as one JSON line (the first step is
-    a warm-up and is left out of the means)."""
-    steady = records[1:] or records
-    seconds = sum(r["step_seconds"] for r in steady) / len(steady)
+    """Print the --benchmark_steps figures as one JSON line: every step's time
+    (tests/benchmark.py drops its warm-up steps and takes the median) and,
+    for Stage 1, the policy sampler's time, network calls and rows per step."""
+    accum = args.gradient_accumulation_steps  # the records hold means over micro-batches
     result = {"label": label, "backbone": backbone.kind, "resolution": args.resolution,
-              "batch": args.effective_batch_size, "steps": len(steady), "seconds_per_step": seconds,
-              "samples_per_s": args.effective_batch_size / seconds, "peak_memory_gb": peak_memory_gb(backbone.device),
+              "batch": args.effective_batch_size, "step_seconds": [r["step_seconds"] for r in records],
+              "peak_memory_gb": peak_memory_gb(backbone.device),
               "device": torch.cuda.get_device_name() if backbone.device.type == "cuda" else "cpu"}
-    if "sampling_seconds" in steady[0]:  # Stage 1: the share of the step spent drawing policy samples
-        result["sampling_share"] = sum(r["sampling_seconds"] * args.gradient_accumulation_steps
-                                       for r in steady) / (seconds * len(steady))
+    for key in ("sampling_seconds", "sampler_calls", "sampler_rows"):
+        if key in records[0]:
+            result[key] = [r[key] * accum for r in records]
+    steady = result["step_seconds"][1:] or result["step_seconds"]
+    result["samples_per_s"] = args.effective_batch_size / sorted(steady)[len(steady) // 2]  # after one warm-up
     print("BENCHMARK " + json.dumps(result), flush=True)
     return result
 
