@@ -190,3 +190,50 @@ def test_baseline_computes_the_same_losses_as_ours(kind, stage, tiny_models):
     theirs.backward()
     for p_base, p_ours in zip(base_params, learner, strict=True):
         torch.testing.assert_close(p_base.grad, p_ours.grad, rtol=1e-4, atol=1e-9)
+
+
+# ------------------------------------------------------------- input cache
+BUILD_CACHE = """
+import sys
+sys.path.insert(0, {root!r})
+import json, common
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=True)
+bb = common.Backbone(common.load_pipeline({model!r}), accelerator.device)
+pairs = common.read_pairs_csv({csv!r})
+cache = common.load_or_build_cache(bb, "tiny", {csv!r}, pairs, 32, {cache_dir!r}, True, accelerator)
+print("RESULT", json.dumps({{"rank": accelerator.process_index, "processes": accelerator.num_processes,
+                            "rows": len(cache["prompt_index"])}}), flush=True)
+"""
+
+
+def test_cache_built_sharded_over_two_processes_equals_one_process_build(tiny_models, tmp_path):
+    csv_path = make_pairs(tmp_path / "data", n=5)
+    pairs = common.read_pairs_csv(csv_path)
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    state = type("S", (), {"is_main_process": True, "wait_for_everyone": lambda self: None})()
+    single = common.load_or_build_cache(bb, "tiny", csv_path, pairs, 32, tmp_path / "one", True, state)
+    script = tmp_path / "build_cache.py"
+    script.write_text(BUILD_CACHE.format(root=str(ROOT), model=tiny_models["sd3"], csv=str(csv_path),
+                                         cache_dir=str(tmp_path / "two")))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29531", str(script)], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["processes"] == 2 for r in reports)
+    assert all(r["rows"] == 5 for r in reports)  # every process reads the whole cache
+    (folder,) = (tmp_path / "two").iterdir()
+    shards = sorted(path.name for path in folder.glob("shard-*"))
+    assert shards == ["shard-000-of-002.safetensors", "shard-001-of-002.safetensors"]
+    from safetensors.torch import load_file
+
+    for name in shards:  # both processes encoded images and prompts
+        shard = load_file(str(folder / name))
+        assert len(shard["real_mean"]) in (2, 3) and len(shard["prompt_embeds"]) == 3  # 5 rows, 6 prompts
+    sharded = common.read_input_cache(folder)
+    assert set(sharded) == set(single)
+    assert torch.equal(sharded["prompt_index"], single["prompt_index"])
+    for key in single:  # bf16 values; the encoders saw other batch compositions: one bf16 ulp (2^-7 relative)
+        assert sharded[key].dtype == single[key].dtype
+        torch.testing.assert_close(sharded[key].float(), single[key].float(), rtol=2**-7, atol=1e-5)
