@@ -225,6 +225,47 @@ def encoder_flops(model_dir, resolution):
     return counter.get_total_flops()
 
 
+def expected_sampler_calls(steps, trajectories):
+    """E[max k + 1] for `trajectories` independent uniform draws of k in
+    [0, steps): the truncated sampler's expected network calls."""
+    return steps - sum((j / steps) ** trajectories for j in range(1, steps))
+
+
+def write_configs(arch, directory):
+    """The full architecture's configs only (no weights): enough to count FLOPs."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+
+    directory = Path(directory)
+    with torch.device("meta"):
+        if arch == "sd15":
+            UNet2DConditionModel(**SD15_UNET).save_config(directory / "unet")
+            AutoencoderKL(**SD_VAE).save_config(directory / "vae")
+        else:
+            SD3Transformer2DModel(**SD35M_TRANSFORMER).save_config(directory / "transformer")
+            AutoencoderKL(**SD3_VAE).save_config(directory / "vae")
+    return directory
+
+
+def count_flops(arch, resolution, batch, workdir):
+    """Per-step model FLOPs of every row at the expected sampler-evaluation
+    counts (no timing, no GPU): the MFU denominators of the README table."""
+    model = write_configs(arch, Path(workdir) / f"configs-{arch}") if arch in ("sd15", "sd35m") else \
+        Path(workdir) / f"model-{arch}"
+    steps = 10 if arch in ("sd35m", "tiny-sd3") else 20
+    truncated = batch * expected_sampler_calls(steps, batch)
+    per_row = network_flops(str(model), resolution, 1)
+    rows = {"stage1 ours (truncated sampler, expected)": step_flops(model, resolution, batch, truncated),
+            "stage1 baseline": step_flops(model, resolution, batch, batch * steps if steps == 10 else truncated),
+            "stage2 ours and baseline": step_flops(model, resolution, batch, 0)}
+    print(f"{arch}, {resolution} px, batch {batch}: network forward {per_row['forward'] / 1e12:.3f} TFLOP/sample, "
+          f"learner forward+backward {per_row['train'] / 1e12:.3f} TFLOP/sample, VAE encoder "
+          f"{encoder_flops(str(model), resolution) / 1e12:.3f} TFLOP/image; expected sampler calls/step "
+          f"{expected_sampler_calls(steps, batch):.2f} of {steps}")
+    for name, flops in rows.items():
+        print(f"  {name}: {flops / 1e12:.2f} TFLOP/step")
+    return rows
+
+
 # ------------------------------------------------------------------ baseline
 class Baseline:
     """The public code's step structure (module docstring), for one backbone
@@ -511,6 +552,8 @@ def main():
     parser.add_argument("--timeout", type=int, default=900, help="seconds per measurement before it is abandoned")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--workdir", default=None, help="where the random-weight model is saved (default: temp)")
+    parser.add_argument("--count_flops", action="store_true",
+                        help="only print each row's model FLOPs per step at --batch (no GPU, no weights)")
     # internal: one baseline measurement in this process
     parser.add_argument("--baseline_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -521,15 +564,34 @@ def main():
         return baseline(args)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="realalign-bench-"))
+    if args.count_flops and args.arch in ("sd15", "sd35m"):
+        return count_flops(args.arch, args.resolution, args.batch, workdir)
     model = workdir / f"model-{args.arch}"
     if not model.exists():
         t0 = time.perf_counter()
         build_pipeline(args.arch, model)
         print(f"built {args.arch} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.count_flops:
+        return count_flops(args.arch, args.resolution, args.batch, workdir)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sides = args.sides.split(",")
     results = []
     total = args.warmup + args.steps
+
+    def record(result):
+        """Summarise one measurement and rewrite --out at once, so a later
+        measurement that fails or is killed leaves the earlier ones saved."""
+        if result is None:
+            return None
+        if args.compile is False:  # our default on CUDA compiles: say when it did not
+            result["label"] = result["label"].replace("(ours", "(ours-eager")
+        results.append(summarise(result, model, args.warmup))
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        return result
+
     for stage in args.stages.split(","):
         script = ROOT / ("train_dro.py" if stage == "dro" else "train_dpo.py")
         ours = [sys.executable, str(script), "--pretrained_model", str(model), "--output_dir",
@@ -540,22 +602,16 @@ def main():
         base = [sys.executable, __file__, "--baseline_worker", "--model", str(model), "--stage", stage,
                 "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
                 "--resolution", str(args.resolution)]
-        ours_result = measure(ours, env, args.timeout) if "ours" in sides else None
-        if "baseline" in sides and stage == "dro" and ours_result and "sampler_calls" in ours_result:
-            # the same sampler-evaluation count per step as ours (module docstring)
-            base += ["--sampler_calls", ",".join(str(round(c)) for c in ours_result["sampler_calls"])]
-        runs = [ours_result, measure(base, env, args.timeout) if "baseline" in sides else None]
+        ours_result = record(measure(ours, env, args.timeout)) if "ours" in sides else None
+        if "baseline" in sides:
+            if stage == "dro" and ours_result and "sampler_calls" in ours_result:
+                # the same sampler-evaluation count per step as ours (module docstring)
+                base += ["--sampler_calls", ",".join(str(round(c)) for c in ours_result["sampler_calls"])]
+            record(measure(base, env, args.timeout))
         K = args.points_per_trajectory
         if "ours" in sides and stage == "dro" and K > 1 and args.batch % K == 0:
-            runs.append(measure(ours + ["--points_per_trajectory", str(K)], env, args.timeout))
-        for result in runs:
-            if result:
-                results.append(summarise(result, model, args.warmup))
-                print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
+            record(measure(ours + ["--points_per_trajectory", str(K)], env, args.timeout))
     print(markdown_table(results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 def markdown_table(results):
