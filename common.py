@@ -781,9 +781,9 @@ def cache_key(model_name, resolution, pairs_csv, need_fake):
 # memory" gives it for all of HPDv3). Training reads bf16 and casts to fp32
 # (`sample_inputs`, `cond_from_cache`): bf16 keeps 8 significant bits, a
 # relative rounding of at most 2^-9 = 0.2% of each latent statistic and
-# embedding value, below the spread of the posterior sample and of the
-# training noise added on top of it, and the networks themselves run in
-# bf16 on the GPU anyway.
+# embedding value. On the GPU the network's inputs are cast to bf16 anyway
+# (`Backbone.predict`), so the cache adds one rounding of the same size to
+# the one training already does; on the CPU (fp32 tests) it is the only one.
 CACHE_DTYPE = torch.bfloat16
 
 
