@@ -497,13 +497,18 @@ def public_sd3_dro_loss(base, x_t, t, cond, target_real, n):
 
 
 # -------------------------------------------------------------------- driver
-def measure(command, env, timeout):
+def measure(command, env, deadline):
     """Run one measurement in its own process; None (and the error printed)
-    if it fails or runs past `timeout` seconds, so the others still run."""
+    if it fails or runs past the `deadline` (time.monotonic()), so one
+    failure costs only its own slot."""
+    timeout = deadline - time.monotonic()
+    if timeout < 5:
+        print(f"benchmark skipped, no time left: {' '.join(command)}", flush=True)
+        return None
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"benchmark timed out after {timeout} s: {' '.join(command)}", flush=True)
+        print(f"benchmark timed out after {timeout:.0f} s: {' '.join(command)}", flush=True)
         return None
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCHMARK ")]
     if result.returncode or not lines:
@@ -549,7 +554,9 @@ def main():
                         help="also time Stage 1 with train_dro.py --points_per_trajectory K (0: skip)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="passed to our trainers (default: theirs, on with CUDA)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per measurement before it is abandoned")
+    parser.add_argument("--timeout", type=int, default=1800,
+                        help="seconds for this whole call: each measurement gets what is left and is abandoned "
+                             "(its process killed) when that runs out; later ones are then skipped")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--workdir", default=None, help="where the random-weight model is saved (default: temp)")
     parser.add_argument("--count_flops", action="store_true",
@@ -563,6 +570,7 @@ def main():
     if args.baseline_worker:
         return baseline(args)
 
+    deadline = time.monotonic() + args.timeout
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="realalign-bench-"))
     if args.count_flops and args.arch in ("sd15", "sd35m"):
         return count_flops(args.arch, args.resolution, args.batch, workdir)
@@ -602,15 +610,15 @@ def main():
         base = [sys.executable, __file__, "--baseline_worker", "--model", str(model), "--stage", stage,
                 "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
                 "--resolution", str(args.resolution)]
-        ours_result = record(measure(ours, env, args.timeout)) if "ours" in sides else None
+        ours_result = record(measure(ours, env, deadline)) if "ours" in sides else None
         if "baseline" in sides:
             if stage == "dro" and ours_result and "sampler_calls" in ours_result:
                 # the same sampler-evaluation count per step as ours (module docstring)
                 base += ["--sampler_calls", ",".join(str(round(c)) for c in ours_result["sampler_calls"])]
-            record(measure(base, env, args.timeout))
+            record(measure(base, env, deadline))
         K = args.points_per_trajectory
         if "ours" in sides and stage == "dro" and K > 1 and args.batch % K == 0:
-            record(measure(ours + ["--points_per_trajectory", str(K)], env, args.timeout))
+            record(measure(ours + ["--points_per_trajectory", str(K)], env, deadline))
     print(markdown_table(results))
 
 
