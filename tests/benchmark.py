@@ -635,12 +635,15 @@ def markdown_table(results):
                     f"{r['batch']} | {r['seconds_per_step']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
                     f"{r['samples_per_s']:.2f} | {r['peak_memory_gb']:.2f} | {r['model_tflops_per_step']:.3g} | "
                     f"{mfu} | {evals} | {share} |")
-    for stage in ("stage1", "stage2"):
-        runs = {r["label"].split(" ")[1].strip("()"): r for r in results if r["label"].startswith(stage)}
+    groups = dict.fromkeys((r["label"].split(" ")[0], r["backbone"], r["batch"]) for r in results)
+    for stage, backbone, batch in groups:
+        runs = {r["label"].split(" ")[1].strip("()"): r for r in results
+                if (r["label"].split(" ")[0], r["backbone"], r["batch"]) == (stage, backbone, batch)}
         base = runs.pop("baseline", None)
         for name, ours in runs.items() if base else ():
-            rows.append(f"\n{stage}: {name} / baseline = {ours['samples_per_s'] / base['samples_per_s']:.2f}x "
-                        f"samples/s, {ours['peak_memory_gb'] / base['peak_memory_gb']:.2f}x peak memory")
+            rows.append(f"\n{stage} {backbone} batch {batch}: {name} / baseline = "
+                        f"{ours['samples_per_s'] / base['samples_per_s']:.2f}x samples/s, "
+                        f"{ours['peak_memory_gb'] / base['peak_memory_gb']:.2f}x peak memory")
     return "\n".join(rows)
 
 
