@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,8 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
     its error on the winner relative to the reference (inner < 0) lowers the
     loss.
 
-    Returns (loss, stats); stats are detached floats:
+    Returns (loss, stats); stats are detached 0-dim tensors (no host sync
+    here; call float() to log):
       implicit_acc  fraction of pairs with inner < 0 (the model prefers w)
       reward_margin mean of -inner (> 0 when the model prefers w)
     Note on signs: the implicit reward of a sample is minus its error gap, so
@@ -89,9 +91,9 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
     loss = -F.logsigmoid(-0.5 * beta * inner).mean()
     with torch.no_grad():
         stats = {
-            "implicit_acc": (inner < 0).float().mean().item(),
-            "reward_margin": (-inner).mean().item(),
-            "inner": inner.mean().item(),
+            "implicit_acc": (inner < 0).float().mean(),
+            "reward_margin": (-inner).mean(),
+            "inner": inner.mean(),
         }
     return loss, stats
 
@@ -108,14 +110,15 @@ def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_p
     frozen reference. Pushing D down makes the real images more likely and the
     model's own samples less likely than under the reference.
 
-    Returns (loss, stats); stats are detached floats:
+    Returns (loss, stats); stats are detached 0-dim tensors (no host sync
+    here; call float() to log):
       D           mean of D
       active_frac fraction of samples with D + margin > 0 (hinge not saturated)
     """
     D = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
     loss = torch.clamp(D + margin, min=0).mean()
     with torch.no_grad():
-        stats = {"D": D.mean().item(), "active_frac": (D + margin > 0).float().mean().item()}
+        stats = {"D": D.mean(), "active_frac": (D + margin > 0).float().mean()}
     return loss, stats
 
 
@@ -242,6 +245,16 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device copy of a freshly drawn tensor (noise, latents,
+    timesteps). On CUDA it goes through pinned memory without blocking, so the
+    host can queue the next kernels while it travels; elsewhere a plain .to()."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def peak_memory_gb(device) -> float:
     """Peak GPU memory allocated, or the process's peak RSS on CPU."""
     if torch.device(device).type == "cuda":
@@ -321,6 +334,9 @@ class Backbone:
             self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
             self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        # network calls and rows evaluated through `predict` (the benchmark
+        # counts the policy sampler's evaluations with these; host ints, no sync)
+        self.network_calls, self.network_rows = 0, 0
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
@@ -376,8 +392,8 @@ class Backbone:
         if self.is_flow:
             u = torch.sigmoid(torch.randn(n, generator=generator))
             sigma = self.shift * u / (1 + (self.shift - 1) * u)
-            return (sigma * self.num_train_timesteps).to(device)
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(device)
+            return to_device(sigma * self.num_train_timesteps, device)
+        return to_device(torch.randint(0, self.num_train_timesteps, (n,), generator=generator), device)
 
     def _broadcast(self, values, like):
         return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
@@ -397,6 +413,8 @@ class Backbone:
 
     def predict(self, net, x_t, t, cond):
         """One network call; `net` may be the DDP-wrapped or the bare network."""
+        self.network_calls += 1
+        self.network_rows += x_t.shape[0]
         x_t = x_t.to(self.dtype)
         embeds = cond["prompt_embeds"].to(x_t.device, self.dtype)
         if self.is_flow:
@@ -520,13 +538,30 @@ def role_parameters(net, role):
     return [param for name, param in net.named_parameters() if f".{role}." in name]
 
 
+# use_role runs several times per micro-batch; walking the whole network's
+# modules each time (thousands in the SD-3.5-M MMDiT) costs milliseconds of
+# host time, so the tuner layers and the learner's parameters are looked up
+# once per network and set of adapters.
+_ROLE_LOOKUP = weakref.WeakKeyDictionary()
+
+
+def _role_lookup(net):
+    adapters = tuple(getattr(net, "peft_config", {}))
+    cached = _ROLE_LOOKUP.get(net)
+    if cached is None or cached[0] != adapters:
+        cached = (adapters, _tuner_layers(net), role_parameters(net, LEARNER))
+        _ROLE_LOOKUP[net] = cached
+    return cached[1], cached[2]
+
+
 def use_role(net, role):
     """Make `role` the active adapter. Only the learner's parameters ever
     require gradients, whichever role is active (peft's set_adapter would
     otherwise flip requires_grad as adapters are switched)."""
-    for layer in _tuner_layers(net):
+    layers, learner_params = _role_lookup(net)
+    for layer in layers:
         layer.set_adapter(role, inference_mode=True)
-    for param in role_parameters(net, LEARNER):
+    for param in learner_params:
         param.requires_grad_(True)
 
 
@@ -739,42 +774,73 @@ def cache_key(model_name, resolution, pairs_csv, need_fake):
     return digest.hexdigest()[:16]
 
 
-def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True):
+# The cache is stored in bf16, halving its size (README "Throughput and
+# memory" gives it for all of HPDv3). Training reads bf16 and casts to fp32
+# (`sample_inputs`, `cond_from_cache`): bf16 keeps 8 significant bits, a
+# relative rounding of at most 2^-9 = 0.2% of each latent statistic and
+# embedding value. On the GPU the network's inputs are cast to bf16 anyway
+# (`Backbone.predict`), so the cache adds one rounding of the same size to
+# the one training already does; on the CPU (fp32 tests) it is the only one.
+CACHE_DTYPE = torch.bfloat16
+
+
+def _shard_range(count, part):
+    """The contiguous slice [start, end) of `count` items that shard
+    `part` = (index, of) encodes: consecutive shards concatenate in order."""
+    index, of = part
+    return count * index // of, count * (index + 1) // of
+
+
+def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True,
+                      part=(0, 1)):
     """Encode every image and prompt once (SPEC §6.5) and save with safetensors.
 
-    Stored, for N pairs and the U unique prompts (index 0 = the empty prompt,
-    used for caption dropout):
+    Stored in bf16, for N pairs and the U unique prompts (index 0 = the empty
+    prompt, used for caption dropout):
       real_mean, real_std  [N, 2, C, h, w] VAE posterior of the real image,
                            unflipped (index 0) and horizontally flipped (1)
       fake_mean, fake_std  the same for the inpainted image (Stage 2)
       prompt_embeds        [U, L, D] (and pooled_prompt_embeds [U, D] for SD-3)
-      prompt_index         [N] row -> prompt
+      prompt_index         [N] row -> prompt (int64)
     The flipped image is encoded separately: flipping a latent is not exactly
     the latent of the flipped image.
+
+    `part` = (i, k) encodes only the i-th of k contiguous slices of the rows
+    and of the unique prompts (one shard of a multi-process build,
+    `load_or_build_cache`); prompt_index stays global.
+
+    SD-3's T5 embeddings keep all 128 positions: diffusers' encode_prompt
+    runs T5 without an attention mask and the MMDiT attends to every
+    position, so the padding positions carry context-dependent values that
+    are part of the model's input; trimming them would change it.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    prompts = [""] + sorted({pair["prompt"] for pair in pairs})
-    prompt_id = {prompt: i for i, prompt in enumerate(prompts)}
+    all_prompts = [""] + sorted({pair["prompt"] for pair in pairs})
+    prompt_id = {prompt: i for i, prompt in enumerate(all_prompts)}
+    prompts = all_prompts[slice(*_shard_range(len(all_prompts), part))]
+    row_start, row_end = _shard_range(len(pairs), part)
     # the text encoders (T5-XXL alone is ~9.5 GB for SD-3.5-M) visit the device
     # only for this one pass; training reads the cached embeddings
     encoders = [getattr(backbone.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
     encoders = [encoder for encoder in encoders if encoder is not None]
     for encoder in encoders:
         encoder.to(backbone.device)
-    tensors = dict(backbone.encode_prompts(prompts))
+    tensors = dict(backbone.encode_prompts(prompts)) if prompts else {}
     for encoder in encoders:
         encoder.to("cpu")
     if backbone.device.type == "cuda":
         torch.cuda.empty_cache()
-    tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs])
+    tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs[row_start:row_end]],
+                                           dtype=torch.long)
     sides = ["real"] + (["fake"] if need_fake else [])
     for side in sides:
         means, stds = [], []
-        for start in tqdm(range(0, len(pairs), batch_size), desc=f"encoding {side} images", disable=not progress):
+        for start in tqdm(range(row_start, row_end, batch_size), desc=f"encoding {side} images",
+                          disable=not progress):
             batch = []
-            for pair in pairs[start : start + batch_size]:
+            for pair in pairs[start : min(start + batch_size, row_end)]:
                 try:
                     image = center_crop_resize(Image.open(pair[f"{side}_image_path"]), resolution)
                 except Exception as err:
@@ -784,30 +850,57 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
             mean, std = backbone.encode_images(torch.stack(batch))
             means.append(mean.view(-1, 2, *mean.shape[1:]))
             stds.append(std.view(-1, 2, *std.shape[1:]))
-        tensors[f"{side}_mean"], tensors[f"{side}_std"] = torch.cat(means), torch.cat(stds)
-    tensors = {key: value.contiguous() for key, value in tensors.items()}
+        if means:
+            tensors[f"{side}_mean"], tensors[f"{side}_std"] = torch.cat(means), torch.cat(stds)
+    tensors = {key: value.to(CACHE_DTYPE if value.is_floating_point() else value.dtype).contiguous()
+               for key, value in tensors.items()}
     atomic_write(cache_file, lambda tmp: save_file(tensors, tmp), suffix=".safetensors")
     return tensors
 
 
 def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cache_dir, need_fake, accelerator):
-    """The cache for (model, resolution, CSV content): built by the main
-    process if missing (a changed CSV or model gives a new key), read by all."""
+    """The cache for (model, resolution, CSV content), a folder
+    CACHE_DIR/inputs-KEY (a changed CSV or model gives a new key).
+
+    Built sharded: each of the k processes encodes its 1/k of the rows and
+    prompts into shard-i-of-k.safetensors (so no process idles at a barrier
+    while another encodes everything, and the build is k times faster); the
+    main process then writes manifest.json, which marks the cache complete.
+    A finished shard of an interrupted build is kept. Every process reads
+    all the shards, in order."""
+    folder = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake)}"
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        rank, world = getattr(accelerator, "process_index", 0), getattr(accelerator, "num_processes", 1)
+        shards = [f"shard-{i:03d}-of-{world:03d}.safetensors" for i in range(world)]
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / shards[rank]).exists():
+            logger.info("building shard %d of %d of the input cache %s", rank + 1, world, folder)
+            build_input_cache(backbone, pairs, resolution, folder / shards[rank], need_fake,
+                              progress=accelerator.is_main_process, part=(rank, world))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_text(manifest, json.dumps({"shards": shards, "rows": len(pairs)}, indent=2))
+        accelerator.wait_for_everyone()
+    return read_input_cache(folder)
+
+
+def read_input_cache(folder):
+    """Concatenate the shards listed in the folder's manifest (bf16 tensors;
+    cast per micro-batch)."""
     from safetensors.torch import load_file
 
-    cache_file = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake)}.safetensors"
-    if accelerator.is_main_process and not cache_file.exists():
-        logger.info("building the input cache %s", cache_file)
-        build_input_cache(backbone, pairs, resolution, cache_file, need_fake)
-    accelerator.wait_for_everyone()
-    return load_file(str(cache_file))
+    names = json.loads((Path(folder) / "manifest.json").read_text())["shards"]
+    shards = [load_file(str(Path(folder) / name)) for name in names]
+    keys = dict.fromkeys(key for shard in shards for key in shard)  # a shard of no prompts/rows lacks some
+    return {key: torch.cat([shard[key] for shard in shards if key in shard]) for key in keys}
 
 
 def cond_from_cache(cache, prompt_ids, device):
     """Prompt embeddings of the given prompt indices, as a cond dict."""
-    cond = {"prompt_embeds": cache["prompt_embeds"][prompt_ids].to(device)}
+    cond = {"prompt_embeds": to_device(cache["prompt_embeds"][prompt_ids].float(), device)}
     if "pooled_prompt_embeds" in cache:
-        cond["pooled_prompt_embeds"] = cache["pooled_prompt_embeds"][prompt_ids].to(device)
+        cond["pooled_prompt_embeds"] = to_device(cache["pooled_prompt_embeds"][prompt_ids].float(), device)
     return cond
 
 
@@ -929,6 +1022,9 @@ def add_training_args(parser):
                    help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
     g.add_argument("--guidance_scale", type=float, default=None, help="CFG of the checkpoint grids (7.5 / 4.5)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU, where compiling "
+                        "costs more than it saves at test sizes); see README 'Throughput and memory'")
     g.add_argument("--benchmark_steps", type=int, default=0,
                    help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
     # The handles of diffusers' training examples (README "Trackers, the hub,
@@ -1044,6 +1140,11 @@ def prepare_training(args, stage, need_fake):
     backbone.net.to(accelerator.device)
     if args.gradient_checkpointing:
         backbone.net.enable_gradient_checkpointing()
+    if use_cuda and backbone.kind == "sd15":  # cuDNN's fastest convolutions want NHWC
+        backbone.net.to(memory_format=torch.channels_last)
+    args.compile = use_cuda if args.compile is None else args.compile
+    if args.compile:
+        compile_network(backbone.net)
     cache = None
     if pairs is not None:
         cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
@@ -1058,6 +1159,30 @@ def prepare_training(args, stage, need_fake):
                     backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
                     grad_accum, args.effective_batch_size)
     return accelerator, backbone, pairs, cache, grad_accum
+
+
+def compile_network(net, backend="inductor"):
+    """torch.compile the network in place (nn.Module.compile: the module, its
+    parameters and the LoRA roles stay the same objects; tracing happens at
+    the first call, so roles added later are part of the graph).
+
+    The LoRA role switch (`use_role`) sets each LoRA layer's active adapter,
+    an attribute dynamo guards on. We keep those guards rather than switch
+    roles by swapping weights or scaling adapters (either would touch the
+    learner's parameters or run every adapter on every call): each role, at
+    each batch shape and grad mode, is compiled ONCE at its first use, and
+    later switches select the cached graph (a guard check, no recompile).
+    Shapes are static (dynamic=False): a step has only a few distinct batch
+    sizes, and static shapes get the fastest kernels; the cache limit is
+    raised so that roles x shapes fit (the default, 8, would fall back to
+    eager with a warning)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    net.compile(backend=backend, dynamic=False)
+    return net
 
 
 def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
@@ -1086,8 +1211,9 @@ def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, 
     flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
     x0 = {}
     for side in sides:
-        mean, std = cache[f"{side}_mean"][rows, flip_index], cache[f"{side}_std"][rows, flip_index]
-        x0[side] = backbone.latents_from_posterior(mean, std, generator).to(backbone.device)
+        # the cache stores bf16; the latent sample is drawn in fp32
+        mean, std = cache[f"{side}_mean"][rows, flip_index].float(), cache[f"{side}_std"][rows, flip_index].float()
+        x0[side] = to_device(backbone.latents_from_posterior(mean, std, generator), backbone.device)
     prompt_ids = cache["prompt_index"][rows].clone()
     if caption_dropout > 0:
         prompt_ids[torch.rand(n, generator=generator) < caption_dropout] = 0  # index 0 = ""
@@ -1097,14 +1223,14 @@ def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, 
 def random_inputs(backbone, n, resolution, generator, sides):
     """Random latents and embeddings of the right shapes (--benchmark_steps)."""
     shape = (n, *backbone.latent_shape(resolution))
-    x0 = {side: torch.randn(shape, generator=generator).to(backbone.device) for side in sides}
+    x0 = {side: to_device(torch.randn(shape, generator=generator), backbone.device) for side in sides}
     net_config = backbone.net.config
     if backbone.is_flow:
         cond = {"prompt_embeds": torch.randn(n, 77 + 128, net_config.joint_attention_dim, generator=generator),
                 "pooled_prompt_embeds": torch.randn(n, net_config.pooled_projection_dim, generator=generator)}
     else:
         cond = {"prompt_embeds": torch.randn(n, 77, net_config.cross_attention_dim, generator=generator)}
-    return x0, {key: value.to(backbone.device) for key, value in cond.items()}
+    return x0, {key: to_device(value, backbone.device) for key, value in cond.items()}
 
 
 def learner_and_ref_errors(backbone, x_t, t, cond, target):
@@ -1301,8 +1427,8 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
              after_optimizer_step=None):
     """The training loop both stages share.
 
-    `micro_batch_loss(rows, generator)` returns (loss, stats dict of floats)
-    for one micro-batch; this function accumulates it to the effective batch,
+    `micro_batch_loss(rows, generator)` returns (loss, stats dict of floats or
+    detached 0-dim tensors) for one micro-batch; this function accumulates it to the effective batch,
     averages gradients over processes, clips, steps AdamW, updates the EMA,
     logs, checkpoints, and resumes. `after_optimizer_step(step)` runs after
     each optimizer step (Stage 1 refreshes its sampling snapshot there).
@@ -1406,17 +1532,19 @@ def benchmark_clock(args):
 
 
 def report_benchmark(label, args, backbone, records):
-    """Print the --benchmark_steps figures as one JSON line (the first step is
-    a warm-up and is left out of the means)."""
-    steady = records[1:] or records
-    seconds = sum(r["step_seconds"] for r in steady) / len(steady)
+    """Print the --benchmark_steps figures as one JSON line: every step's time
+    (tests/benchmark.py drops its warm-up steps and takes the median) and,
+    for Stage 1, the policy sampler's time, network calls and rows per step."""
+    accum = args.gradient_accumulation_steps  # the records hold means over micro-batches
     result = {"label": label, "backbone": backbone.kind, "resolution": args.resolution,
-              "batch": args.effective_batch_size, "steps": len(steady), "seconds_per_step": seconds,
-              "samples_per_s": args.effective_batch_size / seconds, "peak_memory_gb": peak_memory_gb(backbone.device),
+              "batch": args.effective_batch_size, "step_seconds": [r["step_seconds"] for r in records],
+              "peak_memory_gb": peak_memory_gb(backbone.device),
               "device": torch.cuda.get_device_name() if backbone.device.type == "cuda" else "cpu"}
-    if "sampling_seconds" in steady[0]:  # Stage 1: the share of the step spent drawing policy samples
-        result["sampling_share"] = sum(r["sampling_seconds"] * args.gradient_accumulation_steps
-                                       for r in steady) / (seconds * len(steady))
+    for key in ("sampling_seconds", "sampler_calls", "sampler_rows"):
+        if key in records[0]:
+            result[key] = [r[key] * accum for r in records]
+    steady = result["step_seconds"][1:] or result["step_seconds"]
+    result["samples_per_s"] = args.effective_batch_size / sorted(steady)[len(steady) // 2]  # after one warm-up
     print("BENCHMARK " + json.dumps(result), flush=True)
     return result
 

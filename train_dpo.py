@@ -49,7 +49,7 @@ def main(argv=None):
         x0_win, x0_lose = x0["real"], x0["fake"]
 
         # 1. one noise and one timestep per pair, shared by winner and loser
-        noise = torch.randn(x0_win.shape, generator=generator).to(x0_win.device)
+        noise = common.to_device(torch.randn(x0_win.shape, generator=generator), x0_win.device)
         t = backbone.sample_timesteps(n, generator)
         x_t = torch.cat([backbone.add_noise(x0_win, noise, t), backbone.add_noise(x0_lose, noise, t)])
         target = torch.cat([backbone.target(x0_win, noise), backbone.target(x0_lose, noise)])
