@@ -325,6 +325,11 @@ class Backbone:
         if self.is_flow:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
             self.shift = float(self.scheduler.config.shift)
+            # The 1000-entry table of shifted training timesteps, kept apart
+            # because set_timesteps (the policy sampler) overwrites the
+            # scheduler's own copy (diffusers' SD-3 examples keep a scheduler
+            # copy for the same reason).
+            self.train_timesteps = self.scheduler.timesteps.clone().float().cpu()
         else:
             # Training noise follows DDPM whatever sampler the pipeline ships.
             self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -379,13 +384,20 @@ class Backbone:
     # ---- the forward process -------------------------------------------------
     def sample_timesteps(self, n, generator=None, device=None):
         """SD-1.5: uniform over the 1000 DDPM steps (integers).
-        SD-3: logit-normal u = sigmoid(N(0, 1)) mapped through the flow
-        scheduler's shift, sigma = s*u / (1 + (s-1)*u); t = 1000 * sigma."""
+        SD-3 (paper Sec. 3, as the public SD-3.5-M trainers do): u from
+        diffusers' logit-normal density (mean 0, std 1), then
+        t = scheduler.timesteps[floor(u * 1000)] over the 1000-step table,
+        which holds sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000, times 1000.
+        Drawn on the (CPU) generator, so the values are known on the host."""
         device = device or self.device
         if self.is_flow:
-            u = torch.sigmoid(torch.randn(n, generator=generator))
-            sigma = self.shift * u / (1 + (self.shift - 1) * u)
-            return (sigma * self.num_train_timesteps).to(device)
+            from diffusers.training_utils import compute_density_for_timestep_sampling
+
+            u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=0.0, logit_std=1.0,
+                                                      generator=generator)
+            # sigmoid rounds to 1.0 for z > ~17 in float32: stay inside the table
+            index = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+            return self.train_timesteps[index].to(device)
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(device)
 
     def _broadcast(self, values, like):
@@ -418,67 +430,92 @@ class Backbone:
         scale = self.pipe.vae_scale_factor
         return (self.net.config.in_channels, resolution // scale, resolution // scale)
 
-    # ---- Stage-1 policy sampling (SPEC §3 step 1) ----------------------------
+    # ---- Stage-1 policy sampling (paper Sec. 3, Diffusion-DRO's policy term) ----
     @torch.no_grad()
     def policy_trajectory_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1):
         """Run the guidance-free sampler with `net` (the frozen snapshot role),
-        one trajectory per entry of `cond`, and return the trajectory point
-        (x_t, t, prediction at x_t) of one random step k of each. Steps after
-        the largest k are never needed, so the loop stops there (exact, and
-        half the work on average).
+        one trajectory per entry of `cond`, and return per trajectory the point
+        (x_t, t, prediction at x_t) at K = `points_per_trajectory` random
+        timesteps; the prediction is the policy target. Outputs are
+        trajectory-major: [traj0 point0, traj0 point1, ..., traj1 point0, ...].
 
         SD-1.5: DPM-Solver++(2M), `num_steps` steps on the grid
                 t_i = offset + step_ratio * (num_steps - 1 - i), with a per-sample
                 integer offset in [0, step_ratio) so every training timestep can
-                be drawn (the Diffusion-DRO "timestep offset" trick).
-        SD-3:   flow-match Euler on the scheduler's shifted sigma grid.
+                be drawn (the Diffusion-DRO "timestep offset" trick); the points
+                sit at K distinct random steps of it.
+        SD-3:   the K timesteps are drawn from the training law (logit-normal
+                through the shift, `sample_timesteps`); flow-match Euler runs on
+                the scheduler's `num_steps`-step shifted grid down to each drawn
+                t, landing exactly on it (a per-sample grid: the grid points
+                above the sample's lowest t, plus its drawn t's). So the learner
+                trains at the same continuous timesteps on the policy side as on
+                the real side and in Stage 2 (README "Differences from the
+                public code").
 
-        `points_per_trajectory` K > 1 (opt-in, train_dro.py's flag of the same
-        name) returns K points at distinct random steps of each trajectory,
-        trajectory-major: [traj0 point0, traj0 point1, ..., traj1 point0, ...].
+        Truncation and compaction: a trajectory stops at its last point, and
+        finished rows are dropped from the batch as they stop, so the network
+        evaluates only the rows that still need it (about half the steps on
+        average for SD-1.5, 5-6 of 10 for SD-3). Every row's number of steps
+        is drawn on the CPU generator, so the shrinking row sets are known on
+        the host up front and the loop never waits for the device.
         """
         n = cond["prompt_embeds"].shape[0]
         K = points_per_trajectory
         x = torch.randn((n, *self.latent_shape(resolution)), generator=generator).to(self.device, torch.float32)
+        if self.is_flow:
+            return self._flow_points(net, cond, x, num_steps, generator, K)
+        return self._dpm_solver_points(net, cond, x, num_steps, generator, K)
+
+    def _flow_points(self, net, cond, x, num_steps, generator, K):
+        n = x.shape[0]
+        points = self.sample_timesteps(n * K, generator, device="cpu").view(n, K)  # the learner's t
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        grid = (self.scheduler.sigmas[:-1] * self.num_train_timesteps).tolist()  # 1000 ... > 0, in t units
+        stops, hits = [], []  # per row: its stops (t, descending) and {stop index: [point slots]}
+        for row in points.tolist():
+            # a grid point within 1e-3 of a drawn t is the same stop (no zero-length step)
+            stop_t = sorted(set(row) | {g for g in grid if g > min(row) and all(abs(g - p) > 1e-3 for p in row)},
+                            reverse=True)
+            stops.append(stop_t)
+            hits.append({j: [k for k, p in enumerate(row) if p == s] for j, s in enumerate(stop_t) if s in row})
+        plan = _CompactionPlan([len(s) for s in stops], hits, self.device)
+        # per stop: the active rows' t and the Euler step to their next stop (0 at their last stop)
+        t_stop = plan.to_device([[stops[r][j] for r in rows] for j, rows in enumerate(plan.rows)], torch.float32)
+        d_sigma = plan.to_device([[(stops[r][j + 1] - stops[r][j]) / self.num_train_timesteps
+                                   if j + 1 < len(stops[r]) else 0.0 for r in rows]
+                                  for j, rows in enumerate(plan.rows)], torch.float32)
+        out = plan.outputs(n, K, x.shape[1:])
+        for j in range(plan.num_stops):
+            x, cond = plan.compact(j, x, cond)
+            velocity = self.predict(net, x, t_stop[j], cond).float()
+            plan.record(j, out, x, velocity)
+            x = x + d_sigma[j].view(-1, 1, 1, 1) * velocity
+        return out[0].flatten(0, 1), points.to(self.device).flatten(), out[1].flatten(0, 1)
+
+    def _dpm_solver_points(self, net, cond, x, num_steps, generator, K):
+        n = x.shape[0]
         if K == 1:
             k = torch.randint(0, num_steps, (n, 1), generator=generator)
         else:  # K distinct steps per trajectory
             k = torch.stack([torch.randperm(num_steps, generator=generator)[:K] for _ in range(n)])
-        last_step = int(k.max())  # on the CPU: no host sync
-        k = k.to(self.device)
-        # outputs [n, K, ...], filled with torch.where: no host sync per step
-        out_x = torch.zeros((n, K, *x.shape[1:]), device=self.device)
-        out_pred = torch.zeros_like(out_x)
-        out_t = torch.zeros((n, K), device=self.device, dtype=torch.float32 if self.is_flow else torch.long)
-
-        def record(i, t, prediction):
-            hit = k == i  # [n, K]: the points taken at step i
-            mask = hit.view(n, K, *([1] * (x.ndim - 1)))
-            out_x.copy_(torch.where(mask, x.unsqueeze(1), out_x))
-            out_pred.copy_(torch.where(mask, prediction.unsqueeze(1), out_pred))
-            out_t.copy_(torch.where(hit, t.unsqueeze(1).to(out_t.dtype), out_t))
-
-        def trajectory_major():  # [n, K, ...] -> [n*K, ...]: traj0 point0, traj0 point1, ...
-            return out_x.flatten(0, 1), out_t.flatten(), out_pred.flatten(0, 1)
-
-        if self.is_flow:
-            self.scheduler.set_timesteps(num_steps, device=self.device)
-            sigmas = self.scheduler.sigmas.to(self.device, torch.float32)
-            for i in range(last_step + 1):
-                t = (sigmas[i] * self.num_train_timesteps).expand(n)
-                velocity = self.predict(net, x, t, cond).float()
-                record(i, t, velocity)
-                x = x + (sigmas[i + 1] - sigmas[i]) * velocity
-            return trajectory_major()
-
         step_ratio = self.num_train_timesteps // num_steps
-        offset = torch.randint(0, step_ratio, (n,), generator=generator).to(self.device)
+        offset = torch.randint(0, step_ratio, (n,), generator=generator)
+        hits = [{} for _ in range(n)]
+        for r, row in enumerate(k.tolist()):
+            for slot, step in enumerate(row):
+                hits[r].setdefault(step, []).append(slot)
+        plan = _CompactionPlan((k.max(dim=1).values + 1).tolist(), hits, self.device)
+        out = plan.outputs(n, K, x.shape[1:])
+        out_t = (offset.unsqueeze(1) + step_ratio * (num_steps - 1 - k)).to(self.device)
+        offset = offset.to(self.device)
         alpha_sigma = lambda t: (self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt())
         x0_prev, h_prev = None, None
-        for i in range(last_step + 1):
+        for i in range(plan.num_stops):
+            x, cond, offset, x0_prev, h_prev = plan.compact(i, x, cond, offset, x0_prev, h_prev)
             t = offset + step_ratio * (num_steps - 1 - i)
             eps = self.predict(net, x, t, cond).float()
-            record(i, t, eps)
+            plan.record(i, out, x, eps)
             # DPM-Solver++(2M) update to the next grid point (x0-parameterised).
             a_t, s_t = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t))
             x0 = (x - s_t * eps) / a_t
@@ -494,7 +531,61 @@ class Backbone:
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
             x = (s_n / s_t) * x - a_n * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        return trajectory_major()
+        return out[0].flatten(0, 1), out_t.flatten(), out[1].flatten(0, 1)
+
+
+class _CompactionPlan:
+    """Which rows of a batched sampling run are still running at each stop.
+
+    Row r makes `num_stops[r]` network evaluations; `hits[r]` maps a stop index
+    to the output slots recorded there. Rows that are done leave the batch
+    (the active sets only shrink), so a micro-batch of B trajectories costs
+    the sum of their lengths, not B times the longest. All index lists are
+    built on the host and copied to the device once."""
+
+    def __init__(self, num_stops, hits, device):
+        self.device = device
+        self.num_stops = max(num_stops)
+        self.rows, keep, rec = [], [], []
+        active = list(range(len(num_stops)))
+        for j in range(self.num_stops):
+            still = [p for p, r in enumerate(active) if num_stops[r] > j]
+            keep.append(still if len(still) < len(active) else None)
+            active = [active[p] for p in still]
+            self.rows.append(active)
+            rec.append([(p, r, slot) for p, r in enumerate(active) for slot in hits[r].get(j, [])])
+        self.keep = self.to_device([s or [] for s in keep], torch.long)
+        self.keep = [index if s is not None else None for index, s in zip(self.keep, keep)]
+        self.rec_pos, self.rec_row, self.rec_slot = (
+            self.to_device([[entry[i] for entry in stop] for stop in rec], torch.long) for i in range(3))
+
+    def to_device(self, lists, dtype):
+        """Host lists -> device tensors (views of one pinned, non-blocking copy)."""
+        flat = torch.tensor([v for values in lists for v in values], dtype=dtype)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        return list(torch.split(flat, [len(values) for values in lists]))
+
+    def outputs(self, n, K, shape):
+        """(x_t, prediction) buffers, [n, K, *shape]."""
+        return tuple(torch.zeros((n, K, *shape), device=self.device) for _ in range(2))
+
+    def compact(self, j, x, cond, *state):
+        """Drop the rows that have finished before stop j (x, cond and any per-row state)."""
+        index = self.keep[j]
+        if index is not None:
+            x = x.index_select(0, index)
+            cond = {key: value.index_select(0, index) for key, value in cond.items()}
+            state = tuple(None if s is None else s.index_select(0, index) for s in state)
+        return (x, cond, *state) if state else (x, cond)
+
+    def record(self, j, out, x, prediction):
+        """Store (x, prediction) of the rows whose point is at stop j."""
+        if len(self.rec_pos[j]):
+            pos, row, slot = self.rec_pos[j], self.rec_row[j], self.rec_slot[j]
+            out[0][row, slot] = x[pos]
+            out[1][row, slot] = prediction[pos]
 
 
 # =============================================================================

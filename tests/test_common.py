@@ -114,41 +114,96 @@ def test_latents_from_posterior_apply_shift_and_scale(backbones):
     assert torch.allclose(bb.latents_from_posterior(mean, std), torch.full_like(mean, expected))
 
 
+class RowCounter:
+    """Counts the batch rows a network evaluates (forward pre-hook)."""
+
+    def __init__(self, net):
+        self.rows = 0
+        self.handle = net.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.rows += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+    def remove(self):
+        self.handle.remove()
+
+
 def test_dpm_solver_trajectory_matches_diffusers(backbones):
-    """Our per-sample DPM-Solver++(2M) equals diffusers' scheduler on one grid."""
+    """Our batched, compacted DPM-Solver++(2M) equals diffusers' scheduler run
+    on each sample's own grid, and evaluates only the rows still running."""
     from diffusers import DPMSolverMultistepScheduler
 
     bb = backbones["sd15"]
-    cond = bb.encode_prompts(["a cat"])
-    num_steps = 20
-    # the same initial noise and an offset the test can reproduce: draw as the method does
+    prompts = ["a cat", "a dog", "a red ball", "a tree"]
+    n, num_steps = len(prompts), 20
+    cond = bb.encode_prompts(prompts)
+    counter = RowCounter(bb.net)
+    x_ours, t_ours, eps_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps,
+                                                          torch.Generator().manual_seed(12))
+    counter.remove()
+    # the same draws, in the method's order: initial noise, step k, grid offset
     g = torch.Generator().manual_seed(12)
-    x_ours, t_ours, eps_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps, g)
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn((1, *bb.latent_shape(32)), generator=g)
-    step = int(torch.randint(0, num_steps, (1,), generator=g))
-    offset = int(torch.randint(0, 50, (1,), generator=g))
-    scheduler = DPMSolverMultistepScheduler.from_config(bb.pipe.scheduler.config, algorithm_type="dpmsolver++",
-                                                        solver_order=2, lower_order_final=False)
-    grid = [offset + 50 * (num_steps - 1 - i) for i in range(num_steps)]
-    scheduler.set_timesteps(timesteps=grid)
-    assert step == 18  # this seed runs nearly the whole 20-step trajectory
-    for i, t in enumerate(grid[: step + 1]):
-        eps = bb.predict(bb.net, x, torch.tensor([t]), cond).detach()
-        if i == step:
-            break
-        x = scheduler.step(eps, t, x).prev_sample
-    assert int(t_ours) == grid[step]
-    assert torch.allclose(x_ours, x, atol=1e-4) and torch.allclose(eps_ours, eps, atol=1e-4)
+    x_all = torch.randn((n, *bb.latent_shape(32)), generator=g)
+    steps = torch.randint(0, num_steps, (n, 1), generator=g)[:, 0].tolist()
+    offsets = torch.randint(0, 50, (n,), generator=g).tolist()
+    assert len(set(steps)) > 1  # rows of different lengths: compaction has something to drop
+    # compaction: each row costs its own number of steps, not the longest row's
+    assert counter.rows == sum(k + 1 for k in steps) < n * (max(steps) + 1)
+    for row in range(n):
+        scheduler = DPMSolverMultistepScheduler.from_config(bb.pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                            solver_order=2, lower_order_final=False)
+        grid = [offsets[row] + 50 * (num_steps - 1 - i) for i in range(num_steps)]
+        scheduler.set_timesteps(timesteps=grid)
+        x = x_all[row : row + 1]
+        row_cond = {key: value[row : row + 1] for key, value in cond.items()}
+        for i, t in enumerate(grid[: steps[row] + 1]):
+            eps = bb.predict(bb.net, x, torch.tensor([t]), row_cond).detach()
+            if i == steps[row]:
+                break
+            x = scheduler.step(eps, t, x).prev_sample
+        assert int(t_ours[row]) == grid[steps[row]]
+        # batched vs one-row forwards differ by float rounding only
+        assert torch.allclose(x_ours[row], x[0], atol=1e-4) and torch.allclose(eps_ours[row], eps[0], atol=1e-4)
 
 
-def test_flow_euler_trajectory_point_is_on_the_shifted_grid(backbones):
+def test_flow_trajectory_points_land_on_their_drawn_timesteps(backbones):
+    """SD-3: each trajectory runs the 10-step shifted Euler grid down to its own
+    logit-normal t and lands exactly there. The compacted sampler equals a
+    plain, uncompacted Euler loop over each row's grid, and evaluates fewer
+    network rows."""
     bb = backbones["sd3"]
-    cond = bb.encode_prompts(["a", "b", "c"])
-    _, t, _ = bb.policy_trajectory_point(bb.net, cond, 32, 10, torch.Generator().manual_seed(0))
-    bb.scheduler.set_timesteps(10)
+    prompts = ["a", "b", "c", "d", "e", "f"]
+    n, num_steps = len(prompts), 10
+    cond = bb.encode_prompts(prompts)
+    counter = RowCounter(bb.net)
+    x_ours, t_ours, v_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps,
+                                                        torch.Generator().manual_seed(3))
+    compacted_rows = counter.rows
+    # the same draws: initial noise, then the row's t from the training law
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((n, *bb.latent_shape(32)), generator=g)
+    t_drawn = bb.sample_timesteps(n, g, device="cpu")
+    assert torch.equal(t_ours, t_drawn)
+    assert all(float(t) in bb.train_timesteps.tolist() for t in t_ours)  # the scheduler's 1000-step table
+    bb.scheduler.set_timesteps(num_steps)
     grid = (bb.scheduler.sigmas[:-1] * 1000).tolist()
-    assert all(min(abs(v - g) for g in grid) < 1e-3 for v in t.tolist())
+    # uncompacted: every row stays in the batch for the longest row's stops
+    stops = [sorted({g_ for g_ in grid if g_ > t + 1e-3} | {t}, reverse=True) for t in t_drawn.tolist()]
+    longest = max(len(s) for s in stops)
+    assert min(len(s) for s in stops) < longest
+    counter.rows = 0
+    for j in range(longest):
+        t = torch.tensor([s[min(j, len(s) - 1)] for s in stops])
+        v = bb.predict(bb.net, x, t, cond).detach()
+        for row, s in enumerate(stops):
+            if j == len(s) - 1:  # the row's last stop: its point
+                assert torch.allclose(x_ours[row], x[row], atol=1e-4)
+                assert torch.allclose(v_ours[row], v[row], atol=1e-4)
+        step = torch.tensor([(s[j + 1] - s[j]) / 1000 if j + 1 < len(s) else 0.0 for s in stops])
+        x = x + step.view(-1, 1, 1, 1) * v
+    counter.remove()
+    assert counter.rows == n * longest
+    assert compacted_rows == sum(len(s) for s in stops) < n * longest
 
 
 def test_several_points_per_trajectory(backbones):
