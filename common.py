@@ -601,8 +601,11 @@ LEARNER, REF, POLICY = "learner", "ref", "policy"
 LORA_TARGETS = {
     # SD-1.5: UNet attention projections (SPEC §3)
     "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
-    # SD-3.5-M: MMDiT joint-attention projections, image and text stream
-    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    # SD-3.5-M: the joint attention of each MMDiT block (image and text stream)
+    # only. The "attn." prefix keeps the second, image-only attention `attn2`
+    # of SD-3.5-M's dual-attention blocks un-adapted, as in the public code.
+    "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+            "attn.add_v_proj", "attn.to_add_out"],
 }
 
 
@@ -726,30 +729,46 @@ def save_lora_checkpoint(backbone, state_dict, config, directory):
 
 
 class LoraEMA:
-    """Exponential moving average of the learner's LoRA weights (SPEC §3).
+    """Exponential moving average of the learner's LoRA weights (paper Sec. 3).
+    The shadow starts as a copy of the weights at the start of the stage
+    (the initial LoRA); checkpoints hold the shadow.
 
-    SD-1.5 follows diffusers' EMAModel defaults: at the n-th update (n = 0, 1,
-    ...) decay = 0 for n = 0, else min(max_decay, (1 + n) / (10 + n)).
-    SD-3.5-M (flow_grpo): a fixed decay 0.9 applied every 8 optimizer steps.
+    schedule "diffusers" (SD-1.5: diffusers' EMAModel defaults): one update
+        per `update_every` optimizer steps; at the n-th update (n = 0, 1, ...)
+        decay = 0 for n = 0, else min(max_decay, (1 + n) / (10 + n)).
+    schedule "flow_grpo" (SD-3.5-M: flow_grpo's EMA, decay 0.9, interval 8):
+        after optimizer step s (s = 1, 2, ...) the shadow is updated only when
+        (s + 1) % update_every == 0 (s = 7, 15, 23, ... for 8), with
+        decay = min(max_decay, (1 + s) / (10 + s)), s being the optimizer step.
+    Both update as shadow <- decay * shadow + (1 - decay) * weights.
     """
 
-    def __init__(self, params, max_decay=0.9999, update_every=1, warmup=True):
+    SCHEDULES = ("diffusers", "flow_grpo")
+
+    def __init__(self, params, max_decay=0.9999, update_every=1, schedule="diffusers"):
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown EMA schedule {schedule!r}; choose from {self.SCHEDULES}")
         self.shadow = [p.detach().clone().float() for p in params]
-        self.max_decay, self.update_every, self.warmup = max_decay, update_every, warmup
+        self.max_decay, self.update_every, self.schedule = max_decay, update_every, schedule
         self.num_updates = 0
 
-    def decay(self):
+    def decay(self, optimizer_step):
+        if self.schedule == "flow_grpo":
+            return min(self.max_decay, (1 + optimizer_step) / (10 + optimizer_step))
         n = self.num_updates
-        if not self.warmup:
-            return self.max_decay
         return 0.0 if n == 0 else min(self.max_decay, (1 + n) / (10 + n))
+
+    def is_update_step(self, optimizer_step):
+        if self.schedule == "flow_grpo":
+            return (optimizer_step + 1) % self.update_every == 0
+        return optimizer_step % self.update_every == 0
 
     @torch.no_grad()
     def step(self, params, optimizer_step):
         """Call after optimizer step number `optimizer_step` (1-based)."""
-        if optimizer_step % self.update_every:
+        if not self.is_update_step(optimizer_step):
             return
-        decay = self.decay()
+        decay = self.decay(optimizer_step)
         for shadow, p in zip(self.shadow, params, strict=True):
             shadow.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
         self.num_updates += 1
@@ -962,15 +981,17 @@ class PickScorer:
 # backbone keeps in both stages, then what each stage sets.
 BACKBONE_DEFAULTS = {
     "sd15": dict(lora_rank=4, lora_alpha=4, weight_decay=0.01, train_batch_size=4, ema_decay=0.9999, ema_every=1,
-                 ema_warmup=True, guidance_scale=7.5),
+                 ema_schedule="diffusers", guidance_scale=7.5),
     "sd3": dict(lora_rank=32, lora_alpha=64, weight_decay=1e-4, train_batch_size=1, ema_decay=0.9, ema_every=8,
-                ema_warmup=False, guidance_scale=4.5),
+                ema_schedule="flow_grpo", guidance_scale=4.5),
 }
 STAGE_DEFAULTS = {
     "dro": {"sd15": dict(learning_rate=1e-4, lr_warmup_steps=0, max_train_steps=3200, use_ema=True, sampler_steps=20),
             "sd3": dict(learning_rate=2e-4, lr_warmup_steps=0, max_train_steps=3200, use_ema=True, sampler_steps=10)},
     "dpo": {"sd15": dict(learning_rate=2.56e-6, lr_warmup_steps=125, max_train_steps=1000, use_ema=False, beta=2000.0),
-            "sd3": dict(learning_rate=2.56e-6, lr_warmup_steps=0, max_train_steps=1000, use_ema=False, beta=100.0)},
+            # SD-3.5-M Stage 2 keeps an EMA: the public config trains with it, so
+            # Table 1's step-450 checkpoint holds EMA weights
+            "sd3": dict(learning_rate=2.56e-6, lr_warmup_steps=0, max_train_steps=1000, use_ema=True, beta=100.0)},
 }
 
 
@@ -1005,9 +1026,9 @@ def add_training_args(parser):
     g.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (SD-1.5 4, SD-3 32); ignored with --init_lora")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (SD-1.5 4, SD-3 64)")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="checkpoints hold an EMA of the LoRA weights (Stage 1 default on, Stage 2 off)")
-    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay (SD-1.5 0.9999 with warm-up, SD-3 0.9)")
-    g.add_argument("--ema_every", type=int, default=None, help="EMA update interval in optimizer steps (SD-3 8)")
+                   help="checkpoints hold an EMA of the LoRA weights (default on, except SD-1.5 Stage 2)")
+    g.add_argument("--ema_decay", type=float, default=None, help="largest EMA decay (SD-1.5 0.9999, diffusers' warm-up; SD-3 0.9, flow_grpo's schedule)")
+    g.add_argument("--ema_every", type=int, default=None, help="EMA update interval in optimizer steps (SD-1.5 1, SD-3 8)")
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("run")
@@ -1339,7 +1360,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     net = backbone.net
     params = role_parameters(net, LEARNER)
     optimizer, lr_scheduler = make_optimizer(args, params)
-    ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_warmup) if args.use_ema else None
+    ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_schedule) if args.use_ema else None
     # One generator per process drives every random choice of the step (rows'
     # flips, noise, timesteps, caption dropout, policy samples), so a resumed
     # run draws exactly what an uninterrupted one would (SPEC §6.4, §6.6).

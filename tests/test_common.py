@@ -259,6 +259,46 @@ def test_lora_roles_and_checkpoint_round_trip(kind, tiny_models, tmp_path):
     assert next(iter(net.peft_config.values())).lora_alpha == 8  # alpha != rank survives
 
 
+# the public SD-3.5-M LoRA's target names (joint attention only)
+PUBLIC_SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                      "attn.add_v_proj", "attn.to_add_out"]
+
+
+def test_sd3_lora_adapts_joint_attention_only_and_loads_the_public_key_set(tiny_models, tmp_path):
+    """The tiny SD-3 has a dual-attention block (attn + attn2) like SD-3.5-M.
+    Our checkpoint holds exactly the public key set (no attn2), and a LoRA
+    saved with that key set loads key for key."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    modules = dict(bb.net.named_modules())
+    assert any(name.endswith("attn2.to_q") for name in modules)  # the test model has an attn2 to leave alone
+    expected = sorted(f"transformer_blocks.{i}.{target}.lora_{ab}.weight"
+                      for i in range(len(bb.net.transformer_blocks)) for target in PUBLIC_SD3_TARGETS
+                      if f"transformer_blocks.{i}.{target}" in modules for ab in "AB")
+    config = common.setup_lora_roles(bb, [common.LEARNER], rank=4, alpha=8)
+    ours = common.lora_state_dict(bb.net, common.LEARNER)
+    assert sorted(ours) == expected
+    common.save_lora_checkpoint(bb, ours, config, tmp_path / "ours")
+    saved = sorted(load_file(tmp_path / "ours" / "pytorch_lora_weights.safetensors"))
+    assert saved == ["transformer." + key for key in expected] and not any("attn2" in key for key in saved)
+
+    # a LoRA with the public key set (random values, rank 4, no adapter metadata)
+    g = torch.Generator().manual_seed(0)
+    public = {}
+    for key in expected:
+        layer = modules[key.split(".lora_")[0]]
+        shape = (4, layer.in_features) if ".lora_A." in key else (layer.out_features, 4)
+        public[key] = torch.randn(shape, generator=g)
+    type(bb.pipe).save_lora_weights(str(tmp_path / "public"), transformer_lora_layers=public)
+    fresh = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    common.load_lora_into(fresh, str(tmp_path / "public"), "loaded")
+    loaded = get_peft_model_state_dict(fresh.net, adapter_name="loaded")
+    assert sorted(loaded) == expected  # nothing missing, nothing unexpected
+    assert all(torch.equal(loaded[key], public[key]) for key in expected)
+
+
 def test_lora_of_the_other_backbone_is_refused(tiny_models, tmp_path):
     bb = common.Backbone(common.load_pipeline(tiny_models["sd15"]), "cpu")
     config = common.setup_lora_roles(bb, [common.LEARNER], rank=4, alpha=4)
@@ -277,13 +317,30 @@ def test_ema_follows_diffusers_default_schedule():
     p.data.fill_(0.0)
     ema.step([p], 2)  # second: decay (1 + 1) / (10 + 1)
     assert torch.allclose(ema.shadow[0], torch.full((3,), 2 / 11))
-    every8 = common.LoraEMA([p], max_decay=0.9, update_every=8, warmup=False)
-    p.data.fill_(1.0)
-    for step in range(1, 8):
-        every8.step([p], step)
-    assert torch.equal(every8.shadow[0], torch.zeros(3))  # no update before step 8
-    every8.step([p], 8)
-    assert torch.allclose(every8.shadow[0], torch.full((3,), 0.1))
+
+
+def test_ema_follows_flow_grpo_schedule_over_24_steps():
+    """SD-3.5-M (flow_grpo's EMA, decay 0.9, interval 8): the shadow starts at
+    the stage's initial LoRA and is updated only after optimizer steps 7, 15
+    and 23, with decay min((1 + s) / (10 + s), 0.9). The weight after step s
+    is s here, the initial weight 0; by hand:
+      s = 7:  d = 8/17,  shadow = 9/17 * 7                  = 63/17
+      s = 15: d = 16/25, shadow = 16/25 * 63/17 + 9/25 * 15 = 3303/425
+      s = 23: d = 24/33, shadow = 8/11 * 3303/425 + 3/11 * 23"""
+    p = torch.nn.Parameter(torch.zeros(2))
+    ema = common.LoraEMA([p], max_decay=0.9, update_every=8, schedule="flow_grpo")
+    expected = {7: 63 / 17, 15: 3303 / 425, 23: 8 / 11 * 3303 / 425 + 3 / 11 * 23}
+    value, seen = 0.0, []
+    for step in range(1, 25):
+        p.data.fill_(float(step))
+        ema.step([p], step)
+        value = expected.get(step, value)  # unchanged between updates
+        seen.append(ema.shadow[0][0].item())
+        assert ema.shadow[0].tolist() == pytest.approx([value, value], rel=1e-6), step
+    assert ema.num_updates == 3
+    print("flow_grpo EMA shadow after steps 1..24:", [round(v, 4) for v in seen])
+    # the cap: from s = 80 on, (1 + s) / (10 + s) > 0.9, so the decay is 0.9
+    assert ema.decay(79) == pytest.approx(80 / 89) and ema.decay(81) == 0.9 and ema.decay(1000) == 0.9
 
 
 # ---------------------------------------------------------------- input cache
