@@ -266,25 +266,16 @@ def peak_memory_gb(device) -> float:
 
 
 def load_pipeline(model, dtype=torch.float32, inpainting=False):
-    """Load a diffusers pipeline from a hub id or a local folder.
-
-    Components that the folder lists as null (a tiny SD-3 model without T5, say)
-    load as None. Any loading failure becomes one UserError naming the model.
-    """
+    """Load a diffusers pipeline from a hub id or a local folder. Any loading
+    failure becomes one UserError naming the model."""
     from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 
-    kwargs = {"dtype": dtype}
     index_file = Path(model) / "model_index.json"
     if Path(model).exists() and not index_file.exists():
         raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-    if index_file.exists():
-        # pass explicit None for components saved as null (SD-3 without T5)
-        for name, value in json.loads(index_file.read_text()).items():
-            if isinstance(value, list) and value[0] is None:
-                kwargs[name] = None
     cls = StableDiffusionInpaintPipeline if inpainting else DiffusionPipeline
     try:
-        pipe = cls.from_pretrained(model, **kwargs)
+        pipe = cls.from_pretrained(model, dtype=dtype)
     except Exception as err:  # OSError, EnvironmentError, HF hub errors, ...
         raise UserError(
             f"could not load the diffusers pipeline '{model}': {type(err).__name__}: {str(err).splitlines()[0]}"
@@ -1496,6 +1487,23 @@ def _tiny_text_encoder(with_projection, hidden=32, projection=32):
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
+def _tiny_t5(d_model=64):
+    """A tiny T5 encoder and its tokenizer (SD-3's third text encoder), built
+    offline: T5TokenizerFast over a Unigram vocabulary of single characters
+    (each also with the word-start marker), plus T5's special tokens."""
+    import string
+
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=16, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return T5EncoderModel(config), tokenizer
+
+
 def _tiny_vae(**extra):
     from diffusers import AutoencoderKL
 
@@ -1508,9 +1516,9 @@ def build_tiny_model(kind, directory):
     """Build one tiny model with random weights (seeded) and save it.
 
     kind: "sd15" (StableDiffusionPipeline), "sd15-inpaint"
-    (StableDiffusionInpaintPipeline), "sd3" (StableDiffusion3Pipeline with two
-    CLIP encoders and no T5), "clip" (CLIPModel + processor, a PickScore
-    stand-in). The VAE downsamples by 2, so 32 px images give 16x16 latents."""
+    (StableDiffusionInpaintPipeline), "sd3" (StableDiffusion3Pipeline with
+    CLIP-L, CLIP-G and T5 stand-ins, as SD-3.5-M), "clip" (CLIPModel +
+    processor, a PickScore stand-in). The VAE downsamples by 2, so 32 px images give 16x16 latents."""
     from diffusers import (FlowMatchEulerDiscreteScheduler, PNDMScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
                            UNet2DConditionModel)
@@ -1535,7 +1543,11 @@ def build_tiny_model(kind, directory):
                    tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     elif kind == "sd3":
-        # MMDiT-X like SD-3.5-M: QK RMS-norm and one dual-attention layer
+        # MMDiT-X like SD-3.5-M: QK RMS-norm and one dual-attention layer. As in
+        # the real model, the joint attention width is T5's, and the two CLIP
+        # encoders' concatenated states (16 + 16 here, 768 + 1280 there) are
+        # zero-padded to it by the pipeline; pooled = both CLIP projections.
+        text_encoder_3, tokenizer_3 = _tiny_t5(d_model=64)
         transformer = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
@@ -1544,9 +1556,9 @@ def build_tiny_model(kind, directory):
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
             vae=_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                           use_post_quant_conv=False),
-            text_encoder=_tiny_text_encoder(True), tokenizer=tokenizer,
-            text_encoder_2=_tiny_text_encoder(True), tokenizer_2=tokenizer,
-            text_encoder_3=None, tokenizer_3=None)
+            text_encoder=_tiny_text_encoder(True, hidden=16), tokenizer=tokenizer,
+            text_encoder_2=_tiny_text_encoder(True, hidden=16), tokenizer_2=tokenizer,
+            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     elif kind == "clip":
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
