@@ -1547,11 +1547,11 @@ def build_tiny_model(kind, directory):
         # the real model, the joint attention width is T5's, and the two CLIP
         # encoders' concatenated states (16 + 16 here, 768 + 1280 there) are
         # zero-padded to it by the pipeline; pooled = both CLIP projections.
-        text_encoder_3, tokenizer_3 = _tiny_t5(d_model=64)
         transformer = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
             pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
+        text_encoder_3, tokenizer_3 = _tiny_t5(d_model=64)
         pipe = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
             vae=_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
