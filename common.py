@@ -270,25 +270,16 @@ def peak_memory_gb(device) -> float:
 
 
 def load_pipeline(model, dtype=torch.float32, inpainting=False):
-    """Load a diffusers pipeline from a hub id or a local folder.
-
-    Components that the folder lists as null (a tiny SD-3 model without T5, say)
-    load as None. Any loading failure becomes one UserError naming the model.
-    """
+    """Load a diffusers pipeline from a hub id or a local folder. Any loading
+    failure becomes one UserError naming the model."""
     from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 
-    kwargs = {"dtype": dtype}
     index_file = Path(model) / "model_index.json"
     if Path(model).exists() and not index_file.exists():
         raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-    if index_file.exists():
-        # pass explicit None for components saved as null (SD-3 without T5)
-        for name, value in json.loads(index_file.read_text()).items():
-            if isinstance(value, list) and value[0] is None:
-                kwargs[name] = None
     cls = StableDiffusionInpaintPipeline if inpainting else DiffusionPipeline
     try:
-        pipe = cls.from_pretrained(model, **kwargs)
+        pipe = cls.from_pretrained(model, dtype=dtype)
     except Exception as err:  # OSError, EnvironmentError, HF hub errors, ...
         raise UserError(
             f"could not load the diffusers pipeline '{model}': {type(err).__name__}: {str(err).splitlines()[0]}"
@@ -329,6 +320,11 @@ class Backbone:
         if self.is_flow:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
             self.shift = float(self.scheduler.config.shift)
+            # The 1000-entry table of shifted training timesteps, kept apart
+            # because set_timesteps (the policy sampler) overwrites the
+            # scheduler's own copy (diffusers' SD-3 examples keep a scheduler
+            # copy for the same reason).
+            self.train_timesteps = self.scheduler.timesteps.clone().float().cpu()
         else:
             # Training noise follows DDPM whatever sampler the pipeline ships.
             self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -386,13 +382,20 @@ class Backbone:
     # ---- the forward process -------------------------------------------------
     def sample_timesteps(self, n, generator=None, device=None):
         """SD-1.5: uniform over the 1000 DDPM steps (integers).
-        SD-3: logit-normal u = sigmoid(N(0, 1)) mapped through the flow
-        scheduler's shift, sigma = s*u / (1 + (s-1)*u); t = 1000 * sigma."""
+        SD-3 (paper Sec. 3, as the public SD-3.5-M trainers do): u from
+        diffusers' logit-normal density (mean 0, std 1), then
+        t = scheduler.timesteps[floor(u * 1000)] over the 1000-step table,
+        which holds sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000, times 1000.
+        Drawn on the (CPU) generator, so the values are known on the host."""
         device = device or self.device
         if self.is_flow:
-            u = torch.sigmoid(torch.randn(n, generator=generator))
-            sigma = self.shift * u / (1 + (self.shift - 1) * u)
-            return to_device(sigma * self.num_train_timesteps, device)
+            from diffusers.training_utils import compute_density_for_timestep_sampling
+
+            u = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=0.0, logit_std=1.0,
+                                                      generator=generator)
+            # sigmoid rounds to 1.0 for z > ~17 in float32: stay inside the table
+            index = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+            return to_device(self.train_timesteps[index], device)
         return to_device(torch.randint(0, self.num_train_timesteps, (n,), generator=generator), device)
 
     def _broadcast(self, values, like):
@@ -427,70 +430,95 @@ class Backbone:
         scale = self.pipe.vae_scale_factor
         return (self.net.config.in_channels, resolution // scale, resolution // scale)
 
-    # ---- Stage-1 policy sampling (SPEC §3 step 1) ----------------------------
+    # ---- Stage-1 policy sampling (paper Sec. 3, Diffusion-DRO's policy term) ----
     # Hand-written rather than diffusers' DPMSolverMultistepScheduler: that
     # scheduler steps one timestep shared by the whole batch, while each sample
     # here has its own timestep grid (per-sample offset) and its own stop step.
     @torch.no_grad()
     def policy_trajectory_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1):
         """Run the guidance-free sampler with `net` (the frozen snapshot role),
-        one trajectory per entry of `cond`, and return the trajectory point
-        (x_t, t, prediction at x_t) of one random step k of each. Steps after
-        the largest k are never needed, so the loop stops there (exact, and
-        half the work on average).
+        one trajectory per entry of `cond`, and return per trajectory the point
+        (x_t, t, prediction at x_t) at K = `points_per_trajectory` random
+        timesteps; the prediction is the policy target. Outputs are
+        trajectory-major: [traj0 point0, traj0 point1, ..., traj1 point0, ...].
 
         SD-1.5: DPM-Solver++(2M), `num_steps` steps on the grid
                 t_i = offset + step_ratio * (num_steps - 1 - i), with a per-sample
                 integer offset in [0, step_ratio) so every training timestep can
-                be drawn (the Diffusion-DRO "timestep offset" trick).
-        SD-3:   flow-match Euler on the scheduler's shifted sigma grid.
+                be drawn (the Diffusion-DRO "timestep offset" trick); the points
+                sit at K distinct random steps of it.
+        SD-3:   the K timesteps are drawn from the training law (logit-normal
+                through the shift, `sample_timesteps`); flow-match Euler runs on
+                the scheduler's `num_steps`-step shifted grid down to each drawn
+                t, landing exactly on it (a per-sample grid: the grid points
+                above the sample's lowest t, plus its drawn t's). So the learner
+                trains at the same continuous timesteps on the policy side as on
+                the real side and in Stage 2 (README "Differences from the
+                public code").
 
-        `points_per_trajectory` K > 1 (opt-in, train_dro.py's flag of the same
-        name) returns K points at distinct random steps of each trajectory,
-        trajectory-major: [traj0 point0, traj0 point1, ..., traj1 point0, ...].
+        Truncation and compaction: a trajectory stops at its last point, and
+        finished rows are dropped from the batch as they stop, so the network
+        evaluates only the rows that still need it (about half the steps on
+        average for SD-1.5, 5-6 of 10 for SD-3). Every row's number of steps
+        is drawn on the CPU generator, so the shrinking row sets are known on
+        the host up front and the loop never waits for the device.
         """
         n = cond["prompt_embeds"].shape[0]
         K = points_per_trajectory
         x = torch.randn((n, *self.latent_shape(resolution)), generator=generator).to(self.device, torch.float32)
+        if self.is_flow:
+            return self._flow_points(net, cond, x, num_steps, generator, K)
+        return self._dpm_solver_points(net, cond, x, num_steps, generator, K)
+
+    def _flow_points(self, net, cond, x, num_steps, generator, K):
+        n = x.shape[0]
+        points = self.sample_timesteps(n * K, generator, device="cpu").view(n, K)  # the learner's t
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        grid = (self.scheduler.sigmas[:-1] * self.num_train_timesteps).tolist()  # 1000 ... > 0, in t units
+        stops, hits = [], []  # per row: its stops (t, descending) and {stop index: [point slots]}
+        for row in points.tolist():
+            # a grid point within 1e-3 of a drawn t is the same stop (no zero-length step)
+            stop_t = sorted(set(row) | {g for g in grid if g > min(row) and all(abs(g - p) > 1e-3 for p in row)},
+                            reverse=True)
+            stops.append(stop_t)
+            hits.append({j: [k for k, p in enumerate(row) if p == s] for j, s in enumerate(stop_t) if s in row})
+        plan = _CompactionPlan([len(s) for s in stops], hits, self.device)
+        # per stop: the active rows' t and the Euler step to their next stop (0 at their last stop)
+        t_stop = plan.to_device([[stops[r][j] for r in rows] for j, rows in enumerate(plan.rows)], torch.float32)
+        d_sigma = plan.to_device([[(stops[r][j + 1] - stops[r][j]) / self.num_train_timesteps
+                                   if j + 1 < len(stops[r]) else 0.0 for r in rows]
+                                  for j, rows in enumerate(plan.rows)], torch.float32)
+        out = plan.outputs(n, K, x.shape[1:])
+        for j in range(plan.num_stops):
+            x, cond = plan.compact(j, x, cond)
+            velocity = self.predict(net, x, t_stop[j], cond).float()
+            plan.record(j, out, x, velocity)
+            x = x + d_sigma[j].view(-1, 1, 1, 1) * velocity
+        return out[0].flatten(0, 1), points.to(self.device).flatten(), out[1].flatten(0, 1)
+
+    def _dpm_solver_points(self, net, cond, x, num_steps, generator, K):
+        n = x.shape[0]
         if K == 1:
             k = torch.randint(0, num_steps, (n, 1), generator=generator)
         else:  # K distinct steps per trajectory
             k = torch.stack([torch.randperm(num_steps, generator=generator)[:K] for _ in range(n)])
-        last_step = int(k.max())  # on the CPU: no host sync
-        k = k.to(self.device)
-        # outputs [n, K, ...], filled with torch.where: no host sync per step
-        out_x = torch.zeros((n, K, *x.shape[1:]), device=self.device)
-        out_pred = torch.zeros_like(out_x)
-        out_t = torch.zeros((n, K), device=self.device, dtype=torch.float32 if self.is_flow else torch.long)
-
-        def record(i, t, prediction):
-            hit = k == i  # [n, K]: the points taken at step i
-            mask = hit.view(n, K, *([1] * (x.ndim - 1)))
-            out_x.copy_(torch.where(mask, x.unsqueeze(1), out_x))
-            out_pred.copy_(torch.where(mask, prediction.unsqueeze(1), out_pred))
-            out_t.copy_(torch.where(hit, t.unsqueeze(1).to(out_t.dtype), out_t))
-
-        def trajectory_major():  # [n, K, ...] -> [n*K, ...]: traj0 point0, traj0 point1, ...
-            return out_x.flatten(0, 1), out_t.flatten(), out_pred.flatten(0, 1)
-
-        if self.is_flow:
-            self.scheduler.set_timesteps(num_steps, device=self.device)
-            sigmas = self.scheduler.sigmas.to(self.device, torch.float32)
-            for i in range(last_step + 1):
-                t = (sigmas[i] * self.num_train_timesteps).expand(n)
-                velocity = self.predict(net, x, t, cond).float()
-                record(i, t, velocity)
-                x = x + (sigmas[i + 1] - sigmas[i]) * velocity
-            return trajectory_major()
-
         step_ratio = self.num_train_timesteps // num_steps
-        offset = torch.randint(0, step_ratio, (n,), generator=generator).to(self.device)
+        offset = torch.randint(0, step_ratio, (n,), generator=generator)
+        hits = [{} for _ in range(n)]
+        for r, row in enumerate(k.tolist()):
+            for slot, step in enumerate(row):
+                hits[r].setdefault(step, []).append(slot)
+        plan = _CompactionPlan((k.max(dim=1).values + 1).tolist(), hits, self.device)
+        out = plan.outputs(n, K, x.shape[1:])
+        out_t = (offset.unsqueeze(1) + step_ratio * (num_steps - 1 - k)).to(self.device)
+        offset = offset.to(self.device)
         alpha_sigma = lambda t: (self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt())
         x0_prev, h_prev = None, None
-        for i in range(last_step + 1):
+        for i in range(plan.num_stops):
+            x, cond, offset, x0_prev, h_prev = plan.compact(i, x, cond, offset, x0_prev, h_prev)
             t = offset + step_ratio * (num_steps - 1 - i)
             eps = self.predict(net, x, t, cond).float()
-            record(i, t, eps)
+            plan.record(i, out, x, eps)
             # DPM-Solver++(2M) update to the next grid point (x0-parameterised).
             a_t, s_t = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t))
             x0 = (x - s_t * eps) / a_t
@@ -506,7 +534,61 @@ class Backbone:
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
             x = (s_n / s_t) * x - a_n * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        return trajectory_major()
+        return out[0].flatten(0, 1), out_t.flatten(), out[1].flatten(0, 1)
+
+
+class _CompactionPlan:
+    """Which rows of a batched sampling run are still running at each stop.
+
+    Row r makes `num_stops[r]` network evaluations; `hits[r]` maps a stop index
+    to the output slots recorded there. Rows that are done leave the batch
+    (the active sets only shrink), so a micro-batch of B trajectories costs
+    the sum of their lengths, not B times the longest. All index lists are
+    built on the host and copied to the device once."""
+
+    def __init__(self, num_stops, hits, device):
+        self.device = device
+        self.num_stops = max(num_stops)
+        self.rows, keep, rec = [], [], []
+        active = list(range(len(num_stops)))
+        for j in range(self.num_stops):
+            still = [p for p, r in enumerate(active) if num_stops[r] > j]
+            keep.append(still if len(still) < len(active) else None)
+            active = [active[p] for p in still]
+            self.rows.append(active)
+            rec.append([(p, r, slot) for p, r in enumerate(active) for slot in hits[r].get(j, [])])
+        self.keep = self.to_device([s or [] for s in keep], torch.long)
+        self.keep = [index if s is not None else None for index, s in zip(self.keep, keep)]
+        self.rec_pos, self.rec_row, self.rec_slot = (
+            self.to_device([[entry[i] for entry in stop] for stop in rec], torch.long) for i in range(3))
+
+    def to_device(self, lists, dtype):
+        """Host lists -> device tensors (views of one pinned, non-blocking copy)."""
+        flat = torch.tensor([v for values in lists for v in values], dtype=dtype)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        return list(torch.split(flat, [len(values) for values in lists]))
+
+    def outputs(self, n, K, shape):
+        """(x_t, prediction) buffers, [n, K, *shape]."""
+        return tuple(torch.zeros((n, K, *shape), device=self.device) for _ in range(2))
+
+    def compact(self, j, x, cond, *state):
+        """Drop the rows that have finished before stop j (x, cond and any per-row state)."""
+        index = self.keep[j]
+        if index is not None:
+            x = x.index_select(0, index)
+            cond = {key: value.index_select(0, index) for key, value in cond.items()}
+            state = tuple(None if s is None else s.index_select(0, index) for s in state)
+        return (x, cond, *state) if state else (x, cond)
+
+    def record(self, j, out, x, prediction):
+        """Store (x, prediction) of the rows whose point is at stop j."""
+        if len(self.rec_pos[j]):
+            pos, row, slot = self.rec_pos[j], self.rec_row[j], self.rec_slot[j]
+            out[0][row, slot] = x[pos]
+            out[1][row, slot] = prediction[pos]
 
 
 # =============================================================================
@@ -522,8 +604,11 @@ LEARNER, REF, POLICY = "learner", "ref", "policy"
 LORA_TARGETS = {
     # SD-1.5: UNet attention projections (SPEC §3)
     "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
-    # SD-3.5-M: MMDiT joint-attention projections, image and text stream
-    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    # SD-3.5-M: the joint attention of each MMDiT block (image and text stream)
+    # only. The "attn." prefix keeps the second, image-only attention `attn2`
+    # of SD-3.5-M's dual-attention blocks un-adapted, as in the public code.
+    "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+            "attn.add_v_proj", "attn.to_add_out"],
 }
 
 
@@ -667,30 +752,46 @@ def save_lora_checkpoint(backbone, state_dict, config, directory):
 # schedule, not flow_grpo's fixed decay every 8 steps, and it averages one
 # module's parameters, not one LoRA role among several adapters of a network.
 class LoraEMA:
-    """Exponential moving average of the learner's LoRA weights (SPEC §3).
+    """Exponential moving average of the learner's LoRA weights (paper Sec. 3).
+    The shadow starts as a copy of the weights at the start of the stage
+    (the initial LoRA); checkpoints hold the shadow.
 
-    SD-1.5 follows diffusers' EMAModel defaults: at the n-th update (n = 0, 1,
-    ...) decay = 0 for n = 0, else min(max_decay, (1 + n) / (10 + n)).
-    SD-3.5-M (flow_grpo): a fixed decay 0.9 applied every 8 optimizer steps.
+    schedule "diffusers" (SD-1.5: diffusers' EMAModel defaults): one update
+        per `update_every` optimizer steps; at the n-th update (n = 0, 1, ...)
+        decay = 0 for n = 0, else min(max_decay, (1 + n) / (10 + n)).
+    schedule "flow_grpo" (SD-3.5-M: flow_grpo's EMA, decay 0.9, interval 8):
+        after optimizer step s (s = 1, 2, ...) the shadow is updated only when
+        (s + 1) % update_every == 0 (s = 7, 15, 23, ... for 8), with
+        decay = min(max_decay, (1 + s) / (10 + s)), s being the optimizer step.
+    Both update as shadow <- decay * shadow + (1 - decay) * weights.
     """
 
-    def __init__(self, params, max_decay=0.9999, update_every=1, warmup=True):
+    SCHEDULES = ("diffusers", "flow_grpo")
+
+    def __init__(self, params, max_decay=0.9999, update_every=1, schedule="diffusers"):
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown EMA schedule {schedule!r}; choose from {self.SCHEDULES}")
         self.shadow = [p.detach().clone().float() for p in params]
-        self.max_decay, self.update_every, self.warmup = max_decay, update_every, warmup
+        self.max_decay, self.update_every, self.schedule = max_decay, update_every, schedule
         self.num_updates = 0
 
-    def decay(self):
+    def decay(self, optimizer_step):
+        if self.schedule == "flow_grpo":
+            return min(self.max_decay, (1 + optimizer_step) / (10 + optimizer_step))
         n = self.num_updates
-        if not self.warmup:
-            return self.max_decay
         return 0.0 if n == 0 else min(self.max_decay, (1 + n) / (10 + n))
+
+    def is_update_step(self, optimizer_step):
+        if self.schedule == "flow_grpo":
+            return (optimizer_step + 1) % self.update_every == 0
+        return optimizer_step % self.update_every == 0
 
     @torch.no_grad()
     def step(self, params, optimizer_step):
         """Call after optimizer step number `optimizer_step` (1-based)."""
-        if optimizer_step % self.update_every:
+        if not self.is_update_step(optimizer_step):
             return
-        decay = self.decay()
+        decay = self.decay(optimizer_step)
         for shadow, p in zip(self.shadow, params, strict=True):
             shadow.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
         self.num_updates += 1
@@ -965,15 +1066,17 @@ class PickScorer:
 # backbone keeps in both stages, then what each stage sets.
 BACKBONE_DEFAULTS = {
     "sd15": dict(lora_rank=4, lora_alpha=4, weight_decay=0.01, train_batch_size=4, ema_decay=0.9999, ema_every=1,
-                 ema_warmup=True, guidance_scale=7.5),
+                 ema_schedule="diffusers", guidance_scale=7.5),
     "sd3": dict(lora_rank=32, lora_alpha=64, weight_decay=1e-4, train_batch_size=1, ema_decay=0.9, ema_every=8,
-                ema_warmup=False, guidance_scale=4.5),
+                ema_schedule="flow_grpo", guidance_scale=4.5),
 }
 STAGE_DEFAULTS = {
     "dro": {"sd15": dict(learning_rate=1e-4, lr_warmup_steps=0, max_train_steps=3200, use_ema=True, sampler_steps=20),
             "sd3": dict(learning_rate=2e-4, lr_warmup_steps=0, max_train_steps=3200, use_ema=True, sampler_steps=10)},
     "dpo": {"sd15": dict(learning_rate=2.56e-6, lr_warmup_steps=125, max_train_steps=1000, use_ema=False, beta=2000.0),
-            "sd3": dict(learning_rate=2.56e-6, lr_warmup_steps=0, max_train_steps=1000, use_ema=False, beta=100.0)},
+            # SD-3.5-M Stage 2 keeps an EMA: the public config trains with it, so
+            # Table 1's step-450 checkpoint holds EMA weights
+            "sd3": dict(learning_rate=2.56e-6, lr_warmup_steps=0, max_train_steps=1000, use_ema=True, beta=100.0)},
 }
 
 
@@ -1009,9 +1112,9 @@ def add_training_args(parser):
     g.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (SD-1.5 4, SD-3 32); ignored with --init_lora")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (SD-1.5 4, SD-3 64)")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="checkpoints hold an EMA of the LoRA weights (Stage 1 default on, Stage 2 off)")
-    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay (SD-1.5 0.9999 with warm-up, SD-3 0.9)")
-    g.add_argument("--ema_every", type=int, default=None, help="EMA update interval in optimizer steps (SD-3 8)")
+                   help="checkpoints hold an EMA of the LoRA weights (default on, except SD-1.5 Stage 2)")
+    g.add_argument("--ema_decay", type=float, default=None, help="largest EMA decay (SD-1.5 0.9999, diffusers' warm-up; SD-3 0.9, flow_grpo's schedule)")
+    g.add_argument("--ema_every", type=int, default=None, help="EMA update interval in optimizer steps (SD-1.5 1, SD-3 8)")
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("run")
@@ -1438,7 +1541,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     net = backbone.net
     params = role_parameters(net, LEARNER)
     optimizer, lr_scheduler = make_optimizer(args, params)
-    ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_warmup) if args.use_ema else None
+    ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_schedule) if args.use_ema else None
     # One generator per process drives every random choice of the step (rows'
     # flips, noise, timesteps, caption dropout, policy samples), so a resumed
     # run draws exactly what an uninterrupted one would (SPEC §6.4, §6.6).
@@ -1803,6 +1906,23 @@ def _tiny_text_encoder(with_projection, hidden=32, projection=32):
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
+def _tiny_t5(d_model=64):
+    """A tiny T5 encoder and its tokenizer (SD-3's third text encoder), built
+    offline: T5TokenizerFast over a Unigram vocabulary of single characters
+    (each also with the word-start marker), plus T5's special tokens."""
+    import string
+
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=16, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return T5EncoderModel(config), tokenizer
+
+
 def _tiny_vae(**extra):
     from diffusers import AutoencoderKL
 
@@ -1815,9 +1935,9 @@ def build_tiny_model(kind, directory):
     """Build one tiny model with random weights (seeded) and save it.
 
     kind: "sd15" (StableDiffusionPipeline), "sd15-inpaint"
-    (StableDiffusionInpaintPipeline), "sd3" (StableDiffusion3Pipeline with two
-    CLIP encoders and no T5), "clip" (CLIPModel + processor, a PickScore
-    stand-in). The VAE downsamples by 2, so 32 px images give 16x16 latents."""
+    (StableDiffusionInpaintPipeline), "sd3" (StableDiffusion3Pipeline with
+    CLIP-L, CLIP-G and T5 stand-ins, as SD-3.5-M), "clip" (CLIPModel +
+    processor, a PickScore stand-in). The VAE downsamples by 2, so 32 px images give 16x16 latents."""
     from diffusers import (FlowMatchEulerDiscreteScheduler, PNDMScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
                            UNet2DConditionModel)
@@ -1842,18 +1962,22 @@ def build_tiny_model(kind, directory):
                    tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     elif kind == "sd3":
-        # MMDiT-X like SD-3.5-M: QK RMS-norm and one dual-attention layer
+        # MMDiT-X like SD-3.5-M: QK RMS-norm and one dual-attention layer. As in
+        # the real model, the joint attention width is T5's, and the two CLIP
+        # encoders' concatenated states (16 + 16 here, 768 + 1280 there) are
+        # zero-padded to it by the pipeline; pooled = both CLIP projections.
         transformer = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
             pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
+        text_encoder_3, tokenizer_3 = _tiny_t5(d_model=64)
         pipe = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
             vae=_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                           use_post_quant_conv=False),
-            text_encoder=_tiny_text_encoder(True), tokenizer=tokenizer,
-            text_encoder_2=_tiny_text_encoder(True), tokenizer_2=tokenizer,
-            text_encoder_3=None, tokenizer_3=None)
+            text_encoder=_tiny_text_encoder(True, hidden=16), tokenizer=tokenizer,
+            text_encoder_2=_tiny_text_encoder(True, hidden=16), tokenizer_2=tokenizer,
+            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     elif kind == "clip":
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 

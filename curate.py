@@ -7,9 +7,10 @@ filtered so that only pairs where the real photo is clearly better survive:
 
     real images + captions
       -> centre crop (512 px)                      real/<uid>.png
-      -> [optional] drop non-photographic images   (a VLM's yes/no)
+      -> drop non-photographic images              (a VLM's yes/no; --no-drop_nonphoto skips)
       -> saliency mask (U^2-Net)                   mask/<uid>.png
-      -> inpainted "fake" (SD-1.5 inpainting)      fake/<uid>.png
+      -> inpainted "fake" (SD-1.5 inpainting,      fake/<uid>.png
+         safety checker off as in the public code)
       -> colorfulness and PickScore of both images
       -> filters: colorfulness(real) > colorfulness(fake),
                   PickScore(real) - PickScore(fake) > 0.02,
@@ -30,7 +31,7 @@ Example (the paper's setting, on the real photographs of HPDv3):
 Offline smoke run on the tiny random models (`python common.py tiny-models DIR`):
 
     python curate.py --real_images my_photos/ --output_dir /tmp/pairs --resolution 32 \
-        --saliency spectral --num_inference_steps 2 \
+        --saliency spectral --num_inference_steps 2 --no-drop_nonphoto \
         --inpaint_model DIR/tiny-sd15-inpaint \
         --pickscore_model DIR/tiny-clip --pickscore_processor DIR/tiny-clip
 """
@@ -61,9 +62,13 @@ logger = get_logger(__name__, log_level="INFO")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
-# The question the paper asks Qwen3-VL-8B-Instruct to find non-photographic
-# images (SPEC §2 filter 1); a "yes" drops the image.
-NONPHOTO_QUESTION = "Is this image artwork or in anime style? Answer with yes or no only."
+# Filter 1 of the paper's data (paper Sec. 4; the public runs are named
+# "top_512_images_no_anime"): Qwen3-VL-8B-Instruct is asked, per real image,
+# whether it is an artwork or anime style image, answering only yes or no
+# (greedy, at most NONPHOTO_MAX_NEW_TOKENS new tokens). Only the images whose
+# lower-cased answer is "no" are kept, as in the public filter.
+NONPHOTO_QUESTION = "Is this an artwork or anime style image? Answer only 'yes' or 'no'."
+NONPHOTO_MAX_NEW_TOKENS = 8
 
 # SPEC §2: the salient region is fully re-generated (strength 1.0), so the fake
 # keeps the real image's content only outside the mask. Not a flag: a lower
@@ -130,12 +135,17 @@ def parse_args(argv=None):
     parser.add_argument("--pickscore_processor", type=str, default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                         help="PickScore processor (SPEC §2).")
     parser.add_argument("--score_batch_size", type=int, default=32, help="Pairs per PickScore batch (real and fake scored together).")
-    parser.add_argument("--drop_nonphoto", action="store_true",
-                        help="First filter (optional in the paper): ask --nonphoto_model whether each real image is "
-                             "artwork or anime and drop it if so. If the model cannot be loaded the filter is "
-                             "skipped with a warning.")
+    parser.add_argument("--drop_nonphoto", action=argparse.BooleanOptionalAction, default=True,
+                        help="First filter, part of the paper's data: ask --nonphoto_model whether each real image "
+                             "is an artwork or anime style image and keep it only if the answer is 'no'. If the "
+                             "model cannot be loaded, curation stops with an error; --no-drop_nonphoto curates "
+                             "without this filter (offline smoke runs).")
     parser.add_argument("--nonphoto_model", type=str, default="Qwen/Qwen3-VL-8B-Instruct",
                         help="Vision-language model used by --drop_nonphoto.")
+    parser.add_argument("--keep_safety_checker", action="store_true",
+                        help="Keep the generation pipeline's safety checker and drop the pairs whose fake it flags. "
+                             "Off by default, as in the public inpainting script (which sets safety_checker=None): "
+                             "with it, which pairs reach the top K changes.")
     parser.add_argument("--min_pickscore_gap", type=float, default=0.02,
                         help="Keep a pair only if PickScore(real) - PickScore(fake) is larger than this (raw units).")
     parser.add_argument("--top_k", type=int, default=512,
@@ -489,13 +499,15 @@ class NonPhotoJudge:
     def __call__(self, images):
         inputs = self.processor(text=[self.chat_text] * len(images), images=list(images), padding=True,
                                 return_tensors="pt").to(self.device)
-        output = self.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        output = self.model.generate(**inputs, max_new_tokens=NONPHOTO_MAX_NEW_TOKENS, do_sample=False)
         answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return [answer.strip() for answer in answers]
 
 
-def answer_is_yes(answer):
-    return answer.strip().lower().startswith("yes")
+def answer_is_no(answer):
+    """The public filter keeps an image only when the lower-cased answer is
+    "no" (surrounding whitespace aside); "yes" or anything else drops it."""
+    return answer.strip().lower() == "no"
 
 
 # =============================================================================
@@ -558,6 +570,7 @@ def main(argv=None):
         "saliency": args.saliency if args.fake_mode == "inpaint" else None,
         "resolution": args.resolution, "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale, "seed": args.seed, "strength": INPAINT_STRENGTH,
+        "safety_checker": args.keep_safety_checker,
     }
     check_generation_settings(output_dir, generation_settings)
 
@@ -592,33 +605,31 @@ def main(argv=None):
         with Image.open(real_dir / f"{uid}.png") as image:
             return image.convert("RGB")
 
-    # ---- 3. Optional filter 1: drop non-photographic real images (SPEC §2). Asked
-    # before generation so that no fake is made for an image that would be dropped.
-    # The answers are cached in nonphoto_answers/ so a rerun does not ask again.
-    nonphoto_judge_unavailable = False
+    # ---- 3. Filter 1: drop non-photographic real images (paper's data, on by
+    # default). Asked before generation so that no fake is made for an image that
+    # would be dropped. The answers are cached in nonphoto_answers/ so a rerun
+    # does not ask again. A filter that was asked for but cannot run is an
+    # error, not a silent skip: it changes which pairs reach the top K.
     if args.drop_nonphoto:
         to_ask = [c for c in readable if not (nonphoto_dir / f"{c['uid']}.txt").exists()]
         if to_ask:
             try:
                 judge = NonPhotoJudge(args.nonphoto_model, device, dtype)
             except Exception as err:
-                logger.warning(f"--drop_nonphoto: could not load {args.nonphoto_model} ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0] if str(err) else ''}); the non-photo filter is skipped",
-                               main_process_only=False)
-                judge, nonphoto_judge_unavailable = None, True
-            if judge is not None:
-                for batch in tqdm(list(batches(to_ask, args.batch_size)), desc="asking the VLM",
-                                  disable=not show_progress):
-                    answers = judge([load_real(c["uid"]) for c in batch])
-                    for candidate, answer in zip(batch, answers):
-                        common.atomic_write_text(nonphoto_dir / f"{candidate['uid']}.txt", answer)
-                del judge
-                free_memory()
+                raise common.UserError(
+                    f"the non-photo filter (--drop_nonphoto, on by default) could not load {args.nonphoto_model} "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); make the model "
+                    "available, or pass --no-drop_nonphoto to curate without this filter") from None
+            for batch in tqdm(list(batches(to_ask, args.batch_size)), desc="asking the VLM",
+                              disable=not show_progress):
+                answers = judge([load_real(c["uid"]) for c in batch])
+                for candidate, answer in zip(batch, answers):
+                    common.atomic_write_text(nonphoto_dir / f"{candidate['uid']}.txt", answer)
+            del judge
+            free_memory()
         for candidate in readable:
-            answer_path = nonphoto_dir / f"{candidate['uid']}.txt"
-            if answer_path.exists():
-                answer = answer_path.read_text()
-                records[candidate["uid"]].update(nonphoto_answer=answer, nonphoto=answer_is_yes(answer))
+            answer = (nonphoto_dir / f"{candidate['uid']}.txt").read_text()
+            records[candidate["uid"]].update(nonphoto_answer=answer, nonphoto=not answer_is_no(answer))
 
     # ---- 4. Masks and fakes. A fake on disk (or the marker of one the safety
     # checker flagged) means that uid is done: this is what makes reruns resume.
@@ -635,6 +646,13 @@ def main(argv=None):
             pipe = common.load_pipeline(args.inpaint_model, dtype, inpainting=True)
         else:
             pipe = common.load_pipeline(args.t2i_model, dtype)
+        # The public inpainting runs without the safety checker (safety_checker =
+        # None): no fake is blacked out and no pair dropped by it. Opt-in here.
+        if args.keep_safety_checker and getattr(pipe, "safety_checker", None) is None:
+            raise common.UserError(f"--keep_safety_checker: the pipeline {generation_settings['model']} has no "
+                                   "safety checker")
+        if not args.keep_safety_checker and hasattr(pipe, "safety_checker"):
+            pipe.safety_checker = None
         pipe.to(device)
         # recorded once the model has loaded (every generating process writes the same file)
         common.atomic_write_text(output_dir / GENERATION_SETTINGS_FILE, json.dumps(generation_settings, indent=2))
@@ -656,8 +674,9 @@ def main(argv=None):
                 output = pipe(image=reals, mask_image=masks, strength=INPAINT_STRENGTH, **common_kwargs)
             else:
                 output = pipe(**common_kwargs)
-            # The stock SD-1.5 pipelines black out images their safety checker
-            # flags; a black "fake" would pass every filter, so it is dropped.
+            # With --keep_safety_checker, the stock SD-1.5 pipelines black out
+            # images their safety checker flags; a black "fake" would pass every
+            # filter, so it is dropped.
             flags = getattr(output, "nsfw_content_detected", None) or [False] * len(uids)
             for uid, fake, flagged in zip(uids, output.images, flags):
                 if flagged:
@@ -706,7 +725,6 @@ def main(argv=None):
     # without an earlier reason (only possible if a file vanished) get NaN
     # scores and fail the colorfulness filter.
     all_records = gather_object(list(records.values()))
-    nonphoto_judge_unavailable = any(gather_object([nonphoto_judge_unavailable]))
     if state.is_main_process:
         for record in all_records:
             for key in ("color_real", "color_fake", "pickscore_real", "pickscore_fake", "pickscore_gap"):
@@ -748,8 +766,7 @@ def main(argv=None):
             "fakes_generated_this_run": generated,
             "fakes_reused": sum(1 for row in rows if row["fake_generated_by_process"] is None
                                 and (fake_dir / f"{row['uid']}.png").exists()),
-            "nonphoto_filter": ("off" if not args.drop_nonphoto else
-                                "skipped for some images: model unavailable" if nonphoto_judge_unavailable else "on"),
+            "nonphoto_filter": "on" if args.drop_nonphoto else "off",
             "num_processes": state.num_processes,
             "settings": {**generation_settings, "min_pickscore_gap": args.min_pickscore_gap, "top_k": args.top_k,
                          "pickscore_model": args.pickscore_model, "max_images": args.max_images},

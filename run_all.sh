@@ -100,7 +100,8 @@ if [ "$SMOKE" = 1 ]; then
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=""
   TINY=$OUTPUT_DIR/tiny-models
   LAUNCH=(python)
-  CURATE_ARGS=(--real_images "$OUTPUT_DIR/data/images" --saliency spectral --resolution 32
+  # --no-drop_nonphoto: the non-photo filter's VLM (Qwen3-VL-8B) is not available offline
+  CURATE_ARGS=(--real_images "$OUTPUT_DIR/data/images" --saliency spectral --resolution 32 --no-drop_nonphoto
                --inpaint_model "$TINY/tiny-sd15-inpaint" --num_inference_steps 2 --top_k 6
                --min_pickscore_gap -1000 --pickscore_model "$TINY/tiny-clip" --pickscore_processor "$TINY/tiny-clip")
   # --ema_every 1: SD-3's EMA updates every 8 steps, which a 4-step run never reaches
@@ -129,6 +130,7 @@ else
              --main_process_port "$MAIN_PROCESS_PORT")
   fi
   REAL_PATH=$REAL_IMAGES; [ "$REAL_IMAGES" = hpdv3 ] && REAL_PATH=$DATA_DIR/hpdv3
+  # curate.py's defaults are the paper's data: the non-photo filter (Qwen3-VL-8B-Instruct) on, safety checker off
   CURATE_ARGS=(--real_images "$REAL_PATH" --saliency "$SALIENCY" --top_k "$TOP_K")
   [ -n "$MAX_IMAGES" ] && CURATE_ARGS+=(--max_images "$MAX_IMAGES")
   TRAIN_ARGS=(--checkpoint_every "$CHECKPOINT_EVERY")

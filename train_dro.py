@@ -11,8 +11,12 @@ Three views of one network, each a LoRA adapter on the same frozen base
                    --snapshot_every optimizer steps
 
 One micro-batch of B captions c (dropped to "" with p = 0.2):
-  1. policy: theta samples from c without guidance; per sample one random
-     step of its trajectory gives (x_t, t, theta's prediction = the target);
+  1. policy: theta samples from c without guidance; per sample one point of
+     its trajectory gives (x_t, t, theta's prediction = the target): a random
+     step of the 20-step DPM-Solver++ grid (SD-1.5, per-sample offset), or,
+     for SD-3, the point where the 10-step Euler trajectory lands exactly on a
+     t drawn from the logit-normal (shift 3) law of paper Sec. 3 (README
+     "Differences from the public code");
   2. real:   the real image of the same caption, noised at the same t with
      fresh noise; target eps (SD-1.5) or eps - x0 (SD-3);
   3. learner and ref each run ONE forward over the concatenated
@@ -40,8 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--snapshot_every", type=int, default=16,
                    help="copy the learner into the sampling snapshot every N optimizer steps")
     g.add_argument("--points_per_trajectory", type=int, default=1,
-                   help="opt-in speed-up (README 'Throughput'): take K points at distinct random steps of each "
-                        "policy trajectory instead of one, so a micro-batch of B samples runs B/K trajectories and "
+                   help="opt-in speed-up (README 'Throughput'): take K points of each policy trajectory instead "
+                        "of one (SD-1.5: K distinct random steps; SD-3: K drawn timesteps), so a micro-batch of B samples runs B/K trajectories and "
                         "uses B/K real images (each at the K timesteps, fresh noise). Same expected loss, more "
                         "correlated samples. 1 = the paper's method")
     return parser.parse_args(argv)

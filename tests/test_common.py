@@ -114,41 +114,96 @@ def test_latents_from_posterior_apply_shift_and_scale(backbones):
     assert torch.allclose(bb.latents_from_posterior(mean, std), torch.full_like(mean, expected))
 
 
+class RowCounter:
+    """Counts the batch rows a network evaluates (forward pre-hook)."""
+
+    def __init__(self, net):
+        self.rows = 0
+        self.handle = net.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.rows += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+    def remove(self):
+        self.handle.remove()
+
+
 def test_dpm_solver_trajectory_matches_diffusers(backbones):
-    """Our per-sample DPM-Solver++(2M) equals diffusers' scheduler on one grid."""
+    """Our batched, compacted DPM-Solver++(2M) equals diffusers' scheduler run
+    on each sample's own grid, and evaluates only the rows still running."""
     from diffusers import DPMSolverMultistepScheduler
 
     bb = backbones["sd15"]
-    cond = bb.encode_prompts(["a cat"])
-    num_steps = 20
-    # the same initial noise and an offset the test can reproduce: draw as the method does
+    prompts = ["a cat", "a dog", "a red ball", "a tree"]
+    n, num_steps = len(prompts), 20
+    cond = bb.encode_prompts(prompts)
+    counter = RowCounter(bb.net)
+    x_ours, t_ours, eps_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps,
+                                                          torch.Generator().manual_seed(12))
+    counter.remove()
+    # the same draws, in the method's order: initial noise, step k, grid offset
     g = torch.Generator().manual_seed(12)
-    x_ours, t_ours, eps_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps, g)
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn((1, *bb.latent_shape(32)), generator=g)
-    step = int(torch.randint(0, num_steps, (1,), generator=g))
-    offset = int(torch.randint(0, 50, (1,), generator=g))
-    scheduler = DPMSolverMultistepScheduler.from_config(bb.pipe.scheduler.config, algorithm_type="dpmsolver++",
-                                                        solver_order=2, lower_order_final=False)
-    grid = [offset + 50 * (num_steps - 1 - i) for i in range(num_steps)]
-    scheduler.set_timesteps(timesteps=grid)
-    assert step == 18  # this seed runs nearly the whole 20-step trajectory
-    for i, t in enumerate(grid[: step + 1]):
-        eps = bb.predict(bb.net, x, torch.tensor([t]), cond).detach()
-        if i == step:
-            break
-        x = scheduler.step(eps, t, x).prev_sample
-    assert int(t_ours) == grid[step]
-    assert torch.allclose(x_ours, x, atol=1e-4) and torch.allclose(eps_ours, eps, atol=1e-4)
+    x_all = torch.randn((n, *bb.latent_shape(32)), generator=g)
+    steps = torch.randint(0, num_steps, (n, 1), generator=g)[:, 0].tolist()
+    offsets = torch.randint(0, 50, (n,), generator=g).tolist()
+    assert len(set(steps)) > 1  # rows of different lengths: compaction has something to drop
+    # compaction: each row costs its own number of steps, not the longest row's
+    assert counter.rows == sum(k + 1 for k in steps) < n * (max(steps) + 1)
+    for row in range(n):
+        scheduler = DPMSolverMultistepScheduler.from_config(bb.pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                            solver_order=2, lower_order_final=False)
+        grid = [offsets[row] + 50 * (num_steps - 1 - i) for i in range(num_steps)]
+        scheduler.set_timesteps(timesteps=grid)
+        x = x_all[row : row + 1]
+        row_cond = {key: value[row : row + 1] for key, value in cond.items()}
+        for i, t in enumerate(grid[: steps[row] + 1]):
+            eps = bb.predict(bb.net, x, torch.tensor([t]), row_cond).detach()
+            if i == steps[row]:
+                break
+            x = scheduler.step(eps, t, x).prev_sample
+        assert int(t_ours[row]) == grid[steps[row]]
+        # batched vs one-row forwards differ by float rounding only
+        assert torch.allclose(x_ours[row], x[0], atol=1e-4) and torch.allclose(eps_ours[row], eps[0], atol=1e-4)
 
 
-def test_flow_euler_trajectory_point_is_on_the_shifted_grid(backbones):
+def test_flow_trajectory_points_land_on_their_drawn_timesteps(backbones):
+    """SD-3: each trajectory runs the 10-step shifted Euler grid down to its own
+    logit-normal t and lands exactly there. The compacted sampler equals a
+    plain, uncompacted Euler loop over each row's grid, and evaluates fewer
+    network rows."""
     bb = backbones["sd3"]
-    cond = bb.encode_prompts(["a", "b", "c"])
-    _, t, _ = bb.policy_trajectory_point(bb.net, cond, 32, 10, torch.Generator().manual_seed(0))
-    bb.scheduler.set_timesteps(10)
+    prompts = ["a", "b", "c", "d", "e", "f"]
+    n, num_steps = len(prompts), 10
+    cond = bb.encode_prompts(prompts)
+    counter = RowCounter(bb.net)
+    x_ours, t_ours, v_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps,
+                                                        torch.Generator().manual_seed(3))
+    compacted_rows = counter.rows
+    # the same draws: initial noise, then the row's t from the training law
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((n, *bb.latent_shape(32)), generator=g)
+    t_drawn = bb.sample_timesteps(n, g, device="cpu")
+    assert torch.equal(t_ours, t_drawn)
+    assert all(float(t) in bb.train_timesteps.tolist() for t in t_ours)  # the scheduler's 1000-step table
+    bb.scheduler.set_timesteps(num_steps)
     grid = (bb.scheduler.sigmas[:-1] * 1000).tolist()
-    assert all(min(abs(v - g) for g in grid) < 1e-3 for v in t.tolist())
+    # uncompacted: every row stays in the batch for the longest row's stops
+    stops = [sorted({g_ for g_ in grid if g_ > t + 1e-3} | {t}, reverse=True) for t in t_drawn.tolist()]
+    longest = max(len(s) for s in stops)
+    assert min(len(s) for s in stops) < longest
+    counter.rows = 0
+    for j in range(longest):
+        t = torch.tensor([s[min(j, len(s) - 1)] for s in stops])
+        v = bb.predict(bb.net, x, t, cond).detach()
+        for row, s in enumerate(stops):
+            if j == len(s) - 1:  # the row's last stop: its point
+                assert torch.allclose(x_ours[row], x[row], atol=1e-4)
+                assert torch.allclose(v_ours[row], v[row], atol=1e-4)
+        step = torch.tensor([(s[j + 1] - s[j]) / 1000 if j + 1 < len(s) else 0.0 for s in stops])
+        x = x + step.view(-1, 1, 1, 1) * v
+    counter.remove()
+    assert counter.rows == n * longest
+    assert compacted_rows == sum(len(s) for s in stops) < n * longest
 
 
 def test_several_points_per_trajectory(backbones):
@@ -204,6 +259,46 @@ def test_lora_roles_and_checkpoint_round_trip(kind, tiny_models, tmp_path):
     assert next(iter(net.peft_config.values())).lora_alpha == 8  # alpha != rank survives
 
 
+# the public SD-3.5-M LoRA's target names (joint attention only)
+PUBLIC_SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                      "attn.add_v_proj", "attn.to_add_out"]
+
+
+def test_sd3_lora_adapts_joint_attention_only_and_loads_the_public_key_set(tiny_models, tmp_path):
+    """The tiny SD-3 has a dual-attention block (attn + attn2) like SD-3.5-M.
+    Our checkpoint holds exactly the public key set (no attn2), and a LoRA
+    saved with that key set loads key for key."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    modules = dict(bb.net.named_modules())
+    assert any(name.endswith("attn2.to_q") for name in modules)  # the test model has an attn2 to leave alone
+    expected = sorted(f"transformer_blocks.{i}.{target}.lora_{ab}.weight"
+                      for i in range(len(bb.net.transformer_blocks)) for target in PUBLIC_SD3_TARGETS
+                      if f"transformer_blocks.{i}.{target}" in modules for ab in "AB")
+    config = common.setup_lora_roles(bb, [common.LEARNER], rank=4, alpha=8)
+    ours = common.lora_state_dict(bb.net, common.LEARNER)
+    assert sorted(ours) == expected
+    common.save_lora_checkpoint(bb, ours, config, tmp_path / "ours")
+    saved = sorted(load_file(tmp_path / "ours" / "pytorch_lora_weights.safetensors"))
+    assert saved == ["transformer." + key for key in expected] and not any("attn2" in key for key in saved)
+
+    # a LoRA with the public key set (random values, rank 4, no adapter metadata)
+    g = torch.Generator().manual_seed(0)
+    public = {}
+    for key in expected:
+        layer = modules[key.split(".lora_")[0]]
+        shape = (4, layer.in_features) if ".lora_A." in key else (layer.out_features, 4)
+        public[key] = torch.randn(shape, generator=g)
+    type(bb.pipe).save_lora_weights(str(tmp_path / "public"), transformer_lora_layers=public)
+    fresh = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    common.load_lora_into(fresh, str(tmp_path / "public"), "loaded")
+    loaded = get_peft_model_state_dict(fresh.net, adapter_name="loaded")
+    assert sorted(loaded) == expected  # nothing missing, nothing unexpected
+    assert all(torch.equal(loaded[key], public[key]) for key in expected)
+
+
 def test_lora_of_the_other_backbone_is_refused(tiny_models, tmp_path):
     bb = common.Backbone(common.load_pipeline(tiny_models["sd15"]), "cpu")
     config = common.setup_lora_roles(bb, [common.LEARNER], rank=4, alpha=4)
@@ -222,13 +317,30 @@ def test_ema_follows_diffusers_default_schedule():
     p.data.fill_(0.0)
     ema.step([p], 2)  # second: decay (1 + 1) / (10 + 1)
     assert torch.allclose(ema.shadow[0], torch.full((3,), 2 / 11))
-    every8 = common.LoraEMA([p], max_decay=0.9, update_every=8, warmup=False)
-    p.data.fill_(1.0)
-    for step in range(1, 8):
-        every8.step([p], step)
-    assert torch.equal(every8.shadow[0], torch.zeros(3))  # no update before step 8
-    every8.step([p], 8)
-    assert torch.allclose(every8.shadow[0], torch.full((3,), 0.1))
+
+
+def test_ema_follows_flow_grpo_schedule_over_24_steps():
+    """SD-3.5-M (flow_grpo's EMA, decay 0.9, interval 8): the shadow starts at
+    the stage's initial LoRA and is updated only after optimizer steps 7, 15
+    and 23, with decay min((1 + s) / (10 + s), 0.9). The weight after step s
+    is s here, the initial weight 0; by hand:
+      s = 7:  d = 8/17,  shadow = 9/17 * 7                  = 63/17
+      s = 15: d = 16/25, shadow = 16/25 * 63/17 + 9/25 * 15 = 3303/425
+      s = 23: d = 24/33, shadow = 8/11 * 3303/425 + 3/11 * 23"""
+    p = torch.nn.Parameter(torch.zeros(2))
+    ema = common.LoraEMA([p], max_decay=0.9, update_every=8, schedule="flow_grpo")
+    expected = {7: 63 / 17, 15: 3303 / 425, 23: 8 / 11 * 3303 / 425 + 3 / 11 * 23}
+    value, seen = 0.0, []
+    for step in range(1, 25):
+        p.data.fill_(float(step))
+        ema.step([p], step)
+        value = expected.get(step, value)  # unchanged between updates
+        seen.append(ema.shadow[0][0].item())
+        assert ema.shadow[0].tolist() == pytest.approx([value, value], rel=1e-6), step
+    assert ema.num_updates == 3
+    print("flow_grpo EMA shadow after steps 1..24:", [round(v, 4) for v in seen])
+    # the cap: from s = 80 on, (1 + s) / (10 + s) > 0.9, so the decay is 0.9
+    assert ema.decay(79) == pytest.approx(80 / 89) and ema.decay(81) == 0.9 and ema.decay(1000) == 0.9
 
 
 # ---------------------------------------------------------------- input cache

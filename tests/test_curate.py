@@ -40,7 +40,7 @@ def make_real_folder(folder, n=5):
 
 def curate_args(tiny_models, real_images, output_dir, *extra):
     return ["--real_images", str(real_images), "--output_dir", str(output_dir), "--resolution", "32",
-            "--saliency", "spectral", "--num_inference_steps", "2",
+            "--saliency", "spectral", "--num_inference_steps", "2", "--no-drop_nonphoto",
             "--inpaint_model", tiny_models["sd15-inpaint"],
             "--pickscore_model", tiny_models["clip"], "--pickscore_processor", tiny_models["clip"], *extra]
 
@@ -75,11 +75,9 @@ def real_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(tiny_models, real_folder, tmp_path_factory):
     """One full run (filters loosened so that several pairs are kept), shared by
-    the schema and determinism tests. --drop_nonphoto with a model that cannot
-    load exercises the "skip the filter with a warning" path."""
+    the schema and determinism tests."""
     out = tmp_path_factory.mktemp("run") / "pairs"
-    curate.main(curate_args(tiny_models, real_folder, out, "--top_k", "3", "--min_pickscore_gap", "-1000",
-                            "--drop_nonphoto", "--nonphoto_model", str(out.parent / "no-such-vlm")))
+    curate.main(curate_args(tiny_models, real_folder, out, "--top_k", "3", "--min_pickscore_gap", "-1000"))
     return out
 
 
@@ -261,7 +259,7 @@ def test_output_schema(first_run, real_folder):
         assert float(row["pickscore_gap"]) == pytest.approx(gap)
         assert (row["removed_by"] == "colorfulness") == (not color_real > color_fake)
         assert 0.0 <= float(row["mask_fraction"]) <= 1.0
-        assert row["nonphoto_answer"] == ""  # the VLM could not load: nobody was asked
+        assert row["nonphoto_answer"] == ""  # --no-drop_nonphoto: nobody was asked
         # the saved crop is the crop of the source image, bit for bit
         crop = common.center_crop_resize(Image.open(real_folder / f"{uid}.png"), 32)
         assert np.array_equal(pixels(out / "real" / f"{uid}.png"), np.asarray(crop))
@@ -286,7 +284,7 @@ def test_output_schema(first_run, real_folder):
     assert summary["listed"] == 7 and summary["missing_caption"] == 1 and summary["candidates"] == 6
     assert summary["removed_by"]["unreadable_image"] == 1
     assert summary["kept_pairs"] == 3 and summary["fakes_generated_this_run"] == 5 and summary["num_processes"] == 1
-    assert summary["nonphoto_filter"] == "skipped for some images: model unavailable"
+    assert summary["nonphoto_filter"] == "off"
 
 
 def test_determinism(first_run, tiny_models, real_folder, tmp_path):
@@ -351,6 +349,51 @@ def test_resume_regenerates_only_missing_fakes(tiny_models, real_folder, tmp_pat
         curate.main(curate_args(tiny_models, real_folder, out, "--seed", "7"))
 
 
+def test_nonphoto_filter_keeps_only_no_answers(tiny_models, real_folder, tmp_path, monkeypatch):
+    """The non-photo filter (on by default) asks the public question and keeps
+    an image only when the lower-cased answer is "no"; answers are cached."""
+    assert "an artwork or anime style image" in curate.NONPHOTO_QUESTION
+    assert "'yes' or 'no'" in curate.NONPHOTO_QUESTION and curate.NONPHOTO_MAX_NEW_TOKENS == 8
+    answers = {"img0": " No", "img1": "yes", "img2": "no, it is a photo", "img3": "NO\n", "img4": "Yes."}
+    asked = []
+
+    class StubJudge:  # stands in for Qwen3-VL: answers by the image's colour (one per img<i>)
+        def __init__(self, model_name, device, dtype):
+            assert model_name == "Qwen/Qwen3-VL-8B-Instruct"
+
+        def __call__(self, images):
+            out = []
+            for image in images:
+                uid = next(u for u in answers if np.array_equal(np.asarray(image), pixels(out_dir / "real" / f"{u}.png")))
+                asked.append(uid)
+                out.append(answers[uid])
+            return out
+
+    monkeypatch.setattr(curate, "NonPhotoJudge", StubJudge)
+    out_dir = tmp_path / "pairs"
+    args = curate_args(tiny_models, real_folder, out_dir, "--top_k", "0", "--min_pickscore_gap", "-1000")
+    args.remove("--no-drop_nonphoto")  # the default: filter on
+    curate.main(args)
+    by_uid = {r["uid"]: r for r in read_csv(out_dir / "scores.csv")}
+    dropped = {uid for uid, r in by_uid.items() if r["removed_by"] == "nonphoto"}
+    assert dropped == {"img1", "img2", "img4"}  # only a plain "no" keeps an image
+    assert sorted(p.stem for p in (out_dir / "fake").glob("*.png")) == ["img0", "img3"]  # no fake for dropped ones
+    assert by_uid["img1"]["nonphoto_answer"] == "yes"
+    assert json.loads((out_dir / "summary.json").read_text())["nonphoto_filter"] == "on"
+    # a rerun reads the cached answers instead of asking again
+    asked.clear()
+    curate.main(args)
+    assert asked == []
+
+
+def test_safety_checker_is_opt_in(tiny_models, real_folder, tmp_path):
+    """Off by default (the public inpainting sets safety_checker=None); asked
+    for on a pipeline without one, it is a clear error, not a silent skip."""
+    with pytest.raises(common.UserError, match="has no safety checker"):
+        curate.main(curate_args(tiny_models, real_folder, tmp_path / "pairs", "--keep_safety_checker",
+                                "--max_images", "1"))
+
+
 def start_cli(*args, cwd):
     return subprocess.Popen([sys.executable, "curate.py", *map(str, args)], cwd=cwd, env=CHILD_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -373,11 +416,21 @@ def test_bad_input_stops_with_one_clear_message(tiny_models, tmp_path, repo_root
     runs = {real_images: start_cli("--real_images", real_images, "--output_dir", out, "--saliency", "spectral",
                                    "--inpaint_model", tmp_path / "no-model", cwd=repo_root)
             for real_images in cases}
+    # the non-photo filter is on by default: a VLM that cannot load stops the run
+    good = make_real_folder(tmp_path / "good-cli", n=1)
+    vlm_run = start_cli("--real_images", good, "--output_dir", out, "--saliency", "spectral",
+                        "--resolution", "32", "--nonphoto_model", tmp_path / "no-such-vlm",
+                        "--inpaint_model", tmp_path / "no-model", cwd=repo_root)
     for real_images, message in cases.items():
         _, stderr = runs[real_images].communicate(timeout=120)
         assert runs[real_images].returncode == 2, stderr
         assert message in stderr and stderr.count("error:") == 1
         assert "Traceback" not in stderr and "no-model" not in stderr
+    _, stderr = vlm_run.communicate(timeout=120)
+    assert vlm_run.returncode == 2, stderr
+    assert stderr.count("error:") == 1 and "Traceback" not in stderr
+    assert "non-photo filter" in stderr and "no-such-vlm" in stderr and "--no-drop_nonphoto" in stderr
+    assert not (out / "fake").exists()  # stopped before any fake was generated
 
     # the same errors in-process (same code path as above, minus the exit code):
     # images without any caption, and good input with a bad model path
