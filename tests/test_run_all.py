@@ -162,5 +162,7 @@ def test_benchmark_runs_on_the_tiny_config(tmp_path):
         assert r["model_tflops_per_step"] > 0 and r["mfu"] is None and "mfu_note" in r
     ours, base = results[0], results[1]
     assert base["sampler_calls"] == ours["sampler_calls"]  # the same truncation, step by step
-    assert base["model_tflops_per_step"] == pytest.approx(ours["model_tflops_per_step"])
+    # ours drops finished rows from the sampler batch (compaction); the baseline runs the whole micro-batch at
+    # every call, as the public code's batched pipeline call does: same calls, at most the same FLOPs
+    assert ours["model_tflops_per_step"] <= base["model_tflops_per_step"] * (1 + 1e-9)
     assert "MFU" in result.stdout
