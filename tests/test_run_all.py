@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,9 +13,21 @@ import common
 from conftest import ROOT
 
 
+def python_first_on_path(directory):
+    """A folder whose `python` is this interpreter (sys.executable), for run_all.sh,
+    which calls `python`: the tests then run the interpreter they were started
+    with, whatever `python` the PATH would give."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wrapper = directory / "python"  # a script, not a symlink: a venv's python finds its venv through its path
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(directory)
+
+
 def smoke(out, backbone, extra_env=None):
+    path = python_first_on_path(out.parent / "python-bin") + os.pathsep + os.environ.get("PATH", "")
     env = {**os.environ, "SMOKE": "1", "BACKBONE": backbone, "OUTPUT_DIR": str(out), "HF_HUB_OFFLINE": "1",
-           **(extra_env or {})}
+           "PATH": path, **(extra_env or {})}
     return subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -79,7 +92,8 @@ def test_interrupted_stage_resumes(tmp_path):
 def test_real_run_without_gpu_fails_fast_and_points_to_smoke(tmp_path):
     bin_dir = tmp_path / "bin"  # a PATH without nvidia-smi
     bin_dir.mkdir()
-    for tool in ("python", "bash", "timeout", "grep", "mkdir", "cat", "dirname", "touch"):
+    python_first_on_path(bin_dir)
+    for tool in ("bash", "timeout", "grep", "mkdir", "cat", "dirname", "touch"):
         if shutil.which(tool):
             os.symlink(shutil.which(tool), bin_dir / tool)
     env = {**os.environ, "PATH": str(bin_dir), "OUTPUT_DIR": str(tmp_path / "out")}
@@ -91,7 +105,7 @@ def test_real_run_without_gpu_fails_fast_and_points_to_smoke(tmp_path):
 
 def test_benchmark_runs_on_the_tiny_config(tmp_path):
     """tests/benchmark.py end to end on the tiny model (figures printed, not asserted)."""
-    result = subprocess.run(["python", str(ROOT / "tests" / "benchmark.py"), "--arch", "tiny", "--resolution", "32",
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmark.py"), "--arch", "tiny", "--resolution", "32",
                              "--batch", "2", "--steps", "1", "--points_per_trajectory", "2", "--workdir", str(tmp_path), "--out",
                              str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
     print(result.stdout)
