@@ -75,6 +75,14 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
         again = smoke(out, backbone)
         assert again.returncode == 0
         assert again.stdout.count("done already, skipped") == 6
+        # a step whose settings changed is not skipped: more Stage-2 steps
+        # resume Stage 2 from its state (the other steps stay done)
+        longer = smoke(out, backbone, {"STAGE2_STEPS": "6"})
+        assert longer.returncode == 0, longer.stderr[-3000:]
+        assert "stage2: its settings changed since it was done" in longer.stdout
+        assert longer.stdout.count("done already, skipped") == 5
+        log = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (out / "stage2" / "checkpoint-6").is_dir()
 
 
 def test_interrupted_stage_resumes(tmp_path):
