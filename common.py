@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import json
@@ -152,24 +153,91 @@ def run_main(main):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a file problem no writer below caught: still one line, naming the file
+        print(f"error: {io_error_message(err)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+# Why an OS error happened, in words a user can act on (errno -> hint).
+IO_HINTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EACCES: "no permission", errno.EPERM: "no permission", errno.EROFS: "the file system is read-only",
+            errno.EEXIST: "a file is in the way", errno.ENOTDIR: "a file is in the way of a folder",
+            errno.EISDIR: "it is a folder"}
+
+
+def io_error_message(err, path=None):
+    """'cannot write PATH: cause (hint)' for an OSError, or for the I/O errors
+    that torch and safetensors report as RuntimeError / SafetensorError."""
+    path = path or getattr(err, "filename", None)
+    cause = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    hint = IO_HINTS.get(getattr(err, "errno", None))
+    return f"cannot write {path or 'a file'}: {cause}" + (f" ({hint})" if hint and hint not in cause else "")
+
+
+def is_io_error(err):
+    """OSError, or a library's wrapper of one (safetensors: '... (os error 28)',
+    torch.save: 'file write failed')."""
+    text = str(err)
+    return isinstance(err, OSError) or "(os error" in text or "file write failed" in text
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failed write under `path` (full disk, no permission, read-only
+    folder, a file where a folder should be) into one UserError naming the
+    path and the cause; earlier outputs are left as they are."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if not is_io_error(err):
+            raise
+        raise UserError(io_error_message(err, path)) from None
+
+
+def _umask():
+    """The process umask, read without changing it where Linux allows (setting
+    it, even for an instant, would race with other threads' writes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere, the only way to read it is to set it: set it back at once
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path, mode=0o666):
+    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode an
+    ordinary open() or mkdir() would have given it under the process umask."""
+    os.chmod(path, mode & ~_umask())
+
+
 def atomic_write(path, write_fn, suffix=None):
     """Write a file through `write_fn(tmp_path)` then rename, so a killed run
-    never leaves a half-written file behind (os.replace is atomic on POSIX)."""
+    never leaves a half-written file behind (os.replace is atomic on POSIX).
+    The temporary name is unique (mkstemp), the file's mode follows the
+    umask, and a failed write is a UserError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(path):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+        os.close(fd)
+        try:
+            write_fn(tmp)
+            follow_umask(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def atomic_save_image(image: Image.Image, path):
@@ -180,17 +248,169 @@ def atomic_write_text(path, text: str):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def replace_dir(tmp_dir, final_dir):
-    """Move a fully written folder into place (old one removed only after)."""
+def atomic_save_torch(obj, path):
+    """torch.save, atomically. Serialised in memory first: torch.save writing
+    to a full disk fails with an opaque C++ error, a plain write with ENOSPC."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+
+
+def make_temp_dir(final_dir):
+    """A fresh, uniquely named folder next to `final_dir` (a run's own
+    temporary; two runs never share one), with the umask's mode."""
     final_dir = Path(final_dir)
-    if final_dir.exists():
-        old = final_dir.with_name(final_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
+    with writing(final_dir):
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.tmp-")
+        follow_umask(tmp, 0o777)
+    return Path(tmp)
+
+
+def _exchange(a, b):
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE; the
+    standard library has no such call). False where the system lacks it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def replace_dir(tmp_dir, final_dir):
+    """Move a fully written folder into place; the old one is removed after.
+
+    Where the system can swap two folders atomically, `final_dir` exists at
+    every moment. Elsewhere it is renamed to FINAL.old first; a run killed
+    between the two renames leaves FINAL.old, which `recover_dir` puts back."""
+    final_dir, tmp_dir = Path(final_dir), Path(tmp_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    with writing(final_dir):
+        if final_dir.exists() and _exchange(tmp_dir, final_dir):
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # now holds the old folder
+            return
+        if final_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, final_dir)
+
+
+def recover_dir(final_dir):
+    """Undo a `replace_dir` cut short between its two renames: FINAL.old
+    without FINAL becomes FINAL again."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.is_dir() and not final_dir.exists():
+        with writing(final_dir):
+            os.replace(old, final_dir)
+        logger.warning("recovered %s from %s (an earlier run was stopped while replacing it)", final_dir, old)
+
+
+LOCK_FILE = ".lock"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def lock_output_dir(directory, what):
+    """Hold DIRECTORY/.lock (pid and host of this process) until the process
+    ends, so that two runs never write one folder. Created with O_EXCL: of two
+    runs starting together exactly one gets it. A live holder makes this a
+    UserError naming it; a lock left by a dead process on this host is taken
+    over. (filelock or fcntl locks would do it too, but a lock that names its
+    holder tells the user which run to wait for, on any file system.)"""
+    import atexit
+    import socket
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a folder")
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+    path, host = directory / LOCK_FILE, socket.gethostname()
+    me = json.dumps({"pid": os.getpid(), "host": host, "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(3):
+        try:
+            with writing(path):
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except UserError:
+            if not path.exists():
+                raise
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written right now, or damaged
+                holder = {}
+            if holder.get("pid") == os.getpid() and holder.get("host") == host:
+                return path  # this process holds it already (several stages in one process)
+            if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                logger.warning("taking over %s from pid %s, which is gone", path, holder["pid"])
+                path.unlink(missing_ok=True)
+                continue
+            if not holder and time.time() - path.stat().st_mtime < 10:
+                time.sleep(0.5)  # another run is writing its lock this instant
+                continue
+            raise UserError(f"{directory} is in use by another run (pid {holder.get('pid', '?')} on host "
+                            f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since "
+                            f"{holder.get('since', '?')}); wait for it to end or use another folder. If that run "
+                            f"is gone, delete {path}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        atexit.register(lambda: path.unlink(missing_ok=True))
+        return path
+    raise UserError(f"could not take the lock {path}; delete it if no run uses {directory}")
+
+
+def requested_num_processes(environ=None, launcher_cmdline=None):
+    """How many processes the user asked the launcher for: WORLD_SIZE (torchrun,
+    and accelerate when it starts several), else the `--num_processes N` of an
+    `accelerate launch` parent (which with --cpu starts ONE process and says
+    nothing). None when unknown."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WORLD_SIZE"):
+        return int(environ["WORLD_SIZE"])
+    if launcher_cmdline is None:
+        try:
+            launcher_cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        except OSError:  # not Linux
+            return None
+    if "launch" not in launcher_cmdline:
+        return None
+    for i, arg in enumerate(launcher_cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(launcher_cmdline):
+                return int(launcher_cmdline[i + 1])
+            if arg.startswith(flag + "="):
+                return int(arg.split("=", 1)[1])
+    return None
+
+
+def log_world_size(num_processes, what, is_main_process=True):
+    """Log the number of processes a stage runs on, and warn when the launcher
+    was asked for another number (README "Several processes")."""
+    requested = requested_num_processes()
+    if not is_main_process:
+        return
+    logger.info("%s: %d process(es)", what, num_processes)
+    if requested is not None and requested != num_processes:
+        logger.warning("%s: %d processes were asked for, but this run has %d. `accelerate launch --num_processes N "
+                       "--cpu` starts ONE process; on CPUs use `torchrun --nproc_per_node N`", what, requested,
+                       num_processes)
 
 
 def check_same_settings(path, settings, what):
@@ -212,10 +432,28 @@ def check_same_settings(path, settings, what):
                         "the same settings to resume, or delete it")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    16-bit greyscale (PNG modes I;16 and I) is scaled from 0..65535 to 0..255
+    (PIL's convert("RGB") would clip it to white). Images with transparency
+    (RGBA, LA, P with a transparent colour) are composited on a WHITE
+    background, as a browser shows them, so a transparent area is white,
+    never black or whatever colour its hidden pixels hold."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round(array.clip(0, 65535) / 257.0).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
-    """SPEC §2 preprocessing: shorter side to `resolution` (Lanczos), then a
-    centre crop of resolution x resolution."""
-    image = image.convert("RGB")
+    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a
+    centre crop of resolution x resolution. 16-bit and transparent images are
+    first made 8-bit RGB on white (`to_rgb`)."""
+    image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -699,6 +937,9 @@ def load_lora_into(backbone, lora, adapter_name):
     try:
         backbone.pipe.load_lora_weights(lora, adapter_name=adapter_name)
     except Exception as err:
+        if not Path(lora).exists():  # most often a mistyped local path: say so, not the hub's complaint
+            raise UserError(f"the LoRA '{lora}' was not found: no such local file or folder (and as a hub id: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0]})") from None
         raise UserError(f"could not load the LoRA '{lora}': {type(err).__name__}: {str(err).splitlines()[0]}") from None
     if adapter_name not in getattr(net, "peft_config", {}) or not role_parameters(net, adapter_name):
         raise UserError(f"the LoRA '{lora}' has no weights for this {backbone.kind} {backbone.net_name} "
@@ -854,15 +1095,29 @@ def read_pairs_csv(path, need_fake=True):
         raise UserError(f"{path} lacks the column(s) {', '.join(missing)} (has: {', '.join(header) or 'nothing'})")
     if not rows:
         raise UserError(f"{path} has no rows")
-    pairs = []
+    pairs, seen = [], {}
     for i, row in enumerate(rows):
         pair = {"uid": row.get("uid") or str(i), "prompt": row["prompt"] or ""}
+        if pair["uid"] in seen:
+            raise UserError(f"{path}: uid '{pair['uid']}' appears twice (rows {seen[pair['uid']]} and {i + 2})")
+        seen[pair["uid"]] = i + 2
         for col in required[1:]:
             image_path = Path(row[col] or "")
             image_path = image_path if image_path.is_absolute() else path.parent / image_path
             if not row[col] or not image_path.is_file():
                 raise UserError(f"{path}, row {i + 2}: {col} '{row[col]}' is not a file")
             pair[col] = str(image_path)
+        if need_fake:  # the fake is pixel-aligned with the real image: the same size, or the pair is broken
+            sizes = []
+            for col in ("real_image_path", "fake_image_path"):
+                try:
+                    with Image.open(pair[col]) as image:  # reads the header only
+                        sizes.append(image.size)
+                except Exception as err:
+                    raise UserError(f"{path}, uid '{pair['uid']}': cannot read {pair[col]}: {err}") from None
+            if sizes[0] != sizes[1]:
+                raise UserError(f"{path}, uid '{pair['uid']}': the real image is {sizes[0][0]}x{sizes[0][1]} but "
+                                f"the fake is {sizes[1][0]}x{sizes[1][1]}; a pair must be pixel-aligned")
         pairs.append(pair)
     return pairs
 
@@ -1175,6 +1430,38 @@ class _ResumeLatest(argparse.Action):
         setattr(namespace, self.dest, True)
 
 
+# The flags that may differ between a run and its --resume (README
+# "Resuming"): how long the run goes, what it saves, where the cache lives and
+# how it computes, never what a step computes. Any other difference from the
+# run's args.json is refused, naming the flags.
+RESUME_SAFE_FLAGS = ("max_train_steps", "checkpoint_every", "sample_grid_steps", "guidance_scale", "resume",
+                     "gradient_checkpointing", "cache_dir", "output_dir", "benchmark_steps", "compile", "allow_tf32",
+                     "checkpoints_total_limit", "final_checkpoint", "validation_prompts", "report_to", "logging_dir",
+                     "tracker_project_name", "push_to_hub", "hub_model_id")
+# Recorded in args.json, but set by the launch: every random draw is keyed on
+# the global sample position (`micro_batch_generator`), so any number of
+# processes at the same per-device and effective batch trains the same run.
+LAUNCH_FLAGS = ("num_processes", "gradient_accumulation_steps")
+NOT_FLAGS = ("resume", "output_dir", "benchmark_steps")  # safe, but not worth naming in a message
+
+
+def check_resume_settings(args):
+    """--resume: refuse when a flag outside RESUME_SAFE_FLAGS differs from the
+    run's args.json (pairs CSV, model, LoRA rank, batch sizes, seed, ...)."""
+    path = Path(args.output_dir) / "args.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no record to compare with (a run stopped before its first write)
+    current = json.loads(json.dumps(public_args(args), default=str))
+    changed = [f"--{key} {previous.get(key)!r} -> {value!r}" for key, value in current.items()
+               if key not in RESUME_SAFE_FLAGS + LAUNCH_FLAGS and previous.get(key) != value]
+    if changed:
+        raise UserError(f"--resume with other settings than the run in {args.output_dir} ({'; '.join(changed)}). "
+                        f"Only these may change on resume: {', '.join('--' + f for f in RESUME_SAFE_FLAGS if f not in NOT_FLAGS)}; "
+                        "start a new run in another --output_dir for the rest")
+
+
 def apply_backbone_defaults(args, stage, kind):
     for key, value in {**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}.items():
         if getattr(args, key, None) is None:
@@ -1184,7 +1471,20 @@ def apply_backbone_defaults(args, stage, kind):
 
 def check_run_dir(args):
     """Refuse what would start training on bad ground, before loading models."""
-    state = Path(args.output_dir) / "state"
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    # values that make no sense are refused, never replaced by a default
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise UserError(f"--max_train_steps must be >= 1 (got {args.max_train_steps})")
+    if args.learning_rate is not None and not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise UserError(f"--learning_rate must be a positive number (got {args.learning_rate})")
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process
+        lock_output_dir(output_dir, "training run")
+        for leftover in output_dir.glob(".*.tmp-*"):  # temporaries of a run that was stopped (we hold the lock)
+            shutil.rmtree(leftover, ignore_errors=True)
+    state = output_dir / "state"
+    recover_dir(state)
     if args.resume and not (state / "training_state.pt").exists():
         raise UserError(f"--resume: no saved state in {state}")
     if not args.resume and state.exists():
@@ -1236,6 +1536,8 @@ def prepare_training(args, stage, need_fake):
     apply_backbone_defaults(args, stage, backbone.kind)
     grad_accum = gradient_accumulation(args, accelerator.num_processes)
     apply_ecosystem_defaults(args, stage, pairs)
+    if args.resume:
+        check_resume_settings(args)
     if args.init_network:
         load_network_override(backbone, args.init_network)
     # the VAE stays in fp32: latents are encoded once and decoded for grids only
@@ -1254,8 +1556,11 @@ def prepare_training(args, stage, need_fake):
         model_name = f"{args.pretrained_model}|{args.init_network}|{backbone.kind}"
         cache = load_or_build_cache(backbone, model_name, args.pairs, pairs, args.resolution, cache_dir,
                                     need_fake, accelerator)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    with writing(args.output_dir):
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     args.num_processes, args.gradient_accumulation_steps = accelerator.num_processes, grad_accum
+    log_world_size(accelerator.num_processes, f"stage {1 if stage == 'dro' else 2}",
+                   accelerator.is_main_process)
     if accelerator.is_main_process:
         atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(public_args(args), indent=2, default=str))
         logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
@@ -1288,11 +1593,30 @@ def compile_network(net, backend="inductor"):
     return net
 
 
+def global_micro_batch_index(step, micro, grad_accum, rank, world):
+    """The position of a micro-batch among all micro-batches of the run, over
+    all processes: step s (1-based) holds the indices (s-1)*A*W ... s*A*W - 1
+    for A accumulation steps on W processes. 1 process x accumulation 4 and
+    2 processes x accumulation 2 cover the same indices in every step."""
+    return ((step - 1) * grad_accum + micro) * world + rank
+
+
+def micro_batch_generator(seed, index):
+    """The random generator of one micro-batch: every draw of the micro-batch
+    (flips, latent samples, noise, timesteps, caption dropout, policy
+    samples) comes from it. Keyed on (seed, global micro-batch index) alone,
+    so the run is the same on any number of processes (for the same
+    per-device batch), and a resume needs no saved generator state."""
+    digest = hashlib.sha256(f"realalign/{seed}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
+
+
 def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
     """Rows of the cache for one micro-batch: a seeded permutation per epoch,
-    read in order. A function of the step alone, so resuming needs no
-    data-loader state and every process reads different rows."""
-    start = (((step - 1) * grad_accum + micro) * world + rank) * batch_size
+    read in order at the micro-batch's global position. A function of that
+    position alone, so resuming needs no data-loader state, every process
+    reads different rows, and the number of processes does not matter."""
+    start = global_micro_batch_index(step, micro, grad_accum, rank, world) * batch_size
     rows = []
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, num_rows)
@@ -1374,36 +1698,75 @@ def all_reduce_gradients(params, accelerator):
         offset += p.numel()
 
 
-def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, generator):
-    """OUTPUT_DIR/state: everything `--resume` needs, written atomically."""
+def rng_states():
+    """This process's global RNG states as tensors and plain numbers, so that
+    the state loads with torch.load(weights_only=True). Training draws from
+    the per-micro-batch generators; these are kept so that anything else
+    (a library drawing from the global RNG) also resumes exactly."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": [version, list(internal), py_gauss]}
+
+
+def set_rng_states(rng):
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, py_gauss = rng["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+
+
+def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema):
+    """OUTPUT_DIR/state: everything `--resume` needs, written atomically
+    (tensors, numbers and strings only: it loads with weights_only=True)."""
     state_dir = Path(args.output_dir) / "state"
-    tmp = state_dir.with_name("state.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(), "python": random.getstate()},
-               tmp / f"rng_rank{accelerator.process_index}.pt")
+    tmp = make_temp_dir(state_dir) if accelerator.is_main_process else None
+    tmp = broadcast_object(tmp, accelerator)
+    atomic_save_torch(rng_states(), tmp / f"rng_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema else None, "num_processes": accelerator.num_processes,
-                    "roles": {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)]
-                              for role in roles}},
-                   tmp / "training_state.pt")
+        atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(),
+                           "lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                           "num_processes": accelerator.num_processes,
+                           "roles": {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)]
+                                     for role in roles}},
+                          tmp / "training_state.pt")
         replace_dir(tmp, state_dir)
     accelerator.wait_for_everyone()
 
 
-def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, generator):
-    """Restore OUTPUT_DIR/state; returns the step it was saved at."""
+def broadcast_object(obj, accelerator):
+    """The main process's `obj` on every process."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj])[0]
+
+
+def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema):
+    """Restore OUTPUT_DIR/state; returns the step it was saved at. Loaded with
+    weights_only=True: a state file cannot run code, whoever wrote it."""
     state_dir = Path(args.output_dir) / "state"
-    state = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=True)
+        rank_file = state_dir / f"rng_rank{accelerator.process_index}.pt"
+        # a state saved by fewer processes: the extra processes take rank 0's
+        # global RNG states (every process seeds them alike)
+        rng = torch.load(rank_file if rank_file.exists() else state_dir / "rng_rank0.pt", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read the saved state in {state_dir} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0]}); it was written by an older version or is damaged") from None
     if state["num_processes"] != accelerator.num_processes:
-        raise UserError(f"the state was saved with {state['num_processes']} processes, this run has "
-                        f"{accelerator.num_processes}: resume with the same number")
+        logger.info("the state was saved by %d processes, this run has %d: the same run continues (every "
+                    "random draw is keyed on the global sample position)", state["num_processes"],
+                    accelerator.num_processes)
     with torch.no_grad():
         for role in roles:
             for p, value in zip(role_parameters(backbone.net, role), state["roles"][role], strict=True):
@@ -1412,13 +1775,7 @@ def load_training_state(args, accelerator, backbone, roles, optimizer, lr_schedu
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    rng = torch.load(state_dir / f"rng_rank{accelerator.process_index}.pt", weights_only=False)
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    set_rng_states(rng)
     return int(state["step"])
 
 
@@ -1432,13 +1789,18 @@ class MetricsLog:
         if enabled:
             kept = []
             if resume_step and self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                for line in self.path.read_text().splitlines():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line cut short by a kill or a full disk: dropped
+                        continue
+                    if record["step"] <= resume_step:
+                        kept.append(line)
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record):
         if self.enabled:
-            with open(self.path, "a") as f:
+            with writing(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
@@ -1485,24 +1847,25 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
     if not accelerator.is_main_process:
         return
     final = Path(args.output_dir) / f"checkpoint-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = make_temp_dir(final)
     weights = ema.shadow if ema is not None else None
-    save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
-    if args.sample_grid_steps > 0 and validation is not None:
-        use_role(backbone.net, LEARNER)
-        with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
-            images = generate_grid_images(backbone, validation, args, seeds=(0, 1))
-        grid = make_image_grid(images, rows=2, cols=len(args.validation_prompts))
-        grid.save(tmp / "grid.png")
-        log_grid(accelerator, grid, step)
-    write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
-    replace_dir(tmp, final)
-    prune_checkpoints(args)
-    metrics_path = Path(args.output_dir) / "metrics.jsonl"
-    if metrics_path.exists():
-        plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
+    with writing(final):
+        save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
+        for file in tmp.iterdir():  # diffusers writes through mkstemp too: give the files the umask's mode
+            follow_umask(file)
+        if args.sample_grid_steps > 0 and validation is not None:
+            use_role(backbone.net, LEARNER)
+            with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
+                images = generate_grid_images(backbone, validation, args, seeds=(0, 1))
+            grid = make_image_grid(images, rows=2, cols=len(args.validation_prompts))
+            grid.save(tmp / "grid.png")
+            log_grid(accelerator, grid, step)
+        write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
+        replace_dir(tmp, final)
+        prune_checkpoints(args)
+        metrics_path = Path(args.output_dir) / "metrics.jsonl"
+        if metrics_path.exists():
+            plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
     logger.info("saved %s", final)
 
 
@@ -1542,14 +1905,14 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     params = role_parameters(net, LEARNER)
     optimizer, lr_scheduler = make_optimizer(args, params)
     ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_schedule) if args.use_ema else None
-    # One generator per process drives every random choice of the step (rows'
-    # flips, noise, timesteps, caption dropout, policy samples), so a resumed
-    # run draws exactly what an uninterrupted one would (SPEC §6.4, §6.6).
-    generator = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
-    seed_everything(args.seed + accelerator.process_index)
+    # Every random choice of a micro-batch (flips, noise, timesteps, caption
+    # dropout, policy samples) comes from its own generator, keyed on (seed,
+    # global micro-batch index): a resumed run draws exactly what an
+    # uninterrupted one would, on any number of processes.
+    seed_everything(args.seed)  # alike on every process, like the draws
     start_step = 0
     if args.resume:
-        start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, generator)
+        start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema)
         logger.info("resumed from step %d", start_step)
     init_trackers(args, accelerator, start_step)
     # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
@@ -1572,10 +1935,14 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     if backbone.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backbone.device)
     records = []
+    last_saved = start_step
     for step in progress:
         step_start = time.perf_counter()
         totals = {}
         for micro in range(grad_accum):
+            index = global_micro_batch_index(step, micro, grad_accum, accelerator.process_index,
+                                             accelerator.num_processes)
+            generator = micro_batch_generator(args.seed, index)
             rows = None
             if cache is not None:
                 rows = micro_batch_rows(step, micro, grad_accum, accelerator.process_index,
@@ -1598,15 +1965,23 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
         if ema is not None:
             ema.step(params, step)
         extra = after_optimizer_step(step) if after_optimizer_step else {}
-        # one host sync per optimizer step, for the log: stats averaged over processes
+        # one host sync per optimizer step, for the log: stats averaged over
+        # processes, and the gradient norm (the same on every process)
         keys = sorted(totals)
         means = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=backbone.device) for k in keys])
         means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
+        values = torch.cat([means, grad_norm.detach().float().view(1).to(means.device)]).tolist()
         if backbone.device.type == "cuda":
             torch.cuda.synchronize(backbone.device)
         seconds = time.perf_counter() - step_start
-        record = {"step": step, **{k: float(v) for k, v in zip(keys, means.tolist())},
-                  "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
+        # a diverged step stops the run here, before it is logged or saved:
+        # every process sees the same values, so all of them stop
+        checked = dict(zip(keys, values))
+        if not scaler.is_enabled():  # fp16: an overflowing gradient is expected now and then, the scaler skips it
+            checked["grad_norm"] = values[-1]
+        check_finite(step, checked, args.output_dir, last_saved)
+        record = {"step": step, **{k: float(v) for k, v in zip(keys, values)},
+                  "grad_norm": values[-1], "lr": lr_scheduler.get_last_lr()[0],
                   "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
                   "peak_memory_gb": peak_memory_gb(backbone.device), **(extra or {})}
         if scaler.is_enabled():
@@ -1617,11 +1992,29 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
         records.append(record)
         progress.set_postfix(loss=f"{record['loss']:.4g}")
         if not args.benchmark_steps and (step % args.checkpoint_every == 0 or step == max_steps):
+            # weights can overflow while the loss that moved them was finite:
+            # never save them (one more host sync, per checkpoint only)
+            saved = params + (ema.shadow if ema is not None else [])
+            weights_finite = bool(torch.stack([p.detach().isfinite().all() for p in saved]).all())
+            check_finite(step, {"LoRA weights": 0.0 if weights_finite else math.nan}, args.output_dir, last_saved)
             save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation)
-            save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, generator)
+            save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema)
+            last_saved = step
     if args.push_to_hub and not args.benchmark_steps:
         push_final_checkpoint(args, accelerator, backbone, cache)
     return records
+
+
+def check_finite(step, values, output_dir, last_saved):
+    """Stop a diverged run: a UserError naming the step and every quantity
+    that is NaN or infinite. Nothing of the step is saved; state/ keeps the
+    last good step."""
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        kept = (f"the last good state is {Path(output_dir) / 'state'} (step {last_saved})" if last_saved
+                else "nothing was saved")
+        raise UserError(f"step {step}: non-finite {', '.join(bad)} (the run diverged); training stopped and this "
+                        f"step was not saved; {kept}. A lower --learning_rate (in a new --output_dir) may help")
 
 
 def benchmark_clock(args):

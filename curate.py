@@ -558,6 +558,9 @@ def main(argv=None):
 
     # ---- 1. List the real images; every input problem stops here, before any model loads.
     candidates, counts = list_real_images(args.real_images, output_dir)
+    if state.is_main_process:  # one run per output folder
+        common.lock_output_dir(output_dir, "curate.py")
+    common.log_world_size(state.num_processes, "curate", state.is_main_process)
     if args.max_images is not None and args.max_images < len(candidates):
         # candidates are sorted by uid, so the subset depends only on --seed
         candidates = sorted(random.Random(args.seed).sample(candidates, args.max_images), key=lambda c: c["uid"])

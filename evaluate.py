@@ -1555,6 +1555,10 @@ def main(argv=None):
         return userstudy_tally_main(args)
 
     # ---- 1. check every input before any heavy work --------------------------
+    for flag in ("num_inference_steps", "batch_size", "score_batch_size"):  # no silent default for a 0
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be >= 1 (got {value})")
     metrics = parse_metrics(args.metrics)
     methods = parse_methods(args.method)
     state = make_state()
@@ -1562,6 +1566,9 @@ def main(argv=None):
     out_dir = Path(args.output_dir)
     with state.main_process_first():  # only the main process downloads a prompt set
         prompts = load_prompts(args.prompts, args.cache_dir, args.max_prompts, args.prompt_source)
+    if state.is_main_process:  # one run per output folder
+        common.lock_output_dir(out_dir, "evaluate.py")
+    common.log_world_size(state.num_processes, "evaluate", state.is_main_process)
     check_prompts(out_dir, prompts, write=state.is_main_process)
     logger.info("%d prompts x %d seeds x %d methods on %d process(es)", len(prompts), len(args.seeds),
                 len(methods), state.num_processes)

@@ -148,15 +148,23 @@ fi
 PAIRS=$OUTPUT_DIR/pairs/pairs.csv
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUTPUT_DIR"
 
-# Run one step unless it is marked done; stop the whole run at the first failure.
+# Run one step unless it is marked done with the same command line; stop the
+# whole run at the first failure. The marker .done-NAME holds a hash of the
+# step's command line (without --resume): a step whose settings changed since
+# (STAGE1_STEPS raised, say) runs again, and the trainers resume from their
+# state (README "Resuming": which settings may change; the others are refused
+# with a message).
 step() {
   local name=$1; shift
-  if [ -f "$OUTPUT_DIR/.done-$name" ]; then log "$name: done already, skipped"; return; fi
+  local marker=$OUTPUT_DIR/.done-$name settings
+  settings=$(for arg in "$@"; do [ "$arg" = --resume ] || printf '%s\0' "$arg"; done | sha256sum | cut -c1-16)
+  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$settings" ]; then log "$name: done already, skipped"; return; fi
   if [ "$DRY_RUN" = 1 ]; then log "$name (dry run): $(printf '%q ' "$@")"; return; fi
+  [ -f "$marker" ] && log "$name: its settings changed since it was done: running it again"
   log "$name: $*"
   local start=$SECONDS
   "$@" || die "step '$name' failed (exit $?). Fix the cause and rerun: finished steps are skipped, this one resumes."
-  touch "$OUTPUT_DIR/.done-$name"
+  echo "$settings" > "$marker"
   log "$name: finished in $((SECONDS - start)) s"
 }
 # Stage runs continue from their saved state when one exists.

@@ -1,5 +1,6 @@
 """Tests of common.py: losses, backbone maths, LoRA roles, EMA, input cache."""
 import math
+import os
 
 import pytest
 import torch
@@ -412,3 +413,112 @@ def test_win_lose_aliases_and_relative_paths(tmp_path):
     pairs = common.read_pairs_csv(csv_path)
     assert pairs[0]["real_image_path"] == str(tmp_path / "real" / "img000.png")
     assert pairs[1]["fake_image_path"] == str(tmp_path / "fake" / "img001.png")
+
+
+# ---------------------------------------------------------------- reliability
+def test_16_bit_and_transparent_images_become_proper_rgb(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    grey16 = np.full((8, 8), 32896, dtype=np.uint16)  # mid-grey in 16 bits: 32896 / 257 = 128
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    rgb = np.asarray(common.center_crop_resize(Image.open(tmp_path / "grey16.png"), 8))
+    assert rgb.shape == (8, 8, 3) and np.all(rgb == 128)  # not clipped to white
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:4] = (255, 0, 0, 255)  # top half opaque red, bottom half fully transparent (black hidden pixels)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    rgb = np.asarray(common.to_rgb(Image.open(tmp_path / "rgba.png")))
+    assert np.all(rgb[:4] == (255, 0, 0)) and np.all(rgb[4:] == 255)  # composited on white
+
+
+def test_pairs_of_different_sizes_and_duplicate_uids_are_refused(tmp_path):
+    from PIL import Image
+
+    csv_path = make_pairs(tmp_path, n=3)
+    Image.new("RGB", (40, 32)).save(tmp_path / "fake" / "img001.png")
+    with pytest.raises(common.UserError, match="uid 'img001'.* 32x32 but the fake is 40x32"):
+        common.read_pairs_csv(csv_path)
+    assert len(common.read_pairs_csv(csv_path, need_fake=False)) == 3  # Stage 1 reads the real images only
+    csv_path = make_pairs(tmp_path / "dup", n=3)
+    csv_path.write_text(csv_path.read_text().replace("img002,", "img000,"))
+    with pytest.raises(common.UserError, match="uid 'img000' appears twice"):
+        common.read_pairs_csv(csv_path)
+
+
+def test_replace_dir_always_leaves_a_folder_and_a_cut_replacement_is_recovered(tmp_path):
+    final = tmp_path / "state"
+    for version in ("one", "two"):
+        tmp = common.make_temp_dir(final)
+        (tmp / "v").write_text(version)
+        common.replace_dir(tmp, final)
+        assert (final / "v").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no temporaries left
+    # a run killed between the two renames of the fallback: state.old, no state
+    final.rename(tmp_path / "state.old")
+    common.recover_dir(final)
+    assert (final / "v").read_text() == "two" and not (tmp_path / "state.old").exists()
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old_mask = os.umask(0o027)
+    try:
+        common.atomic_write_text(tmp_path / "a.txt", "x")
+        folder = common.make_temp_dir(tmp_path / "folder")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640  # mkstemp alone gives 0600
+    assert folder.stat().st_mode & 0o777 == 0o750
+
+
+def test_write_errors_become_one_message(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def no_permission(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_permission)
+    with pytest.raises(common.UserError, match=r"cannot write .*out\.txt: Permission denied \(no permission\)"):
+        common.atomic_write_text(tmp_path / "out.txt", "x")
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(common.UserError, match="is a file, not a folder"):
+        common.atomic_write_text(tmp_path / "file" / "out.txt", "x")
+
+
+def test_lock_names_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        lock = tmp_path / common.LOCK_FILE
+        lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "what": "curate.py"}))
+        with pytest.raises(common.UserError, match=f"pid {live.pid} on host {socket.gethostname()}, curate.py"):
+            common.lock_output_dir(tmp_path, "evaluate.py")
+        lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        assert common.lock_output_dir(tmp_path, "evaluate.py") == lock
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_asking_for_n_processes_and_getting_one_is_reported(caplog):
+    assert common.requested_num_processes({"WORLD_SIZE": "4"}) == 4
+    launcher = ["/usr/bin/python", "/usr/bin/accelerate", "launch", "--num_processes", "2", "--cpu", "train_dro.py"]
+    assert common.requested_num_processes({}, launcher) == 2
+    assert common.requested_num_processes({}, ["accelerate", "launch", "--num_processes=8", "x.py"]) == 8
+    assert common.requested_num_processes({}, ["bash"]) is None
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with caplog.at_level("INFO", logger="realalign"):
+            common.log_world_size(1, "stage 1")
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert "stage 1: 1 process(es)" in caplog.text and "2 processes were asked for" in caplog.text
+    assert "torchrun --nproc_per_node" in caplog.text

@@ -686,3 +686,26 @@ def test_unreachable_hub_method_is_a_clear_error(tiny_models, prompt_file, tmp_p
         evaluate.main(["--pretrained_model", tiny_models["sd15"], "--method", "hub=owner/not-here",
                        "--prompts", str(prompt_file), "--max_prompts", "1", "--seeds", "1", "--resolution", "32",
                        "--num_inference_steps", "1", "--output_dir", str(tmp_path / "out"), "--metrics", "laplacian"])
+
+
+def test_nonsense_values_and_a_held_folder_are_refused(tiny_models, prompt_file, tmp_path, capsys):
+    import socket
+
+    base = ["--pretrained_model", tiny_models["sd15"], "--method", "base=", "--prompts", str(prompt_file),
+            "--output_dir", str(tmp_path / "out")]
+    for flag, message in (("--num_inference_steps", "--num_inference_steps must be >= 1 (got 0)"),
+                          ("--batch_size", "--batch_size must be >= 1 (got 0)")):
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_main(lambda: evaluate.main([*base, flag, "0"]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    # a folder that a live run holds
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / common.LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        with pytest.raises(common.UserError, match=f"in use by another run \\(pid {holder.pid}"):
+            evaluate.main(base)
+    finally:
+        holder.kill()
+        holder.wait()

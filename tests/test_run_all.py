@@ -13,9 +13,21 @@ import common
 from conftest import ROOT
 
 
+def python_first_on_path(directory):
+    """A folder whose `python` is this interpreter (sys.executable), for run_all.sh,
+    which calls `python`: the tests then run the interpreter they were started
+    with, whatever `python` the PATH would give."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wrapper = directory / "python"  # a script, not a symlink: a venv's python finds its venv through its path
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(directory)
+
+
 def smoke(out, backbone, extra_env=None):
+    path = python_first_on_path(out.parent / "python-bin") + os.pathsep + os.environ.get("PATH", "")
     env = {**os.environ, "SMOKE": "1", "BACKBONE": backbone, "OUTPUT_DIR": str(out), "HF_HUB_OFFLINE": "1",
-           **(extra_env or {})}
+           "PATH": path, **(extra_env or {})}
     return subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -116,6 +128,14 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     for stage in ("stage1", "stage2"):
         assert json.loads((out / "complementarity" / stage / "args.json").read_text())["init_network"] == dpo_unet
     assert results["methods"][4]["spec"] == f"{dpo_unet}+{out}/complementarity/stage2/checkpoint-4"
+    # a step whose settings changed is not skipped: more Stage-2 steps resume
+    # Stage 2 from its state; every other step keeps its marker
+    longer = smoke(out, backbone, {"STAGE2_STEPS": "6"})
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "stage2: its settings changed since it was done" in longer.stdout
+    assert longer.stdout.count("done already, skipped") == 7
+    log = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (out / "stage2" / "checkpoint-6").is_dir()
 
 
 def test_interrupted_stage_resumes(tmp_path):
@@ -133,7 +153,8 @@ def test_interrupted_stage_resumes(tmp_path):
 def test_real_run_without_gpu_fails_fast_and_points_to_smoke(tmp_path):
     bin_dir = tmp_path / "bin"  # a PATH without nvidia-smi
     bin_dir.mkdir()
-    for tool in ("python", "bash", "timeout", "grep", "mkdir", "cat", "dirname", "touch"):
+    python_first_on_path(bin_dir)
+    for tool in ("bash", "timeout", "grep", "mkdir", "cat", "dirname", "touch"):
         if shutil.which(tool):
             os.symlink(shutil.which(tool), bin_dir / tool)
     env = {**os.environ, "PATH": str(bin_dir), "OUTPUT_DIR": str(tmp_path / "out")}

@@ -223,19 +223,49 @@ def test_micro_batches_cover_distinct_rows_across_processes():
 
 
 @pytest.mark.parametrize("script,port", [("train_dro.py", 29517), ("train_dpo.py", 29518)])
-def test_two_process_training_with_torchrun(script, port, tiny_models, data, tmp_path):
+def test_two_processes_train_the_same_lora_as_one(script, port, tiny_models, data, tmp_path):
+    """2 processes x accumulation 2 (torchrun, a gloo group on the CPU) and 1
+    process x accumulation 4 draw the same inputs for every sample, so they
+    train the same LoRA."""
+    argv = ["--pretrained_model", tiny_models["sd15"], "--pairs", str(data["train"]), *SMALL,
+            "--train_batch_size", "1", "--effective_batch_size", "4", "--max_train_steps", "2",
+            "--learning_rate", "1e-3", "--lr_warmup_steps", "0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / script), "--pretrained_model", tiny_models["sd15"], "--pairs", str(data["train"]),
-           "--output_dir", str(tmp_path), *SMALL, "--train_batch_size", "1", "--effective_batch_size", "4",
-           "--max_train_steps", "2"]
+           str(ROOT / script), *argv, "--output_dir", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    args = json.loads((tmp_path / "args.json").read_text())
+    args = json.loads((tmp_path / "two" / "args.json").read_text())
     assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 2  # 1 x 2 x 2 = 4
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "stage %d: 2 process(es)" % (1 if script == "train_dro.py" else 2) in result.stderr
+    log = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
-    assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "two" / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
+
+    one = run("dro" if script == "train_dro.py" else "dpo", tmp_path / "one", tiny_models["sd15"], data["train"],
+              *argv[4:])
+    assert json.loads((tmp_path / "one" / "args.json").read_text())["gradient_accumulation_steps"] == 4
+    # Same inputs, same per-sample computations; only the order of the float
+    # sums differs (4 gradients accumulated in one process vs 2 + 2 averaged
+    # over processes, relative error ~1e-7). AdamW moves each weight by about
+    # the learning rate (1e-3) per step whatever the gradient's size, so other
+    # draws differ by ~1e-3; rounding differs by far less, except where AdamW
+    # normalises a gradient near rounding level (the A matrices' first
+    # gradients, at step 2, pass through B ~ 1e-3, and DPO's beta 2000
+    # amplifies the cancellation in its error differences; 0.05% of the
+    # weights differ by 1e-6 to 1e-5): each weight within 5% of a step, and
+    # on average within 1e-7 (other draws: 1e-4 and more).
+    start = state_of(tmp_path / "one")["roles"]["ref"]
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(state_of(tmp_path / "two")["roles"]["learner"],
+                                                              state_of(tmp_path / "one")["roles"]["learner"])])
+    assert diffs.max() < 5e-5 and diffs.mean() < 1e-7, (diffs.max(), diffs.mean())
+    moved = max((b - s).abs().max().item() for b, s in zip(state_of(tmp_path / "one")["roles"]["learner"], start))
+    assert moved > 1e-4
+    # the losses are functions of differences of errors of size ~1 (absolute
+    # float noise ~1e-7), which DPO multiplies by beta/2 = 1000
+    noise = 3e-7 * (1000 if script == "train_dpo.py" else 1)
+    for a, b in zip(log, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=noise)
 
 
 # ------------------------------------------------------------------ bad input
@@ -330,3 +360,120 @@ def test_sd3_stage1_timesteps_follow_the_logit_normal_shift_law(tiny_models, dat
     ks = max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
     print(f"KS distance of {n} Stage-1 timesteps to the logit-normal (shift 3) law: {ks:.4f}")
     assert ks < 0.07
+
+
+# ------------------------------------------------------------- reliability
+def test_diverging_run_stops_and_keeps_the_last_good_state(tiny_models, data, tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 3 stops the run with a message naming the step; the
+    state of step 2 stays, nothing of step 3 is logged or saved."""
+    original, calls = common.diffusion_dpo_loss, []
+
+    def nan_from_step_3(*a, **k):
+        loss, stats = original(*a, **k)
+        calls.append(1)
+        return (loss * math.nan, stats) if len(calls) >= 3 else (loss, stats)
+
+    monkeypatch.setattr(common, "diffusion_dpo_loss", nan_from_step_3)
+    argv = ["--pretrained_model", tiny_models["sd15"], "--pairs", data["train"], "--output_dir", tmp_path, *SMALL,
+            "--train_batch_size", "2", "--effective_batch_size", "2", "--max_train_steps", "4"]
+    expect_error(capsys, "dpo", argv, "step 3: non-finite")
+    assert state_of(tmp_path)["step"] == 2
+    assert all(torch.isfinite(p).all() for p in state_of(tmp_path)["roles"]["learner"])
+    assert not (tmp_path / "checkpoint-3").exists() and not (tmp_path / "checkpoint-4").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # weights that overflow while the loss was finite are never saved
+    monkeypatch.setattr(common, "diffusion_dpo_loss", original)
+    make_optimizer = common.make_optimizer
+
+    def overflowing_optimizer(args, params):
+        optimizer, scheduler = make_optimizer(args, params)
+        step = optimizer.step
+        optimizer.step = lambda: (step(), params[0].data.fill_(math.inf))
+        return optimizer, scheduler
+
+    monkeypatch.setattr(common, "make_optimizer", overflowing_optimizer)
+    argv = [*argv[:5], tmp_path / "overflow", *argv[6:], "--checkpoint_every", "1"]
+    expect_error(capsys, "dpo", argv, "step 1: non-finite LoRA weights")
+    assert not (tmp_path / "overflow" / "checkpoint-1").exists() and not (tmp_path / "overflow" / "state").exists()
+
+
+def test_resume_refuses_changed_settings_and_allows_the_safe_ones(tiny_models, data, tmp_path, capsys):
+    argv = ["--pretrained_model", tiny_models["sd15"], "--pairs", data["train"], "--output_dir", tmp_path, *SMALL,
+            "--train_batch_size", "2", "--effective_batch_size", "2", "--max_train_steps", "2"]
+    run("dpo", tmp_path, tiny_models["sd15"], data["train"], *argv[6:])
+    expect_error(capsys, "dpo", [*argv, "--resume", "--lora_rank", "8", "--seed", "1"],
+                 "--lora_rank 4 -> 8; --seed 0 -> 1")
+    assert state_of(tmp_path)["step"] == 2
+    # the safe ones (common.RESUME_SAFE_FLAGS) may change; and a last line of
+    # metrics.jsonl cut short by a kill does not block the resume
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    log = run("dpo", tmp_path, tiny_models["sd15"], data["train"], *argv[6:-1], "3", "--checkpoint_every", "3",
+              "--resume")
+    assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_write_failures_name_the_path_and_the_cause(tiny_models, data, tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    argv = ["--pretrained_model", tiny_models["sd15"], "--pairs", data["train"], *SMALL,
+            "--train_batch_size", "2", "--effective_batch_size", "2", "--max_train_steps", "2"]
+    run("dro", tmp_path / "run", tiny_models["sd15"], data["train"], *argv[4:])
+    before = (tmp_path / "run" / "state" / "training_state.pt").read_bytes()
+    for code, words in ((errno.ENOSPC, "the disk is full"), (errno.EACCES, "no permission"),
+                        (errno.EROFS, "the file system is read-only")):
+        def fail(self, *a, code=code, **k):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(Path, "write_bytes", fail)  # the state's writer
+        expect_error(capsys, "dro", [*argv[:-1], "4", "--output_dir", tmp_path / "run", "--resume"],
+                     f"rng_rank0.pt: {os.strerror(code)} ({words})")
+        monkeypatch.undo()
+        assert (tmp_path / "run" / "state" / "training_state.pt").read_bytes() == before  # the earlier state
+    # an output path that is a file
+    (tmp_path / "file").write_text("x")
+    expect_error(capsys, "dro", [*argv, "--output_dir", tmp_path / "file"], "is a file, not a folder")
+
+
+def test_nonsense_values_and_missing_init_lora_are_refused(tiny_models, data, tmp_path, capsys):
+    base = ["--pretrained_model", tiny_models["sd15"], "--pairs", data["train"], "--resolution", "32",
+            "--train_batch_size", "2", "--effective_batch_size", "2", "--output_dir", tmp_path / "a"]
+    expect_error(capsys, "dro", [*base, "--max_train_steps", "0"], "--max_train_steps must be >= 1")
+    for lr in ("0", "-1e-4", "nan", "inf"):
+        expect_error(capsys, "dpo", [*base, f"--learning_rate={lr}"], "--learning_rate must be a positive number")
+    expect_error(capsys, "dpo", [*base, "--init_lora", tmp_path / "no-such-lora"], "was not found")
+
+
+def test_state_loads_with_weights_only_and_files_follow_the_umask(tiny_models, data, tmp_path):
+    old_mask = os.umask(0o022)
+    try:
+        run("dro", tmp_path, tiny_models["sd15"], data["train"], "--train_batch_size", "2",
+            "--effective_batch_size", "2", "--max_train_steps", "2")
+    finally:
+        os.umask(old_mask)
+    for name in ("training_state.pt", "rng_rank0.pt"):  # no pickle: a shared folder cannot run code
+        torch.load(tmp_path / "state" / name, weights_only=True)
+    for path in [tmp_path / "args.json", tmp_path / "state" / "training_state.pt",
+                 tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    for path in (tmp_path / "state", tmp_path / "checkpoint-2"):
+        assert path.stat().st_mode & 0o777 == 0o755, path
+
+
+def test_a_live_run_holds_its_folder(tiny_models, data, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp_path.mkdir(exist_ok=True)
+        (tmp_path / common.LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": __import__("socket")
+                                                            .gethostname(), "what": "training run"}))
+        argv = ["--pretrained_model", tiny_models["sd15"], "--pairs", data["train"], "--output_dir", tmp_path,
+                *SMALL, "--train_batch_size", "2", "--effective_batch_size", "2", "--max_train_steps", "1"]
+        expect_error(capsys, "dro", argv, f"in use by another run (pid {holder.pid} on host")
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is taken over
+    run("dro", tmp_path, tiny_models["sd15"], data["train"], "--train_batch_size", "2", "--effective_batch_size",
+        "2", "--max_train_steps", "1")
+    assert json.loads((tmp_path / common.LOCK_FILE).read_text())["pid"] == os.getpid()
