@@ -883,48 +883,102 @@ STAGE_DEFAULTS = {
 }
 
 
-def add_training_args(parser):
-    """Flags both trainers share. Those whose default depends on the backbone
-    default to None and are filled in by `apply_backbone_defaults`."""
+BACKBONE_NAMES = {"sd15": "SD-1.5", "sd3": "SD-3.5-M"}
+
+
+def _show_default(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 1e-4, 2.56e-6: as the paper writes them
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def backbone_default_help(key, stage):
+    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4' for a flag that defaults to
+    None and is filled in per backbone by `apply_backbone_defaults`; read from
+    BACKBONE_DEFAULTS / STAGE_DEFAULTS so --help cannot drift from the code."""
+    shown = {kind: _show_default({**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}[key])
+             for kind in BACKBONE_NAMES}
+    if len(set(shown.values())) == 1:
+        return f"default: {shown['sd15']} for both backbones"
+    return "default: " + ", ".join(f"{BACKBONE_NAMES[kind]}: {value}" for kind, value in shown.items())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows every flag's default exactly once: argparse's
+    "(default: X)", unless the help text already states its default (the
+    backbone-dependent ones state both values), and "(required)" for a
+    required flag, whose None default means nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required:
+            return text if "required" in text else f"{text} (required)".strip()
+        if "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+def add_training_args(parser, stage):
+    """Flags both trainers share (`stage`: "dro" or "dpo", for the stated
+    defaults). Those whose default depends on the backbone default to None
+    and are filled in by `apply_backbone_defaults`."""
+    parser.formatter_class = HelpFormatter
+
+    def paper(key):  # the paper's per-backbone default, for the help text
+        return f"({backbone_default_help(key, stage)})"
+
     g = parser.add_argument_group("model and data")
     g.add_argument("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
                         "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
-    g.add_argument("--pairs", default=None, help="pairs CSV written by curate.py (win/lose column names accepted)")
+    g.add_argument("--pairs", default=None,
+                   help="pairs CSV written by curate.py (win/lose column names accepted); needed unless "
+                        "--benchmark_steps (default: none)")
     g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json go here")
     g.add_argument("--init_lora", default=None,
-                   help="start from this LoRA (folder or hub id, load_lora_weights format); it is also the reference")
+                   help="start from this LoRA (folder or hub id, load_lora_weights format); it is also the reference "
+                        "(default: none, a fresh LoRA on the base model)")
     g.add_argument("--init_unet", "--init_transformer", dest="init_network", default=None,
                    help="replace the pipeline's UNet/transformer by this one first (complementarity runs, "
-                        "e.g. mhdang/dpo-sd1.5-text2image-v1)")
+                        "e.g. mhdang/dpo-sd1.5-text2image-v1) (default: none, the pipeline's own)")
     g.add_argument("--resolution", type=int, default=512, help="training resolution in pixels")
     g.add_argument("--cache_dir", default=None, help="input cache folder (default: OUTPUT_DIR/../cache)")
-    g = parser.add_argument_group("optimisation (None = the paper's value for the backbone)")
-    g.add_argument("--train_batch_size", type=int, default=None, help="per-device micro-batch (SD-1.5 4, SD-3 1)")
+    g = parser.add_argument_group("optimisation (unset = the paper's value for the backbone)")
+    g.add_argument("--train_batch_size", type=int, default=None,
+                   help=f"per-device micro-batch {paper('train_batch_size')}")
     g.add_argument("--effective_batch_size", type=int, default=256,
                    help="samples per optimizer step over all processes; accumulation = this / (batch x processes)")
-    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps")
-    g.add_argument("--learning_rate", type=float, default=None)
-    g.add_argument("--lr_warmup_steps", type=int, default=None, help="linear warm-up, then constant")
-    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_train_steps", type=int, default=None, help=f"optimizer steps {paper('max_train_steps')}")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help=f"AdamW learning rate, constant after the warm-up {paper('learning_rate')}")
+    g.add_argument("--lr_warmup_steps", type=int, default=None,
+                   help=f"linear warm-up, then constant {paper('lr_warmup_steps')}")
+    g.add_argument("--weight_decay", type=float, default=None, help=f"AdamW weight decay {paper('weight_decay')}")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (SD-1.5 4, SD-3 32); ignored with --init_lora")
-    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (SD-1.5 4, SD-3 64)")
+    g.add_argument("--lora_rank", type=int, default=None,
+                   help=f"LoRA rank; ignored with --init_lora {paper('lora_rank')}")
+    g.add_argument("--lora_alpha", type=int, default=None, help=f"LoRA alpha {paper('lora_alpha')}")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="checkpoints hold an EMA of the LoRA weights (Stage 1 default on, Stage 2 off)")
-    g.add_argument("--ema_decay", type=float, default=None, help="EMA decay (SD-1.5 0.9999 with warm-up, SD-3 0.9)")
-    g.add_argument("--ema_every", type=int, default=None, help="EMA update interval in optimizer steps (SD-3 8)")
+                   help=f"checkpoints hold an EMA of the LoRA weights {paper('use_ema')}")
+    g.add_argument("--ema_decay", type=float, default=None,
+                   help=f"EMA decay; SD-1.5 warms it up {paper('ema_decay')}")
+    g.add_argument("--ema_every", type=int, default=None,
+                   help=f"EMA update interval in optimizer steps {paper('ema_every')}")
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the LoRA init and every random draw of training")
     g = parser.add_argument_group("run")
     g.add_argument("--checkpoint_every", type=int, default=100, help="save a checkpoint and the state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
     g.add_argument("--sample_grid_steps", type=int, default=25,
                    help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
-    g.add_argument("--guidance_scale", type=float, default=None, help="CFG of the checkpoint grids (7.5 / 4.5)")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"CFG of the checkpoint grids {paper('guidance_scale')}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     g.add_argument("--benchmark_steps", type=int, default=0,
                    help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")

@@ -92,7 +92,7 @@ GENERATION_SETTINGS_FILE = "generation_settings.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Make RealAlign preference pairs (real photo, inpainted fake) from captioned real images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,  # each default shown once
     )
     parser.add_argument(
         "--real_images", type=str, required=True,
