@@ -1210,37 +1210,146 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-CURVE_KEYS = ("loss", "D", "active_frac", "implicit_acc", "reward_margin", "grad_norm")
+# Figures are drawn with matplotlib's object API on the Agg canvas: no display
+# needed, and no pyplot global state shared between runs in one process.
+def new_figure(width, height, dpi=100):
+    """An empty matplotlib Figure of width x height inches on the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def plot_training_curves(metrics_path, path, keys=CURVE_KEYS, panel=(320, 200)):
-    """OUTPUT_DIR/curves.png: one small line plot per logged quantity against
-    the optimizer step (PIL only; no plotting library needed)."""
-    from PIL import ImageDraw
+def save_figure(figure, path):
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def wrap_text(text, width, max_lines=None):
+    """`text` wrapped to lines of `width` characters, cut to `max_lines` with an ellipsis."""
+    import textwrap
+
+    lines = textwrap.wrap(" ".join(str(text).split()), width) or [""]
+    if max_lines and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return "\n".join(lines)
+
+
+# What each quantity of metrics.jsonl is: the panel titles of curves.png, in
+# panel order. Keys a run does not log (Stage 2 has no D) get no panel.
+CURVE_TITLES = {
+    "loss": "training loss (mean over the effective batch)",
+    "D": "DRO margin term D: learner − ref gap, real vs policy (below 0: real favoured)",
+    "active_frac": "DRO: share of samples with D + margin > 0 (hinge active)",
+    "implicit_acc": "DPO implicit accuracy: share of pairs where the learner prefers the real photo",
+    "reward_margin": "DPO reward margin: −[(learner − ref) on real − (learner − ref) on fake]",
+    "model_err_real": "learner error on real images",
+    "ref_err_real": "reference error on real images",
+    "model_err_policy": "learner error on policy samples (target: the snapshot's prediction)",
+    "ref_err_policy": "reference error on policy samples",
+    "model_err_w": "learner error on the real photo (winner)",
+    "ref_err_w": "reference error on the real photo (winner)",
+    "model_err_l": "learner error on the inpainted fake (loser)",
+    "ref_err_l": "reference error on the inpainted fake (loser)",
+    "grad_norm": "gradient norm before clipping (clipped to --max_grad_norm)",
+    "lr": "learning rate",
+    "samples_per_s": "throughput: samples per second",
+}
+CURVE_KEYS = tuple(CURVE_TITLES)
+CURVE_SMOOTHING = 0.9
+
+
+def smooth_curve(values, weight=CURVE_SMOOTHING):
+    """Exponential moving average with bias correction (TensorBoard's
+    smoothing): s_t = weight * s_(t-1) + (1 - weight) * x_t, s_0 = 0, shown as
+    s_t / (1 - weight^t), so the first points are not pulled toward 0.
+    Written out because numpy has no EMA and pandas is not a dependency."""
+    smoothed, running = [], 0.0
+    for t, value in enumerate(values, start=1):
+        running = weight * running + (1 - weight) * value
+        smoothed.append(running / (1 - weight**t))
+    return smoothed
+
+
+def curve_panels(records, keys=CURVE_KEYS):
+    """(key, title) of each panel curves.png draws for these metrics.jsonl records."""
+    return [(key, CURVE_TITLES.get(key, key)) for key in keys
+            if records and all(isinstance(r.get(key), (int, float)) for r in records)]
+
+
+def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
+    """OUTPUT_DIR/curves.png: one panel per logged quantity against the
+    optimizer step, the per-step value (thin) under its smoothed curve (thick,
+    `smooth_curve`). Returns the panels drawn, as `curve_panels`."""
+    from matplotlib.ticker import MaxNLocator
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    keys = [key for key in keys if records and key in records[0]]
-    if not keys:
-        return
-    image = Image.new("RGB", (panel[0] * len(keys), panel[1]), "white")
-    draw = ImageDraw.Draw(image)
-    for i, key in enumerate(keys):
-        steps = [r["step"] for r in records]
+    panels = curve_panels(records, keys)
+    if not panels:
+        return panels
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = new_figure(5.2 * columns, 3.3 * rows + 0.6)
+    figure.suptitle(f"{Path(path).parent.name}: training curves over {len(records)} optimizer steps "
+                    f"(thin: each step; thick: EMA, weight {CURVE_SMOOTHING}, bias-corrected)", fontsize=12)
+    steps = [r["step"] for r in records]
+    for i, (key, title) in enumerate(panels):
+        ax = figure.add_subplot(rows, columns, i + 1)
         values = [r[key] for r in records]
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=1, marker="o" if len(steps) < 30 else None,
+                markersize=3, label="per step")
+        ax.plot(steps, smooth_curve(values), color="tab:blue", linewidth=2, label="EMA")
         low, high = min(values), max(values)
-        high = high if high > low else low + 1e-12
-        left, top, width, height = i * panel[0] + 45, 25, panel[0] - 60, panel[1] - 50
-        draw.rectangle([left, top, left + width, top + height], outline="black")
-        draw.text((left, 5), key, fill="black")
-        draw.text((left - 42, top - 5), f"{high:.3g}", fill="gray")
-        draw.text((left - 42, top + height - 8), f"{low:.3g}", fill="gray")
-        draw.text((left, top + height + 5), f"step {steps[0]}", fill="gray")
-        draw.text((left + width - 50, top + height + 5), f"{steps[-1]}", fill="gray")
-        span = max(steps[-1] - steps[0], 1)
-        points = [(left + width * (s - steps[0]) / span, top + height * (high - v) / (high - low))
-                  for s, v in zip(steps, values)]
-        draw.line(points if len(points) > 1 else points * 2, fill=(31, 119, 180), width=2)
-    image.save(path)
+        scale = max(abs(low), abs(high))
+        if high - low <= 1e-9 * scale or high == low:  # a constant series: pad the range, or ticks repeat
+            pad = 0.1 * scale if scale > 0 else 1.0
+            ax.set_ylim(low - pad, high + pad)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # 1e-4, not 0.0001000
+        ax.set_title(wrap_text(title, 52), fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    save_figure(figure, path)
+    return panels
+
+
+def checkpoint_grid_prompts(args, prompt_ids):
+    """The captions behind cached prompt indices: the cache holds only
+    embeddings, of "" followed by the pairs' unique captions, sorted
+    (`build_input_cache`)."""
+    prompts = [""] + sorted({pair["prompt"] for pair in read_pairs_csv(args.pairs, need_fake=False)})
+    return [prompts[i] for i in prompt_ids]
+
+
+def save_sample_grid(images, prompts, seeds, path, title=None):
+    """A grid.png of sampled images: one column per prompt, its text above,
+    and one row per seed, named at the left. `images` are row-major (all
+    prompts of the first seed, then the next seed), as `generate_grid_images`
+    returns them. Small images are shown enlarged to about 260 px."""
+    cell = 2.6  # inches per image: the prompt text stays legible at 8 pt
+    width_px = images[0].size[0]
+    # height: the images, the prompts above the first row (up to 4 lines), the title
+    figure = new_figure(cell * len(prompts) + 0.5, (cell + 0.1) * len(seeds) + 0.7 + (0.3 if title else 0),
+                        dpi=max(100, round(width_px / cell)))  # never below the images' own resolution
+    if title:
+        figure.suptitle(title, fontsize=10)
+    for row, seed in enumerate(seeds):
+        for column, prompt in enumerate(prompts):
+            ax = figure.add_subplot(len(seeds), len(prompts), row * len(prompts) + column + 1)
+            image = images[row * len(prompts) + column]
+            ax.imshow(image, interpolation="nearest" if width_px < 128 else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(wrap_text(prompt or "(empty prompt)", 34, max_lines=4), fontsize=8)
+            if column == 0:
+                ax.set_ylabel(f"seed {seed}", fontsize=9)
+    save_figure(figure, path)
 
 
 @torch.no_grad()
@@ -1257,9 +1366,12 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
     save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
     if args.sample_grid_steps > 0 and cache is not None:
         use_role(backbone.net, LEARNER)
+        seeds = (0, 1)
         with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
-            images = generate_grid_images(backbone, cache, sample_prompt_ids, args, seeds=(0, 1))
-        image_grid(images, rows=2, cols=len(sample_prompt_ids)).save(tmp / "grid.png")
+            images = generate_grid_images(backbone, cache, sample_prompt_ids, args, seeds=seeds)
+        save_sample_grid(images, checkpoint_grid_prompts(args, sample_prompt_ids), seeds, tmp / "grid.png",
+                         title=f"{final.name}{' (EMA weights)' if ema is not None else ''}: "
+                               f"{args.sample_grid_steps} steps, guidance {args.guidance_scale}")
     replace_dir(tmp, final)
     metrics_path = Path(args.output_dir) / "metrics.jsonl"
     if metrics_path.exists():
@@ -1323,12 +1435,14 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     max_steps = args.benchmark_steps or args.max_train_steps
     if start_step >= max_steps:
         logger.info("already finished (%d steps)", start_step)
-    progress = tqdm(range(start_step + 1, max_steps + 1), initial=start_step, total=max_steps,
-                    desc="steps", disable=not accelerator.is_main_process)
+    # the bar moves per micro-batch: with a large effective batch on few
+    # devices one optimizer step is many micro-batches (the step is in the postfix)
+    progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
+                    desc="training", disable=not accelerator.is_main_process)
     if backbone.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backbone.device)
     records = []
-    for step in progress:
+    for step in range(start_step + 1, max_steps + 1):
         step_start = time.perf_counter()
         totals = {}
         for micro in range(grad_accum):
@@ -1342,6 +1456,9 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
             stats["loss"] = loss.detach()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / grad_accum
+            progress.update(1)
+            if step == start_step + 1 and micro == 0 and grad_accum > 1 and not args.benchmark_steps:
+                announce_run_time(args, accelerator, backbone, grad_accum, max_steps - start_step, step_start)
         all_reduce_gradients(params, accelerator)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
@@ -1363,11 +1480,33 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
                   "peak_memory_gb": peak_memory_gb(backbone.device), **(extra or {})}
         metrics.write(record)
         records.append(record)
-        progress.set_postfix(loss=f"{record['loss']:.4g}")
+        progress.set_postfix(step=f"{step}/{max_steps}", loss=f"{record['loss']:.4g}")
         if not args.benchmark_steps and (step % args.checkpoint_every == 0 or step == max_steps):
             save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, sample_prompt_ids)
             save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, generator)
+    progress.close()
     return records
+
+
+def format_duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def announce_run_time(args, accelerator, backbone, grad_accum, steps_left, step_start):
+    """After the first micro-batch: how many micro-batches one optimizer step
+    takes and a rough estimate of the run's time, so that a CPU run with the
+    paper's batch of 256 says at once that it would take days. The first
+    micro-batch includes warm-up, so the estimate errs high."""
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+    seconds = time.perf_counter() - step_start
+    if accelerator.is_main_process:
+        logger.info("one optimizer step = %d micro-batches of %d per process; the first took %.1f s: about %s per "
+                    "step, %s for the %d steps left (a smaller --effective_batch_size means fewer micro-batches)",
+                    grad_accum, args.train_batch_size, seconds, format_duration(seconds * grad_accum),
+                    format_duration(seconds * grad_accum * steps_left), steps_left)
 
 
 def benchmark_clock(args):
