@@ -49,6 +49,29 @@ from PIL import Image
 logger = logging.getLogger("realalign")
 
 
+class _DropMessages(logging.Filter):
+    """Drops the records of one library logger whose text contains a fragment."""
+
+    def __init__(self, *fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record):
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+# Known-harmless library notices, silenced at their loggers and nowhere else
+# (every other message of these loggers still shows):
+# - transformers: without torchvision, CLIPImageProcessor falls back to its PIL
+#   version, the one PickScore and CLIP were trained with; nothing to fix.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    _DropMessages("requires torchvision (not installed)"))
+# - diffusers: saving a pipeline with an absent optional component (the tiny
+#   SD-3 has no T5, text_encoder_3=None) warns that None "cannot be saved".
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
+    _DropMessages("=None of type <class 'NoneType'> cannot be saved"))
+
+
 # =============================================================================
 # 1. Losses
 # =============================================================================
@@ -1701,6 +1724,9 @@ if __name__ == "__main__":
     parser.add_argument("directory")
     cli_args = parser.parse_args()
     if cli_args.command == "tiny-models":
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars of sub-second saves
         for name, location in build_tiny_models(cli_args.directory).items():
             print(f"{name}: {location}")
     else:

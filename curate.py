@@ -535,9 +535,9 @@ def preview_figure(pairs, images, with_mask=True):
     headings = ["real", "mask", "fake"] if with_mask else ["real", "fake"]
     resolution = next(iter(images.values()))["real"].size[0]
     dpi = 100
-    cell = max(resolution, PREVIEW_MIN_PIXELS) / dpi  # inches per image
+    cell = max(resolution, PREVIEW_MIN_PIXELS) / dpi + 0.25  # inches per image, with the layout's padding
     text_width = 3.4
-    figure = common.new_figure(cell * len(headings) + text_width, (cell + 0.15) * len(pairs) + 0.7, dpi=dpi)
+    figure = common.new_figure(cell * len(headings) + text_width, cell * len(pairs) + 0.6, dpi=dpi)
     figure.suptitle("preview of the kept pairs (best PickScore(real) first); yellow: the binarized saliency "
                     "mask's outline" if with_mask else "preview of the kept pairs (best PickScore(real) first)",
                     fontsize=10)
@@ -567,7 +567,7 @@ def preview_figure(pairs, images, with_mask=True):
         gap = pair["pickscore_real"] - pair["pickscore_fake"]
         ax.text(0.02, 0.98, "\n".join([
             pair["uid"],
-            common.wrap_text(f"\"{pair['prompt']}\"", 40, max_lines=6),
+            common.wrap_text(f"\"{pair['prompt'].strip()}\"", 40, max_lines=6),
             "",
             f"PickScore gap (real - fake): {gap:+.3f}",
             f"  real {pair['pickscore_real']:.3f}, fake {pair['pickscore_fake']:.3f}",
