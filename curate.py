@@ -536,7 +536,7 @@ def preview_figure(pairs, images, with_mask=True):
     resolution = next(iter(images.values()))["real"].size[0]
     dpi = 100
     cell = max(resolution, PREVIEW_MIN_PIXELS) / dpi + 0.25  # inches per image, with the layout's padding
-    text_width = 3.4
+    text_width = 3.8  # 40 characters of 9 pt monospace
     figure = common.new_figure(cell * len(headings) + text_width, cell * len(pairs) + 0.6, dpi=dpi)
     figure.suptitle("preview of the kept pairs (best PickScore(real) first); yellow: the binarized saliency "
                     "mask's outline" if with_mask else "preview of the kept pairs (best PickScore(real) first)",
