@@ -250,15 +250,6 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def image_grid(images, rows, cols):
-    """Paste equally sized PIL images into a rows x cols grid."""
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
