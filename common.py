@@ -1504,7 +1504,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
 
 def format_duration(seconds):
     if seconds < 120:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
