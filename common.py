@@ -51,6 +51,29 @@ from PIL import Image
 logger = logging.getLogger("realalign")
 
 
+class _DropMessages(logging.Filter):
+    """Drops the records of one library logger whose text contains a fragment."""
+
+    def __init__(self, *fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record):
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+# Known-harmless library notices, silenced at their loggers and nowhere else
+# (every other message of these loggers still shows):
+# - transformers: without torchvision, CLIPImageProcessor falls back to its PIL
+#   version, the one PickScore and CLIP were trained with; nothing to fix.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    _DropMessages("requires torchvision (not installed)"))
+# - diffusers: saving a pipeline with an absent optional component (the tiny
+#   SD-3 has no T5, text_encoder_3=None) warns that None "cannot be saved".
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
+    _DropMessages("=None of type <class 'NoneType'> cannot be saved"))
+
+
 # =============================================================================
 # 1. Losses
 # =============================================================================
@@ -1335,50 +1358,105 @@ STAGE_DEFAULTS = {
 }
 
 
-def add_training_args(parser):
-    """Flags both trainers share. Those whose default depends on the backbone
-    default to None and are filled in by `apply_backbone_defaults`."""
+BACKBONE_NAMES = {"sd15": "SD-1.5", "sd3": "SD-3.5-M"}
+
+
+def _show_default(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 1e-4, 2.56e-6: as the paper writes them
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def backbone_default_help(key, stage):
+    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4' for a flag that defaults to
+    None and is filled in per backbone by `apply_backbone_defaults`; read from
+    BACKBONE_DEFAULTS / STAGE_DEFAULTS so --help cannot drift from the code."""
+    shown = {kind: _show_default({**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}[key])
+             for kind in BACKBONE_NAMES}
+    if len(set(shown.values())) == 1:
+        return f"default: {shown['sd15']} for both backbones"
+    return "default: " + ", ".join(f"{BACKBONE_NAMES[kind]}: {value}" for kind, value in shown.items())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows every flag's default exactly once: argparse's
+    "(default: X)", unless the help text already states its default (the
+    backbone-dependent ones state both values), and "(required)" for a
+    required flag, whose None default means nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required:
+            return text if "required" in text else f"{text} (required)".strip()
+        if "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+def add_training_args(parser, stage):
+    """Flags both trainers share (`stage`: "dro" or "dpo", for the stated
+    defaults). Those whose default depends on the backbone default to None
+    and are filled in by `apply_backbone_defaults`."""
+    parser.formatter_class = HelpFormatter
+
+    def paper(key):  # the paper's per-backbone default, for the help text
+        return f"({backbone_default_help(key, stage)})"
+
     g = parser.add_argument_group("model and data")
     g.add_argument("--pretrained_model", "--pretrained_model_name_or_path",
                    default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
                         "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
-    g.add_argument("--pairs", default=None, help="pairs CSV written by curate.py (win/lose column names accepted)")
+    g.add_argument("--pairs", default=None,
+                   help="pairs CSV written by curate.py (win/lose column names accepted); needed unless "
+                        "--benchmark_steps (default: none)")
     g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json go here")
     g.add_argument("--init_lora", default=None,
-                   help="start from this LoRA (folder or hub id, load_lora_weights format); it is also the reference")
+                   help="start from this LoRA (folder or hub id, load_lora_weights format); it is also the reference "
+                        "(default: none, a fresh LoRA on the base model)")
     g.add_argument("--init_unet", "--init_transformer", dest="init_network", default=None,
                    help="replace the pipeline's UNet/transformer by this one first (complementarity runs, "
-                        "e.g. mhdang/dpo-sd1.5-text2image-v1)")
+                        "e.g. mhdang/dpo-sd1.5-text2image-v1) (default: none, the pipeline's own)")
     g.add_argument("--resolution", type=int, default=512, help="training resolution in pixels")
     g.add_argument("--cache_dir", default=None, help="input cache folder (default: OUTPUT_DIR/../cache)")
-    g = parser.add_argument_group("optimisation (None = the paper's value for the backbone)")
-    g.add_argument("--train_batch_size", type=int, default=None, help="per-device micro-batch (SD-1.5 4, SD-3 1)")
+    g = parser.add_argument_group("optimisation (unset = the paper's value for the backbone)")
+    g.add_argument("--train_batch_size", type=int, default=None,
+                   help=f"per-device micro-batch {paper('train_batch_size')}")
     g.add_argument("--effective_batch_size", type=int, default=256,
                    help="samples per optimizer step over all processes; accumulation = this / (batch x processes)")
-    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps")
-    g.add_argument("--learning_rate", type=float, default=None)
-    g.add_argument("--lr_warmup_steps", type=int, default=None, help="linear warm-up, then constant")
-    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_train_steps", type=int, default=None, help=f"optimizer steps {paper('max_train_steps')}")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help=f"AdamW learning rate, constant after the warm-up {paper('learning_rate')}")
+    g.add_argument("--lr_warmup_steps", type=int, default=None,
+                   help=f"linear warm-up, then constant {paper('lr_warmup_steps')}")
+    g.add_argument("--weight_decay", type=float, default=None, help=f"AdamW weight decay {paper('weight_decay')}")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (SD-1.5 4, SD-3 32); ignored with --init_lora")
-    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (SD-1.5 4, SD-3 64)")
+    g.add_argument("--lora_rank", type=int, default=None,
+                   help=f"LoRA rank; ignored with --init_lora {paper('lora_rank')}")
+    g.add_argument("--lora_alpha", type=int, default=None, help=f"LoRA alpha {paper('lora_alpha')}")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="checkpoints hold an EMA of the LoRA weights (default on, except SD-1.5 Stage 2)")
-    g.add_argument("--ema_decay", type=float, default=None, help="largest EMA decay (SD-1.5 0.9999, diffusers' warm-up; SD-3 0.9, flow_grpo's schedule)")
-    g.add_argument("--ema_every", type=int, default=None, help="EMA update interval in optimizer steps (SD-1.5 1, SD-3 8)")
+                   help=f"checkpoints hold an EMA of the LoRA weights {paper('use_ema')}")
+    g.add_argument("--ema_decay", type=float, default=None,
+                   help=f"largest EMA decay; SD-1.5 follows diffusers' warm-up, SD-3.5-M flow_grpo's "
+                        f"schedule {paper('ema_decay')}")
+    g.add_argument("--ema_every", type=int, default=None,
+                   help=f"EMA update interval in optimizer steps {paper('ema_every')}")
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the LoRA init and every random draw of training")
     g = parser.add_argument_group("run")
     g.add_argument("--checkpoint_every", "--checkpointing_steps", type=int, default=100,
                    help="save a checkpoint and the state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
     g.add_argument("--sample_grid_steps", type=int, default=25,
                    help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
-    g.add_argument("--guidance_scale", type=float, default=None, help="CFG of the checkpoint grids (7.5 / 4.5)")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"CFG of the checkpoint grids {paper('guidance_scale')}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU, where compiling "
@@ -1804,37 +1882,138 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-CURVE_KEYS = ("loss", "D", "active_frac", "implicit_acc", "reward_margin", "grad_norm")
+# Figures are drawn with matplotlib's object API on the Agg canvas: no display
+# needed, and no pyplot global state shared between runs in one process.
+def new_figure(width, height, dpi=100):
+    """An empty matplotlib Figure of width x height inches on the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def plot_training_curves(metrics_path, path, keys=CURVE_KEYS, panel=(320, 200)):
-    """OUTPUT_DIR/curves.png: one small line plot per logged quantity against
-    the optimizer step (PIL only; no plotting library needed)."""
-    from PIL import ImageDraw
+def save_figure(figure, path):
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def wrap_text(text, width, max_lines=None):
+    """`text` wrapped to lines of `width` characters, cut to `max_lines` with an ellipsis."""
+    import textwrap
+
+    lines = textwrap.wrap(" ".join(str(text).split()), width) or [""]
+    if max_lines and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return "\n".join(lines)
+
+
+# What each quantity of metrics.jsonl is: the panel titles of curves.png, in
+# panel order. Keys a run does not log (Stage 2 has no D) get no panel.
+CURVE_TITLES = {
+    "loss": "training loss (mean over the effective batch)",
+    "D": "DRO margin term D: learner − ref gap, real vs policy (below 0: real favoured)",
+    "active_frac": "DRO: share of samples with D + margin > 0 (hinge active)",
+    "implicit_acc": "DPO implicit accuracy: share of pairs where the learner prefers the real photo",
+    "reward_margin": "DPO reward margin: −[(learner − ref) on real − (learner − ref) on fake]",
+    "model_err_real": "learner error on real images",
+    "ref_err_real": "reference error on real images",
+    "model_err_policy": "learner error on policy samples (target: the snapshot's prediction)",
+    "ref_err_policy": "reference error on policy samples",
+    "model_err_w": "learner error on the real photo (winner)",
+    "ref_err_w": "reference error on the real photo (winner)",
+    "model_err_l": "learner error on the inpainted fake (loser)",
+    "ref_err_l": "reference error on the inpainted fake (loser)",
+    "grad_norm": "gradient norm before clipping (clipped to --max_grad_norm)",
+    "lr": "learning rate",
+    "samples_per_s": "throughput: samples per second",
+}
+CURVE_KEYS = tuple(CURVE_TITLES)
+CURVE_SMOOTHING = 0.9
+
+
+def smooth_curve(values, weight=CURVE_SMOOTHING):
+    """Exponential moving average with bias correction (TensorBoard's
+    smoothing): s_t = weight * s_(t-1) + (1 - weight) * x_t, s_0 = 0, shown as
+    s_t / (1 - weight^t), so the first points are not pulled toward 0.
+    Written out because numpy has no EMA and pandas is not a dependency."""
+    smoothed, running = [], 0.0
+    for t, value in enumerate(values, start=1):
+        running = weight * running + (1 - weight) * value
+        smoothed.append(running / (1 - weight**t))
+    return smoothed
+
+
+def curve_panels(records, keys=CURVE_KEYS):
+    """(key, title) of each panel curves.png draws for these metrics.jsonl records."""
+    return [(key, CURVE_TITLES.get(key, key)) for key in keys
+            if records and all(isinstance(r.get(key), (int, float)) for r in records)]
+
+
+def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
+    """OUTPUT_DIR/curves.png: one panel per logged quantity against the
+    optimizer step, the per-step value (thin) under its smoothed curve (thick,
+    `smooth_curve`). Returns the panels drawn, as `curve_panels`."""
+    from matplotlib.ticker import MaxNLocator
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    keys = [key for key in keys if records and key in records[0]]
-    if not keys:
-        return
-    image = Image.new("RGB", (panel[0] * len(keys), panel[1]), "white")
-    draw = ImageDraw.Draw(image)
-    for i, key in enumerate(keys):
-        steps = [r["step"] for r in records]
+    panels = curve_panels(records, keys)
+    if not panels:
+        return panels
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = new_figure(5.2 * columns, 3.3 * rows + 0.6)
+    figure.suptitle(f"{Path(path).parent.name}: training curves over {len(records)} optimizer steps "
+                    f"(thin: each step; thick: EMA, weight {CURVE_SMOOTHING}, bias-corrected)", fontsize=12)
+    steps = [r["step"] for r in records]
+    for i, (key, title) in enumerate(panels):
+        ax = figure.add_subplot(rows, columns, i + 1)
         values = [r[key] for r in records]
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=1, marker="o" if len(steps) < 30 else None,
+                markersize=3, label="per step")
+        ax.plot(steps, smooth_curve(values), color="tab:blue", linewidth=2, label="EMA")
         low, high = min(values), max(values)
-        high = high if high > low else low + 1e-12
-        left, top, width, height = i * panel[0] + 45, 25, panel[0] - 60, panel[1] - 50
-        draw.rectangle([left, top, left + width, top + height], outline="black")
-        draw.text((left, 5), key, fill="black")
-        draw.text((left - 42, top - 5), f"{high:.3g}", fill="gray")
-        draw.text((left - 42, top + height - 8), f"{low:.3g}", fill="gray")
-        draw.text((left, top + height + 5), f"step {steps[0]}", fill="gray")
-        draw.text((left + width - 50, top + height + 5), f"{steps[-1]}", fill="gray")
-        span = max(steps[-1] - steps[0], 1)
-        points = [(left + width * (s - steps[0]) / span, top + height * (high - v) / (high - low))
-                  for s, v in zip(steps, values)]
-        draw.line(points if len(points) > 1 else points * 2, fill=(31, 119, 180), width=2)
-    image.save(path)
+        scale = max(abs(low), abs(high))
+        if high - low <= 1e-9 * scale or high == low:  # a constant series: pad the range, or ticks repeat
+            pad = 0.1 * scale if scale > 0 else 1.0
+            ax.set_ylim(low - pad, high + pad)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # 1e-4, not 0.0001000
+        ax.set_title(wrap_text(title, 52), fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    save_figure(figure, path)
+    return panels
+
+
+def save_sample_grid(images, prompts, seeds, path, title=None):
+    """A grid.png of sampled images: one column per prompt, its text above,
+    and one row per seed, named at the left. `images` are row-major (all
+    prompts of the first seed, then the next seed), as `generate_grid_images`
+    returns them. Small images are shown enlarged to about 260 px."""
+    cell = 2.6  # inches per image: the prompt text stays legible at 8 pt
+    width_px = images[0].size[0]
+    # height: the images, the prompts above the first row (up to 4 lines), the title
+    figure = new_figure(cell * len(prompts) + 0.5, (cell + 0.1) * len(seeds) + 0.7 + (0.3 if title else 0),
+                        dpi=max(100, round(width_px / cell)))  # never below the images' own resolution
+    if title:
+        figure.suptitle(title, fontsize=10)
+    for row, seed in enumerate(seeds):
+        for column, prompt in enumerate(prompts):
+            ax = figure.add_subplot(len(seeds), len(prompts), row * len(prompts) + column + 1)
+            image = images[row * len(prompts) + column]
+            ax.imshow(image, interpolation="nearest" if width_px < 128 else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(wrap_text(prompt or "(empty prompt)", 34, max_lines=4), fontsize=8)
+            if column == 0:
+                ax.set_ylabel(f"seed {seed}", fontsize=9)
+    save_figure(figure, path)
 
 
 @torch.no_grad()
@@ -1842,8 +2021,6 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
     """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in load_lora_weights format,
     a model card (README.md) and, unless disabled, a grid of the validation
     prompts x seeds made with it (also sent to the trackers)."""
-    from diffusers.utils import make_image_grid
-
     if not accelerator.is_main_process:
         return
     final = Path(args.output_dir) / f"checkpoint-{step}"
@@ -1855,11 +2032,14 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
             follow_umask(file)
         if args.sample_grid_steps > 0 and validation is not None:
             use_role(backbone.net, LEARNER)
+            seeds = (0, 1)
             with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
-                images = generate_grid_images(backbone, validation, args, seeds=(0, 1))
-            grid = make_image_grid(images, rows=2, cols=len(args.validation_prompts))
-            grid.save(tmp / "grid.png")
-            log_grid(accelerator, grid, step)
+                images = generate_grid_images(backbone, validation, args, seeds=seeds)
+            save_sample_grid(images, args.validation_prompts, seeds, tmp / "grid.png",
+                             title=f"{final.name}{' (EMA weights)' if ema is not None else ''}: "
+                                   f"{args.sample_grid_steps} steps, guidance {args.guidance_scale}")
+            with Image.open(tmp / "grid.png") as grid:
+                log_grid(accelerator, grid.convert("RGB"), step)
         write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
         replace_dir(tmp, final)
         prune_checkpoints(args)
@@ -1930,13 +2110,15 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     max_steps = args.benchmark_steps or args.max_train_steps
     if start_step >= max_steps:
         logger.info("already finished (%d steps)", start_step)
-    progress = tqdm(range(start_step + 1, max_steps + 1), initial=start_step, total=max_steps,
-                    desc="steps", disable=not accelerator.is_main_process)
+    # the bar moves per micro-batch: with a large effective batch on few
+    # devices one optimizer step is many micro-batches (the step is in the postfix)
+    progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
+                    desc="training", disable=not accelerator.is_main_process)
     if backbone.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backbone.device)
     records = []
     last_saved = start_step
-    for step in progress:
+    for step in range(start_step + 1, max_steps + 1):
         step_start = time.perf_counter()
         totals = {}
         for micro in range(grad_accum):
@@ -1953,6 +2135,9 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
             stats["loss"] = loss.detach()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / grad_accum
+            progress.update(1)
+            if step == start_step + 1 and micro == 0 and grad_accum > 1 and not args.benchmark_steps:
+                announce_run_time(args, accelerator, backbone, grad_accum, max_steps - start_step, step_start)
         all_reduce_gradients(params, accelerator)
         # unscaled after the all-reduce: every process then sees the same
         # gradients, finds the same inf/NaN and skips the same fp16 steps
@@ -1990,7 +2175,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
         # the trackers get the same numbers (a no-op without one)
         accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step)
         records.append(record)
-        progress.set_postfix(loss=f"{record['loss']:.4g}")
+        progress.set_postfix(step=f"{step}/{max_steps}", loss=f"{record['loss']:.4g}")
         if not args.benchmark_steps and (step % args.checkpoint_every == 0 or step == max_steps):
             # weights can overflow while the loss that moved them was finite:
             # never save them (one more host sync, per checkpoint only)
@@ -2002,6 +2187,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
             last_saved = step
     if args.push_to_hub and not args.benchmark_steps:
         push_final_checkpoint(args, accelerator, backbone, cache)
+    progress.close()
     return records
 
 
@@ -2015,6 +2201,27 @@ def check_finite(step, values, output_dir, last_saved):
                 else "nothing was saved")
         raise UserError(f"step {step}: non-finite {', '.join(bad)} (the run diverged); training stopped and this "
                         f"step was not saved; {kept}. A lower --learning_rate (in a new --output_dir) may help")
+
+
+def format_duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def announce_run_time(args, accelerator, backbone, grad_accum, steps_left, step_start):
+    """After the first micro-batch: how many micro-batches one optimizer step
+    takes and a rough estimate of the run's time, so that a CPU run with the
+    paper's batch of 256 says at once that it would take days. The first
+    micro-batch includes warm-up, so the estimate errs high."""
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+    seconds = time.perf_counter() - step_start
+    if accelerator.is_main_process:
+        logger.info("one optimizer step = %d micro-batches of %d per process; the first took %.1f s: about %s per "
+                    "step, %s for the %d steps left (a smaller --effective_batch_size means fewer micro-batches)",
+                    grad_accum, args.train_batch_size, seconds, format_duration(seconds * grad_accum),
+                    format_duration(seconds * grad_accum * steps_left), steps_left)
 
 
 def benchmark_clock(args):
@@ -2476,6 +2683,9 @@ if __name__ == "__main__":
     parser.add_argument("directory")
     cli_args = parser.parse_args()
     if cli_args.command == "tiny-models":
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars of sub-second saves
         for name, location in build_tiny_models(cli_args.directory).items():
             print(f"{name}: {location}")
     elif cli_args.command == "tiny-released":

@@ -52,7 +52,6 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from diffusers.training_utils import free_memory  # gc.collect() + the accelerator's cache, between model stages
-from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -98,7 +97,7 @@ GENERATION_SETTINGS_FILE = "generation_settings.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Make RealAlign preference pairs (real photo, inpainted fake) from captioned real images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,  # each default shown once
     )
     parser.add_argument(
         "--real_images", type=str, required=True,
@@ -530,6 +529,74 @@ def csv_text(rows, columns):
     return buffer.getvalue()
 
 
+PREVIEW_MIN_PIXELS = 256  # smaller crops (the smoke run's 32 px) are shown enlarged to this
+
+
+def preview_figure(pairs, images, with_mask=True):
+    """The figure of preview.png: one row per pair, columns real | mask | fake
+    (real | fake without a mask), the binarized mask's outline drawn over the
+    real image, and beside each row its uid, caption, PickScore gap and
+    colorfulness. `images[uid]` = {"real", "mask" (or None), "fake"} PIL images."""
+    headings = ["real", "mask", "fake"] if with_mask else ["real", "fake"]
+    resolution = next(iter(images.values()))["real"].size[0]
+    dpi = 100
+    cell = max(resolution, PREVIEW_MIN_PIXELS) / dpi + 0.25  # inches per image, with the layout's padding
+    text_width = 3.8  # 40 characters of 9 pt monospace
+    figure = common.new_figure(cell * len(headings) + text_width, cell * len(pairs) + 0.6, dpi=dpi)
+    figure.suptitle("preview of the kept pairs (best PickScore(real) first); yellow: the binarized saliency "
+                    "mask's outline" if with_mask else "preview of the kept pairs (best PickScore(real) first)",
+                    fontsize=10)
+    grid = figure.add_gridspec(len(pairs), len(headings) + 1,
+                               width_ratios=[cell] * len(headings) + [text_width])
+    interpolation = "nearest" if resolution < PREVIEW_MIN_PIXELS else "antialiased"
+    for row, pair in enumerate(pairs):
+        tiles = images[pair["uid"]]
+        for column, heading in enumerate(headings):
+            ax = figure.add_subplot(grid[row, column])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(heading, fontsize=12)
+            if heading == "mask":
+                if tiles["mask"] is not None:
+                    ax.imshow(tiles["mask"].convert("L"), cmap="gray", vmin=0, vmax=255, interpolation=interpolation)
+                continue
+            ax.imshow(tiles[heading], interpolation=interpolation)
+            if heading == "real" and with_mask and tiles["mask"] is not None:
+                # the same binarization as the inpainting mask and mask_fraction (>= 128)
+                binary = np.asarray(tiles["mask"].convert("L").resize(tiles["real"].size)) >= 128
+                if 0 < binary.mean() < 1:
+                    ax.contour(binary, levels=[0.5], colors="yellow", linewidths=1.5)
+        ax = figure.add_subplot(grid[row, len(headings)])
+        ax.axis("off")
+        gap = pair["pickscore_real"] - pair["pickscore_fake"]
+        ax.text(0.02, 0.98, "\n".join([
+            pair["uid"],
+            common.wrap_text(f"\"{pair['prompt'].strip()}\"", 40, max_lines=6),
+            "",
+            f"PickScore gap (real - fake): {gap:+.3f}",
+            f"  real {pair['pickscore_real']:.3f}, fake {pair['pickscore_fake']:.3f}",
+            f"colorfulness: real {pair['color_real']:.1f}, fake {pair['color_fake']:.1f}",
+        ]), va="top", ha="left", fontsize=9, family="monospace", transform=ax.transAxes)
+    return figure
+
+
+def write_preview(pairs, output_dir, with_mask=True):
+    """OUTPUT_DIR/preview.png of these kept pairs (see `preview_figure`)."""
+    images = {}
+    for pair in pairs:
+        uid = pair["uid"]
+        tiles = {}
+        for name in ("real", "mask", "fake"):
+            path = output_dir / name / f"{uid}.png"
+            tiles[name] = None
+            if path.exists():
+                with Image.open(path) as image:
+                    tiles[name] = image.convert("RGB")
+        images[uid] = tiles
+    common.save_figure(preview_figure(pairs, images, with_mask), output_dir / "preview.png")
+
+
 def check_generation_settings(output_dir, settings):
     """Refuse to mix fakes made with different settings in one folder."""
     fake_dir = output_dir / "fake"
@@ -746,18 +813,7 @@ def main(argv=None):
         # preview: real | mask | fake of the best few kept pairs
         preview_rows = pairs[: args.num_preview]
         if preview_rows:
-            tiles = []
-            for pair in preview_rows:
-                tiles.append(load_real(pair["uid"]))
-                if args.fake_mode == "inpaint":
-                    mask_path = mask_dir / f"{pair['uid']}.png"
-                    tiles.append(Image.open(mask_path).convert("RGB") if mask_path.exists() else Image.new("RGB", (8, 8)))
-                with Image.open(fake_dir / f"{pair['uid']}.png") as fake:
-                    tiles.append(fake.convert("RGB"))
-            columns = 3 if args.fake_mode == "inpaint" else 2
-            # resize: a missing mask is an 8 px placeholder; every tile becomes the photo's size
-            common.atomic_save_image(make_image_grid(tiles, len(preview_rows), columns, resize=tiles[0].width),
-                                     output_dir / "preview.png")
+            write_preview(preview_rows, output_dir, with_mask=args.fake_mode == "inpaint")
 
         # one-screen summary: how many images each step kept
         removed = {reason: sum(row["removed_by"] == reason for row in rows) for reason in REMOVAL_REASONS}

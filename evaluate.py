@@ -251,7 +251,7 @@ def parse_args(argv=None):
     if argv and argv[0] == "score":
         parser = argparse.ArgumentParser(
             prog="evaluate.py score",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=common.HelpFormatter,  # each default shown once
             description="Score the images of an existing evaluation folder (or any NAME/seed_S/00000.png folder) "
                         "and refresh its report. Scores already in the table are kept.",
         )
@@ -269,7 +269,7 @@ def parse_args(argv=None):
         return args
 
     parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,  # each default shown once
         description="Generate images for several methods and score them (RealAlign Table 1 / Figure 2). "
                     "Use `evaluate.py score --help` to score an existing folder.",
     )
@@ -291,9 +291,13 @@ def parse_args(argv=None):
                         help="One image per prompt per seed; every prompt is generated with the same seed (SPEC §5).")
     parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
-                        help="Sampling steps (default: 50 for SD-1.5, 40 for SD-3.5-M, SPEC §5).")
+                        help="Sampling steps (default: " + ", ".join(
+                            f"{common.BACKBONE_NAMES[kind]}: {steps}" for kind, (steps, _) in SAMPLING_DEFAULTS.items())
+                        + ").")
     parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance (default: 7.5 for SD-1.5, 4.5 for SD-3.5-M, SPEC §5).")
+                        help="Classifier-free guidance (default: " + ", ".join(
+                            f"{common.BACKBONE_NAMES[kind]}: {cfg}" for kind, (_, cfg) in SAMPLING_DEFAULTS.items())
+                        + ").")
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call (per process).")
     parser.add_argument(
         "--generation_dtype", choices=["fp16", "bf16"], default="fp16",

@@ -21,13 +21,14 @@
 #   SMOKE=1 BACKBONE=sd35m COMPLEMENTARITY=1 RELEASED=1 bash run_all.sh    every row, offline
 #   DRY_RUN=1 bash run_all.sh            print every command (launch lines included) instead of running it
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 bash run_all.sh   on node 0, and MACHINE_RANK=1 on node 1
+#   SMOKE=1 REAL_IMAGES=my_photos bash run_all.sh   the smoke run on your own captioned photos
 #
 # A rerun resumes: finished steps are skipped, an interrupted one continues.
 # Every setting below is an environment variable; the defaults are the paper's.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SMOKE=${SMOKE:-0}                              # 1 = tiny offline models and procedural images, on CPU
+SMOKE=${SMOKE:-0}                              # 1 = tiny offline models and procedural images (or REAL_IMAGES), on CPU
 BACKBONE=${BACKBONE:-sd15}                     # sd15 (Stable Diffusion 1.5) or sd35m (SD-3.5-Medium)
 [ "$BACKBONE" = sd15 ] || [ "$BACKBONE" = sd35m ] || { echo "BACKBONE must be sd15 or sd35m" >&2; exit 1; }
 
@@ -101,9 +102,12 @@ if [ "$SMOKE" = 1 ]; then
   TINY=$OUTPUT_DIR/tiny-models
   LAUNCH=(python)
   # --no-drop_nonphoto: the non-photo filter's VLM (Qwen3-VL-8B) is not available offline
-  CURATE_ARGS=(--real_images "$OUTPUT_DIR/data/images" --saliency spectral --resolution 32 --no-drop_nonphoto
+  # REAL_IMAGES=my_folder: your own captioned photos instead of the procedural ones
+  SMOKE_REAL=$OUTPUT_DIR/data/images; [ "$REAL_IMAGES" != hpdv3 ] && SMOKE_REAL=$REAL_IMAGES
+  CURATE_ARGS=(--real_images "$SMOKE_REAL" --saliency spectral --resolution 32 --no-drop_nonphoto
                --inpaint_model "$TINY/tiny-sd15-inpaint" --num_inference_steps 2 --top_k 6
                --min_pickscore_gap -1000 --pickscore_model "$TINY/tiny-clip" --pickscore_processor "$TINY/tiny-clip")
+  [ -n "$MAX_IMAGES" ] && CURATE_ARGS+=(--max_images "$MAX_IMAGES")
   # --ema_every 1: SD-3's EMA updates every 8 steps, which a 4-step run never reaches
   TRAIN_ARGS=(--resolution 32 --effective_batch_size 4 --checkpoint_every "$CHECKPOINT_EVERY" --ema_every 1
               --sample_grid_steps 2)
@@ -173,6 +177,7 @@ resume_flag() { [ -f "$1/state/training_state.pt" ] && echo --resume || true; }
 # ------------------------------------------------------------------ 0. inputs
 if [ "$SMOKE" = 1 ]; then
   step tiny-models python common.py tiny-models "$TINY"
+  # also writes data/prompts.txt, the evaluation's prompts (with REAL_IMAGES too)
   step smoke-images python common.py smoke-images "$OUTPUT_DIR/data/images"
   step tiny-released python common.py tiny-released "$TINY"
 else

@@ -26,9 +26,10 @@ from common import LEARNER, REF
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RealAlign Stage 2: Diffusion-DPO on real vs inpainted pairs")
-    common.add_training_args(parser)
+    common.add_training_args(parser, "dpo")
     g = parser.add_argument_group("Diffusion-DPO")
-    g.add_argument("--beta", type=float, default=None, help="KL strength beta (SD-1.5 2000, SD-3 100)")
+    g.add_argument("--beta", type=float, default=None,
+                   help=f"KL strength beta ({common.backbone_default_help('beta', 'dpo')})")
     return parser.parse_args(argv)
 
 

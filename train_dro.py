@@ -35,12 +35,13 @@ from common import LEARNER, POLICY, REF
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RealAlign Stage 1: Diffusion-DRO on real images")
-    common.add_training_args(parser)
+    common.add_training_args(parser, "dro")
     g = parser.add_argument_group("Diffusion-DRO")
     g.add_argument("--margin", type=float, default=0.001, help="hinge margin m in max(D + m, 0)")
     g.add_argument("--caption_dropout", type=float, default=0.2, help="probability of training on the empty prompt")
     g.add_argument("--sampler_steps", type=int, default=None,
-                   help="policy sampler steps (SD-1.5 DPM-Solver++ 20, SD-3 flow-match Euler 10)")
+                   help="policy sampler steps: DPM-Solver++ (SD-1.5), flow-match Euler (SD-3.5-M) "
+                        f"({common.backbone_default_help('sampler_steps', 'dro')})")
     g.add_argument("--snapshot_every", type=int, default=16,
                    help="copy the learner into the sampling snapshot every N optimizer steps")
     g.add_argument("--points_per_trajectory", type=int, default=1,

@@ -279,8 +279,9 @@ def test_output_schema(first_run, real_folder):
     # the trainers' reader accepts it
     assert [p["uid"] for p in common.read_pairs_csv(out / "pairs.csv")] == [r["uid"] for r in pairs]
 
-    # preview: 3 pairs x (real | mask | fake)
-    assert Image.open(out / "preview.png").size == (3 * 32, 3 * 32)
+    # preview: 3 pairs x (real | mask | fake), 32 px crops shown at >= 256 px (tests/test_figures.py: layout)
+    width, height = Image.open(out / "preview.png").size
+    assert width >= 3 * 256 and 3 * 256 <= height < 4 * 256 + 200
     assert summary["listed"] == 7 and summary["missing_caption"] == 1 and summary["candidates"] == 6
     assert summary["removed_by"]["unreadable_image"] == 1
     assert summary["kept_pairs"] == 3 and summary["fakes_generated_this_run"] == 5 and summary["num_processes"] == 1
@@ -314,8 +315,9 @@ def test_text2image_fakes(tiny_models, real_folder, tmp_path):
     settings = json.loads((out / "generation_settings.json").read_text())
     assert settings["fake_mode"] == "text2image" and settings["model"] == tiny_models["sd15"]
     kept = read_csv(out / "pairs.csv")
-    if kept:  # preview rows are real | fake
-        assert Image.open(out / "preview.png").size == (2 * 32, len(kept) * 32)
+    if kept:  # preview rows are real | fake (and the row's text), 32 px crops shown at >= 256 px
+        width, height = Image.open(out / "preview.png").size
+        assert 2 * 256 <= width < 3 * 256 + 400 and len(kept) * 256 <= height < (len(kept) + 1) * 256 + 200
 
 
 def test_resume_regenerates_only_missing_fakes(tiny_models, real_folder, tmp_path):

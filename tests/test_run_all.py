@@ -138,6 +138,72 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (out / "stage2" / "checkpoint-6").is_dir()
 
 
+def make_user_photos(folder):
+    """A user's folder: photos of odd sizes and formats, captioned by .txt
+    files and by a metadata.jsonl; one grayscale photo (colorfulness 0, so
+    the colorfulness filter drops it) and one without a caption (skipped)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True)
+
+    def blocks(height, width):  # large blocks of saturated colours: a colourful "photo"
+        palette = np.array([[230, 20, 20], [20, 200, 40], [20, 40, 230], [250, 220, 10], [220, 20, 200]])
+        cells = rng.integers(0, len(palette), (height // 16 + 1, width // 16 + 1))
+        return palette[cells.repeat(16, 0).repeat(16, 1)[:height, :width]].astype("uint8")
+
+    Image.fromarray(blocks(200, 300)).save(folder / "beach.jpg", quality=90)          # landscape JPEG
+    (folder / "beach.txt").write_text("a sunny beach with colourful umbrellas\n")
+    rgba = np.dstack([blocks(97, 64), np.full((97, 64), 255, "uint8")])
+    Image.fromarray(rgba, "RGBA").save(folder / "Market Stall.PNG")                     # portrait RGBA, spaces
+    (folder / "Market Stall.txt").write_text("fruit on a market stall")
+    Image.fromarray(blocks(50, 51)).save(folder / "kite.webp")                          # tiny WebP
+    Image.fromarray(blocks(40, 40)).save(folder / "flowers.bmp")
+    Image.fromarray(rng.integers(0, 255, (80, 120), dtype="uint8"), "L").save(folder / "old_photo.jpg")
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "kite.webp", "text": "a kite in a blue sky"}\n'
+        '{"file_name": "flowers.bmp", "text": "a bunch of flowers"}\n'
+        '{"file_name": "old_photo.jpg", "text": "a grey old photograph"}\n')
+    Image.fromarray(blocks(64, 64)).save(folder / "no_caption.png")
+    return {"beach": folder / "beach.jpg", "Market Stall": folder / "Market Stall.PNG",
+            "kite": folder / "kite.webp", "flowers": folder / "flowers.bmp"}
+
+
+def test_smoke_run_on_the_users_own_photos(tmp_path):
+    """`SMOKE=1 REAL_IMAGES=folder bash run_all.sh`: the pairs are made from the user's files."""
+    from PIL import Image
+
+    import curate
+
+    photos = make_user_photos(tmp_path / "my photos")
+    out = tmp_path / "smoke"
+    result = smoke(out, "sd15", {"REAL_IMAGES": str(tmp_path / "my photos")})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+    with open(out / "pairs" / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # every colourful captioned photo became a pair; the grey one failed colorfulness, no_caption was skipped
+    assert sorted(row["uid"] for row in rows) == sorted(photos)
+    captions = {"beach": "a sunny beach with colourful umbrellas", "kite": "a kite in a blue sky"}
+    for row in rows:
+        if row["uid"] in captions:
+            assert row["prompt"] == captions[row["uid"]]
+        # the real image of the pair is the user's photo, centre-cropped to the smoke run's 32 px
+        with Image.open(photos[row["uid"]]) as source:
+            expected = curate.common.center_crop_resize(source, 32)
+        with Image.open(out / "pairs" / row["real_image_path"]) as real:
+            assert real.size == (32, 32)
+            assert list(real.convert("RGB").getdata()) == list(expected.convert("RGB").getdata())
+    with open(out / "pairs" / "scores.csv", newline="") as f:
+        removed = {row["uid"]: row["removed_by"] for row in csv.DictReader(f)}
+    assert removed["old_photo"] == "colorfulness" and "no_caption" not in removed
+    summary = json.loads((out / "pairs" / "summary.json").read_text())
+    assert summary["missing_caption"] == 1 and summary["kept_pairs"] == 4
+    # the rest of the pipeline ran on these pairs
+    assert (out / "stage2" / "checkpoint-4").is_dir() and (out / "eval" / "results.md").is_file()
+
+
 def test_interrupted_stage_resumes(tmp_path):
     """A failed step stops the run with its name; the rerun continues it."""
     out = tmp_path / "smoke"
