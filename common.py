@@ -20,7 +20,7 @@ This file holds everything the scripts share, in this order:
   7. the training skeleton both trainers share (flags, state, logging),
   8. tiny random-weight models for tests and the offline smoke run.
 
-Section numbers in comments refer to ../shared/SPEC.md of the project.
+Comments cite the paper and the README's "Method" section, which restates it.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
-    """Diffusion-DPO loss (Wallace et al. 2024, eq. 14; RealAlign Sec. 3.3, SPEC §4).
+    """Diffusion-DPO loss (Wallace et al. 2024, eq. 14; RealAlign Sec. 3.3, README 'Method: Stage 2').
 
         inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
         loss  = -mean log sigmoid( -beta/2 * inner )
@@ -123,7 +123,7 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
 
 
 def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_policy, margin=0.001):
-    """Diffusion-DRO hinge loss (Diffusion-DRO, Eq. 9; RealAlign Sec. 3.2, SPEC §3).
+    """Diffusion-DRO hinge loss (Diffusion-DRO, Eq. 9; RealAlign Sec. 3.2, README 'Method: Stage 1').
 
         D    = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
         loss = mean( max(D + margin, 0) )
@@ -601,7 +601,7 @@ class Backbone:
     @torch.no_grad()
     def encode_prompts(self, prompts, batch_size=32, max_sequence_length=128):
         """Prompt embeddings, batched. SD-3 also returns pooled embeddings
-        (T5 max length 128 as in SPEC §3)."""
+        (T5 max length 128 as in README 'Method: Stage 1')."""
         out = {}
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
@@ -855,15 +855,15 @@ class _CompactionPlan:
 # =============================================================================
 # 4. LoRA roles on one base network, and their EMA
 # =============================================================================
-# Three views of one network (SPEC §3, §6.5): the trainable `learner`, the
-# frozen reference `ref` and, in Stage 1, the frozen sampling snapshot
-# `policy`. Each is a LoRA adapter on the same frozen base weights; switching
+# Three views of one network (README 'Method: Stage 1'): the trainable
+# `learner`, the frozen reference `ref` and, in Stage 1, the frozen sampling
+# snapshot `policy`. Each is a LoRA adapter on the same frozen base weights; switching
 # role only changes which adapter is active, so only one network is in memory.
 
 LEARNER, REF, POLICY = "learner", "ref", "policy"
 
 LORA_TARGETS = {
-    # SD-1.5: UNet attention projections (SPEC §3)
+    # SD-1.5: UNet attention projections (README 'Method: Stage 1')
     "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
     # SD-3.5-M: the joint attention of each MMDiT block (image and text stream)
     # only. The "attn." prefix keeps the second, image-only attention `attn2`
@@ -1071,7 +1071,7 @@ class LoraEMA:
 def load_network_override(backbone, path):
     """Replace the base UNet/transformer with another one (a folder or hub id,
     at its root or in a unet/transformer subfolder), for the complementarity
-    experiments (SPEC §4, e.g. mhdang/dpo-sd1.5-text2image-v1)."""
+    experiments (README 'Method: Stage 2', e.g. mhdang/dpo-sd1.5-text2image-v1)."""
     cls = type(backbone.net)
     errors = []
     for subfolder in (None, backbone.net_name):
@@ -1094,12 +1094,12 @@ def load_network_override(backbone, path):
 # =============================================================================
 
 PAIR_COLUMNS = ["uid", "prompt", "real_image_path", "fake_image_path"]
-# the public trainers' names for the same columns (SPEC §6.1)
+# the public trainers' names for the same columns (README 'Differences from the public code')
 PAIR_ALIASES = {"win_image_path": "real_image_path", "lose_image_path": "fake_image_path", "caption": "prompt"}
 
 
 def read_pairs_csv(path, need_fake=True):
-    """Read a pairs CSV (curate.py's schema, SPEC §2; win/lose names accepted).
+    """Read a pairs CSV (curate.py's schema, README 'Method: data'; win/lose names accepted).
 
     Image paths may be relative to the CSV's folder. Returns a list of dicts
     with absolute paths; every problem is a UserError that names it."""
@@ -1172,7 +1172,7 @@ def _shard_range(count, part):
 
 def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True,
                       part=(0, 1)):
-    """Encode every image and prompt once (SPEC §6.5) and save with safetensors.
+    """Encode every image and prompt once (README 'Differences from the public code') and save with safetensors.
 
     Stored in bf16, for N pairs and the U unique prompts (index 0 = the empty
     prompt, used for caption dropout):
@@ -1288,13 +1288,13 @@ def cat_cond(*conds):
 
 
 # =============================================================================
-# 6. PickScore (SPEC §2): curation filter and evaluation metric
+# 6. PickScore (README 'Method: data'): curation filter and evaluation metric
 # =============================================================================
 
 
 class PickScorer:
     """Raw PickScore: exp(logit_scale) * cos(image embedding, text embedding),
-    both L2-normalised, text truncated to 77 tokens (SPEC §2). Raw units
+    both L2-normalised, text truncated to 77 tokens (README 'Method: data'). Raw units
     (about 20-23 for SD images); never divided by 26.
 
     fp32 by default, on GPU too, as the public scorers run: in bf16 the
@@ -1340,7 +1340,7 @@ class PickScorer:
 # 256". What differs (the loss, and where the second half of the batch comes
 # from) lives in the two scripts; the rest is here, once.
 
-# The paper's defaults (SPEC §3 and §4); a flag the user gives wins. What a
+# The paper's defaults (README 'Method: Stage 1'; README 'Method: Stage 2'); a flag the user gives wins. What a
 # backbone keeps in both stages, then what each stage sets.
 BACKBONE_DEFAULTS = {
     "sd15": dict(lora_rank=4, lora_alpha=4, weight_decay=0.01, train_batch_size=4, ema_decay=0.9999, ema_every=1,
@@ -1574,7 +1574,7 @@ def check_run_dir(args):
 
 
 def gradient_accumulation(args, num_processes):
-    """Effective batch = per-device batch x processes x accumulation (SPEC §3)."""
+    """Effective batch = per-device batch x processes x accumulation (README 'Method: Stage 1')."""
     per_step = args.train_batch_size * num_processes
     if args.effective_batch_size % per_step:
         raise UserError(f"--effective_batch_size {args.effective_batch_size} is not a multiple of "
@@ -1709,9 +1709,9 @@ def _epoch_permutation(num_rows, seed, epoch):
 
 def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, flip=True):
     """Clean latents x0 for each side ("real", "fake") of the given rows and
-    their prompt embeddings. The two sides of a pair share one flip (SPEC
-    §4, §6.2: the fake is pixel-aligned with the real image). A dropped
-    caption (probability `caption_dropout`) becomes the empty prompt."""
+    their prompt embeddings. The two sides of a pair share one flip (README
+    'Method: Stage 2': the fake is pixel-aligned with the real image; the
+    public code flips them independently). A dropped caption (probability `caption_dropout`) becomes the empty prompt."""
     n = len(rows)
     flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
     x0 = {}
@@ -1740,7 +1740,7 @@ def random_inputs(backbone, n, resolution, generator, sides):
 
 def learner_and_ref_errors(backbone, x_t, t, cond, target):
     """Per-sample errors of the learner (with grad) and of the frozen reference
-    (no grad) on one concatenated batch: one forward each (SPEC §6.5)."""
+    (no grad) on one concatenated batch: one forward each (README 'Differences from the public code')."""
     net = backbone.net
     use_role(net, REF)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # coding=utf-8
-"""Evaluate text-to-image models as RealAlign's Table 1 and Figure 2 do (SPEC §5).
+"""Evaluate text-to-image models as RealAlign's Table 1 and Figure 2 do (README 'Method: evaluation').
 
 Commands:
 
@@ -41,7 +41,7 @@ Output folder (--output_dir):
                           preference vs stylization (OneIG-Bench), paper points hollow
   grid.png                the same prompts and seed across methods
 
-Section numbers in comments refer to ../shared/SPEC.md.
+Comments cite the paper and the README's "Method" section, which restates it.
 """
 
 import argparse
@@ -71,10 +71,10 @@ logger = logging.getLogger("realalign")
 # Constants
 # =============================================================================
 
-# The public protocol's five seeds (SPEC §5).
+# The public protocol's five seeds (README 'Method: evaluation').
 DEFAULT_SEEDS = [42, 123, 456, 789, 1000]
 
-# Sampling defaults per backbone (SPEC §5): (steps, classifier-free guidance).
+# Sampling defaults per backbone (README 'Method: evaluation'): (steps, classifier-free guidance).
 SAMPLING_DEFAULTS = {"sd15": (50, 7.5), "sd3": (40, 4.5)}
 
 # Every metric, in the column order of the report: Table 1's six, then the
@@ -201,14 +201,14 @@ def add_scoring_args(parser):
         "--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
         help="Where fetched prompt sets and downloaded scorer weights (the aesthetic MLP) are kept.",
     )
-    # PickScore and the realism gap (SPEC §2, §5)
+    # PickScore and the realism gap (README 'Method: data'; README 'Method: evaluation')
     parser.add_argument("--pickscore_model", type=str, default="yuvalkirstain/PickScore_v1",
                         help="PickScore CLIP model (also used by the 'sgp' realism metric).")
     parser.add_argument("--pickscore_processor", type=str, default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                         help="Processor (tokenizer + image transform) of the PickScore model.")
     parser.add_argument(
         "--sgp_real_prefix", type=str, default="Realistic photo, ",
-        help="Realism = PickScore(image, real_prefix + prompt) - PickScore(image, cg_prefix + prompt) (SPEC §5).",
+        help="Realism = PickScore(image, real_prefix + prompt) - PickScore(image, cg_prefix + prompt) (README 'Method: evaluation').",
     )
     parser.add_argument("--sgp_cg_prefix", type=str, default="CG render, ", help="See --sgp_real_prefix.")
     # CLIP-based metrics
@@ -276,8 +276,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
     parser.add_argument(
-        "--method", type=str, action="append", default=None, metavar="NAME=SPEC",
-        help="A model to evaluate, repeatable; the first one is the baseline of the relative gains. SPEC is empty "
+        "--method", type=str, action="append", default=None, metavar="NAME=MODEL",
+        help="A model to evaluate, repeatable; the first one is the baseline of the relative gains. MODEL is empty "
              "(the base model), a LoRA (a folder with pytorch_lora_weights.safetensors, a .safetensors file, or a "
              "hub id), or a UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on "
              "another network (e.g. RealAlign trained on top of Diffusion-DPO). Default: base=.",
@@ -288,7 +288,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts (quick runs).")
     parser.add_argument("--output_dir", type=str, default="outputs/eval", help="Where images and reports go.")
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
-                        help="One image per prompt per seed; every prompt is generated with the same seed (SPEC §5).")
+                        help="One image per prompt per seed; every prompt is generated with the same seed (README 'Method: evaluation').")
     parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Sampling steps (default: " + ", ".join(
@@ -312,7 +312,7 @@ def parse_args(argv=None):
 
 
 # =============================================================================
-# Prompts (SPEC §5, §7)
+# Prompts (README 'Method: evaluation'; README 'What the real run needs')
 # =============================================================================
 
 
@@ -351,12 +351,12 @@ def _hub_files(repo_id, revision=None):
 
 def _unique(items):
     """Drop repeated prompts, keeping the first occurrence (the sets the paper
-    counts as 'unique', SPEC §5)."""
+    counts as 'unique', README 'Method: evaluation')."""
     return list(dict.fromkeys(items))
 
 
 def fetch_prompt_set(name):
-    """Download a public prompt set (SPEC §7) and return its prompts."""
+    """Download a public prompt set (README 'What the real run needs') and return its prompts."""
     from huggingface_hub import hf_hub_download
 
     if name == "partiprompts":
@@ -478,7 +478,7 @@ def check_prompts(out_dir, prompts, write=True):
 
 
 # =============================================================================
-# Methods: base model, LoRA, or another UNet/transformer (SPEC §4, §5)
+# Methods: base model, LoRA, or another UNet/transformer (README 'Method: Stage 2'; README 'Method: evaluation')
 # =============================================================================
 
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -510,15 +510,15 @@ def classify_part(part):
 
 
 def parse_methods(texts):
-    """`NAME=SPEC` strings -> [{"name", "spec", "parts"}], in order.
+    """`NAME=MODEL` strings -> [{"name", "spec", "parts"}], in order.
 
-    SPEC may be empty (the base model), one LoRA or network, or 'NET+LORA'
+    MODEL may be empty (the base model), one LoRA or network, or 'NET+LORA'
     (parts joined by '+', a network first, then LoRAs stacked on it). A spec
     that exists as a path is never split on '+'."""
     methods, seen = [], set()
     for text in texts or ["base="]:
         if "=" not in text:
-            raise UserError(f"--method '{text}' must be NAME=SPEC (SPEC empty for the base model)")
+            raise UserError(f"--method '{text}' must be NAME=MODEL (MODEL empty for the base model)")
         name, spec = (s.strip() for s in text.split("=", 1))
         if not METHOD_NAME.fullmatch(name):
             raise UserError(f"--method '{text}': the name must be letters, digits, '.', '_' or '-' (it names a folder)")
@@ -620,7 +620,7 @@ def restore_base(backbone, base_net, adapters):
 
 
 # =============================================================================
-# Generation (SPEC §5)
+# Generation (README 'Method: evaluation')
 # =============================================================================
 
 
@@ -662,7 +662,7 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
     Every image gets its own generator seeded with its seed, so a prompt's
     image does not depend on the batch it lands in, and every prompt starts
     from the same noise for a given seed: the public protocol re-seeds the
-    generator before each prompt (SPEC §5). The generator lives on the
+    generator before each prompt (README 'Method: evaluation'). The generator lives on the
     generation device, as in the public scripts (CPU and CUDA draw different
     noise, so images are device-specific either way)."""
     from tqdm.auto import tqdm
@@ -688,7 +688,7 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
 # =============================================================================
 # scores.jsonl holds one line {"image", "metric", "value"} per scored image;
 # value null means the scorer ran but produced no score (an unparseable
-# UnifiedReward answer, say): it is counted as missing, never as 0 (SPEC §5).
+# UnifiedReward answer, say): it is counted as missing, never as 0 (README 'Method: evaluation').
 # Lines are appended after every batch, so a killed run loses at most one
 # batch. Under several processes each writes scores.part-RANK.jsonl and the
 # main process folds them into scores.jsonl.
@@ -747,7 +747,7 @@ def drop_scores(out_dir, images):
 
 
 # =============================================================================
-# Scorers (SPEC §5). Each is built once, scores a batch of (image, prompt)
+# Scorers (README 'Method: evaluation'). Each is built once, scores a batch of (image, prompt)
 # and returns one float per image, or None where it produced no score.
 # =============================================================================
 
@@ -809,7 +809,7 @@ def _pickscorer(args, device):
 
 
 class PickScoreMetric:
-    """Raw PickScore, exp(logit_scale) * cosine (SPEC §2): about 20-23, never /26."""
+    """Raw PickScore, exp(logit_scale) * cosine (README 'Method: data'): about 20-23, never /26."""
 
     def __init__(self, args, device):
         self.scorer = _pickscorer(args, device)
@@ -819,7 +819,7 @@ class PickScoreMetric:
 
 
 class RealismMetric:
-    """'SGP-PickScore' realism (Figure 2, SPEC §5): the PickScore of the image
+    """'SGP-PickScore' realism (Figure 2, README 'Method: evaluation'): the PickScore of the image
     against "<real prefix><prompt>" minus that against "<cg prefix><prompt>",
     by default "Realistic photo, {prompt}" and "CG render, {prompt}". Positive
     when the image reads more like a photograph than a rendering."""
@@ -848,7 +848,7 @@ class ClipScoreMetric:
 
 
 def build_aesthetic_mlp(state_dict):
-    """The LAION improved-aesthetic-predictor head (SPEC §5): Linear layers
+    """The LAION improved-aesthetic-predictor head (README 'Method: evaluation'): Linear layers
     768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between the first four
     and no activation anywhere. The layer indices match the released state
     dict's keys (layers.0/2/4/6/7); the sizes are read from it, so a smaller
@@ -872,7 +872,7 @@ def build_aesthetic_mlp(state_dict):
 
 class AestheticMetric:
     """LAION aesthetic score: the MLP above applied to the L2-normalised CLIP
-    ViT-L/14 image embedding (SPEC §5), about 5-6 for SD images."""
+    ViT-L/14 image embedding (README 'Method: evaluation'), about 5-6 for SD images."""
 
     def __init__(self, args, device):
         weights = args.aesthetic_weights
@@ -915,7 +915,7 @@ def rgb_to_gray(image):
 
 
 def laplacian_variance(image):
-    """Texture detail (Figure 2, SPEC §5): the variance of the Laplacian of the
+    """Texture detail (Figure 2, README 'Method: evaluation'): the variance of the Laplacian of the
     grayscale image (rgb_to_gray, values 0-255).
 
     Laplacian kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]] (4-neighbour), borders
@@ -937,7 +937,7 @@ class LaplacianMetric:
 
 
 class ImageRewardMetric:
-    """ImageReward v1.0 (PyPI image-reward, SPEC §5)."""
+    """ImageReward v1.0 (PyPI image-reward, README 'Method: evaluation')."""
 
     def __init__(self, args, device):
         try:
@@ -1075,7 +1075,7 @@ def parse_final_score(answer):
 
 
 class UnifiedRewardMetric:
-    """UnifiedReward-qwen-7b point score (SPEC §5): the model answers a
+    """UnifiedReward-qwen-7b point score (README 'Method: evaluation'): the model answers a
     question about (prompt, image) and ends with "Final Score: x"."""
 
     def __init__(self, args, device):
@@ -1187,7 +1187,7 @@ def score_images(out_dir, manifest, metrics, args, state):
 
 
 def aggregate(rows, methods, metrics):
-    """Table 1 statistics from per-image rows (SPEC §5).
+    """Table 1 statistics from per-image rows (README 'Method: evaluation').
 
     rows: dicts with method, seed, metric and value (None = missing).
     For every (method, metric): the mean over prompts within each seed
@@ -1223,7 +1223,7 @@ def aggregate(rows, methods, metrics):
 
 def human_preference(results, methods):
     """Figure 2's human preference: ½·minmax(UnifiedReward) + ½·minmax(HPSv3),
-    min-max taken across methods (SPEC §5). None unless both metrics exist
+    min-max taken across methods (README 'Method: evaluation'). None unless both metrics exist
     for every method; a metric equal for all methods contributes 0."""
     columns = []
     for metric in ("unifiedreward", "hpsv3"):
@@ -2015,9 +2015,9 @@ def parse_userstudy_args(argv):
     # defaults), so the study reuses the images an evaluation already made.
     parser.add_argument("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
-    parser.add_argument("--method", type=str, action="append", default=None, metavar="NAME=SPEC",
+    parser.add_argument("--method", type=str, action="append", default=None, metavar="NAME=MODEL",
                         help="Twice or more. The first is the method under study ('ours'), each later one a "
-                             "baseline it is compared with. SPEC as in the main command (empty = the base model).")
+                             "baseline it is compared with. MODEL as in the main command (empty = the base model).")
     parser.add_argument("--prompts", type=str, default="hpdv2",
                         help="The prompt set or file the study's prompts are drawn from (the paper: HPDv2).")
     parser.add_argument("--num_prompts", type=int, default=60, help="Prompts drawn (the paper: 60).")

@@ -32,7 +32,7 @@ SMOKE=${SMOKE:-0}                              # 1 = tiny offline models and pro
 BACKBONE=${BACKBONE:-sd15}                     # sd15 (Stable Diffusion 1.5) or sd35m (SD-3.5-Medium)
 [ "$BACKBONE" = sd15 ] || [ "$BACKBONE" = sd35m ] || { echo "BACKBONE must be sd15 or sd35m" >&2; exit 1; }
 
-# The paper's values per backbone (SPEC §3-5), and the smoke run's (seconds on a CPU).
+# The paper's values per backbone (README "Method"), and the smoke run's (seconds on a CPU).
 # The baseline row is a released model: SD-1.5 Diffusion-DPO's UNet (a network: the complementarity
 # stages start from it with --init_unet), SD-3.5-M Flow-GRPO's LoRA (continued with --init_lora).
 if [ "$BACKBONE" = sd35m ]; then
@@ -118,7 +118,7 @@ else
   if [ "$DRY_RUN" = 1 ]; then  # no GPU or hub checks: the commands are only printed
     [ "$NUM_GPUS" -ge 1 ] || { log "dry run: no GPU here, showing NUM_GPUS=1 per node"; NUM_GPUS=1; }
   elif [ "$NUM_GPUS" -lt 1 ]; then
-    die "no GPU found (nvidia-smi lists none). The real run needs GPUs (SPEC: 4-8 x 80 GB);
+    die "no GPU found (nvidia-smi lists none). The real run needs GPUs (the paper trains on 4-8 x 80 GB);
        try the offline smoke run instead:  SMOKE=1 bash run_all.sh"
   fi
   if [ "$DRY_RUN" != 1 ] && [ "${HF_HUB_OFFLINE:-0}" != 1 ] && ! timeout 20 python -c "import huggingface_hub as h; h.HfApi().model_info('$MODEL')" \

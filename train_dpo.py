@@ -1,4 +1,4 @@
-"""Stage 2 of RealAlign: Diffusion-DPO on (real, inpainted) pairs (SPEC §4).
+"""Stage 2 of RealAlign: Diffusion-DPO on (real, inpainted) pairs (README 'Method: Stage 2').
 
     accelerate launch train_dpo.py --pretrained_model ID_OR_PATH \
         --pairs pairs.csv --init_lora outputs/sd15/stage1/checkpoint-1600 \
@@ -44,7 +44,7 @@ def main(argv=None):
         n = args.train_batch_size
         if rows is None:  # --benchmark_steps: random inputs of the right shapes
             x0, cond = common.random_inputs(backbone, n, args.resolution, generator, ["real", "fake"])
-        else:  # no caption dropout in Stage 2 (SPEC §4)
+        else:  # no caption dropout in Stage 2 (README 'Method: Stage 2')
             x0, cond = common.sample_inputs(backbone, cache, rows, generator, ["real", "fake"],
                                             flip=not args.no_flip)
         x0_win, x0_lose = x0["real"], x0["fake"]

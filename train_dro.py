@@ -1,4 +1,4 @@
-"""Stage 1 of RealAlign: Diffusion-DRO on real images (SPEC §3).
+"""Stage 1 of RealAlign: Diffusion-DRO on real images (README 'Method: Stage 1').
 
     accelerate launch train_dro.py --pretrained_model ID_OR_PATH \
         --pairs pairs.csv --output_dir outputs/sd15/stage1
@@ -75,7 +75,7 @@ def main(argv=None):
 
         # 1. the policy side: a trajectory point of the frozen snapshot theta.
         #    Its prediction is the policy target (never the learner's own:
-        #    that would make the policy term identically zero, SPEC §6.3).
+        #    that would make the policy term identically zero, README 'Differences from the public code').
         common.use_role(net, POLICY)
         sampling_start = common.benchmark_clock(args)
         calls_before, rows_before = backbone.network_calls, backbone.network_rows
@@ -108,7 +108,7 @@ def main(argv=None):
         return loss, stats
 
     def refresh_snapshot(step):
-        # theta <- phi every --snapshot_every optimizer steps (SPEC §3)
+        # theta <- phi every --snapshot_every optimizer steps (README 'Method: Stage 1')
         if step % args.snapshot_every == 0:
             common.copy_role(net, LEARNER, POLICY)
             return {"snapshot_refreshed": 1}

@@ -1,4 +1,4 @@
-"""Tests of curate.py (SPEC §2) on the tiny offline models, at 32 px."""
+"""Tests of curate.py (README 'Method: data') on the tiny offline models, at 32 px."""
 import csv
 import hashlib
 import json
@@ -118,7 +118,7 @@ def test_constant_image_gives_an_empty_mask_not_nan():
 
 def test_u2net_saliency_pre_and_post_processing(monkeypatch):
     """The U^2-Net path without its weights: a stand-in for rembg's ONNX session
-    checks the input it gets (SPEC §2: 320x320, ImageNet mean/std) and returns a
+    checks the input it gets (README 'Method: data': 320x320, ImageNet mean/std) and returns a
     fused map whose min-max normalised, resized version must come back."""
     import types
 
@@ -266,7 +266,7 @@ def test_output_schema(first_run, real_folder):
         assert Image.open(out / "fake" / f"{uid}.png").size == (32, 32)
         assert Image.open(out / "mask" / f"{uid}.png").mode == "L"
 
-    # pairs.csv: SPEC §2 columns, top 3 by PickScore(real), paths relative to the CSV
+    # pairs.csv: README 'Method: data' columns, top 3 by PickScore(real), paths relative to the CSV
     assert list(pairs[0].keys()) == curate.PAIR_COLUMNS
     kept = [r for r in scores if r["removed_by"] == ""]
     assert len(pairs) == len(kept) == 3

@@ -1,4 +1,4 @@
-"""Tests of evaluate.py (issue 6, SPEC §5) on the tiny offline models."""
+"""Tests of evaluate.py (issue 6, README 'Method: evaluation') on the tiny offline models."""
 import json
 import os
 import subprocess
@@ -471,7 +471,7 @@ def test_method_specs(tiny_models, lora_dir, tmp_path):
     assert evaluate.parse_methods(None)[0]["name"] == "base"
     (tmp_path / "empty").mkdir()
     bad = {
-        "ours": "must be NAME=SPEC",
+        "ours": "must be NAME=MODEL",
         "=": "the name must be",
         "my model=": "the name must be",
         f"ours={tmp_path / 'missing'}": "neither an existing file or folder nor a hub id",
@@ -491,7 +491,7 @@ def test_bad_method_exits_2_with_message(tiny_models, prompt_file, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         common.run_main(lambda: evaluate.main(argv))
     assert exit_info.value.code == 2
-    assert "--method 'ours' must be NAME=SPEC" in capsys.readouterr().err
+    assert "--method 'ours' must be NAME=MODEL" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # stopped before any work
 
 
@@ -660,7 +660,7 @@ def test_score_command_merges_new_metric(e2e, tiny_models):
 
 
 def test_sd3_defaults_and_generation(tiny_models, prompt_file, tmp_path, monkeypatch):
-    # the shipped per-backbone defaults (SPEC §5) ...
+    # the shipped per-backbone defaults (README 'Method: evaluation') ...
     assert evaluate.SAMPLING_DEFAULTS == {"sd15": (50, 7.5), "sd3": (40, 4.5)}
     # ... and the SD-3 entry is the one picked for an SD-3 pipeline (3 steps
     # instead of 40 to keep the test fast)

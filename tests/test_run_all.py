@@ -63,7 +63,7 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     result = smoke(out, backbone, None if backbone == "sd15" else ALL_ROWS)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
-    # 1. curation: pairs with the SPEC §2 columns, files that exist
+    # 1. curation: pairs with the README 'Method: data' columns, files that exist
     with open(out / "pairs" / "pairs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6  # 8 procedural photos, --top_k 6

@@ -48,7 +48,7 @@ def test_dro_loss_equals_formula_and_policy_target_is_the_snapshot(kind, tiny_mo
         # reference equals the snapshot here (no refresh yet), so its error is ~0
         assert rec["ref_err_policy"] < 1e-9
     # the learner moved away from the snapshot; with the learner's own
-    # prediction as target this error would be exactly 0 (the SPEC §6.3 defect)
+    # prediction as target this error would be exactly 0 (the public SD-3.5-M trainer's defect, README "Differences from the public code")
     assert log[-1]["model_err_policy"] > 1e-7
 
 
