@@ -124,14 +124,18 @@ else
   if [ "$DRY_RUN" != 1 ] && [ "${HF_HUB_OFFLINE:-0}" != 1 ] && ! timeout 20 python -c "import huggingface_hub as h; h.HfApi().model_info('$MODEL')" \
        >/dev/null 2>&1; then
     die "cannot reach the Hugging Face hub for $MODEL (no network, or a gated model without HF_TOKEN).
-       With the models already cached, set HF_HUB_OFFLINE=1; to try the pipeline offline:  SMOKE=1 bash run_all.sh"
+       To run offline, everything must already be on disk: the models in the Hugging Face cache ($MODEL, the
+       inpainting model, PickScore and the metric models), the real photos ($DATA_DIR/hpdv3 or REAL_IMAGES=your
+       folder) and the prompt sets (or PROMPTS=a prompt file); then set HF_HUB_OFFLINE=1.
+       To try the pipeline offline on tiny models:  SMOKE=1 bash run_all.sh"
   fi
   # accelerate's --num_processes is the total over all nodes
-  LAUNCH=(accelerate launch --num_processes "$((NUM_GPUS * NUM_MACHINES))" --mixed_precision bf16)
+  # (every value accelerate would otherwise guess is given: no "were not specified" notice)
+  LAUNCH=(accelerate launch --num_processes "$((NUM_GPUS * NUM_MACHINES))" --mixed_precision bf16
+          --num_machines "$NUM_MACHINES" --dynamo_backend no)
   if [ "$NUM_MACHINES" -gt 1 ]; then
     [ -n "$MAIN_PROCESS_IP" ] || die "NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP, the address of the rank-0 node"
-    LAUNCH+=(--num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP"
-             --main_process_port "$MAIN_PROCESS_PORT")
+    LAUNCH+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT")
   fi
   REAL_PATH=$REAL_IMAGES; [ "$REAL_IMAGES" = hpdv3 ] && REAL_PATH=$DATA_DIR/hpdv3
   # curate.py's defaults are the paper's data: the non-photo filter (Qwen3-VL-8B-Instruct) on, safety checker off
