@@ -84,8 +84,11 @@ def test_tensorboard_scalars_match_metrics_jsonl_after_resume(stage1):
             # TensorBoard stores float32: 1e-6 relative is float32 rounding
             assert event.value == pytest.approx(record[key], rel=1e-6, abs=1e-30), key
     assert set(events.Tags()["scalars"]) >= set(log[0]) - {"step"}  # every metric of metrics.jsonl
-    grids = events.Images("validation")  # the checkpoint grids: 4 prompts x 2 seeds of 32 px
-    assert [(g.step, g.width, g.height) for g in grids] == [(2, 128, 64), (4, 128, 64)]
+    grids = events.Images("validation")  # the checkpoint grids, as drawn in grid.png (prompts and seeds labelled)
+    from PIL import Image
+
+    with Image.open(out / "checkpoint-4" / "grid.png") as grid:
+        assert [(g.step, g.width, g.height) for g in grids] == [(2, *grid.size), (4, *grid.size)]
 
 
 def expect_error(capsys, module, argv, message):
