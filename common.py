@@ -1557,6 +1557,10 @@ def check_run_dir(args):
         raise UserError(f"--max_train_steps must be >= 1 (got {args.max_train_steps})")
     if args.learning_rate is not None and not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise UserError(f"--learning_rate must be a positive number (got {args.learning_rate})")
+    for flag in ("train_batch_size", "effective_batch_size", "checkpoint_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be >= 1 (got {value})")
     if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process
         lock_output_dir(output_dir, "training run")
         for leftover in output_dir.glob(".*.tmp-*"):  # temporaries of a run that was stopped (we hold the lock)
@@ -1567,10 +1571,6 @@ def check_run_dir(args):
         raise UserError(f"--resume: no saved state in {state}")
     if not args.resume and state.exists():
         raise UserError(f"{args.output_dir} already holds a run (state/); pass --resume or use another --output_dir")
-    for flag in ("train_batch_size", "effective_batch_size", "checkpoint_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be >= 1 (got {value})")
 
 
 def gradient_accumulation(args, num_processes):
@@ -1589,8 +1589,8 @@ def prepare_training(args, stage, need_fake):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    check_ecosystem_args(args)  # trackers installed, hub flags: before any model loads or folder is made
     check_run_dir(args)
-    check_ecosystem_args(args)  # trackers installed, hub flags: before any model loads
     if not args.pairs and not args.benchmark_steps:
         raise UserError("--pairs is required (the pairs CSV written by curate.py)")
     pairs = read_pairs_csv(args.pairs, need_fake=need_fake) if not args.benchmark_steps else None

@@ -175,9 +175,7 @@ def test_push_to_hub_uploads_the_final_checkpoint(stage1, tiny_models, pairs, tm
     assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "grid.png", "pytorch_lora_weights.safetensors"]
     assert (uploaded / "pytorch_lora_weights.safetensors").read_bytes() == \
         (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").read_bytes()
-    from PIL import Image
-
-    assert Image.open(uploaded / "grid.png").size == (64, 64)  # 2 validation prompts x 2 seeds
+    assert (uploaded / "grid.png").read_bytes() == (out / "checkpoint-2" / "grid.png").read_bytes()
     card = ModelCard.load(uploaded / "README.md")
     assert 'pipe.load_lora_weights("me/realalign-test")' in card.text and "step 2" in card.text
     assert f"**Warm start:** `{init}`" in card.text and "diffusion-dpo" in card.data.tags
