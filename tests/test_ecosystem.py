@@ -289,9 +289,10 @@ def test_training_across_two_nodes_on_localhost(tiny_models, pairs, tmp_path):
     assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 2  # 1 x 2 nodes x 2 = 4
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
-    # each node wrote its own random state into the shared folder; they differ
-    rng = [torch.load(tmp_path / "state" / f"rng_rank{rank}.pt", weights_only=False)["generator"] for rank in (0, 1)]
-    assert not torch.equal(rng[0], rng[1])
+    # each node wrote its own random state into the shared folder (every draw of training comes from the
+    # per-micro-batch generators, so these are the global RNGs, seeded alike on every process)
+    for rank in (0, 1):
+        assert "torch" in torch.load(tmp_path / "state" / f"rng_rank{rank}.pt", weights_only=True)
     assert torch.load(tmp_path / "state" / "training_state.pt", weights_only=False)["num_processes"] == 2
     # one TensorBoard run: only the main process of node 0 logs
     event_files = list((tmp_path / "logs" / "realalign-stage1").glob("events.out.tfevents.*"))
