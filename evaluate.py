@@ -244,6 +244,32 @@ def add_scoring_args(parser):
                              "pinned commit) or the Hugging Face hub datasets.")
 
 
+def add_generation_args(parser):
+    """Flags of image generation, shared by the main command and `userstudy`:
+    one definition, the same defaults, so that either reuses the images the
+    other made in the same evaluation folder."""
+    parser.add_argument("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
+    parser.add_argument("--output_dir", type=str, default="outputs/eval",
+                        help="The evaluation folder: images (NAME/seed_S/00000.png) and reports. `userstudy` takes "
+                             "its images from here and generates the missing ones here.")
+    parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Sampling steps (default: " + ", ".join(
+                            f"{common.BACKBONE_NAMES[kind]}: {steps}" for kind, (steps, _) in SAMPLING_DEFAULTS.items())
+                        + ").")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Classifier-free guidance (default: " + ", ".join(
+                            f"{common.BACKBONE_NAMES[kind]}: {cfg}" for kind, (_, cfg) in SAMPLING_DEFAULTS.items())
+                        + ").")
+    parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call (per process).")
+    parser.add_argument(
+        "--generation_dtype", choices=["fp16", "bf16"], default="fp16",
+        help="Half precision of generation on a GPU. fp16 is the public protocol's (SD-1.5 pipeline in fp16; "
+             "SD-3.5-M transformer and text encoders in fp16, VAE in fp32, under fp16 autocast). On CPU "
+             "everything runs in fp32.")
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("userstudy", "userstudy-tally"):
@@ -273,8 +299,7 @@ def parse_args(argv=None):
         description="Generate images for several methods and score them (RealAlign Table 1 / Figure 2). "
                     "Use `evaluate.py score --help` to score an existing folder.",
     )
-    parser.add_argument("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
+    add_generation_args(parser)
     parser.add_argument(
         "--method", type=str, action="append", default=None, metavar="NAME=MODEL",
         help="A model to evaluate, repeatable; the first one is the baseline of the relative gains. MODEL is empty "
@@ -286,24 +311,8 @@ def parse_args(argv=None):
                         help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the paper's qualitative "
                              f"panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
     parser.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts (quick runs).")
-    parser.add_argument("--output_dir", type=str, default="outputs/eval", help="Where images and reports go.")
     parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
                         help="One image per prompt per seed; every prompt is generated with the same seed (README 'Method: evaluation').")
-    parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
-    parser.add_argument("--num_inference_steps", type=int, default=None,
-                        help="Sampling steps (default: " + ", ".join(
-                            f"{common.BACKBONE_NAMES[kind]}: {steps}" for kind, (steps, _) in SAMPLING_DEFAULTS.items())
-                        + ").")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance (default: " + ", ".join(
-                            f"{common.BACKBONE_NAMES[kind]}: {cfg}" for kind, (_, cfg) in SAMPLING_DEFAULTS.items())
-                        + ").")
-    parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call (per process).")
-    parser.add_argument(
-        "--generation_dtype", choices=["fp16", "bf16"], default="fp16",
-        help="Half precision of generation on a GPU. fp16 is the public protocol's (SD-1.5 pipeline in fp16; "
-             "SD-3.5-M transformer and text encoders in fp16, VAE in fp32, under fp16 autocast). On CPU "
-             "everything runs in fp32.")
     parser.add_argument("--grid_prompts", type=int, default=4, help="Prompts shown in grid.png.")
     add_scoring_args(parser)
     args = parser.parse_args(argv)
@@ -681,6 +690,73 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
         ).images
         for (seed, index), image in zip(batch, images):
             common.atomic_save_image(image, out_dir / image_relpath(method, seed, index))
+
+
+def generate_missing_images(args, methods, prompts, items, out_dir, state):
+    """Make sure the evaluation folder holds, for every method, the image of
+    each (seed, prompt index) of `items`, generating only the missing ones.
+    The main command and `userstudy` both generate through here, so each
+    reuses the images the other made.
+
+    The folder's checks come first: one run at a time, the same prompts
+    (prompts.txt), and all of a method's images made with the same settings
+    (NAME/generation.json). Returns the manifest entries of every method's
+    `items`, and the generation settings."""
+    if state.is_main_process:  # one run per output folder
+        common.lock_output_dir(out_dir, "evaluate.py")
+    check_prompts(out_dir, prompts, write=state.is_main_process)
+    device = state.device
+
+    # The base pipeline, loaded once, in the public protocol's dtypes. On GPU:
+    # fp16 (or --generation_dtype bf16); SD-3.5-M keeps its VAE in fp32 and
+    # samples under autocast (set_generation_precision). On CPU: fp32.
+    dtype = torch.float32 if device.type != "cuda" else HALF_DTYPES[args.generation_dtype]
+    pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
+    # The public evaluation disables the safety checker: a blacked-out image
+    # would be scored as if the model had drawn it.
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe.to(device)
+    backbone = common.Backbone(pipe, device, dtype)
+    base_net = backbone.net
+    autocast = set_generation_precision(pipe, backbone.kind, dtype, device)
+    default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
+    steps = args.num_inference_steps or default_steps
+    guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
+    generation = {"pretrained_model": args.pretrained_model, "backbone": backbone.kind, "num_inference_steps": steps,
+                  "guidance_scale": guidance, "resolution": args.resolution, "dtype": str(dtype).removeprefix("torch.")}
+
+    # Generate what is missing, one method at a time.
+    manifest = []
+    for method in methods:
+        name = method["name"]
+        check_generation_settings(out_dir, name, {"spec": method["spec"], **generation}, write=state.is_main_process)
+        manifest += [{"image": image_relpath(name, s, i), "method": name, "seed": s, "index": i,
+                      "prompt": prompts[i]} for s, i in items]
+        # Every process lists the missing images before any of them starts
+        # writing (the barrier below), so all split the same list.
+        todo = [(s, i) for s, i in items if not (out_dir / image_relpath(name, s, i)).is_file()]
+        if not todo:
+            logger.info("%s: all %d images exist in %s", name, len(items), out_dir)
+            continue
+        if state.is_main_process:
+            drop_scores(out_dir, [image_relpath(name, s, i) for s, i in todo])
+        state.wait_for_everyone()
+        logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(items), steps,
+                    guidance)
+        adapters = apply_method(backbone, method, device)
+        try:
+            with state.split_between_processes(todo) as mine, autocast:
+                generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
+                                args.batch_size, device, state.is_main_process)
+        finally:
+            restore_base(backbone, base_net, adapters)
+        state.wait_for_everyone()
+    del pipe, backbone, base_net
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return manifest, generation
 
 
 # =============================================================================
@@ -1549,6 +1625,14 @@ def make_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def check_counts(args):
+    """No silent default for a 0: the count flags a command has must be >= 1."""
+    for flag in ("num_inference_steps", "batch_size", "score_batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be >= 1 (got {value})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.command == "score":
@@ -1559,88 +1643,30 @@ def main(argv=None):
         return userstudy_tally_main(args)
 
     # ---- 1. check every input before any heavy work --------------------------
-    for flag in ("num_inference_steps", "batch_size", "score_batch_size"):  # no silent default for a 0
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be >= 1 (got {value})")
+    check_counts(args)
     metrics = parse_metrics(args.metrics)
     methods = parse_methods(args.method)
     state = make_state()
-    device = state.device
     out_dir = Path(args.output_dir)
     with state.main_process_first():  # only the main process downloads a prompt set
         prompts = load_prompts(args.prompts, args.cache_dir, args.max_prompts, args.prompt_source)
-    if state.is_main_process:  # one run per output folder
-        common.lock_output_dir(out_dir, "evaluate.py")
     common.log_world_size(state.num_processes, "evaluate", state.is_main_process)
-    check_prompts(out_dir, prompts, write=state.is_main_process)
     logger.info("%d prompts x %d seeds x %d methods on %d process(es)", len(prompts), len(args.seeds),
                 len(methods), state.num_processes)
 
-    # ---- 2. the base pipeline, loaded once, in the public protocol's dtypes ----
-    # On GPU: fp16 (or --generation_dtype bf16); SD-3.5-M keeps its VAE in
-    # fp32 and samples under autocast (set_generation_precision). On CPU: fp32.
-    dtype = torch.float32 if device.type != "cuda" else HALF_DTYPES[args.generation_dtype]
-    pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
-    # The public evaluation disables the safety checker: a blacked-out image
-    # would be scored as if the model had drawn it.
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None
-    pipe.to(device)
-    backbone = common.Backbone(pipe, device, dtype)
-    base_net = backbone.net
-    kind = backbone.kind
-    autocast = set_generation_precision(pipe, kind, dtype, device)
-    default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
-    steps = args.num_inference_steps or default_steps
-    guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
-
-    # ---- 3. generate what is missing, one method at a time -------------------
-    manifest = []
-    for method in methods:
-        name = method["name"]
-        settings = {"spec": method["spec"], "pretrained_model": args.pretrained_model, "backbone": backbone.kind,
-                    "num_inference_steps": steps, "guidance_scale": guidance, "resolution": args.resolution,
-                    "dtype": str(dtype).removeprefix("torch.")}
-        check_generation_settings(out_dir, name, settings, write=state.is_main_process)
-        items = [(seed, index) for seed in args.seeds for index in range(len(prompts))]
-        manifest += [{"image": image_relpath(name, s, i), "method": name, "seed": s, "index": i,
-                      "prompt": prompts[i]} for s, i in items]
-        # Every process lists the missing images before any of them starts
-        # writing (the barrier below), so all split the same list.
-        todo = [(s, i) for s, i in items if not (out_dir / image_relpath(name, s, i)).is_file()]
-        if not todo:
-            logger.info("%s: all %d images exist", name, len(items))
-            continue
-        if state.is_main_process:
-            drop_scores(out_dir, [image_relpath(name, s, i) for s, i in todo])
-        state.wait_for_everyone()
-        logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(items), steps,
-                    guidance)
-        adapters = apply_method(backbone, method, device)
-        try:
-            with state.split_between_processes(todo) as mine, autocast:
-                generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
-                                args.batch_size, device, state.is_main_process)
-        finally:
-            restore_base(backbone, base_net, adapters)
-        state.wait_for_everyone()
-    del pipe, backbone, base_net
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    # ---- 2. generate what is missing, one method at a time -------------------
+    items = [(seed, index) for seed in args.seeds for index in range(len(prompts))]
+    manifest, generation = generate_missing_images(args, methods, prompts, items, out_dir, state)
 
     run_info = {
         "title": f"{Path(args.pretrained_model).name}, {Path(args.prompts).name}",
         "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
         "prompts": args.prompts,
         "prompt_source": args.prompt_source if args.prompts in PROMPT_SETS else "file",
-        "backbone": kind,
+        "backbone": generation["backbone"],
         "n_prompts": len(prompts),
         "seeds": list(args.seeds),
-        "generation": {"pretrained_model": args.pretrained_model, "num_inference_steps": steps,
-                       "guidance_scale": guidance, "resolution": args.resolution,
-                       "dtype": str(dtype).removeprefix("torch."), "device": device.type},
+        "generation": {**{k: v for k, v in generation.items() if k != "backbone"}, "device": state.device.type},
     }
     # what an earlier run recorded about its scores stays true of them
     if (out_dir / RUN_INFO).is_file():
@@ -1650,7 +1676,7 @@ def main(argv=None):
         write_jsonl(out_dir / MANIFEST, manifest)
         common.atomic_write_text(out_dir / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
 
-    # ---- 4. score, then the report -------------------------------------------
+    # ---- 3. score, then the report -------------------------------------------
     finish(out_dir, run_info, manifest, metrics, args, state)
 
 
@@ -2006,18 +2032,18 @@ def parse_userstudy_args(argv):
         return args
 
     parser = argparse.ArgumentParser(
-        prog="evaluate.py userstudy", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="evaluate.py userstudy", formatter_class=common.HelpFormatter,  # each default shown once
         description="Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
                     "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images "
                     "come from the evaluation folder --output_dir; the missing ones are generated there first.",
     )
-    # The generation flags mean what they mean in the main command (same
-    # defaults), so the study reuses the images an evaluation already made.
-    parser.add_argument("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
+    # The generation flags are the main command's, so the study reuses the
+    # images an evaluation already made.
+    add_generation_args(parser)
     parser.add_argument("--method", type=str, action="append", default=None, metavar="NAME=MODEL",
-                        help="Twice or more. The first is the method under study ('ours'), each later one a "
-                             "baseline it is compared with. MODEL as in the main command (empty = the base model).")
+                        help="Twice or more (no default). The first is the method under study ('ours'), each "
+                             "later one a baseline it is compared with. MODEL as in the main command (empty = the "
+                             "base model).")
     parser.add_argument("--prompts", type=str, default="hpdv2",
                         help="The prompt set or file the study's prompts are drawn from (the paper: HPDv2).")
     parser.add_argument("--num_prompts", type=int, default=60, help="Prompts drawn (the paper: 60).")
@@ -2026,16 +2052,9 @@ def parse_userstudy_args(argv):
     parser.add_argument("--image_seed", type=int, default=DEFAULT_SEEDS[0],
                         help="Generation seed of the images shown (the first of the evaluation's seeds, so the "
                              "images of an evaluation run on the same prompts are reused).")
-    parser.add_argument("--output_dir", type=str, default="outputs/eval",
-                        help="The evaluation folder whose images are reused (laid out as the main command writes it).")
-    parser.add_argument("--study_dir", type=str, default=None, help="Where the study goes; None = OUTPUT_DIR/userstudy.")
+    parser.add_argument("--study_dir", type=str, default=None,
+                        help="Where the study goes (default: OUTPUT_DIR/userstudy).")
     parser.add_argument("--question", type=str, default=STUDY_QUESTION, help="The question the page asks.")
-    parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
-    parser.add_argument("--num_inference_steps", type=int, default=None,
-                        help="Sampling steps; None = 50 for SD-1.5, 40 for SD-3.5-M.")
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance; None = 7.5 for SD-1.5, 4.5 for SD-3.5-M.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call.")
     parser.add_argument("--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
                         help="Where fetched prompt sets are kept.")
     args = parser.parse_args(argv[1:])
@@ -2068,59 +2087,18 @@ def sample_study(prompts, methods, num_prompts, seed):
     return indices, comparisons
 
 
-def generate_study_images(args, methods, prompts, indices, out_dir):
-    """Make sure the evaluation folder holds image `index` at --image_seed for
-    every method, generating only the missing ones. The folder's checks apply
-    as in the main command: same prompts (prompts.txt), and every method's
-    images made with the same settings (NAME/generation.json)."""
-    state = make_state()
-    device = state.device
-    check_prompts(out_dir, prompts, write=state.is_main_process)
-    items = [(args.image_seed, index) for index in indices]
-    dtype = common.default_dtype(device)
-    pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None  # as in the main command: a blacked-out image would be judged
-    pipe.to(device)
-    backbone = common.Backbone(pipe, device, dtype)
-    base_net = backbone.net
-    default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
-    steps = args.num_inference_steps or default_steps
-    guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
-    for method in methods:
-        name = method["name"]
-        # the same settings record as the main command's, so either reuses the other's images
-        settings = {"spec": method["spec"], "pretrained_model": args.pretrained_model, "backbone": backbone.kind,
-                    "num_inference_steps": steps, "guidance_scale": guidance, "resolution": args.resolution}
-        check_generation_settings(out_dir, name, settings, write=state.is_main_process)
-        todo = [(s, i) for s, i in items if not (out_dir / image_relpath(name, s, i)).is_file()]
-        if not todo:
-            logger.info("%s: all %d images of the study exist in %s", name, len(items), out_dir)
-            continue
-        if state.is_main_process:
-            drop_scores(out_dir, [image_relpath(name, s, i) for s, i in todo])
-        state.wait_for_everyone()
-        logger.info("%s: generating %d of the study's %d images", name, len(todo), len(items))
-        adapters = apply_method(backbone, method, device)
-        try:
-            with state.split_between_processes(todo) as mine:
-                generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
-                                args.batch_size, device, state.is_main_process)
-        finally:
-            restore_base(backbone, base_net, adapters)
-        state.wait_for_everyone()
-    return state
-
-
 def userstudy_main(args):
     """`evaluate.py userstudy`: the study folder (page, images, key)."""
+    check_counts(args)
     methods = parse_methods(args.method)
     if len(methods) < 2:
         raise UserError("a user study needs --method twice or more: the method under study first, then the "
                         "baseline(s) it is compared with")
     out_dir = Path(args.output_dir)
     study_dir = Path(args.study_dir) if args.study_dir else out_dir / "userstudy"
-    prompts = load_prompts(args.prompts, args.cache_dir)
+    state = make_state()
+    with state.main_process_first():  # only the main process downloads a prompt set
+        prompts = load_prompts(args.prompts, args.cache_dir)
     indices, comparisons = sample_study(prompts, methods, args.num_prompts, args.seed)
     key = {
         "ours": methods[0]["name"],
@@ -2137,7 +2115,8 @@ def userstudy_main(args):
         raise UserError(f"{study_dir} holds another study (votes collected for it would no longer match its key); "
                         "use another --study_dir")
 
-    state = generate_study_images(args, methods, prompts, indices, out_dir)
+    # the images at --image_seed, from the evaluation folder (the missing ones generated there first)
+    generate_missing_images(args, methods, prompts, [(args.image_seed, index) for index in indices], out_dir, state)
     if not state.is_main_process:
         return
     page = study_dir / "page"

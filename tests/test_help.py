@@ -15,6 +15,7 @@ SCRIPTS = {
     "train_dpo.py": (train_dpo.parse_args, []),
     "evaluate.py": (evaluate.parse_args, []),
     "evaluate.py score": (evaluate.parse_args, ["score"]),
+    "evaluate.py userstudy": (evaluate.parse_args, ["userstudy"]),
 }
 
 

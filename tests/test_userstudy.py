@@ -102,15 +102,65 @@ def test_second_run_regenerates_nothing(study, caplog):
     with caplog.at_level("INFO", logger="realalign"):
         evaluate.main(study["argv"])
     assert "generating" not in caplog.text
-    assert caplog.text.count("all 3 images of the study exist") == 3
+    assert caplog.text.count("all 3 images exist") == 3
     assert {p: p.stat().st_mtime_ns for p in sorted(study["eval"].glob("*/seed_*/*.png"))} == \
         {p: t for p, t in before.items() if "seed_" in str(p)}
     assert json.loads((study["dir"] / "key.json").read_text()) == study["key"]
     # another draw into the same study folder would orphan the votes: refused
     with pytest.raises(common.UserError, match="holds another study"):
         evaluate.main([a if a != "5" else "6" for a in study["argv"]])
+    with pytest.raises(common.UserError, match="--batch_size must be >= 1"):  # the main command's checks
+        evaluate.main([*study["argv"], "--batch_size", "0"])
     with pytest.raises(common.UserError, match="--method twice or more"):
         evaluate.main(["userstudy", "--method", "a=", "--prompts", str(study["work"] / "prompts.txt")])
+
+
+def test_evaluation_and_study_reuse_each_others_images(tiny_models, tmp_path, caplog):
+    """The main command and `userstudy` generate through one function with one
+    settings record (NAME/generation.json): a study on an evaluation's folder
+    generates nothing, and an evaluation on a study's folder only what the
+    study did not need."""
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n")
+    shared = ["--pretrained_model", tiny_models["sd15"], "--method", "a=", "--method", f"b={tiny_models['sd15']}",
+              "--prompts", str(prompt_file), "--resolution", "32", "--num_inference_steps", "2"]
+    evaluation = ["--seeds", "42", "--metrics", "laplacian"]
+    study = ["userstudy", "--num_prompts", "3", "--seed", "5"]
+
+    def png_times(folder):
+        return {p: p.stat().st_mtime_ns for p in sorted(folder.glob("*/seed_*/*.png"))}
+
+    # evaluation first: all 5 prompts at seed 42; the study's 3 are among them
+    first = tmp_path / "evaluation-first"
+    evaluate.main([*shared, *evaluation, "--output_dir", str(first)])
+    before = png_times(first)
+    assert len(before) == 2 * 5
+    caplog.clear()  # only the study's log below (an earlier test may have set the logger to INFO)
+    with caplog.at_level("INFO", logger="realalign"):
+        evaluate.main([*study, *shared, "--output_dir", str(first)])
+    assert "generating" not in caplog.text and caplog.text.count("all 3 images exist") == 2
+    assert png_times(first) == before
+    assert len(list((first / "userstudy" / "page" / "images").glob("*.png"))) == 3 * 2
+
+    # study first: the evaluation generates only the 2 prompts the study did not draw
+    second = tmp_path / "study-first"
+    evaluate.main([*study, *shared, "--output_dir", str(second)])
+    before = png_times(second)
+    assert len(before) == 2 * 3
+    caplog.clear()
+    with caplog.at_level("INFO", logger="realalign"):
+        evaluate.main([*shared, *evaluation, "--output_dir", str(second)])
+    assert caplog.text.count("generating 2 of 5 images") == 2
+    after = png_times(second)
+    assert len(after) == 2 * 5 and {p: after[p] for p in before} == before
+    # the same settings give the same images, whichever command made them. Not
+    # bit-exact: the prompts were batched differently (CPU kernels round
+    # differently per batch size), which moves a pixel by a level or two; two
+    # different prompts differ by tens of levels.
+    for name in ("a", "b"):
+        for image in sorted((first / name).glob("seed_*/*.png")):
+            other = second / name / image.relative_to(first / name)
+            assert np.abs(pixels(image).astype(int) - pixels(other)).max() <= 2
 
 
 # ---------------------------------------------------------------------------
