@@ -8,17 +8,28 @@ Real Data", ICML 2026) trains a diffusion model in two stages:
   Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
            photo with its salient region inpainted (`diffusion_dpo_loss`).
 
-This file holds everything the scripts share, in this order:
+This file holds everything the scripts share. First the method's mechanics,
+in the order a reader needs them:
 
   1. the losses (pure functions of per-sample errors: copy them anywhere),
-  2. small utilities (clear errors, atomic writes, image cropping),
-  3. `Backbone`: one interface over SD-1.5 (UNet, epsilon-prediction) and
+  2. `Backbone`: one interface over SD-1.5 (UNet, epsilon-prediction) and
      SD-3.5-M (MMDiT, flow matching), detected from the loaded pipeline,
-  4. LoRA "roles" on one base network (learner / ref / policy) and their EMA,
-  5. the pairs CSV and the cache of VAE latents and prompt embeddings,
-  6. PickScore (used by curation and evaluation),
-  7. the training skeleton both trainers share (flags, state, logging),
-  8. tiny random-weight models for tests and the offline smoke run.
+  3. LoRA "roles" on one base network (learner / ref / policy) and their EMA,
+  4. the pairs CSV and the cache of VAE latents and prompt embeddings,
+  5. the training skeleton both trainers share (flags, micro-batches, state,
+     the loop, checkpoints);
+
+then the helpers around them:
+
+  6. small utilities (clear errors, image cropping, seeding, devices),
+  7. PickScore (used by curation and evaluation),
+  8. safe outputs (I/O errors in words, atomic writes, folder swaps, locks),
+  9. --help formatting (each flag's default, per backbone where it differs),
+ 10. figures (curves.png, checkpoint grids; matplotlib),
+ 11. trackers, precision, model card, checkpoint limit, hub.
+
+The tiny random-weight models and procedural photos of the tests and the
+offline smoke run live in tests/tiny_models.py.
 
 Comments cite the paper and the README's "Method" section, which restates it.
 """
@@ -147,386 +158,7 @@ def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_p
 
 
 # =============================================================================
-# 2. Utilities
-# =============================================================================
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
-
-
-def run_main(main):
-    """Run `main()`; a UserError ends with one clear message and exit 2."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
-    # keep the console to our own messages: the libraries' loading chatter and
-    # peft's "several adapters" note (intended: one adapter per role) are noise
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*peft_config.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # a file problem no writer below caught: still one line, naming the file
-        print(f"error: {io_error_message(err)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-# Why an OS error happened, in words a user can act on (errno -> hint).
-IO_HINTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-            errno.EACCES: "no permission", errno.EPERM: "no permission", errno.EROFS: "the file system is read-only",
-            errno.EEXIST: "a file is in the way", errno.ENOTDIR: "a file is in the way of a folder",
-            errno.EISDIR: "it is a folder"}
-
-
-def io_error_message(err, path=None):
-    """'cannot write PATH: cause (hint)' for an OSError, or for the I/O errors
-    that torch and safetensors report as RuntimeError / SafetensorError."""
-    path = path or getattr(err, "filename", None)
-    cause = getattr(err, "strerror", None) or str(err).splitlines()[0]
-    hint = IO_HINTS.get(getattr(err, "errno", None))
-    return f"cannot write {path or 'a file'}: {cause}" + (f" ({hint})" if hint and hint not in cause else "")
-
-
-def is_io_error(err):
-    """OSError, or a library's wrapper of one (safetensors: '... (os error 28)',
-    torch.save: 'file write failed')."""
-    text = str(err)
-    return isinstance(err, OSError) or "(os error" in text or "file write failed" in text
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Turn a failed write under `path` (full disk, no permission, read-only
-    folder, a file where a folder should be) into one UserError naming the
-    path and the cause; earlier outputs are left as they are."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as err:
-        if not is_io_error(err):
-            raise
-        raise UserError(io_error_message(err, path)) from None
-
-
-def _umask():
-    """The process umask, read without changing it where Linux allows (setting
-    it, even for an instant, would race with other threads' writes)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # elsewhere, the only way to read it is to set it: set it back at once
-    os.umask(mask)
-    return mask
-
-
-def follow_umask(path, mode=0o666):
-    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode an
-    ordinary open() or mkdir() would have given it under the process umask."""
-    os.chmod(path, mode & ~_umask())
-
-
-def atomic_write(path, write_fn, suffix=None):
-    """Write a file through `write_fn(tmp_path)` then rename, so a killed run
-    never leaves a half-written file behind (os.replace is atomic on POSIX).
-    The temporary name is unique (mkstemp), the file's mode follows the
-    umask, and a failed write is a UserError naming the path."""
-    path = Path(path)
-    with writing(path):
-        if path.parent.exists() and not path.parent.is_dir():
-            raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
-        os.close(fd)
-        try:
-            write_fn(tmp)
-            follow_umask(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def atomic_save_image(image: Image.Image, path):
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def atomic_write_text(path, text: str):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_save_torch(obj, path):
-    """torch.save, atomically. Serialised in memory first: torch.save writing
-    to a full disk fails with an opaque C++ error, a plain write with ENOSPC."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
-
-
-def make_temp_dir(final_dir):
-    """A fresh, uniquely named folder next to `final_dir` (a run's own
-    temporary; two runs never share one), with the umask's mode."""
-    final_dir = Path(final_dir)
-    with writing(final_dir):
-        final_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.tmp-")
-        follow_umask(tmp, 0o777)
-    return Path(tmp)
-
-
-def _exchange(a, b):
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE; the
-    standard library has no such call). False where the system lacks it."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def replace_dir(tmp_dir, final_dir):
-    """Move a fully written folder into place; the old one is removed after.
-
-    Where the system can swap two folders atomically, `final_dir` exists at
-    every moment. Elsewhere it is renamed to FINAL.old first; a run killed
-    between the two renames leaves FINAL.old, which `recover_dir` puts back."""
-    final_dir, tmp_dir = Path(final_dir), Path(tmp_dir)
-    old = final_dir.with_name(final_dir.name + ".old")
-    with writing(final_dir):
-        if final_dir.exists() and _exchange(tmp_dir, final_dir):
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # now holds the old folder
-            return
-        if final_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_dir, old)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-
-
-def recover_dir(final_dir):
-    """Undo a `replace_dir` cut short between its two renames: FINAL.old
-    without FINAL becomes FINAL again."""
-    final_dir = Path(final_dir)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if old.is_dir() and not final_dir.exists():
-        with writing(final_dir):
-            os.replace(old, final_dir)
-        logger.warning("recovered %s from %s (an earlier run was stopped while replacing it)", final_dir, old)
-
-
-LOCK_FILE = ".lock"
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def lock_output_dir(directory, what):
-    """Hold DIRECTORY/.lock (pid and host of this process) until the process
-    ends, so that two runs never write one folder. Created with O_EXCL: of two
-    runs starting together exactly one gets it. A live holder makes this a
-    UserError naming it; a lock left by a dead process on this host is taken
-    over. (filelock or fcntl locks would do it too, but a lock that names its
-    holder tells the user which run to wait for, on any file system.)"""
-    import atexit
-    import socket
-
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"{directory} is a file, not a folder")
-    with writing(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-    path, host = directory / LOCK_FILE, socket.gethostname()
-    me = json.dumps({"pid": os.getpid(), "host": host, "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for _ in range(3):
-        try:
-            with writing(path):
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except UserError:
-            if not path.exists():
-                raise
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):  # being written right now, or damaged
-                holder = {}
-            if holder.get("pid") == os.getpid() and holder.get("host") == host:
-                return path  # this process holds it already (several stages in one process)
-            if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                logger.warning("taking over %s from pid %s, which is gone", path, holder["pid"])
-                path.unlink(missing_ok=True)
-                continue
-            if not holder and time.time() - path.stat().st_mtime < 10:
-                time.sleep(0.5)  # another run is writing its lock this instant
-                continue
-            raise UserError(f"{directory} is in use by another run (pid {holder.get('pid', '?')} on host "
-                            f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since "
-                            f"{holder.get('since', '?')}); wait for it to end or use another folder. If that run "
-                            f"is gone, delete {path}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        atexit.register(lambda: path.unlink(missing_ok=True))
-        return path
-    raise UserError(f"could not take the lock {path}; delete it if no run uses {directory}")
-
-
-def requested_num_processes(environ=None, launcher_cmdline=None):
-    """How many processes the user asked the launcher for: WORLD_SIZE (torchrun,
-    and accelerate when it starts several), else the `--num_processes N` of an
-    `accelerate launch` parent (which with --cpu starts ONE process and says
-    nothing). None when unknown."""
-    environ = os.environ if environ is None else environ
-    if environ.get("WORLD_SIZE"):
-        return int(environ["WORLD_SIZE"])
-    if launcher_cmdline is None:
-        try:
-            launcher_cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-        except OSError:  # not Linux
-            return None
-    if "launch" not in launcher_cmdline:
-        return None
-    for i, arg in enumerate(launcher_cmdline):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(launcher_cmdline):
-                return int(launcher_cmdline[i + 1])
-            if arg.startswith(flag + "="):
-                return int(arg.split("=", 1)[1])
-    return None
-
-
-def log_world_size(num_processes, what, is_main_process=True):
-    """Log the number of processes a stage runs on, and warn when the launcher
-    was asked for another number (README "Several processes")."""
-    requested = requested_num_processes()
-    if not is_main_process:
-        return
-    logger.info("%s: %d process(es)", what, num_processes)
-    if requested is not None and requested != num_processes:
-        logger.warning("%s: %d processes were asked for, but this run has %d. `accelerate launch --num_processes N "
-                       "--cpu` starts ONE process; on CPUs use `torchrun --nproc_per_node N`", what, requested,
-                       num_processes)
-
-
-def check_same_settings(path, settings, what):
-    """Refuse to mix outputs made with different settings in one folder: if
-    the JSON at `path` (written by an earlier run) differs from `settings`,
-    stop with a message naming every changed key. An absent or unreadable
-    file passes (the caller writes it)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    try:
-        previous = json.loads(path.read_text())
-    except ValueError:
-        return
-    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
-               if previous.get(key) != value]
-    if changed:
-        raise UserError(f"{what} was made with other settings ({'; '.join(changed)}); use another output folder, "
-                        "the same settings to resume, or delete it")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB.
-
-    16-bit greyscale (PNG modes I;16 and I) is scaled from 0..65535 to 0..255
-    (PIL's convert("RGB") would clip it to white). Images with transparency
-    (RGBA, LA, P with a transparent colour) are composited on a WHITE
-    background, as a browser shows them, so a transparent area is white,
-    never black or whatever colour its hidden pixels hold."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.round(array.clip(0, 65535) / 257.0).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
-
-
-def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
-    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a
-    centre crop of resolution x resolution. 16-bit and transparent images are
-    first made 8-bit RGB on white (`to_rgb`)."""
-    image = to_rgb(image)
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((new_w, new_h), Image.LANCZOS)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def default_device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (CPU bf16 kernels are slow and imprecise)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """Host -> device copy of a freshly drawn tensor (noise, latents,
-    timesteps). On CUDA it goes through pinned memory without blocking, so the
-    host can queue the next kernels while it travels; elsewhere a plain .to()."""
-    device = torch.device(device)
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def peak_memory_gb(device) -> float:
-    """Peak GPU memory allocated, or the process's peak RSS on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# =============================================================================
-# 3. Backbone: one interface over SD-1.5 and SD-3.5-M
+# 2. Backbone: one interface over SD-1.5 and SD-3.5-M
 # =============================================================================
 
 
@@ -853,7 +485,7 @@ class _CompactionPlan:
 
 
 # =============================================================================
-# 4. LoRA roles on one base network, and their EMA
+# 3. LoRA roles on one base network, and their EMA
 # =============================================================================
 # Three views of one network (README 'Method: Stage 1'): the trainable
 # `learner`, the frozen reference `ref` and, in Stage 1, the frozen sampling
@@ -1090,7 +722,7 @@ def load_network_override(backbone, path):
 
 
 # =============================================================================
-# 5. Pairs CSV and the input cache
+# 4. Pairs CSV and the input cache
 # =============================================================================
 
 PAIR_COLUMNS = ["uid", "prompt", "real_image_path", "fake_image_path"]
@@ -1288,52 +920,7 @@ def cat_cond(*conds):
 
 
 # =============================================================================
-# 6. PickScore (README 'Method: data'): curation filter and evaluation metric
-# =============================================================================
-
-
-class PickScorer:
-    """Raw PickScore: exp(logit_scale) * cos(image embedding, text embedding),
-    both L2-normalised, text truncated to 77 tokens (README 'Method: data'). Raw units
-    (about 20-23 for SD images); never divided by 26.
-
-    fp32 by default, on GPU too, as the public scorers run: in bf16 the
-    embeddings carry ~3 significant digits, which at logit scale 100 moves a
-    score by ~0.1, as much as some gaps of paper Table 1 and more than
-    curation's PickScore-gap filter (0.02) tolerates."""
-
-    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                 device=None, dtype=torch.float32):
-        from transformers import AutoProcessor, CLIPModel
-
-        self.device = torch.device(device) if device else default_device()
-        try:
-            self.processor = AutoProcessor.from_pretrained(processor)
-            self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
-        except Exception as err:
-            raise UserError(f"could not load PickScore ({model}, {processor}): {type(err).__name__}: "
-                            f"{str(err).splitlines()[0]}") from None
-
-    @torch.no_grad()
-    def __call__(self, images, prompts, batch_size=32):
-        scores = []
-        for start in range(0, len(images), batch_size):
-            inputs = self.processor(images=list(images[start : start + batch_size]),
-                                    text=list(prompts[start : start + batch_size]),
-                                    padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-            inputs = {key: value.to(self.device) for key, value in inputs.items()}
-            image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.model.dtype))
-            text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                       attention_mask=inputs.get("attention_mask"))
-            image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-            text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
-            cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-            scores.append((self.model.logit_scale.exp().float() * cosine).cpu())
-        return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
-
-
-# =============================================================================
-# 7. The training skeleton shared by train_dro.py and train_dpo.py
+# 5. The training skeleton shared by train_dro.py and train_dpo.py
 # =============================================================================
 # Both stages are "compute per-sample errors of the learner and the reference
 # on a concatenated batch, take a loss, accumulate to an effective batch of
@@ -1356,44 +943,6 @@ STAGE_DEFAULTS = {
             # Table 1's step-450 checkpoint holds EMA weights
             "sd3": dict(learning_rate=2.56e-6, lr_warmup_steps=0, max_train_steps=1000, use_ema=True, beta=100.0)},
 }
-
-
-BACKBONE_NAMES = {"sd15": "SD-1.5", "sd3": "SD-3.5-M"}
-
-
-def _show_default(value):
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 1e-4, 2.56e-6: as the paper writes them
-        mantissa, exponent = f"{value:.2e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def backbone_default_help(key, stage):
-    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4' for a flag that defaults to
-    None and is filled in per backbone by `apply_backbone_defaults`; read from
-    BACKBONE_DEFAULTS / STAGE_DEFAULTS so --help cannot drift from the code."""
-    shown = {kind: _show_default({**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}[key])
-             for kind in BACKBONE_NAMES}
-    if len(set(shown.values())) == 1:
-        return f"default: {shown['sd15']} for both backbones"
-    return "default: " + ", ".join(f"{BACKBONE_NAMES[kind]}: {value}" for kind, value in shown.items())
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help that shows every flag's default exactly once: argparse's
-    "(default: X)", unless the help text already states its default (the
-    backbone-dependent ones state both values), and "(required)" for a
-    required flag, whose None default means nothing."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.required:
-            return text if "required" in text else f"{text} (required)".strip()
-        if "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
 
 
 def add_training_args(parser, stage):
@@ -1882,140 +1431,6 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-# Figures are drawn with matplotlib's object API on the Agg canvas: no display
-# needed, and no pyplot global state shared between runs in one process.
-def new_figure(width, height, dpi=100):
-    """An empty matplotlib Figure of width x height inches on the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def save_figure(figure, path):
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-
-
-def wrap_text(text, width, max_lines=None):
-    """`text` wrapped to lines of `width` characters, cut to `max_lines` with an ellipsis."""
-    import textwrap
-
-    lines = textwrap.wrap(" ".join(str(text).split()), width) or [""]
-    if max_lines and len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: width - 1] + "…"
-    return "\n".join(lines)
-
-
-# What each quantity of metrics.jsonl is: the panel titles of curves.png, in
-# panel order. Keys a run does not log (Stage 2 has no D) get no panel.
-CURVE_TITLES = {
-    "loss": "training loss (mean over the effective batch)",
-    "D": "DRO margin term D: learner − ref gap, real vs policy (below 0: real favoured)",
-    "active_frac": "DRO: share of samples with D + margin > 0 (hinge active)",
-    "implicit_acc": "DPO implicit accuracy: share of pairs where the learner prefers the real photo",
-    "reward_margin": "DPO reward margin: −[(learner − ref) on real − (learner − ref) on fake]",
-    "model_err_real": "learner error on real images",
-    "ref_err_real": "reference error on real images",
-    "model_err_policy": "learner error on policy samples (target: the snapshot's prediction)",
-    "ref_err_policy": "reference error on policy samples",
-    "model_err_w": "learner error on the real photo (winner)",
-    "ref_err_w": "reference error on the real photo (winner)",
-    "model_err_l": "learner error on the inpainted fake (loser)",
-    "ref_err_l": "reference error on the inpainted fake (loser)",
-    "grad_norm": "gradient norm before clipping (clipped to --max_grad_norm)",
-    "lr": "learning rate",
-    "samples_per_s": "throughput: samples per second",
-}
-CURVE_KEYS = tuple(CURVE_TITLES)
-CURVE_SMOOTHING = 0.9
-
-
-def smooth_curve(values, weight=CURVE_SMOOTHING):
-    """Exponential moving average with bias correction (TensorBoard's
-    smoothing): s_t = weight * s_(t-1) + (1 - weight) * x_t, s_0 = 0, shown as
-    s_t / (1 - weight^t), so the first points are not pulled toward 0.
-    Written out because numpy has no EMA and pandas is not a dependency."""
-    smoothed, running = [], 0.0
-    for t, value in enumerate(values, start=1):
-        running = weight * running + (1 - weight) * value
-        smoothed.append(running / (1 - weight**t))
-    return smoothed
-
-
-def curve_panels(records, keys=CURVE_KEYS):
-    """(key, title) of each panel curves.png draws for these metrics.jsonl records."""
-    return [(key, CURVE_TITLES.get(key, key)) for key in keys
-            if records and all(isinstance(r.get(key), (int, float)) for r in records)]
-
-
-def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
-    """OUTPUT_DIR/curves.png: one panel per logged quantity against the
-    optimizer step, the per-step value (thin) under its smoothed curve (thick,
-    `smooth_curve`). Returns the panels drawn, as `curve_panels`."""
-    from matplotlib.ticker import MaxNLocator
-
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    panels = curve_panels(records, keys)
-    if not panels:
-        return panels
-    columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure = new_figure(5.2 * columns, 3.3 * rows + 0.6)
-    figure.suptitle(f"{Path(path).parent.name}: training curves over {len(records)} optimizer steps "
-                    f"(thin: each step; thick: EMA, weight {CURVE_SMOOTHING}, bias-corrected)", fontsize=12)
-    steps = [r["step"] for r in records]
-    for i, (key, title) in enumerate(panels):
-        ax = figure.add_subplot(rows, columns, i + 1)
-        values = [r[key] for r in records]
-        ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=1, marker="o" if len(steps) < 30 else None,
-                markersize=3, label="per step")
-        ax.plot(steps, smooth_curve(values), color="tab:blue", linewidth=2, label="EMA")
-        low, high = min(values), max(values)
-        scale = max(abs(low), abs(high))
-        if high - low <= 1e-9 * scale or high == low:  # a constant series: pad the range, or ticks repeat
-            pad = 0.1 * scale if scale > 0 else 1.0
-            ax.set_ylim(low - pad, high + pad)
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # 1e-4, not 0.0001000
-        ax.set_title(wrap_text(title, 52), fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if i == 0:
-            ax.legend(fontsize=8)
-    save_figure(figure, path)
-    return panels
-
-
-def save_sample_grid(images, prompts, seeds, path, title=None):
-    """A grid.png of sampled images: one column per prompt, its text above,
-    and one row per seed, named at the left. `images` are row-major (all
-    prompts of the first seed, then the next seed), as `generate_grid_images`
-    returns them. Small images are shown enlarged to about 260 px."""
-    cell = 2.6  # inches per image: the prompt text stays legible at 8 pt
-    width_px = images[0].size[0]
-    # height: the images, the prompts above the first row (up to 4 lines), the title
-    figure = new_figure(cell * len(prompts) + 0.5, (cell + 0.1) * len(seeds) + 0.7 + (0.3 if title else 0),
-                        dpi=max(100, round(width_px / cell)))  # never below the images' own resolution
-    if title:
-        figure.suptitle(title, fontsize=10)
-    for row, seed in enumerate(seeds):
-        for column, prompt in enumerate(prompts):
-            ax = figure.add_subplot(len(seeds), len(prompts), row * len(prompts) + column + 1)
-            image = images[row * len(prompts) + column]
-            ax.imshow(image, interpolation="nearest" if width_px < 128 else "antialiased")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(wrap_text(prompt or "(empty prompt)", 34, max_lines=4), fontsize=8)
-            if column == 0:
-                ax.set_ylabel(f"seed {seed}", fontsize=9)
-    save_figure(figure, path)
-
-
 @torch.no_grad()
 def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation):
     """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in load_lora_weights format,
@@ -2252,7 +1667,617 @@ def report_benchmark(label, args, backbone, records):
     return result
 
 
-# ---- trackers, precision, model card, checkpoint limit, hub -----------------
+# =============================================================================
+# 6. Utilities: user errors, images, seeding, devices, process count
+# =============================================================================
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def run_main(main):
+    """Run `main()`; a UserError ends with one clear message and exit 2."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
+    # keep the console to our own messages: the libraries' loading chatter and
+    # peft's "several adapters" note (intended: one adapter per role) are noise
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*peft_config.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a file problem no writer below caught: still one line, naming the file
+        print(f"error: {io_error_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    16-bit greyscale (PNG modes I;16 and I) is scaled from 0..65535 to 0..255
+    (PIL's convert("RGB") would clip it to white). Images with transparency
+    (RGBA, LA, P with a transparent colour) are composited on a WHITE
+    background, as a browser shows them, so a transparent area is white,
+    never black or whatever colour its hidden pixels hold."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round(array.clip(0, 65535) / 257.0).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a
+    centre crop of resolution x resolution. 16-bit and transparent images are
+    first made 8-bit RGB on white (`to_rgb`)."""
+    image = to_rgb(image)
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((new_w, new_h), Image.LANCZOS)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 kernels are slow and imprecise)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device copy of a freshly drawn tensor (noise, latents,
+    timesteps). On CUDA it goes through pinned memory without blocking, so the
+    host can queue the next kernels while it travels; elsewhere a plain .to()."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated, or the process's peak RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def requested_num_processes(environ=None, launcher_cmdline=None):
+    """How many processes the user asked the launcher for: WORLD_SIZE (torchrun,
+    and accelerate when it starts several), else the `--num_processes N` of an
+    `accelerate launch` parent (which with --cpu starts ONE process and says
+    nothing). None when unknown."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WORLD_SIZE"):
+        return int(environ["WORLD_SIZE"])
+    if launcher_cmdline is None:
+        try:
+            launcher_cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        except OSError:  # not Linux
+            return None
+    if "launch" not in launcher_cmdline:
+        return None
+    for i, arg in enumerate(launcher_cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(launcher_cmdline):
+                return int(launcher_cmdline[i + 1])
+            if arg.startswith(flag + "="):
+                return int(arg.split("=", 1)[1])
+    return None
+
+
+def log_world_size(num_processes, what, is_main_process=True):
+    """Log the number of processes a stage runs on, and warn when the launcher
+    was asked for another number (README "Several processes")."""
+    requested = requested_num_processes()
+    if not is_main_process:
+        return
+    logger.info("%s: %d process(es)", what, num_processes)
+    if requested is not None and requested != num_processes:
+        logger.warning("%s: %d processes were asked for, but this run has %d. `accelerate launch --num_processes N "
+                       "--cpu` starts ONE process; on CPUs use `torchrun --nproc_per_node N`", what, requested,
+                       num_processes)
+
+
+# =============================================================================
+# 7. PickScore (README 'Method: data'): curation filter and evaluation metric
+# =============================================================================
+
+
+class PickScorer:
+    """Raw PickScore: exp(logit_scale) * cos(image embedding, text embedding),
+    both L2-normalised, text truncated to 77 tokens (README 'Method: data'). Raw units
+    (about 20-23 for SD images); never divided by 26.
+
+    fp32 by default, on GPU too, as the public scorers run: in bf16 the
+    embeddings carry ~3 significant digits, which at logit scale 100 moves a
+    score by ~0.1, as much as some gaps of paper Table 1 and more than
+    curation's PickScore-gap filter (0.02) tolerates."""
+
+    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                 device=None, dtype=torch.float32):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.device = torch.device(device) if device else default_device()
+        try:
+            self.processor = AutoProcessor.from_pretrained(processor)
+            self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        except Exception as err:
+            raise UserError(f"could not load PickScore ({model}, {processor}): {type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}") from None
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, batch_size=32):
+        scores = []
+        for start in range(0, len(images), batch_size):
+            inputs = self.processor(images=list(images[start : start + batch_size]),
+                                    text=list(prompts[start : start + batch_size]),
+                                    padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+            inputs = {key: value.to(self.device) for key, value in inputs.items()}
+            image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.model.dtype))
+            text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                       attention_mask=inputs.get("attention_mask"))
+            image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
+            text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+            cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+            scores.append((self.model.logit_scale.exp().float() * cosine).cpu())
+        return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+# =============================================================================
+# 8. Safe outputs: clear write errors, atomic writes, folder swaps, locks
+# =============================================================================
+
+# Why an OS error happened, in words a user can act on (errno -> hint).
+IO_HINTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EACCES: "no permission", errno.EPERM: "no permission", errno.EROFS: "the file system is read-only",
+            errno.EEXIST: "a file is in the way", errno.ENOTDIR: "a file is in the way of a folder",
+            errno.EISDIR: "it is a folder"}
+
+
+def io_error_message(err, path=None):
+    """'cannot write PATH: cause (hint)' for an OSError, or for the I/O errors
+    that torch and safetensors report as RuntimeError / SafetensorError."""
+    path = path or getattr(err, "filename", None)
+    cause = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    hint = IO_HINTS.get(getattr(err, "errno", None))
+    return f"cannot write {path or 'a file'}: {cause}" + (f" ({hint})" if hint and hint not in cause else "")
+
+
+def is_io_error(err):
+    """OSError, or a library's wrapper of one (safetensors: '... (os error 28)',
+    torch.save: 'file write failed')."""
+    text = str(err)
+    return isinstance(err, OSError) or "(os error" in text or "file write failed" in text
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failed write under `path` (full disk, no permission, read-only
+    folder, a file where a folder should be) into one UserError naming the
+    path and the cause; earlier outputs are left as they are."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if not is_io_error(err):
+            raise
+        raise UserError(io_error_message(err, path)) from None
+
+
+def _umask():
+    """The process umask, read without changing it where Linux allows (setting
+    it, even for an instant, would race with other threads' writes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere, the only way to read it is to set it: set it back at once
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path, mode=0o666):
+    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode an
+    ordinary open() or mkdir() would have given it under the process umask."""
+    os.chmod(path, mode & ~_umask())
+
+
+def atomic_write(path, write_fn, suffix=None):
+    """Write a file through `write_fn(tmp_path)` then rename, so a killed run
+    never leaves a half-written file behind (os.replace is atomic on POSIX).
+    The temporary name is unique (mkstemp), the file's mode follows the
+    umask, and a failed write is a UserError naming the path."""
+    path = Path(path)
+    with writing(path):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+        os.close(fd)
+        try:
+            write_fn(tmp)
+            follow_umask(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def atomic_save_image(image: Image.Image, path):
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def atomic_write_text(path, text: str):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_save_torch(obj, path):
+    """torch.save, atomically. Serialised in memory first: torch.save writing
+    to a full disk fails with an opaque C++ error, a plain write with ENOSPC."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+
+
+def make_temp_dir(final_dir):
+    """A fresh, uniquely named folder next to `final_dir` (a run's own
+    temporary; two runs never share one), with the umask's mode."""
+    final_dir = Path(final_dir)
+    with writing(final_dir):
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.tmp-")
+        follow_umask(tmp, 0o777)
+    return Path(tmp)
+
+
+def _exchange(a, b):
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE; the
+    standard library has no such call). False where the system lacks it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def replace_dir(tmp_dir, final_dir):
+    """Move a fully written folder into place; the old one is removed after.
+
+    Where the system can swap two folders atomically, `final_dir` exists at
+    every moment. Elsewhere it is renamed to FINAL.old first; a run killed
+    between the two renames leaves FINAL.old, which `recover_dir` puts back."""
+    final_dir, tmp_dir = Path(final_dir), Path(tmp_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    with writing(final_dir):
+        if final_dir.exists() and _exchange(tmp_dir, final_dir):
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # now holds the old folder
+            return
+        if final_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, final_dir)
+
+
+def recover_dir(final_dir):
+    """Undo a `replace_dir` cut short between its two renames: FINAL.old
+    without FINAL becomes FINAL again."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.is_dir() and not final_dir.exists():
+        with writing(final_dir):
+            os.replace(old, final_dir)
+        logger.warning("recovered %s from %s (an earlier run was stopped while replacing it)", final_dir, old)
+
+
+LOCK_FILE = ".lock"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def lock_output_dir(directory, what):
+    """Hold DIRECTORY/.lock (pid and host of this process) until the process
+    ends, so that two runs never write one folder. Created with O_EXCL: of two
+    runs starting together exactly one gets it. A live holder makes this a
+    UserError naming it; a lock left by a dead process on this host is taken
+    over. (filelock or fcntl locks would do it too, but a lock that names its
+    holder tells the user which run to wait for, on any file system.)"""
+    import atexit
+    import socket
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a folder")
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+    path, host = directory / LOCK_FILE, socket.gethostname()
+    me = json.dumps({"pid": os.getpid(), "host": host, "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(3):
+        try:
+            with writing(path):
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except UserError:
+            if not path.exists():
+                raise
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written right now, or damaged
+                holder = {}
+            if holder.get("pid") == os.getpid() and holder.get("host") == host:
+                return path  # this process holds it already (several stages in one process)
+            if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                logger.warning("taking over %s from pid %s, which is gone", path, holder["pid"])
+                path.unlink(missing_ok=True)
+                continue
+            if not holder and time.time() - path.stat().st_mtime < 10:
+                time.sleep(0.5)  # another run is writing its lock this instant
+                continue
+            raise UserError(f"{directory} is in use by another run (pid {holder.get('pid', '?')} on host "
+                            f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since "
+                            f"{holder.get('since', '?')}); wait for it to end or use another folder. If that run "
+                            f"is gone, delete {path}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        atexit.register(lambda: path.unlink(missing_ok=True))
+        return path
+    raise UserError(f"could not take the lock {path}; delete it if no run uses {directory}")
+
+
+def check_same_settings(path, settings, what):
+    """Refuse to mix outputs made with different settings in one folder: if
+    the JSON at `path` (written by an earlier run) differs from `settings`,
+    stop with a message naming every changed key. An absent or unreadable
+    file passes (the caller writes it)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError:
+        return
+    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if previous.get(key) != value]
+    if changed:
+        raise UserError(f"{what} was made with other settings ({'; '.join(changed)}); use another output folder, "
+                        "the same settings to resume, or delete it")
+
+
+# =============================================================================
+# 9. --help formatting: defaults shown once, per backbone where they differ
+# =============================================================================
+
+BACKBONE_NAMES = {"sd15": "SD-1.5", "sd3": "SD-3.5-M"}
+
+
+def _show_default(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 1e-4, 2.56e-6: as the paper writes them
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def backbone_default_help(key, stage):
+    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4' for a flag that defaults to
+    None and is filled in per backbone by `apply_backbone_defaults`; read from
+    BACKBONE_DEFAULTS / STAGE_DEFAULTS so --help cannot drift from the code."""
+    shown = {kind: _show_default({**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}[key])
+             for kind in BACKBONE_NAMES}
+    if len(set(shown.values())) == 1:
+        return f"default: {shown['sd15']} for both backbones"
+    return "default: " + ", ".join(f"{BACKBONE_NAMES[kind]}: {value}" for kind, value in shown.items())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows every flag's default exactly once: argparse's
+    "(default: X)", unless the help text already states its default (the
+    backbone-dependent ones state both values), and "(required)" for a
+    required flag, whose None default means nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required:
+            return text if "required" in text else f"{text} (required)".strip()
+        if "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+# =============================================================================
+# 10. Figures: curves.png and the checkpoint grids
+# =============================================================================
+
+# Figures are drawn with matplotlib's object API on the Agg canvas: no display
+# needed, and no pyplot global state shared between runs in one process.
+def new_figure(width, height, dpi=100):
+    """An empty matplotlib Figure of width x height inches on the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path):
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def wrap_text(text, width, max_lines=None):
+    """`text` wrapped to lines of `width` characters, cut to `max_lines` with an ellipsis."""
+    import textwrap
+
+    lines = textwrap.wrap(" ".join(str(text).split()), width) or [""]
+    if max_lines and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return "\n".join(lines)
+
+
+# What each quantity of metrics.jsonl is: the panel titles of curves.png, in
+# panel order. Keys a run does not log (Stage 2 has no D) get no panel.
+CURVE_TITLES = {
+    "loss": "training loss (mean over the effective batch)",
+    "D": "DRO margin term D: learner − ref gap, real vs policy (below 0: real favoured)",
+    "active_frac": "DRO: share of samples with D + margin > 0 (hinge active)",
+    "implicit_acc": "DPO implicit accuracy: share of pairs where the learner prefers the real photo",
+    "reward_margin": "DPO reward margin: −[(learner − ref) on real − (learner − ref) on fake]",
+    "model_err_real": "learner error on real images",
+    "ref_err_real": "reference error on real images",
+    "model_err_policy": "learner error on policy samples (target: the snapshot's prediction)",
+    "ref_err_policy": "reference error on policy samples",
+    "model_err_w": "learner error on the real photo (winner)",
+    "ref_err_w": "reference error on the real photo (winner)",
+    "model_err_l": "learner error on the inpainted fake (loser)",
+    "ref_err_l": "reference error on the inpainted fake (loser)",
+    "grad_norm": "gradient norm before clipping (clipped to --max_grad_norm)",
+    "lr": "learning rate",
+    "samples_per_s": "throughput: samples per second",
+}
+CURVE_KEYS = tuple(CURVE_TITLES)
+CURVE_SMOOTHING = 0.9
+
+
+def smooth_curve(values, weight=CURVE_SMOOTHING):
+    """Exponential moving average with bias correction (TensorBoard's
+    smoothing): s_t = weight * s_(t-1) + (1 - weight) * x_t, s_0 = 0, shown as
+    s_t / (1 - weight^t), so the first points are not pulled toward 0.
+    Written out because numpy has no EMA and pandas is not a dependency."""
+    smoothed, running = [], 0.0
+    for t, value in enumerate(values, start=1):
+        running = weight * running + (1 - weight) * value
+        smoothed.append(running / (1 - weight**t))
+    return smoothed
+
+
+def curve_panels(records, keys=CURVE_KEYS):
+    """(key, title) of each panel curves.png draws for these metrics.jsonl records."""
+    return [(key, CURVE_TITLES.get(key, key)) for key in keys
+            if records and all(isinstance(r.get(key), (int, float)) for r in records)]
+
+
+def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
+    """OUTPUT_DIR/curves.png: one panel per logged quantity against the
+    optimizer step, the per-step value (thin) under its smoothed curve (thick,
+    `smooth_curve`). Returns the panels drawn, as `curve_panels`."""
+    from matplotlib.ticker import MaxNLocator
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    panels = curve_panels(records, keys)
+    if not panels:
+        return panels
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = new_figure(5.2 * columns, 3.3 * rows + 0.6)
+    figure.suptitle(f"{Path(path).parent.name}: training curves over {len(records)} optimizer steps "
+                    f"(thin: each step; thick: EMA, weight {CURVE_SMOOTHING}, bias-corrected)", fontsize=12)
+    steps = [r["step"] for r in records]
+    for i, (key, title) in enumerate(panels):
+        ax = figure.add_subplot(rows, columns, i + 1)
+        values = [r[key] for r in records]
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=1, marker="o" if len(steps) < 30 else None,
+                markersize=3, label="per step")
+        ax.plot(steps, smooth_curve(values), color="tab:blue", linewidth=2, label="EMA")
+        low, high = min(values), max(values)
+        scale = max(abs(low), abs(high))
+        if high - low <= 1e-9 * scale or high == low:  # a constant series: pad the range, or ticks repeat
+            pad = 0.1 * scale if scale > 0 else 1.0
+            ax.set_ylim(low - pad, high + pad)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # 1e-4, not 0.0001000
+        ax.set_title(wrap_text(title, 52), fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    save_figure(figure, path)
+    return panels
+
+
+def save_sample_grid(images, prompts, seeds, path, title=None):
+    """A grid.png of sampled images: one column per prompt, its text above,
+    and one row per seed, named at the left. `images` are row-major (all
+    prompts of the first seed, then the next seed), as `generate_grid_images`
+    returns them. Small images are shown enlarged to about 260 px."""
+    cell = 2.6  # inches per image: the prompt text stays legible at 8 pt
+    width_px = images[0].size[0]
+    # height: the images, the prompts above the first row (up to 4 lines), the title
+    figure = new_figure(cell * len(prompts) + 0.5, (cell + 0.1) * len(seeds) + 0.7 + (0.3 if title else 0),
+                        dpi=max(100, round(width_px / cell)))  # never below the images' own resolution
+    if title:
+        figure.suptitle(title, fontsize=10)
+    for row, seed in enumerate(seeds):
+        for column, prompt in enumerate(prompts):
+            ax = figure.add_subplot(len(seeds), len(prompts), row * len(prompts) + column + 1)
+            image = images[row * len(prompts) + column]
+            ax.imshow(image, interpolation="nearest" if width_px < 128 else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(wrap_text(prompt or "(empty prompt)", 34, max_lines=4), fontsize=8)
+            if column == 0:
+                ax.set_ylabel(f"seed {seed}", fontsize=9)
+    save_figure(figure, path)
+
+
+# =============================================================================
+# 11. Trackers, precision, model card, checkpoint limit, hub
+# =============================================================================
+
 # The handles of diffusers' training examples, kept out of the loop above:
 # the loop only calls these.
 
@@ -2461,235 +2486,3 @@ def push_final_checkpoint(args, accelerator, backbone, cache):
                       commit_message=f"RealAlign {args.stage}, step {step}")
         logger.info("uploaded %s to https://huggingface.co/%s", folder, repo_id)
     accelerator.wait_for_everyone()
-
-
-
-# =============================================================================
-# 8. Tiny random-weight models (tests and the offline smoke run)
-# =============================================================================
-# They are built from configs, saved with save_pretrained and loaded back with
-# the same from_pretrained calls the real models go through, so the tests
-# exercise the users' loading path without network access.
-
-TINY_MODELS = ("sd15", "sd15-inpaint", "sd3", "clip")
-
-
-def _tiny_clip_tokenizer(directory):
-    """A byte-level CLIP tokenizer with no merges: every byte is one token."""
-    from transformers import CLIPTokenizer
-
-    byte_chars = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = list(byte_chars), 0
-    for b in range(256):  # GPT-2's bytes_to_unicode: every byte gets a printable char
-        if b not in byte_chars:
-            chars.append(256 + extra)
-            extra += 1
-    symbols = [chr(c) for c in chars]
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
-    return tokenizer
-
-
-def _tiny_text_encoder(with_projection, hidden=32, projection=32):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
-                            bos_token_id=512, eos_token_id=513, pad_token_id=513)
-    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
-
-
-def _tiny_t5(d_model=64):
-    """A tiny T5 encoder and its tokenizer (SD-3's third text encoder), built
-    offline: T5TokenizerFast over a Unigram vocabulary of single characters
-    (each also with the word-start marker), plus T5's special tokens."""
-    import string
-
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    chars = [c for c in string.printable if not c.isspace()]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
-    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
-    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=16, d_ff=37, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, decoder_start_token_id=0)
-    return T5EncoderModel(config), tokenizer
-
-
-def _tiny_vae(**extra):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=8, sample_size=32, **extra)
-
-
-def build_tiny_model(kind, directory):
-    """Build one tiny model with random weights (seeded) and save it.
-
-    kind: "sd15" (StableDiffusionPipeline), "sd15-inpaint"
-    (StableDiffusionInpaintPipeline), "sd3" (StableDiffusion3Pipeline with
-    CLIP-L, CLIP-G and T5 stand-ins, as SD-3.5-M), "clip" (CLIPModel +
-    processor, a PickScore stand-in). The VAE downsamples by 2, so 32 px images give 16x16 latents."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, PNDMScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-
-    torch.manual_seed(0)
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = _tiny_clip_tokenizer(tmp / "_tokenizer_src")
-    if kind in ("sd15", "sd15-inpaint"):
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=9 if kind == "sd15-inpaint" else 4, out_channels=4,
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        # SD-1.5's own sampler and noise schedule
-        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
-                                  set_alpha_to_one=False)
-        cls = StableDiffusionInpaintPipeline if kind == "sd15-inpaint" else StableDiffusionPipeline
-        pipe = cls(vae=_tiny_vae(scaling_factor=0.18215), text_encoder=_tiny_text_encoder(False),
-                   tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
-                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
-    elif kind == "sd3":
-        # MMDiT-X like SD-3.5-M: QK RMS-norm and one dual-attention layer. As in
-        # the real model, the joint attention width is T5's, and the two CLIP
-        # encoders' concatenated states (16 + 16 here, 768 + 1280 there) are
-        # zero-padded to it by the pipeline; pooled = both CLIP projections.
-        transformer = SD3Transformer2DModel(
-            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-            pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
-        text_encoder_3, tokenizer_3 = _tiny_t5(d_model=64)
-        pipe = StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                          use_post_quant_conv=False),
-            text_encoder=_tiny_text_encoder(True, hidden=16), tokenizer=tokenizer,
-            text_encoder_2=_tiny_text_encoder(True, hidden=16), tokenizer_2=tokenizer,
-            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-    elif kind == "clip":
-        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-        config = CLIPConfig(
-            text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=77, bos_token_id=512,
-                             eos_token_id=513, pad_token_id=513),
-            vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=32, patch_size=8),
-            projection_dim=16)
-        pipe = CLIPModel(config)
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
-    else:
-        raise ValueError(f"unknown tiny model {kind!r}; choose from {TINY_MODELS}")
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(tmp / "_tokenizer_src")
-    replace_dir(tmp, directory)
-    return directory
-
-
-def build_tiny_models(root, kinds=TINY_MODELS):
-    """Build (once) every tiny model under `root`; returns {kind: path}."""
-    paths = {}
-    for kind in kinds:
-        path = Path(root) / f"tiny-{kind}"
-        if not path.exists():
-            build_tiny_model(kind, path)
-        paths[kind] = str(path)
-    return paths
-
-
-def build_tiny_released(root):
-    """Offline stand-ins for the released weights of paper Table 1's rows,
-    made from the tiny models under `root` (build_tiny_models first): a
-    perturbed SD-1.5 UNet (Diffusion-DPO's released UNet) and random LoRAs
-    (Flow-GRPO's SD-3.5-M LoRA, the authors' RealAlign LoRAs). Seeded;
-    built once. Returns {name: path}."""
-    root = Path(root)
-    out = root / "released"
-    paths = {"dpo-unet-sd15": out / "dpo-unet-sd15", "realalign-lora-sd15": out / "realalign-lora-sd15",
-             "flowgrpo-lora-sd3": out / "flowgrpo-lora-sd3", "realalign-lora-sd3": out / "realalign-lora-sd3"}
-    generator = torch.Generator().manual_seed(1)
-    if not paths["dpo-unet-sd15"].exists():
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(root / "tiny-sd15", subfolder="unet")
-        with torch.no_grad():
-            for param in unet.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-        unet.save_pretrained(paths["dpo-unet-sd15"])
-    for name in ("realalign-lora-sd15", "flowgrpo-lora-sd3", "realalign-lora-sd3"):
-        if paths[name].exists():
-            continue
-        backbone = Backbone(load_pipeline(str(root / f"tiny-{name.rsplit('-', 1)[1]}")), "cpu")
-        config = setup_lora_roles(backbone, [LEARNER], rank=4, alpha=4)
-        with torch.no_grad():  # B = 0 after set-up: give the LoRA an effect
-            for param in role_parameters(backbone.net, LEARNER):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-        save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER), config, paths[name])
-    return {name: str(path) for name, path in paths.items()}
-
-
-COLOUR_NAMES = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
-                "magenta": (210, 40, 200), "orange": (250, 140, 20)}
-
-
-def draw_disc_image(rng, size, colour):
-    """A saturated disc on a smooth two-colour gradient: a procedural "photo"
-    with one salient object, for tests and the smoke run. Returns (uint8
-    array, boolean disc mask)."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    background = np.stack([xx * 255 / size, yy * 255 / size, np.full_like(xx, 128)], -1).astype(np.float64)
-    cx, cy = rng.integers(size // 4, 3 * size // 4, 2).tolist()
-    disc = (xx - cx) ** 2 + (yy - cy) ** 2 < (size // 5) ** 2
-    background[disc] = colour
-    return background.clip(0, 255).astype(np.uint8), disc
-
-
-def make_smoke_images(directory, n=8, size=64, seed=0):
-    """n captioned images (PNG + .txt caption, a Hugging Face image-folder
-    layout that curate.py reads) and prompts.txt for the evaluation."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = list(COLOUR_NAMES)
-    for i in range(n):
-        name = names[i % len(names)]
-        array, _ = draw_disc_image(rng, size, COLOUR_NAMES[name])
-        Image.fromarray(array).save(directory / f"photo{i:03d}.png")
-        (directory / f"photo{i:03d}.txt").write_text(f"a photo of a {name} ball on a gradient background")
-    (directory.parent / "prompts.txt").write_text("".join(f"a {name} ball in a field\n" for name in names[:3]))
-    return directory
-
-
-if __name__ == "__main__":
-    # offline helpers of the smoke run (run_all.sh):
-    #   python common.py tiny-models DIR    build the tiny random-weight models
-    #   python common.py smoke-images DIR   draw captioned procedural images
-    #   python common.py tiny-released DIR  stand-ins for the released weights (after tiny-models DIR)
-    parser = argparse.ArgumentParser(description="RealAlign shared helpers")
-    parser.add_argument("command", choices=["tiny-models", "smoke-images", "tiny-released"])
-    parser.add_argument("directory")
-    cli_args = parser.parse_args()
-    if cli_args.command == "tiny-models":
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars of sub-second saves
-        for name, location in build_tiny_models(cli_args.directory).items():
-            print(f"{name}: {location}")
-    elif cli_args.command == "tiny-released":
-        for name, location in build_tiny_released(cli_args.directory).items():
-            print(f"{name}: {location}")
-    else:
-        print(make_smoke_images(cli_args.directory))

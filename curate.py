@@ -28,7 +28,7 @@ Example (the paper's setting, on the real photographs of HPDv3):
 
     accelerate launch curate.py --real_images /data/HPDv3 --output_dir outputs/pairs
 
-Offline smoke run on the tiny random models (`python common.py tiny-models DIR`):
+Offline smoke run on the tiny random models (`python tests/tiny_models.py tiny-models DIR`):
 
     python curate.py --real_images my_photos/ --output_dir /tmp/pairs --resolution 32 \
         --saliency spectral --num_inference_steps 2 --no-drop_nonphoto \

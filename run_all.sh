@@ -54,7 +54,7 @@ fi
 
 OUTPUT_DIR=${OUTPUT_DIR:-$d_out}               # everything is written under here
 [ "$SMOKE" = 1 ] && d_model=$OUTPUT_DIR/tiny-models/tiny-$([ "$BACKBONE" = sd35m ] && echo sd3 || echo sd15)
-if [ "$SMOKE" = 1 ]; then  # offline stand-ins for the released weights (python common.py tiny-released)
+if [ "$SMOKE" = 1 ]; then  # offline stand-ins for the released weights (python tests/tiny_models.py tiny-released)
   if [ "$BACKBONE" = sd35m ]; then
     d_baseline=$OUTPUT_DIR/tiny-models/released/flowgrpo-lora-sd3; d_released=$OUTPUT_DIR/tiny-models/released/realalign-lora-sd3
   else
@@ -180,10 +180,10 @@ resume_flag() { [ -f "$1/state/training_state.pt" ] && echo --resume || true; }
 
 # ------------------------------------------------------------------ 0. inputs
 if [ "$SMOKE" = 1 ]; then
-  step tiny-models python common.py tiny-models "$TINY"
+  step tiny-models python tests/tiny_models.py tiny-models "$TINY"
   # also writes data/prompts.txt, the evaluation's prompts (with REAL_IMAGES too)
-  step smoke-images python common.py smoke-images "$OUTPUT_DIR/data/images"
-  step tiny-released python common.py tiny-released "$TINY"
+  step smoke-images python tests/tiny_models.py smoke-images "$OUTPUT_DIR/data/images"
+  step tiny-released python tests/tiny_models.py tiny-released "$TINY"
 else
   log "disk: models ~10 GB (SD-1.5) / ~30 GB (SD-3.5-M with T5) in the HF cache; HPDv3 archive ~300 GB while"
   log "      extracting (estimate; only its 57,759 real photos are used); curated pairs < 1 GB; checkpoints ~100 MB."

@@ -4,7 +4,7 @@
         --pairs pairs.csv --output_dir outputs/sd15/stage1
 
 Three views of one network, each a LoRA adapter on the same frozen base
-(common.py, section 4):
+(common.py, section 3):
     learner (phi)  trainable
     ref            frozen copy of the learner at the start of the stage
     policy (theta) frozen sampling snapshot, re-synced from the learner every

@@ -78,6 +78,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import tiny_models  # noqa: E402
 
 # Published configs of the two backbones (SD-1.5 unet/config.json and
 # vae/config.json, CLIP ViT-L/14 text encoder; SD-3.5-Medium transformer and vae).
@@ -106,11 +107,11 @@ def build_pipeline(arch, directory):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if arch == "tiny":
-        return common.build_tiny_model("sd15", directory)
+        return tiny_models.build_tiny_model("sd15", directory)
     if arch == "tiny-sd3":
-        return common.build_tiny_model("sd3", directory)
+        return tiny_models.build_tiny_model("sd3", directory)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = common._tiny_clip_tokenizer(Path(directory).with_name("tokenizer-src"))
+    tokenizer = tiny_models._tiny_clip_tokenizer(Path(directory).with_name("tokenizer-src"))
     with torch.device(device):  # random init on the GPU: seconds instead of minutes
         if arch == "sd15":
             pipe = StableDiffusionPipeline(
@@ -123,8 +124,8 @@ def build_pipeline(arch, directory):
             pipe = StableDiffusion3Pipeline(
                 transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER), vae=AutoencoderKL(**SD3_VAE),
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                text_encoder=common._tiny_text_encoder(True), tokenizer=tokenizer,
-                text_encoder_2=common._tiny_text_encoder(True), tokenizer_2=tokenizer,
+                text_encoder=tiny_models._tiny_text_encoder(True), tokenizer=tokenizer,
+                text_encoder_2=tiny_models._tiny_text_encoder(True), tokenizer_2=tokenizer,
                 text_encoder_3=None, tokenizer_3=None)
     pipe.to(torch.bfloat16 if device == "cuda" else torch.float32).save_pretrained(directory)
     return directory

@@ -10,13 +10,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+from tiny_models import build_tiny_models, draw_disc_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{"sd15", "sd15-inpaint", "sd3", "clip"} -> folder of a tiny random model."""
-    return common.build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def repo_root():
 
 def make_pairs(directory, n=4, size=32, seed=0, noise_fakes=False):
     """A pairs CSV of n procedural (real, fake) pairs: a coloured disc on a
-    gradient (common.draw_disc_image), and the same image with the disc
+    gradient (draw_disc_image of tests/tiny_models.py), and the same image with the disc
     repainted noisy grey (a stand-in for the inpainted fake), or uniform noise
     with `noise_fakes`. Paths are relative to the CSV."""
     import csv
@@ -40,7 +40,7 @@ def make_pairs(directory, n=4, size=32, seed=0, noise_fakes=False):
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        real, disc = common.draw_disc_image(rng, size, rng.integers(0, 256, 3))
+        real, disc = draw_disc_image(rng, size, rng.integers(0, 256, 3))
         fake = real.astype(float)
         fake[disc] = 128 + rng.normal(0, 20, (disc.sum(), 3))
         if noise_fakes:  # a loser that differs everywhere: a strong, easy preference signal

@@ -131,7 +131,7 @@ def test_known_harmless_library_notices_are_silenced(tmp_path):
     """Building the tiny models (the smoke run's first step) used to print the
     torchvision notice of the CLIP image processor and 'text_encoder_3=None ...
     cannot be saved'; other messages of those loggers still pass."""
-    result = subprocess.run([sys.executable, str(ROOT / "common.py"), "tiny-models", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_models.py"), "tiny-models", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torchvision" not in result.stderr and "cannot be saved" not in result.stderr
