@@ -79,8 +79,9 @@ class _DropMessages(logging.Filter):
 #   version, the one PickScore and CLIP were trained with; nothing to fix.
 logging.getLogger("transformers.utils.import_utils").addFilter(
     _DropMessages("requires torchvision (not installed)"))
-# - diffusers: saving a pipeline with an absent optional component (the tiny
-#   SD-3 has no T5, text_encoder_3=None) warns that None "cannot be saved".
+# - diffusers: saving a pipeline with an absent optional component (the
+#   pipelines' safety_checker=None, image_encoder=None) warns that None
+#   "cannot be saved".
 logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
     _DropMessages("=None of type <class 'NoneType'> cannot be saved"))
 
