@@ -17,7 +17,7 @@
 #
 #   bash run_all.sh                      the paper's SD-1.5 run (GPUs, network)
 #   BACKBONE=sd35m bash run_all.sh       the SD-3.5-M run (needs HF_TOKEN: gated model)
-#   SMOKE=1 bash run_all.sh              the same steps on tiny offline models (CPU, < 3 min)
+#   SMOKE=1 bash run_all.sh              the same steps on tiny offline models (CPU, about 2 min)
 #   SMOKE=1 BACKBONE=sd35m COMPLEMENTARITY=1 RELEASED=1 bash run_all.sh    every row, offline
 #   DRY_RUN=1 bash run_all.sh            print every command (launch lines included) instead of running it
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 bash run_all.sh   on node 0, and MACHINE_RANK=1 on node 1
