@@ -251,6 +251,22 @@ class Backbone:
                 out.setdefault(key, []).append(value.float().cpu())
         return {key: torch.cat(values) for key, values in out.items()}
 
+    def encode_prompts_once(self, prompts):
+        """`encode_prompts` with the text encoders on the device for this one
+        pass only (T5-XXL alone is ~9.5 GB for SD-3.5-M): training reads the
+        cached embeddings, so the encoders live on the CPU otherwise."""
+        encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        encoders = [encoder for encoder in encoders if encoder is not None]
+        for encoder in encoders:
+            encoder.to(self.device)
+        try:
+            return self.encode_prompts(prompts)
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor):
         """VAE posterior (mean, std) of images in [-1, 1], in float32.
@@ -833,17 +849,7 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
     prompt_id = {prompt: i for i, prompt in enumerate(all_prompts)}
     prompts = all_prompts[slice(*_shard_range(len(all_prompts), part))]
     row_start, row_end = _shard_range(len(pairs), part)
-    # the text encoders (T5-XXL alone is ~9.5 GB for SD-3.5-M) visit the device
-    # only for this one pass; training reads the cached embeddings
-    encoders = [getattr(backbone.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
-    encoders = [encoder for encoder in encoders if encoder is not None]
-    for encoder in encoders:
-        encoder.to(backbone.device)
-    tensors = dict(backbone.encode_prompts(prompts)) if prompts else {}
-    for encoder in encoders:
-        encoder.to("cpu")
-    if backbone.device.type == "cuda":
-        torch.cuda.empty_cache()
+    tensors = dict(backbone.encode_prompts_once(prompts)) if prompts else {}
     tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs[row_start:row_end]],
                                            dtype=torch.long)
     sides = ["real"] + (["fake"] if need_fake else [])
@@ -2361,14 +2367,7 @@ def encode_validation_prompts(backbone, prompts):
     the input cache."""
     if not prompts:
         return None
-    encoders = [getattr(backbone.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
-    encoders = [encoder for encoder in encoders if encoder is not None]
-    for encoder in encoders:
-        encoder.to(backbone.device)
-    embeddings = backbone.encode_prompts(["", *prompts])
-    for encoder in encoders:
-        encoder.to("cpu")
-    return embeddings
+    return backbone.encode_prompts_once(["", *prompts])
 
 
 def _markdown_cell(value):
