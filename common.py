@@ -602,20 +602,119 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     return config
 
 
-def load_lora_into(backbone, lora, adapter_name):
-    """Load a LoRA checkpoint (folder or hub id, `load_lora_weights` format)
-    into the backbone's network under `adapter_name`; checks it matched."""
-    net = backbone.net
-    try:
-        backbone.pipe.load_lora_weights(lora, adapter_name=adapter_name)
-    except Exception as err:
-        if not Path(lora).exists():  # most often a mistyped local path: say so, not the hub's complaint
+# The published LoRA formats, recognised by their files (README 'What the real
+# run needs'):
+#  - diffusers' `save_lora_weights` file, pytorch_lora_weights.safetensors:
+#    our checkpoints, and the authors' SD-1.5 ones (Cwyxx/RealAlign,
+#    training_sd15/stage2_dpo/train-lora_init.py saves them so);
+#  - a PEFT adapter folder, as `PeftModel.save_pretrained` writes it:
+#    adapter_config.json (r, lora_alpha, target_modules) + adapter_model.safetensors
+#    with keys base_model.model.<module>.lora_A/B.weight. Flow-GRPO's released
+#    LoRA is one (yifan123/flow_grpo, scripts/train_sd3.py save_ckpt), and the
+#    authors' SD-3.5-M checkpoints keep theirs in <checkpoint>/lora/learner/
+#    (training_sd35m/scripts/train-sd-3-5-medium-irl.py save_ckpt).
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel's own prefix of every key
+
+
+def lora_files(folder):
+    """The LoRA files under a folder, as '/'-separated paths relative to it."""
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix() for pattern in (PEFT_CONFIG, PEFT_WEIGHTS, "*.safetensors")
+            for path in folder.rglob(pattern) if path.is_file()}
+
+
+def find_lora(files, where):
+    """Which LoRA a folder (or hub repository) holds, from its file list:
+    ("peft", folder) or ("diffusers", file), relative to it; None if none.
+    A LoRA at the root wins (a PEFT folder over a diffusers file: it carries
+    its whole config); otherwise the only one in a subfolder, or among
+    several the one in a folder named `learner` (the trained role)."""
+    found = {}
+    for name in files:
+        folder, _, base = name.rpartition("/")
+        if base == PEFT_CONFIG and (f"{folder}/{PEFT_WEIGHTS}" if folder else PEFT_WEIGHTS) in files:
+            found[folder] = ("peft", folder)
+        elif base == DIFFUSERS_LORA or (not folder and base.endswith(".safetensors") and "lora" in base.lower()):
+            found.setdefault(folder, ("diffusers", name))
+    if "" in found or len(found) == 1:
+        return found.get("", next(iter(found.values())))
+    learner = [folder for folder in found if folder.rsplit("/", 1)[-1] == LEARNER]
+    if len(learner) == 1:
+        return found[learner[0]]
+    if found:
+        raise UserError(f"'{where}' holds {len(found)} LoRAs (in {', '.join(sorted(found))}): name the folder of the "
+                        "one to load")
+    return None
+
+
+def resolve_lora(lora):
+    """(local path, format) of a LoRA given as a file, a folder or a hub id
+    (only its LoRA files are downloaded)."""
+    path = Path(lora).expanduser()
+    if path.is_file():
+        return path, "diffusers"  # a single .safetensors file, load_lora_weights format
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(lora), allow_patterns=[f"*{PEFT_CONFIG}", f"*{PEFT_WEIGHTS}",
+                                                                      "*lora*.safetensors"]))
+        except Exception as err:  # most often a mistyped local path: say so, not only the hub's complaint
             raise UserError(f"the LoRA '{lora}' was not found: no such local file or folder (and as a hub id: "
-                            f"{type(err).__name__}: {str(err).splitlines()[0]})") from None
-        raise UserError(f"could not load the LoRA '{lora}': {type(err).__name__}: {str(err).splitlines()[0]}") from None
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    found = find_lora(lora_files(path), lora)
+    if found is None:
+        raise UserError(f"'{lora}' holds no LoRA: neither {DIFFUSERS_LORA} nor a PEFT adapter folder ({PEFT_CONFIG} "
+                        f"+ {PEFT_WEIGHTS}), at its root or in a subfolder such as lora/learner/")
+    return path / found[1], found[0]
+
+
+def load_lora_into(backbone, lora, adapter_name):
+    """Load a LoRA (file, folder or hub id, in any format of resolve_lora)
+    into the backbone's network under `adapter_name`; checks that every
+    weight found its module."""
+    net = backbone.net
+    path, kind = resolve_lora(lora)
+    mismatch = (f"the LoRA '{lora}' does not fit this {backbone.kind} {backbone.net_name} (is it a LoRA of the "
+                "other backbone?)")
+    try:
+        if kind == "diffusers":
+            backbone.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        else:
+            _load_peft_adapter(net, path, adapter_name, mismatch)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"could not load the LoRA '{lora}' ({kind} format, {path}): {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if adapter_name not in getattr(net, "peft_config", {}) or not role_parameters(net, adapter_name):
-        raise UserError(f"the LoRA '{lora}' has no weights for this {backbone.kind} {backbone.net_name} "
-                        "(is it a LoRA of the other backbone?)")
+        raise UserError(f"{mismatch}: none of its weights loaded")
+
+
+def _load_peft_adapter(net, folder, adapter_name, mismatch):
+    """A PEFT adapter folder into a diffusers network, as PeftModel.from_pretrained
+    would: the adapter's own LoraConfig injected, then its weights (keys
+    without PeftModel's prefix) set with peft's set_peft_model_state_dict."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if config.peft_type != "LORA":
+        raise UserError(f"{folder} is a PEFT {config.peft_type} adapter, not a LoRA")
+    state = {key.removeprefix(PEFT_PREFIX): value
+             for key, value in load_peft_weights(str(folder), device="cpu").items()}
+    try:
+        net.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise UserError(f"{mismatch}: {str(err).splitlines()[0]}") from None
+    result = set_peft_model_state_dict(net, state, adapter_name=adapter_name)
+    unused = [key for key in result.unexpected_keys if "lora_" in key]
+    unset = [key for key in result.missing_keys if f".{adapter_name}." in key]
+    if unused or unset:
+        raise UserError(f"{mismatch}: {len(unused)} of its weights match no module, {len(unset)} of its modules get "
+                        f"no weight (e.g. {(unused or unset)[0]})")
 
 
 @contextlib.contextmanager
@@ -651,14 +750,36 @@ def lora_state_dict(net, role, params=None):
 
 
 def save_lora_checkpoint(backbone, state_dict, config, directory):
-    """Save LoRA weights so that a stock pipeline's `load_lora_weights(dir)`
-    reads them, with the adapter config (rank, alpha, targets) as metadata:
-    SD-3.5-M uses alpha != rank and would otherwise load at the wrong scale."""
+    """Save LoRA weights so that both ecosystems read them:
+    - diffusers: a stock pipeline's `load_lora_weights(dir)`, with the adapter
+      config (rank, alpha, targets) as metadata: SD-3.5-M uses alpha != rank
+      and would otherwise load at the wrong scale;
+    - PEFT: adapter_config.json + adapter_model.safetensors, the files
+      `PeftModel.save_pretrained` writes, so `PeftModel.from_pretrained(net,
+      dir)` (flow_grpo's loader) and `load_adapter(dir)` read them; linked
+      again into lora/learner/, where the authors' SD-3.5-M evaluation
+      script looks (Cwyxx/RealAlign, training_sd35m/evaluation/
+      sd-3-5-medium/generate_image.py). Hard links: no second copy on disk."""
+    from safetensors.torch import save_file
+
     metadata = config.to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"]) if metadata.get("target_modules") else None
     kwargs = {f"{backbone.net_name}_lora_layers": state_dict,
               f"{backbone.net_name}_lora_adapter_metadata": metadata}
     type(backbone.pipe).save_lora_weights(str(directory), **kwargs)
+    directory = Path(directory)
+    peft_config = copy.deepcopy(config)
+    peft_config.inference_mode = True  # as PeftModel.save_pretrained records it
+    peft_config.save_pretrained(str(directory))
+    save_file({PEFT_PREFIX + key: value.contiguous() for key, value in state_dict.items()},
+              str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
+    learner = directory / "lora" / LEARNER
+    learner.mkdir(parents=True, exist_ok=True)
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+        try:
+            os.link(directory / name, learner / name)
+        except OSError:  # a filesystem without hard links: a copy
+            shutil.copy2(directory / name, learner / name)
 
 
 # Hand-written rather than diffusers' EMAModel: EMAModel covers the SD-1.5
@@ -971,7 +1092,8 @@ def add_training_args(parser, stage):
                         "--benchmark_steps (default: none)")
     g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json go here")
     g.add_argument("--init_lora", default=None,
-                   help="start from this LoRA (folder or hub id, load_lora_weights format); it is also the reference "
+                   help="start from this LoRA (file, folder or hub id: diffusers' load_lora_weights format, a PEFT "
+                        "adapter folder, or a checkpoint with lora/learner/); it is also the reference "
                         "(default: none, a fresh LoRA on the base model)")
     g.add_argument("--init_unet", "--init_transformer", dest="init_network", default=None,
                    help="replace the pipeline's UNet/transformer by this one first (complementarity runs, "
@@ -1451,7 +1573,8 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
     with writing(final):
         save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
         for file in tmp.iterdir():  # diffusers writes through mkstemp too: give the files the umask's mode
-            follow_umask(file)
+            if file.is_file():
+                follow_umask(file)
         if args.sample_grid_steps > 0 and validation is not None:
             use_role(backbone.net, LEARNER)
             seeds = (0, 1)
@@ -2411,7 +2534,8 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
         f"- **Stage:** {STAGE_TITLES[args.stage]}",
         f"- **Warm start:** {warm_start}",
         f"- **Data:** {data}",
-        f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`",
+        f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`, or with PEFT "
+        f"`PeftModel.from_pretrained(pipe.{'transformer' if kind == 'sd3' else 'unet'}, \"{location}\")`",
     ])
     if (Path(directory) / "grid.png").is_file():
         description += ("\n\n![checkpoint grid](./grid.png)\n\nColumns: "

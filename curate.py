@@ -176,9 +176,11 @@ def uid_is_safe(uid):
 
 
 def list_hpdv3(root):
-    """HPDv3's all.json holds comparisons of two images; a real photograph is
-    the side whose model is `real_images`. The same photo appears in many
-    comparisons, so uids (file-name stems) are de-duplicated."""
+    """HPDv3's all.json holds comparisons of two images, {prompt, choice_dist,
+    confidence, path1, path2, model1, model2} with paths relative to the
+    dataset root (MizzenAI/HPSv3 README, "Pairwise Training Data Format"); a
+    real photograph is the side whose model is `real_images`. The same photo
+    appears in many comparisons, so uids (file-name stems) are de-duplicated."""
     try:
         entries = json.loads((root / "all.json").read_text())
     except (OSError, ValueError) as err:

@@ -303,8 +303,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--method", type=str, action="append", default=None, metavar="NAME=MODEL",
         help="A model to evaluate, repeatable; the first one is the baseline of the relative gains. MODEL is empty "
-             "(the base model), a LoRA (a folder with pytorch_lora_weights.safetensors, a .safetensors file, or a "
-             "hub id), or a UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on "
+             "(the base model), a LoRA (a .safetensors file; a folder or hub id holding diffusers' "
+             "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
+             "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on "
              "another network (e.g. RealAlign trained on top of Diffusion-DPO). Default: base=.",
     )
     parser.add_argument("--prompts", type=str, default="pickapic_v2",
@@ -497,22 +498,24 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 def classify_part(part):
     """What one piece of a method spec is: ("lora" | "network" | "hub", ref).
 
-    A local folder is a LoRA if it holds pytorch_lora_weights.safetensors (what
-    our trainers and diffusers' save_lora_weights write) and a network if it
-    holds config.json (at its root or in unet/ or transformer/). A hub id is
-    resolved when loaded: tried as a LoRA first, then as a network."""
+    A local folder is a LoRA if it holds one in a published format
+    (common.find_lora: diffusers' pytorch_lora_weights.safetensors, or a PEFT
+    adapter folder, at its root or in a subfolder such as the authors'
+    lora/learner/) and a network if it holds config.json (at its root or in
+    unet/ or transformer/). A hub id is resolved when loaded: tried as a LoRA
+    first, then as a network."""
     path = Path(part).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
             raise UserError(f"'{part}' is a file but not a .safetensors LoRA")
         return "lora", str(path)
     if path.is_dir():
-        if (path / "pytorch_lora_weights.safetensors").is_file():
+        if common.find_lora(common.lora_files(path), part):
             return "lora", str(path)
         if any((path / sub / "config.json").is_file() for sub in (".", "unet", "transformer")):
             return "network", str(path)
-        raise UserError(f"'{part}' is a folder with neither pytorch_lora_weights.safetensors (a LoRA) nor "
-                        "config.json (a UNet/transformer)")
+        raise UserError(f"'{part}' is a folder with neither a LoRA ({common.DIFFUSERS_LORA} or a PEFT "
+                        f"{common.PEFT_CONFIG} + {common.PEFT_WEIGHTS}) nor config.json (a UNet/transformer)")
     if HUB_ID.fullmatch(part):
         return "hub", part
     raise UserError(f"'{part}' is neither an existing file or folder nor a hub id (owner/name)")
@@ -555,7 +558,8 @@ def hub_kind(repo_id):
         files = set(list_repo_files(repo_id))
     except Exception:
         return None
-    if any(f.endswith(".safetensors") and "lora" in f.lower() and "/" not in f for f in files):
+    if any(f.rsplit("/", 1)[-1] in (common.PEFT_CONFIG, common.DIFFUSERS_LORA) or
+           (f.endswith(".safetensors") and "lora" in f.lower() and "/" not in f) for f in files):
         return "lora"
     if files & {"config.json", "unet/config.json", "transformer/config.json"}:
         return "network"
@@ -1078,18 +1082,60 @@ class DeQAMetric:
         return [float(v) for v in torch.as_tensor(self.model.score(images)).float().flatten()]
 
 
+# OneIG-Benchmark's layout (github.com/OneIG-Bench/OneIG-Benchmark, commit
+# 41b49831e79e6dde5323618c164da1c4cf0f699d): the prompts in OneIG-Bench.csv at
+# the clone's root (category,id,prompt_en,type,prompt_length,class), the
+# stylization ones in category Anime_Stylization (ids 000-244); the style of
+# each id in scripts/style/style.csv (,id,class), empty for the ids its style
+# scorer skips (scripts/style/style_score.py).
+ONEIG_PROMPTS, ONEIG_STYLES, ONEIG_STYLE_CATEGORY = "OneIG-Bench.csv", "scripts/style/style.csv", "Anime_Stylization"
+
+
+def read_csv_columns(path, columns):
+    """The rows of a CSV as dicts; a missing file or column is one error naming both."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ScorerUnavailable(f"cannot read {path} ({_first_line(err)}); needs its column(s) "
+                                f"{', '.join(columns)}") from None
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ScorerUnavailable(f"{path} lacks the column(s) {', '.join(missing)} (has: {', '.join(header)})")
+    return rows
+
+
+def oneig_style_classes(root):
+    """{prompt: style} of OneIG-Bench's stylization prompts, as its
+    style_score.py names the styles ("Line Art" -> "line_art"): the
+    Anime_Stylization rows of OneIG-Bench.csv joined on id with
+    scripts/style/style.csv's class; prompts without a class are left out."""
+    root = Path(root)
+    prompts = read_csv_columns(root / ONEIG_PROMPTS, ["category", "id", "prompt_en"])
+    classes = read_csv_columns(root / ONEIG_STYLES, ["id", "class"])
+    style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_") for row in classes
+                   if (row["class"] or "").strip() not in ("", "nan")}
+    return {(row["prompt_en"] or "").strip(): style_of_id[row["id"].strip()] for row in prompts
+            if row["category"] == ONEIG_STYLE_CATEGORY and row["id"].strip() in style_of_id}
+
+
 class StylizationMetric:
     """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score, computed by
     OneIG-Bench's own style evaluator, imported from a clone of its
     repository (--oneig_dir), in its own Python environment (run
     `evaluate.py score --metrics stylization` there, as for HPSv3).
 
-    Images must come from OneIG-Bench's style prompts: the style class of
-    each prompt is read from the clone's scripts/style/style.csv. Per image,
-    as OneIG-Bench's style_score does: the image's CSD and OneIG style
+    Images must come from OneIG-Bench's stylization prompts; each prompt's
+    style class is read from the clone (oneig_style_classes). Per image, as
+    OneIG-Bench's style_score does: the image's CSD and OneIG style
     embeddings are compared (dot product) with the reference embeddings of
     its class, and the score is the mean of the two best matches, each
-    clipped at 0. A prompt without a style class gets no score (missing)."""
+    clipped at 0. A prompt without a style class gets no score (missing), as
+    style_score.py skips it. style_score.py averages a prompt's images, then
+    the prompts: with the same number of seeds for every prompt, that is the
+    mean over images that results.json reports."""
 
     wants_paths = True  # the style encoders read image files themselves
 
@@ -1099,6 +1145,7 @@ class StylizationMetric:
                                     "style models, in OneIG-Bench's environment (README: Metric environments)")
         root = Path(args.oneig_dir).resolve()
         style_dir = root / "scripts" / "style"
+        self.style_of = oneig_style_classes(root)  # the CSV files first: a wrong clone says so at once
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))  # its modules import each other as scripts.*
         try:
@@ -1108,17 +1155,9 @@ class StylizationMetric:
             self.se = SEStyleEmbedding(pretrained_path="xingpng/OneIG-StyleEncoder")
             self.csd_ref = torch.load(style_dir / "CSD_embed.pt", weights_only=False)
             self.se_ref = torch.load(style_dir / "SE_embed.pt", weights_only=False)
-            with open(style_dir / "style.csv", newline="", encoding="utf-8") as f:
-                table = list(csv.DictReader(f))
         except Exception as err:
             raise ScorerUnavailable(f"OneIG-Bench's style evaluator did not load from {root} ({_first_line(err)}); "
                                     "install its requirements and models as its README says") from None
-        column = next((c for c in ("prompt_en", "prompt") if table and c in table[0]), None)
-        if column is None or "class" not in table[0]:
-            raise ScorerUnavailable(f"{style_dir / 'style.csv'} lacks a prompt or a class column")
-        # the class as style_score.py spells it ("Line Art" -> "line_art")
-        self.style_of = {row[column].strip(): row["class"].strip().lower().replace(" ", "_")
-                         for row in table if row.get("class", "").strip() not in ("", "nan")}
 
     @torch.no_grad()
     def __call__(self, paths, prompts):

@@ -196,23 +196,36 @@ def test_filters_on_a_hand_made_table():
 
 def test_input_listers(tmp_path):
     PartialState()  # accelerate's logger needs the state
-    # HPDv3: only real_images sides, uid = stem, duplicates dropped
+    # HPDv3: only real_images sides, uid = stem, duplicates dropped. all.json as
+    # MizzenAI/HPSv3's README ("Pairwise Training Data Format") documents it: a
+    # list of comparisons {prompt, choice_dist, confidence, path1, path2, model1,
+    # model2}, path1 the preferred image, paths relative to the dataset root
+    # ("images/<uuid>.jpg"), choice_dist / confidence null for the Midjourney and
+    # curated-HPDv2 pairs; real photographs are the sides whose model is
+    # "real_images" (Cwyxx/RealAlign, data_curation/extract/hpdv3.py, commit
+    # 158ce2826b51566f58131235911e313a9313c91c).
     root = tmp_path / "hpdv3"
     root.mkdir()
+
+    def comparison(prompt, path1, model1, path2, model2, votes=(12, 7), confidence=0.9999907):
+        return {"prompt": prompt, "choice_dist": list(votes) if votes else None, "confidence": confidence,
+                "path1": path1, "path2": path2, "model1": model1, "model2": model2}
+
     entries = [
-        {"prompt": "a dog", "path1": "images/real_images/dog.jpg", "model1": "real_images",
-         "path2": "images/sdxl/x.jpg", "model2": "sdxl"},
-        {"prompt": "a dog", "path1": "images/flux/y.jpg", "model1": "flux",
-         "path2": "images/real_images/dog.jpg", "model2": "real_images"},
-        {"prompt": "a cat", "path1": "images/kolors/z.jpg", "model1": "kolors",
-         "path2": "images/real_images/cat.jpg", "model2": "real_images"},
-        {"prompt": "", "path1": "images/real_images/nocap.jpg", "model1": "real_images",
-         "path2": "images/sdxl/w.jpg", "model2": "sdxl"},
+        comparison("a dog", "images/3f2a9c1e-dog.jpg", "real_images", "images/8b7e2d40-x.jpg", "sdxl"),
+        comparison("a dog", "images/c0ffee00-y.jpg", "flux", "images/3f2a9c1e-dog.jpg", "real_images"),
+        comparison("a cat", "images/1a2b3c4d-z.jpg", "kolors", "images/9e8d7c6b-cat.jpg", "real_images",
+                   votes=(3, 1), confidence=0.71),
+        comparison("", "images/5a5a5a5a-nocap.jpg", "real_images", "images/6b6b6b6b-w.jpg", "sdxl"),
+        comparison("a castle", "images/7c7c7c7c-mj1.jpg", "midjourney", "images/8d8d8d8d-mj2.jpg", "midjourney",
+                   votes=None, confidence=None),
+        comparison("a tree", "images/9f9f9f9f-h1.jpg", "hpdv2", "images/0e0e0e0e-h2.jpg", "hpdv2",
+                   votes=None, confidence=None),
     ]
-    (root / "all.json").write_text(json.dumps(entries))
+    (root / "all.json").write_text(json.dumps(entries, indent=4))
     candidates, counts = curate.list_real_images(root, tmp_path / "out")
-    assert [(c["uid"], c["prompt"]) for c in candidates] == [("cat", "a cat"), ("dog", "a dog")]
-    assert candidates[1]["source_image"] == str(root / "images/real_images/dog.jpg")
+    assert [(c["uid"], c["prompt"]) for c in candidates] == [("3f2a9c1e-dog", "a dog"), ("9e8d7c6b-cat", "a cat")]
+    assert candidates[0]["source_image"] == str(root / "images/3f2a9c1e-dog.jpg")
     assert counts == {"input_kind": "HPDv3", "listed": 4, "missing_caption": 1, "duplicate_uid": 1}
 
     # CSV: paths relative to the CSV, uid optional

@@ -172,7 +172,9 @@ def test_push_to_hub_uploads_the_final_checkpoint(stage1, tiny_models, pairs, tm
     # checkpoint 1 deleted; 2 kept as the final one; the newest two kept
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     uploaded = hub / "me" / "realalign-test"
-    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "grid.png", "pytorch_lora_weights.safetensors"]
+    assert sorted(p.relative_to(uploaded).as_posix() for p in uploaded.rglob("*") if p.is_file()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "grid.png", "lora/learner/adapter_config.json",
+        "lora/learner/adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
     assert (uploaded / "pytorch_lora_weights.safetensors").read_bytes() == \
         (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").read_bytes()
     assert (uploaded / "grid.png").read_bytes() == (out / "checkpoint-2" / "grid.png").read_bytes()

@@ -231,10 +231,26 @@ def test_deqa_is_loaded_as_the_public_code_loads_it(monkeypatch):
     assert seen["revision"] == "main" and seen["dtype"] == torch.float16
 
 
-def make_fake_oneig(root):
-    """A stand-in for a OneIG-Benchmark clone: its style evaluator's module
-    (scripts/utils/inference.py) with encoders that embed an image by its
-    normalised mean colour, reference embeddings per style, and style.csv."""
+# The stylization prompts of the fixture: (category, id, prompt_en, class in style.csv)
+ONEIG_ROWS = [("Anime_Stylization", "000", "1girl, solo, anime, looking at viewer, short hair", ""),
+              ("Anime_Stylization", "001", "A cat on a windowsill, drawn in line art", "Line Art"),
+              ("Portrait", "001", "A portrait of a man in a studio", None)]  # ids restart per category
+
+
+@pytest.fixture
+def oneig_clone(tmp_path):
+    """A OneIG-Benchmark clone in its published layout (github.com/OneIG-Bench/
+    OneIG-Benchmark, commit 41b49831e79e6dde5323618c164da1c4cf0f699d), written
+    with csv: OneIG-Bench.csv at the root, header
+    `category,id,prompt_en,type,prompt_length,class` with CRLF line ends as
+    there; scripts/style/style.csv, header `,id,class` (pandas' unnamed index
+    first), an empty class for the ids its style_score.py skips; the
+    reference embeddings per style, scripts/style/CSD_embed.pt and SE_embed.pt
+    (torch.save). Only its style encoders (scripts/utils/inference.py) are
+    stand-ins: they embed an image by its normalised mean colour (SE: negated)."""
+    import csv
+
+    root = tmp_path / "OneIG-Benchmark"
     (root / "scripts" / "utils").mkdir(parents=True)
     (root / "scripts" / "style").mkdir(parents=True)
     (root / "scripts" / "utils" / "inference.py").write_text(
@@ -250,30 +266,82 @@ def make_fake_oneig(root):
     reference = {"line_art": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])}
     torch.save(reference, root / "scripts" / "style" / "CSD_embed.pt")
     torch.save({"line_art": -reference["line_art"]}, root / "scripts" / "style" / "SE_embed.pt")
-    (root / "scripts" / "style" / "style.csv").write_text(
-        "id,class,prompt_en\n000,Line Art,a cat in line art\n001,,a plain photo\n")
+    with open(root / "OneIG-Bench.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)  # csv's default line end is CRLF, OneIG-Bench.csv's
+        writer.writerow(["category", "id", "prompt_en", "type", "prompt_length", "class"])
+        for category, id_, prompt, style in ONEIG_ROWS:
+            writer.writerow([category, id_, prompt, "T, P" if category == "Anime_Stylization" else "NP", "short",
+                             style or ""])
+    with open(root / "scripts" / "style" / "style.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["", "id", "class"])
+        for index, (category, id_, _, style) in enumerate(r for r in ONEIG_ROWS if r[0] == "Anime_Stylization"):
+            writer.writerow([index, id_, style])
+    yield root
+    if str(root.resolve()) in sys.path:  # StylizationMetric put it there to import the encoders
+        sys.path.remove(str(root.resolve()))
+    for module in ("scripts.utils.inference", "scripts.utils", "scripts"):
+        sys.modules.pop(module, None)
 
 
-def test_stylization_runs_oneig_benchs_style_evaluator(tmp_path):
+def test_stylization_runs_oneig_benchs_style_evaluator(oneig_clone, tmp_path):
     # without a OneIG-Bench clone the metric reports how to get it
     with pytest.raises(evaluate.ScorerUnavailable, match="needs --oneig_dir"):
         evaluate.StylizationMetric(evaluate.parse_args([]), "cpu")
-    make_fake_oneig(tmp_path / "oneig")
-    metric = evaluate.StylizationMetric(evaluate.parse_args(["--oneig_dir", str(tmp_path / "oneig")]), "cpu")
+    metric = evaluate.StylizationMetric(evaluate.parse_args(["--oneig_dir", str(oneig_clone)]), "cpu")
     paths = []
     for i, colour in enumerate([(200, 100, 0), (0, 0, 255)]):
         paths.append(tmp_path / f"{i}.png")
         Image.new("RGB", (8, 8), colour).save(paths[-1])
-    scores = metric(paths + paths[:1], ["a cat in line art", "a cat in line art", "a plain photo"])
+    prompts = [row[2] for row in ONEIG_ROWS]
+    scores = metric(paths + paths[:1] * 2, [prompts[1], prompts[1], prompts[0], prompts[2]])
     # image 0: unit mean colour (0.894, 0.447, 0): best CSD match 0.894, the
     # SE embedding is its negative and matches the negated references alike;
-    # image 1 (pure blue) matches neither reference: 0; no style class: None
+    # image 1 (pure blue) matches neither reference: 0. No style class (id
+    # 000), and the Portrait row that shares id 001: None
     assert scores[0] == pytest.approx(200 / np.hypot(200, 100), abs=1e-6)
-    assert scores[1] == 0.0 and scores[2] is None
-    sys.path.remove(str((tmp_path / "oneig").resolve()))
-    sys.modules.pop("scripts.utils.inference", None)
-    sys.modules.pop("scripts.utils", None)
-    sys.modules.pop("scripts", None)
+    assert scores[1:] == [0.0, None, None]
+
+
+def test_a_oneig_clone_without_a_needed_column_is_one_clear_error(oneig_clone):
+    args = evaluate.parse_args(["--oneig_dir", str(oneig_clone)])
+    style_csv = oneig_clone / "scripts" / "style" / "style.csv"
+    style_csv.write_text(",id,style\n0,000,\n")
+    with pytest.raises(evaluate.ScorerUnavailable, match=r"style\.csv lacks the column\(s\) class"):
+        evaluate.StylizationMetric(args, "cpu")
+    style_csv.unlink()
+    with pytest.raises(evaluate.ScorerUnavailable, match=r"cannot read .*style\.csv .*columns?\(s\) id, class"):
+        evaluate.StylizationMetric(args, "cpu")
+    (oneig_clone / "OneIG-Bench.csv").write_text("category,id,prompt\r\n")
+    with pytest.raises(evaluate.ScorerUnavailable, match=r"OneIG-Bench\.csv lacks the column\(s\) prompt_en"):
+        evaluate.StylizationMetric(args, "cpu")
+
+
+def test_figure2b_is_drawn_from_a_oneig_clone(oneig_clone, tmp_path):
+    """Paper Fig. 2 (b): two methods' images of OneIG's stylization prompts,
+    scored by `evaluate.py score --metrics stylization --oneig_dir CLONE`,
+    then the panel drawn from that folder's stylization means."""
+    folder = tmp_path / "oneig-images"
+    colours = {"base": (200, 100, 0), "realalign": (255, 0, 0)}
+    for method, colour in colours.items():
+        (folder / method / "seed_42").mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), colour).save(folder / method / "seed_42" / f"{index:05d}.png")
+    prompts = tmp_path / "oneig-prompts.txt"
+    prompts.write_text(ONEIG_ROWS[1][2] + "\n" + ONEIG_ROWS[0][2] + "\n")  # line art; no style class
+    evaluate.main(["score", "--images", str(folder), "--prompts", str(prompts), "--metrics", "stylization",
+                   "--oneig_dir", str(oneig_clone)])
+    report = json.loads((folder / "results.json").read_text())
+    names = [m["name"] for m in report["methods"]]
+    stylization = evaluate.stylization_means(report["results"], names)
+    # per image (CSD + SE) / 2 of the best matches: orange 0.894, red 1.0; the
+    # second prompt has no style class and is left out, as style_score.py skips it
+    assert stylization == {"base": pytest.approx(200 / np.hypot(200, 100), abs=1e-6), "realalign": 1.0}
+    assert report["results"]["base"]["stylization"]["missing"] == 1
+    panel = {**report, "results": {}, "human_preference": {"base": 0.0, "realalign": 1.0},
+             "stylization": stylization}
+    assert evaluate.draw_figure2(panel, tmp_path / "figure2.png")
+    assert Image.open(tmp_path / "figure2.png").size[0] > 0
 
 
 def test_aesthetic_and_clip_score_on_tiny_clip(tiny_models, aesthetic_weights):
@@ -475,7 +543,7 @@ def test_method_specs(tiny_models, lora_dir, tmp_path):
         "=": "the name must be",
         "my model=": "the name must be",
         f"ours={tmp_path / 'missing'}": "neither an existing file or folder nor a hub id",
-        f"ours={tmp_path / 'empty'}": "neither pytorch_lora_weights.safetensors",
+        f"ours={tmp_path / 'empty'}": "neither a LoRA",
         f"ours={lora_dir}+{tiny_models['sd15']}": "can only come first",
     }
     for text, message in bad.items():

@@ -94,10 +94,19 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     rows = ROWS[backbone] + ([] if backbone == "sd15" else EXTRA_ROWS[backbone])
     results = check_table(out, rows)
     assert (out / "eval" / "figure2.png").is_file() and (out / "eval" / "grid.png").is_file()
+    # the released rows ran on stand-ins in their publishers' layouts, not ours
+    # (tests/tiny_models.py build_tiny_released): Flow-GRPO's PEFT folder, the
+    # authors' lora/learner/ checkpoint and SD-1.5 file, Diffusion-DPO's unet/
+    released = out / "tiny-models" / "released"
+    assert sorted(p.relative_to(released).as_posix() for p in released.rglob("*") if p.suffix != ".md"
+                  and p.is_file()) == [
+        "dpo-unet-sd15/unet/config.json", "dpo-unet-sd15/unet/diffusion_pytorch_model.safetensors",
+        "flowgrpo-lora-sd3/adapter_config.json", "flowgrpo-lora-sd3/adapter_model.safetensors",
+        "realalign-lora-sd15/pytorch_lora_weights.safetensors", "realalign-lora-sd3/lora/learner/adapter_config.json",
+        "realalign-lora-sd3/lora/learner/adapter_model.safetensors"]
     # the "+ RealAlign" stages start from the baseline: SD-3.5-M continues
     # the stand-in Flow-GRPO LoRA in Stage 1 and Stage 1's LoRA in Stage 2
     if backbone == "sd35m":
-        released = out / "tiny-models" / "released"
         args1 = json.loads((out / "complementarity" / "stage1" / "args.json").read_text())
         args2 = json.loads((out / "complementarity" / "stage2" / "args.json").read_text())
         assert args1["init_lora"] == str(released / "flowgrpo-lora-sd3")

@@ -455,9 +455,10 @@ def test_state_loads_with_weights_only_and_files_follow_the_umask(tiny_models, d
     for name in ("training_state.pt", "rng_rank0.pt"):  # no pickle: a shared folder cannot run code
         torch.load(tmp_path / "state" / name, weights_only=True)
     for path in [tmp_path / "args.json", tmp_path / "state" / "training_state.pt",
-                 tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors"]:
+                 tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors",
+                 tmp_path / "checkpoint-2" / "lora" / "learner" / "adapter_model.safetensors"]:
         assert path.stat().st_mode & 0o777 == 0o644, path
-    for path in (tmp_path / "state", tmp_path / "checkpoint-2"):
+    for path in (tmp_path / "state", tmp_path / "checkpoint-2", tmp_path / "checkpoint-2" / "lora" / "learner"):
         assert path.stat().st_mode & 0o777 == 0o755, path
 
 

@@ -22,6 +22,7 @@ puts the repository root on sys.path itself, for common.py.
 """
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -32,8 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: common.py
-from common import (LEARNER, Backbone, load_pipeline, lora_state_dict, replace_dir,  # noqa: E402
-                    role_parameters, save_lora_checkpoint, setup_lora_roles)
+from common import LEARNER, LORA_TARGETS, replace_dir  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Tiny random-weight models
@@ -183,32 +183,81 @@ def build_tiny_models(root, kinds=TINY_MODELS):
 
 def build_tiny_released(root):
     """Offline stand-ins for the released weights of paper Table 1's rows,
-    made from the tiny models under `root` (build_tiny_models first): a
-    perturbed SD-1.5 UNet (Diffusion-DPO's released UNet) and random LoRAs
-    (Flow-GRPO's SD-3.5-M LoRA, the authors' RealAlign LoRAs). Seeded;
-    built once. Returns {name: path}."""
+    made from the tiny models under `root` (build_tiny_models first), each
+    written by the library and in the layout its publisher uses:
+
+    - dpo-unet-sd15: Diffusion-DPO's SD-1.5 UNet, a perturbed tiny UNet saved
+      with diffusers' save_pretrained in unet/, as mhdang/dpo-sd1.5-text2image-v1
+      publishes it (its model card loads
+      `UNet2DConditionModel.from_pretrained(id, subfolder="unet")`);
+    - flowgrpo-lora-sd3: Flow-GRPO's SD-3.5-M LoRA, a PEFT adapter folder
+      written by PeftModel.save_pretrained with flow_grpo's LoraConfig (r 32,
+      alpha 64, the 8 attn. targets), as jieliu/SD3.5M-FlowGRPO-PickScore is
+      (yifan123/flow_grpo, scripts/train_sd3.py, commit
+      ac4c86e8cae021841f1fde853d340e0db67690dd);
+    - realalign-lora-sd3: the authors' SD-3.5-M LoRA as their trainer saves a
+      checkpoint, a PeftModel with adapters learner and ref saved with
+      selected_adapters=["learner"] into lora/, hence lora/learner/
+      (Cwyxx/RealAlign, training_sd35m/scripts/train-sd-3-5-medium-irl.py,
+      commit 158ce2826b51566f58131235911e313a9313c91c);
+    - realalign-lora-sd15: the authors' SD-1.5 LoRA as their trainer saves it,
+      StableDiffusionPipeline.save_lora_weights of get_peft_model_state_dict
+      (pytorch_lora_weights.safetensors, rank = alpha, no adapter metadata;
+      training_sd15/stage2_dpo/train-lora_init.py, same commit). Where the
+      released Xixixixihahahaha/RealAlign-SD-1.5 keeps that file is not
+      documented: the loaders accept it at the root or in a subfolder.
+
+    LoRA weights are random (A and B), so each changes the network's output.
+    Seeded; built once. Returns {name: path}."""
+    from diffusers import SD3Transformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
     root = Path(root)
     out = root / "released"
-    paths = {"dpo-unet-sd15": out / "dpo-unet-sd15", "realalign-lora-sd15": out / "realalign-lora-sd15",
-             "flowgrpo-lora-sd3": out / "flowgrpo-lora-sd3", "realalign-lora-sd3": out / "realalign-lora-sd3"}
+    names = ("dpo-unet-sd15", "realalign-lora-sd15", "flowgrpo-lora-sd3", "realalign-lora-sd3")
+    paths = {name: out / name for name in names}
     generator = torch.Generator().manual_seed(1)
-    if not paths["dpo-unet-sd15"].exists():
-        from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)  # peft draws the LoRA A matrices from the global RNG
 
-        unet = UNet2DConditionModel.from_pretrained(root / "tiny-sd15", subfolder="unet")
+    def perturb(params, scale):
         with torch.no_grad():
-            for param in unet.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-        unet.save_pretrained(paths["dpo-unet-sd15"])
-    for name in ("realalign-lora-sd15", "flowgrpo-lora-sd3", "realalign-lora-sd3"):
+            for param in params:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+    def lora_params(model):
+        return [param for name, param in model.named_parameters() if "lora_" in name]
+
+    # flow_grpo's and the authors' SD-3.5-M LoraConfig
+    sd3_config = LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian", target_modules=LORA_TARGETS["sd3"])
+    for name in names:
         if paths[name].exists():
             continue
-        backbone = Backbone(load_pipeline(str(root / f"tiny-{name.rsplit('-', 1)[1]}")), "cpu")
-        config = setup_lora_roles(backbone, [LEARNER], rank=4, alpha=4)
-        with torch.no_grad():  # B = 0 after set-up: give the LoRA an effect
-            for param in role_parameters(backbone.net, LEARNER):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-        save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER), config, paths[name])
+        tmp = paths[name].with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if name.endswith("sd3"):
+            transformer = SD3Transformer2DModel.from_pretrained(root / "tiny-sd3", subfolder="transformer")
+        else:
+            unet = UNet2DConditionModel.from_pretrained(root / "tiny-sd15", subfolder="unet")
+        if name == "dpo-unet-sd15":
+            perturb(unet.parameters(), 0.02)
+            unet.save_pretrained(tmp / "unet")
+        elif name == "realalign-lora-sd15":
+            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                        target_modules=LORA_TARGETS["sd15"]))
+            perturb(lora_params(unet), 0.1)
+            StableDiffusionPipeline.save_lora_weights(save_directory=tmp,
+                                                      unet_lora_layers=get_peft_model_state_dict(unet))
+        elif name == "flowgrpo-lora-sd3":
+            model = get_peft_model(transformer, copy.deepcopy(sd3_config))
+            perturb(lora_params(model), 0.1)
+            model.save_pretrained(tmp)
+        else:
+            model = get_peft_model(transformer, copy.deepcopy(sd3_config), adapter_name=LEARNER)
+            model.add_adapter("ref", copy.deepcopy(sd3_config))
+            perturb(lora_params(model), 0.1)
+            model.save_pretrained(tmp / "lora", selected_adapters=[LEARNER])
+        replace_dir(tmp, paths[name])
     return {name: str(path) for name, path in paths.items()}
 
 
