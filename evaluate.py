@@ -100,15 +100,14 @@ METRIC_DECIMALS = {"laplacian": 0, "sgp": 3, "stylization": 3}
 HIGHER_IS_BETTER = {metric: True for metric in ALL_METRICS}
 
 # The prompt sets of paper Table 1. By default they are the authors' own
-# files, fetched by plain URL from their GitHub repository at a pinned commit
-# (as the aesthetic weights are), so the prompts are exactly the paper's:
-# one prompt per line, read with line.strip() (inner whitespace kept as
-# written: 13 of the 500 Pick-a-Pic prompts hold double spaces, which T5 and
-# UnifiedReward see). The commit is given by its short hash (the full one
-# could not be looked up without network): if the download is refused,
-# put the full hash here. A fetched file must hold the stated number of
+# files, fetched by plain URL from their GitHub repository at the pinned
+# commit (as the aesthetic weights are), so the prompts are exactly the
+# paper's: one prompt per line, read with line.strip() (inner whitespace kept
+# as written: 13 of the 500 Pick-a-Pic prompts hold double spaces, which T5
+# and UnifiedReward see). A fetched file must hold the stated number of
 # prompts, else the set is refused (a moved or edited file).
-AUTHORS_REPO = "https://raw.githubusercontent.com/Cwyxx/RealAlign/158ce28"
+AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
+AUTHORS_REPO = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
 AUTHORS_PROMPT_FILES = {
     # name: (path in the authors' repository, number of prompts)
     "pickapic_v2": ("training_sd35m/dataset/pick_a_pic_v2/test.txt", 500),
@@ -124,57 +123,67 @@ PROMPT_SETS = {
     "drawbench": "shunk031/DrawBench, parquet conversion, column prompts (200 unique prompts; needs pyarrow)",
     "hpdv2": "zhwang/HPDv2, benchmark/{anime,concept-art,paintings,photo}.json (3200 prompts)",
 }
-# The prompts of the paper's qualitative panels, shipped in prompts/NAME.txt
-# (one prompt per line, in the order the figure's caption lists them).
-FIGURE_PROMPT_SETS = {"figure6": "paper Fig. 6 (SD-1.5)", "figure7": "paper Fig. 7 (SD-3.5-M)"}
+# The prompts of the paper's qualitative panels, top to bottom as the figure
+# captions list them (paper Fig. 6, SD-1.5; paper Fig. 7, SD-3.5-M).
+FIGURE_PROMPT_SETS = {
+    "figure6": ["a plant",
+                "a woman sitting on a table drinking coffee, long shot, wide shot, highly detailed, intricate, "
+                "professional photography, RAW color, night shot, bokeh, sharp focus, taken with EOS 5D, UHD 8K",
+                "a corgi's head"],
+    "figure7": ["a fire hydrant", "a person", "Anime illustration of Gundam mech suit on Pixiv"],
+}
 
 AESTHETIC_WEIGHTS_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
 )
 
-# Our own wording of the UnifiedReward point-score question: it asks for the
-# two criteria of the model's image-generation scoring task (prompt alignment
-# and visual quality) and for the "Final Score: x" line that the parser reads.
-# It is NOT the authors' question: for numbers comparable with paper Table 1,
-# copy the question template of their repository (Cwyxx/RealAlign,
-# training_sd35m/flow_grpo/rewards.py) into a text file with a {prompt}
-# placeholder and pass it as --unifiedreward_question. results.md names the
-# question used.
-UNIFIEDREWARD_QUESTION = (
-    "You are shown an image that a text-to-image model generated from the caption below. Rate the image on two "
-    "criteria: how faithfully it depicts the caption, and its overall visual quality (realism, detail, absence of "
-    "artifacts). Explain your judgement briefly, then end with one line of the form 'Final Score: x', where x is "
-    "a number from 1 to 5.\nCaption: {prompt}"
-)
+# The UnifiedReward question is the authors' instrument, so it is not copied
+# here: by default it is read at run time from their repository at the pinned
+# commit, the string literal `prompt_template` of `unifiedreward_score` in
+# this file (a template with a {prompt} placeholder), and cached in
+# --cache_dir. results.md names the question used.
+AUTHORS_REWARDS_FILE = "training_sd35m/flow_grpo/rewards.py"
 
-# The paper's numbers, the one copy in this repository: paper Table 1 (mean
-# over prompts and seeds, PickScore raw) and the points of paper Fig. 2 (a)
-# (texture detail = Laplacian variance, realism = SGP-PickScore; SD-1.5
-# only; the caption does not name the prompts, taken here as Table 1's).
-# Keyed by (backbone, prompt set), then by the method names run_all.sh uses.
-# results.md shows them beside a run's numbers only for these combinations
-# (the full prompt set, a method of that name); a method evaluated under
-# another name or on other prompts gets no paper value.
+# The paper's numbers, the one copy in this repository: paper Table 1 (PickScore
+# raw), and the raw values of paper Fig. 2 from the authors' figure notebooks
+# (Cwyxx/RealAlign at AUTHORS_COMMIT, notebook/figures/): laplacian and sgp from
+# detail_vs_realism/sd15_detail_vs_realism.ipynb; stylization (OneIG-Bench's, on
+# its own prompts) from human_preference_vs_stylization/*.ipynb. Rows without
+# Table 1 values are there because Fig. 2 normalises over them. Keyed by
+# (backbone, prompt set), then by run_all.sh's method names; results.md shows
+# them only for the full prompt set and a method of that name.
 PAPER_RESULTS = {
     ("sd15", "pickapic_v2"): {
         "base": dict(pickscore=20.65, imagereward=0.16, unifiedreward=2.92, hpsv3=5.98, deqa=3.70, aesthetic=5.48,
-                     laplacian=1832, sgp=-0.041),
+                     laplacian=1832.336, sgp=-0.041),
         "diffusion_dpo": dict(pickscore=21.03, imagereward=0.33, unifiedreward=3.03, hpsv3=6.80, deqa=3.78,
-                              aesthetic=5.59, laplacian=1552, sgp=-0.075),
+                              aesthetic=5.59, laplacian=1552.312, sgp=-0.075),
         "realalign": dict(pickscore=21.04, imagereward=0.38, unifiedreward=3.06, hpsv3=7.33, deqa=3.96,
-                          aesthetic=5.64, laplacian=2354, sgp=-0.009),
+                          aesthetic=5.64, laplacian=2353.761, sgp=-0.009),
         "diffusion_dpo_realalign": dict(pickscore=21.19, imagereward=0.42, unifiedreward=3.08, hpsv3=7.50,
-                                        deqa=3.95, aesthetic=5.65),
+                                        deqa=3.95, aesthetic=5.65, laplacian=2345.722, sgp=-0.011),
+        "diffusion_kto": dict(laplacian=1580.512, sgp=-0.221),
+        "inpo": dict(laplacian=1255.905, sgp=-0.253),
     },
     ("sd3", "drawbench"): {
-        "base": dict(pickscore=22.42, imagereward=0.79, unifiedreward=3.30, hpsv3=10.03, deqa=4.09, aesthetic=5.44),
+        "base": dict(pickscore=22.42, imagereward=0.79, unifiedreward=3.30, hpsv3=10.03, deqa=4.09, aesthetic=5.44,
+                     stylization=0.357),
         "flow_grpo": dict(pickscore=23.56, imagereward=1.26, unifiedreward=3.59, hpsv3=12.63, deqa=4.18,
-                          aesthetic=5.94),
+                          aesthetic=5.94, stylization=0.260),
         "realalign": dict(pickscore=22.80, imagereward=1.08, unifiedreward=3.46, hpsv3=12.77, deqa=4.26,
-                          aesthetic=5.55),
+                          aesthetic=5.55, stylization=0.305),
         "flow_grpo_realalign": dict(pickscore=23.63, imagereward=1.30, unifiedreward=3.60, hpsv3=13.30, deqa=4.21,
-                                    aesthetic=5.99),
+                                    aesthetic=5.99, stylization=0.273),
+        "grpo_guard": dict(unifiedreward=3.64, hpsv3=12.51, stylization=0.241),
+        "diffusion_nft": dict(unifiedreward=3.68, hpsv3=12.47, stylization=0.175),
     },
+}
+# The six methods each panel of paper Fig. 2 is min-max normalised over (the notebooks above).
+PAPER_FIGURE2_METHODS = {
+    "a": ("sd15", "pickapic_v2", ["base", "diffusion_dpo", "diffusion_kto", "inpo", "realalign",
+                                  "diffusion_dpo_realalign"]),
+    "b": ("sd3", "drawbench", ["base", "flow_grpo", "grpo_guard", "diffusion_nft", "realalign",
+                               "flow_grpo_realalign"]),
 }
 # The authors' released RealAlign LoRAs are the paper's RealAlign row.
 PAPER_ROW_ALIASES = {"realalign_released": "realalign"}
@@ -196,10 +205,15 @@ def add_scoring_args(parser):
         "--metrics", type=str, default=DEFAULT_METRICS,
         help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.",
     )
-    parser.add_argument("--score_batch_size", type=int, default=16, help="Images per scorer call.")
+    parser.add_argument("--score_batch_size", type=int, default=16,
+                        help="Images per scorer call, except HPSv3 and UnifiedReward (--vlm_batch_size).")
+    parser.add_argument("--vlm_batch_size", type=int, default=1,
+                        help="Images per HPSv3 / UnifiedReward call. 1 is the public evaluation's: batching pads "
+                             "the prompts, which can change a greedy answer.")
     parser.add_argument(
         "--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
-        help="Where fetched prompt sets and downloaded scorer weights (the aesthetic MLP) are kept.",
+        help="Where fetched prompt sets, the authors' UnifiedReward question and downloaded scorer weights (the "
+             "aesthetic MLP) are kept.",
     )
     # PickScore and the realism gap (README 'Method: data'; README 'Method: evaluation')
     parser.add_argument("--pickscore_model", type=str, default="yuvalkirstain/PickScore_v1",
@@ -223,7 +237,8 @@ def add_scoring_args(parser):
                         help="UnifiedReward model (a Qwen2.5-VL checkpoint).")
     parser.add_argument("--unifiedreward_question", type=str, default=None,
                         help="Text file with the question to ask UnifiedReward ({prompt} is replaced by the prompt); "
-                             "default: this script's own wording. The answer must end with 'Final Score: x'.")
+                             f"default: the authors' template, read from {AUTHORS_REWARDS_FILE} of their repository "
+                             "at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
     parser.add_argument("--unifiedreward_max_new_tokens", type=int, default=512,
                         help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
     parser.add_argument("--deqa_model", type=str, default="zhiyuanyou/DeQA-Score-Mix3",
@@ -239,6 +254,9 @@ def add_scoring_args(parser):
     parser.add_argument("--stylization_results", type=str, default=None,
                         help="results.json of another evaluation folder that holds the 'stylization' metric for "
                              "the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
+    parser.add_argument("--note", type=str, default=None,
+                        help="A line printed above results.md's table (run_all.sh's smoke run says there that its "
+                             "numbers come from tiny random models).")
     parser.add_argument("--prompt_source", choices=["authors", "hub"], default="authors",
                         help="Where a named prompt set comes from: the authors' prompt files (the paper's prompts, "
                              "pinned commit) or the Hugging Face hub datasets.")
@@ -409,24 +427,57 @@ def download_url(url, path):
     torch.hub.download_url_to_file(url, str(path), progress=False)
 
 
-def fetch_authors_prompts(name, cached):
-    """The authors' prompt file of set `name`, downloaded to `cached` and
-    checked against its stated prompt count."""
-    relpath, expected = AUTHORS_PROMPT_FILES[name]
-    url = f"{AUTHORS_REPO}/{relpath}"
-    tmp = cached.with_name(cached.name + ".download")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        download_url(url, tmp)
-    except Exception as err:
-        raise UserError(f"could not fetch the prompt set '{name}' from {url} ({_first_line(err)}); offline, "
-                        "download that file and pass it as --prompts FILE") from None
-    prompts = read_prompt_file(tmp)
-    if len(prompts) != expected:
-        tmp.unlink()
-        raise UserError(f"{url} holds {len(prompts)} prompts, not the {expected} of paper Table 1's set '{name}'; "
-                        "refusing it (pass --prompt_source hub, or a prompt file)")
-    os.replace(tmp, cached)
+def fetch_authors_file(relpath, cache_dir, what):
+    """A file of the authors' repository at the pinned commit, fetched once
+    into --cache_dir; offline, the error says where to place it by hand."""
+    url, cached = f"{AUTHORS_REPO}/{relpath}", Path(cache_dir) / "authors" / AUTHORS_COMMIT / relpath
+    if not cached.is_file():
+        tmp = cached.with_name(cached.name + ".download")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            download_url(url, tmp)
+        except Exception as err:
+            raise UserError(f"could not fetch {what} from {url} ({_first_line(err)}); offline, download that file "
+                            f"and place it at {cached}") from None
+        os.replace(tmp, cached)
+    return cached
+
+
+def unifiedreward_question_name(args):
+    """How results.md names the UnifiedReward question (one per output folder)."""
+    if args.unifiedreward_question:
+        return f"{args.unifiedreward_question} (user file)"
+    return f"the authors' (prompt_template of unifiedreward_score in {AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
+
+
+def unifiedreward_question(args):
+    """The question template asked to UnifiedReward: --unifiedreward_question
+    FILE, or the authors' (README 'Method: evaluation'): the string assigned to
+    `prompt_template` in their `unifiedreward_score`, found by Python's parser."""
+    import ast
+
+    question, name = None, unifiedreward_question_name(args)
+    if args.unifiedreward_question:
+        if not Path(args.unifiedreward_question).is_file():
+            raise UserError(f"--unifiedreward_question {args.unifiedreward_question}: no such file")
+        question = Path(args.unifiedreward_question).read_text(encoding="utf-8")
+    else:
+        path = fetch_authors_file(AUTHORS_REWARDS_FILE, args.cache_dir, "the authors' UnifiedReward question")
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not a Python file ({_first_line(err)}); delete it and rerun") from None
+        functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "unifiedreward_score"]
+        for node in (n for f in functions for n in ast.walk(f) if isinstance(n, ast.Assign)):
+            if [getattr(t, "id", None) for t in node.targets] == ["prompt_template"] and \
+                    isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                question = node.value.value
+        if question is None:
+            raise UserError(f"{path} has no string `prompt_template` in a function `unifiedreward_score`; delete it "
+                            "and rerun, or pass --unifiedreward_question FILE")
+    if "{prompt}" not in question:
+        raise UserError(f"the UnifiedReward question, {name}, lacks the {{prompt}} placeholder")
+    return question
 
 
 def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
@@ -436,13 +487,18 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
     files (`source` "authors", the sets of AUTHORS_PROMPT_FILES) or from the
     hub (`source` "hub", or a set only the hub has)."""
     if spec in FIGURE_PROMPT_SETS:
-        prompts, source = read_figure_prompts(spec), f"{spec} ({figure_prompts_path(spec)})"
+        prompts, source = FIGURE_PROMPT_SETS[spec], spec
     elif spec in PROMPT_SETS:
         if source == "authors" and spec in AUTHORS_PROMPT_FILES:
-            cached = Path(cache_dir) / "prompts" / f"{spec}.authors.txt"
-            if not cached.is_file():
-                fetch_authors_prompts(spec, cached)
-            source_text = f"{AUTHORS_REPO}/{AUTHORS_PROMPT_FILES[spec][0]}"
+            relpath, expected = AUTHORS_PROMPT_FILES[spec]
+            cached = fetch_authors_file(relpath, cache_dir, f"the prompt set '{spec}'")
+            count = len(read_prompt_file(cached))
+            if count != expected:
+                cached.unlink()
+                raise UserError(f"{AUTHORS_REPO}/{relpath} holds {count} prompts, not the "
+                                f"{expected} of paper Table 1's set '{spec}'; refusing it (pass --prompt_source hub, "
+                                "or a prompt file)")
+            source_text = f"{AUTHORS_REPO}/{relpath}"
         else:
             cached = Path(cache_dir) / "prompts" / f"{spec}.hub.txt"
             if not cached.is_file():
@@ -463,7 +519,8 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
     elif Path(spec).is_file():
         prompts, source = read_prompt_file(spec), spec
     else:
-        raise UserError(f"--prompts '{spec}' is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a file")
+        names = ", ".join([*PROMPT_SETS, *FIGURE_PROMPT_SETS])
+        raise UserError(f"--prompts '{spec}' is neither a prompt set ({names}) nor a file")
     if max_prompts is not None:
         prompts = prompts[:max_prompts]
     if not prompts:
@@ -698,7 +755,8 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
 
 def generate_missing_images(args, methods, prompts, items, out_dir, state):
     """Make sure the evaluation folder holds, for every method, the image of
-    each (seed, prompt index) of `items`, generating only the missing ones.
+    each (seed, prompt index) of `items` (a list, or {method name: list}),
+    generating only the missing ones.
     The main command and `userstudy` both generate through here, so each
     reuses the images the other made.
 
@@ -734,20 +792,21 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
     manifest = []
     for method in methods:
         name = method["name"]
+        method_items = items[name] if isinstance(items, dict) else items
         check_generation_settings(out_dir, name, {"spec": method["spec"], **generation}, write=state.is_main_process)
         manifest += [{"image": image_relpath(name, s, i), "method": name, "seed": s, "index": i,
-                      "prompt": prompts[i]} for s, i in items]
+                      "prompt": prompts[i]} for s, i in method_items]
         # Every process lists the missing images before any of them starts
         # writing (the barrier below), so all split the same list.
-        todo = [(s, i) for s, i in items if not (out_dir / image_relpath(name, s, i)).is_file()]
+        todo = [(s, i) for s, i in method_items if not (out_dir / image_relpath(name, s, i)).is_file()]
         if not todo:
-            logger.info("%s: all %d images exist in %s", name, len(items), out_dir)
+            logger.info("%s: all %d images exist in %s", name, len(method_items), out_dir)
             continue
         if state.is_main_process:
             drop_scores(out_dir, [image_relpath(name, s, i) for s, i in todo])
         state.wait_for_everyone()
-        logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(items), steps,
-                    guidance)
+        logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(method_items),
+                    steps, guidance)
         adapters = apply_method(backbone, method, device)
         try:
             with state.split_between_processes(todo) as mine, autocast:
@@ -1173,44 +1232,40 @@ class StylizationMetric:
         return scores
 
 
-FINAL_SCORE = re.compile(r"final\s*score\s*[:：]\s*\**\s*([-+]?\d+(?:\.\d+)?)", re.IGNORECASE)
+# The public parser (the authors' rewards.py, README 'Method: evaluation'):
+# case-sensitive, the first match, 1-5 only. A regex search, so, as there,
+# "Final Score: 10" reads as 1 and "Final Score: 7" as nothing.
+FINAL_SCORE = re.compile(r"Final Score:\s*([1-5](?:\.\d+)?)")
 
 
 def parse_final_score(answer):
-    """The x of the last "Final Score: x" in a UnifiedReward answer, or None
-    when there is none (such images are counted as missing, never scored 0).
-    Tolerates markdown bold ("**Final Score:** 3.5") and any letter case."""
-    if not isinstance(answer, str):
-        return None
-    matches = FINAL_SCORE.findall(answer)
-    if not matches:
-        return None
-    value = float(matches[-1])
-    return value if math.isfinite(value) else None
+    """The score of a UnifiedReward answer as the public parser reads it, or
+    None when it reads none (counted as missing; the public code scores 0.0)."""
+    match = FINAL_SCORE.search(answer) if isinstance(answer, str) else None
+    return float(match.group(1)) if match else None
 
 
 class UnifiedRewardMetric:
-    """UnifiedReward-qwen-7b point score (README 'Method: evaluation'): the model answers a
-    question about (prompt, image) and ends with "Final Score: x"."""
+    """UnifiedReward-qwen-7b point score (README 'Method: evaluation'), asked
+    as the public evaluation asks it: the image, then the question with the
+    prompt; the image resized as qwen_vl_utils resizes it (PIL, sides to the
+    nearest multiple of 28 px); fp16 on GPU; generate() with max_new_tokens
+    and the model's own generation settings; one image per call."""
 
     def __init__(self, args, device):
         try:
             from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         except ImportError:
             raise ScorerUnavailable("needs a transformers with Qwen2.5-VL: pip install -U transformers") from None
-        self.question = UNIFIEDREWARD_QUESTION
-        if args.unifiedreward_question:
-            self.question = Path(args.unifiedreward_question).read_text(encoding="utf-8")
-            if "{prompt}" not in self.question:
-                raise UserError(f"{args.unifiedreward_question} lacks the {{prompt}} placeholder")
+        self.question = unifiedreward_question(args)
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         try:
             self.processor = AutoProcessor.from_pretrained(args.unifiedreward_model)
             self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                args.unifiedreward_model, dtype=common.default_dtype(device)).to(device).eval()
+                args.unifiedreward_model, dtype=dtype).to(device).eval()
         except Exception as err:
             raise ScorerUnavailable(f"could not load {args.unifiedreward_model} ({_first_line(err)})") from None
-        # batched generation needs the prompts padded on the left
-        self.processor.tokenizer.padding_side = "left"
+        self.processor.tokenizer.padding_side = "left"  # only a batch (--vlm_batch_size > 1) is padded
         self.max_new_tokens = args.unifiedreward_max_new_tokens
         self.unparsed = 0
 
@@ -1221,9 +1276,12 @@ class UnifiedRewardMetric:
             messages = [{"role": "user", "content": [
                 {"type": "image"}, {"type": "text", "text": self.question.replace("{prompt}", prompt)}]}]
             texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        inputs = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt").to(self.model.device)
-        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        side = lambda n: max(28, round(n / 28) * 28)
+        images = [image.resize((side(image.width), side(image.height))) for image in images]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                              clean_up_tokenization_spaces=False)
         scores = [parse_final_score(answer) for answer in answers]
         for answer, score in zip(answers, scores):
             if score is None:
@@ -1272,9 +1330,11 @@ def score_images(out_dir, manifest, metrics, args, state):
         logger.info("%s: scoring %d images", metric, len(pending))
         try:
             with state.split_between_processes(pending) as mine:
-                for start in tqdm(range(0, len(mine), args.score_batch_size), desc=f"scoring {metric}",
+                # HPSv3 and UnifiedReward one image at a time by default, as the public evaluation scores them
+                size = args.vlm_batch_size if metric in ("hpsv3", "unifiedreward") else args.score_batch_size
+                for start in tqdm(range(0, len(mine), size), desc=f"scoring {metric}",
                                   disable=not state.is_main_process):
-                    batch = mine[start : start + args.score_batch_size]
+                    batch = mine[start : start + size]
                     paths = [out_dir / entry["image"] for entry in batch]
                     if getattr(scorer, "wants_paths", False):
                         inputs = paths
@@ -1336,18 +1396,24 @@ def aggregate(rows, methods, metrics):
     return results
 
 
+def minmax(values):
+    """{key: (v - min) / (max - min)} over the values given (0 when all are
+    equal), as the authors' figure notebooks normalise Fig. 2's axes."""
+    lo, hi = min(values.values()), max(values.values())
+    return {k: (v - lo) / (hi - lo) if hi > lo else 0.0 for k, v in values.items()}
+
+
 def human_preference(results, methods):
     """Figure 2's human preference: ½·minmax(UnifiedReward) + ½·minmax(HPSv3),
-    min-max taken across methods (README 'Method: evaluation'). None unless both metrics exist
-    for every method; a metric equal for all methods contributes 0."""
+    min-max taken across `methods` (README 'Method: evaluation'). None unless
+    both metrics exist for every method."""
     columns = []
     for metric in ("unifiedreward", "hpsv3"):
-        values = [results.get(m, {}).get(metric, {}).get("mean") for m in methods]
-        if any(v is None for v in values):
+        values = {m: results.get(m, {}).get(metric, {}).get("mean") for m in methods}
+        if any(v is None for v in values.values()):
             return None
-        lo, hi = min(values), max(values)
-        columns.append([(v - lo) / (hi - lo) if hi > lo else 0.0 for v in values])
-    return {m: 0.5 * a + 0.5 * b for m, a, b in zip(methods, *columns)}
+        columns.append(minmax(values))
+    return {m: 0.5 * columns[0][m] + 0.5 * columns[1][m] for m in methods}
 
 
 def stylization_means(results, methods, other_results=None):
@@ -1367,18 +1433,50 @@ def stylization_means(results, methods, other_results=None):
     return None if any(v is None for v in values.values()) else values
 
 
-def _rank_marks(values, higher_is_better):
-    """{index: "best" | "second"} by value. A mark goes only to a value held
-    by one method: a tie (at the shown precision) is nobody's best, and
-    nothing is second to a tied best."""
-    distinct = sorted({v for v in values if v is not None}, reverse=higher_is_better)
-    holders = lambda value: [i for i, v in enumerate(values) if v == value]
+def _rank_marks(values, spreads, higher_is_better):
+    """{index: "best" | "second"} by value. A mark goes only to a method ahead
+    of the next one by more than one standard deviation over seeds (the larger
+    of the two): a lead within the seeds' spread, or a tie at the shown
+    precision, is nobody's best, and nothing is second to an unmarked best."""
+    order = sorted((i for i, v in enumerate(values) if v is not None), key=lambda i: values[i],
+                   reverse=higher_is_better)
     marks = {}
-    if distinct and len(holders(distinct[0])) == 1:
-        marks[holders(distinct[0])[0]] = "best"
-        if len(distinct) > 1 and len(holders(distinct[1])) == 1:
-            marks[holders(distinct[1])[0]] = "second"
+    for i, after, label in zip(order, order[1:] + [None], ("best", "second")):
+        if after is not None and abs(values[i] - values[after]) <= max(spreads[i] or 0.0, spreads[after] or 0.0):
+            break
+        marks[i] = label
     return marks
+
+
+def figure2_points(report):
+    """Paper Fig. 2's points as the authors' notebooks normalise them: {panel:
+    {"ours" | "paper": {method: (x, y)}, "over" | "paper_over": methods}}.
+    (a) x = realism, y = texture detail, both min-max; (b) x = human
+    preference, y = stylization. Ours are normalised over this report's rows,
+    the paper's (for our rows it reports) over its six methods, from its
+    numbers, so no row of ours moves them. A panel lacking metrics is absent."""
+    methods = [m["name"] for m in report["methods"]]
+    mean = lambda m, metric: report["results"].get(m, {}).get(metric, {}).get("mean")
+    points = {}
+    if all(mean(m, k) is not None for m in methods for k in ("laplacian", "sgp")):
+        x, y = minmax({m: mean(m, "sgp") for m in methods}), minmax({m: mean(m, "laplacian") for m in methods})
+        points["a"] = {"ours": {m: (x[m], y[m]) for m in methods}, "over": methods}
+    if report.get("human_preference") and report.get("stylization"):
+        points["b"] = {"ours": {m: (report["human_preference"][m], report["stylization"][m]) for m in methods},
+                       "over": methods}
+    paper = paper_values(report)
+    for panel, (backbone, prompts, six) in PAPER_FIGURE2_METHODS.items():
+        if panel not in points or (report.get("backbone"), report.get("prompts")) != (backbone, prompts):
+            continue
+        rows = PAPER_RESULTS[(backbone, prompts)]
+        if panel == "a":
+            x, y = minmax({m: rows[m]["sgp"] for m in six}), minmax({m: rows[m]["laplacian"] for m in six})
+        else:
+            x = human_preference({m: {k: {"mean": rows[m][k]} for k in ("unifiedreward", "hpsv3")} for m in six}, six)
+            y = {m: rows[m]["stylization"] for m in six}
+        ours = {m: PAPER_ROW_ALIASES.get(m, m) for m in methods if m in paper}
+        points[panel].update(paper={m: (x[p], y[p]) for m, p in ours.items() if p in six}, paper_over=six)
+    return points
 
 
 def paper_values(report):
@@ -1417,6 +1515,8 @@ def results_markdown(report):
     baseline = methods[0]
     paper = paper_values(report)
     lines = [f"# {report.get('title', 'Evaluation')}", ""]
+    if report.get("note"):  # e.g. the smoke run's: tiny random models
+        lines += [f"**{report['note']}**", ""]
     lines.append("| Method | " + " | ".join(METRIC_TITLES.get(m, m) for m in metrics) + " |")
     lines.append("|---|" + "---|" * len(metrics))
     cells = {m: [] for m in methods}
@@ -1424,7 +1524,8 @@ def results_markdown(report):
         decimals = METRIC_DECIMALS.get(metric, 2)
         means = [results.get(m, {}).get(metric, {}).get("mean") for m in methods]
         shown = [None if v is None else round(v, decimals) for v in means]
-        marks = _rank_marks(shown, HIGHER_IS_BETTER.get(metric, True))
+        spreads = [results.get(m, {}).get(metric, {}).get("std") for m in methods]
+        marks = _rank_marks(shown, spreads, HIGHER_IS_BETTER.get(metric, True))
         base = means[0]
         for i, method in enumerate(methods):
             entry = results.get(method, {}).get(metric)
@@ -1453,7 +1554,8 @@ def results_markdown(report):
         "",
         f"Mean over {report.get('n_prompts', '?')} prompts per seed, then mean ± std (population) over "
         f"{_plural(len(seeds), 'seed')} ({', '.join(str(s) for s in seeds)}). Relative gains are over the first row "
-        f"({baseline}). **Bold**: best, <u>underlined</u>: second best (a tie is neither). "
+        f"({baseline}). **Bold**: best, <u>underlined</u>: second best, each only when ahead of the next row by more "
+        "than one std over seeds (a tie is neither). "
         + ("All metrics are higher-is-better." if all(HIGHER_IS_BETTER.get(m, True) for m in metrics)
            else "Lower is better for: " + ", ".join(m for m in metrics if not HIGHER_IS_BETTER.get(m, True)) + "."),
     ]
@@ -1472,8 +1574,13 @@ def results_markdown(report):
                       f"Unparsed answers (no 'Final Score: x'): {unparsed} of {total}, left out of the means "
                       "(the public code counts them as 0.0)."]
     if report.get("human_preference"):
-        lines += ["", "Human preference (½·minmax UnifiedReward + ½·minmax HPSv3 across methods): "
-                  + ", ".join(f"{m} {v:.3f}" for m, v in report["human_preference"].items())]
+        lines += ["", "Human preference (½·minmax UnifiedReward + ½·minmax HPSv3, min-max over this table's rows; "
+                      "Fig. 2 (b)): " + ", ".join(f"{m} {v:.3f}" for m, v in report["human_preference"].items())]
+    panel_a = figure2_points(report).get("a")
+    if panel_a:
+        lines += ["", "Fig. 2 (a) in figure2.png: x = realism (SGP), y = texture detail, each min-max normalised over "
+                      "this table's rows (raw values above)" + ("; the paper's points over its six methods."
+                                                                if panel_a.get("paper") else ".")]
     if report.get("not_run"):
         lines += ["", "Metrics not computed:"]
         lines += [f"- {metric}: {reason}" for metric, reason in report["not_run"].items()]
@@ -1489,71 +1596,54 @@ AXIS_NAMES = {"laplacian": "Texture Detail (Laplacian variance)", "sgp": "Realis
 
 
 def draw_figure2(report, path):
-    """Paper Fig. 2 for the methods of this report, with matplotlib:
-    (a) texture detail (Laplacian variance) vs realism (SGP-PickScore), the
-    paper's points drawn hollow where the paper reports the same method
-    (paper_values); (b) human preference vs stylization (OneIG-Bench). A
-    panel whose metrics are missing is replaced by a note saying why.
-    Returns False (nothing drawn) when neither panel can be drawn."""
+    """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow in the
+    same colour, under each panel the methods each normalisation ran over; a
+    panel lacking metrics says why. False (nothing drawn) when neither can be."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m["name"] for m in report["methods"]]
-    results = report["results"]
-    mean = lambda method, metric: results.get(method, {}).get(metric, {}).get("mean")
-    has = lambda metric: all(mean(m, metric) is not None for m in methods)
-    preference, stylization = report.get("human_preference"), report.get("stylization")
-    panel_a = has("laplacian") and has("sgp")
-    panel_b = bool(preference) and bool(stylization)
-    if not panel_a and not panel_b:
+    points = figure2_points(report)
+    if not points:
         return False
-    paper = paper_values(report)
+    methods = [m["name"] for m in report["methods"]]
     colours = plt.get_cmap("tab10").colors
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
-    # (a) texture detail vs realism
-    ax = axes[0]
-    ax.set_title("(a) Texture detail vs realism")
-    if panel_a:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    panels = {"a": ("(a) Texture detail vs realism", AXIS_NAMES["sgp"] + ", min-max",
+                    AXIS_NAMES["laplacian"] + ", min-max"),
+              "b": ("(b) Human preference vs stylization", AXIS_NAMES["human_preference"], AXIS_NAMES["stylization"])}
+    for ax, (panel, (title, xlabel, ylabel)) in zip(axes, panels.items()):
+        ax.set_title(title)
+        if panel not in points:
+            why = ["the laplacian and sgp metrics"] if panel == "a" else []
+            if panel == "b" and not report.get("human_preference"):
+                why.append("unifiedreward and hpsv3 (human preference)")
+            if panel == "b" and not report.get("stylization"):
+                why.append("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
+                           "(--metrics stylization\n--oneig_dir, or --stylization_results)")
+            ax.axis("off")
+            ax.text(0.5, 0.5, "not drawn: needs\n" + "\n".join("• " + w for w in why), ha="center", va="center",
+                    fontsize=9)
+            continue
+        drawn = points[panel]
         for i, m in enumerate(methods):
             colour = colours[i % len(colours)]
-            ax.scatter(mean(m, "laplacian"), mean(m, "sgp"), color=colour, s=60, label=m, zorder=3)
-            row = paper.get(m, {})
-            if "laplacian" in row and "sgp" in row:
-                ax.scatter(row["laplacian"], row["sgp"], facecolors="none", edgecolors=colour, s=80, linewidths=1.5,
+            ax.scatter(*drawn["ours"][m], color=colour, s=60, label=m, zorder=3)
+            if m in drawn.get("paper", {}):
+                ax.scatter(*drawn["paper"][m], facecolors="none", edgecolors=colour, s=90, linewidths=1.5,
                            label=f"{m} (paper)", zorder=3)
-        ax.set_xlabel(AXIS_NAMES["laplacian"])
-        ax.set_ylabel(AXIS_NAMES["sgp"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    else:
-        ax.axis("off")
-        ax.text(0.5, 0.5, "not drawn: needs the laplacian and sgp metrics", ha="center", va="center", wrap=True)
-    # (b) human preference vs stylization
-    ax = axes[1]
-    ax.set_title("(b) Human preference vs stylization")
-    if panel_b:
-        for i, m in enumerate(methods):
-            ax.scatter(preference[m], stylization[m], color=colours[i % len(colours)], s=60, label=m,
-                       zorder=3)
-        ax.set_xlabel(AXIS_NAMES["human_preference"])
-        ax.set_ylabel(AXIS_NAMES["stylization"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    else:
-        why = [] if preference else ["unifiedreward and hpsv3 (human preference)"]
-        if not stylization:
-            why.append("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
-                       "(--metrics stylization\n--oneig_dir, or --stylization_results)")
-        ax.axis("off")
-        ax.text(0.5, 0.5, "not drawn: needs\n" + "\n".join("• " + w for w in why), ha="center", va="center",
-                fontsize=9)
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
+        ax.legend(fontsize=7, title_fontsize=7, title="filled: this run, hollow: the paper,\neach normalised over "
+                  "its own methods" if drawn.get("paper") else None)
+        over = f"min-max over this run's rows: {', '.join(drawn['over'])}"
+        if drawn.get("paper"):
+            over += f"\nthe paper's points: min-max over its methods: {', '.join(drawn['paper_over'])}"
+        ax.text(0.5, -0.16, over, transform=ax.transAxes, ha="center", va="top", fontsize=7)
+    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     plt.close(figure)
-    os.replace(tmp, path)
     return True
 
 
@@ -1666,7 +1756,7 @@ def make_state():
 
 def check_counts(args):
     """No silent default for a 0: the count flags a command has must be >= 1."""
-    for flag in ("num_inference_steps", "batch_size", "score_batch_size"):
+    for flag in ("num_inference_steps", "batch_size", "score_batch_size", "vlm_batch_size"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be >= 1 (got {value})")
@@ -1710,7 +1800,8 @@ def main(argv=None):
     # what an earlier run recorded about its scores stays true of them
     if (out_dir / RUN_INFO).is_file():
         previous = json.loads((out_dir / RUN_INFO).read_text())
-        run_info.update({k: previous[k] for k in ("unifiedreward_question", "stylization_results") if k in previous})
+        run_info.update({k: previous[k] for k in ("unifiedreward_question", "stylization_results", "note")
+                         if k in previous})
     if state.is_main_process:
         write_jsonl(out_dir / MANIFEST, manifest)
         common.atomic_write_text(out_dir / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
@@ -1749,6 +1840,7 @@ def scan_image_folder(folder, prompts, baseline=None):
 
 def score_main(args):
     """`evaluate.py score`: score an existing folder and refresh its report."""
+    check_counts(args)
     metrics = parse_metrics(args.metrics)
     out_dir = Path(args.images)
     if not out_dir.is_dir():
@@ -1782,17 +1874,20 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
     if args.stylization_results:  # kept for later refreshes of the report
         stylization_means({}, [], args.stylization_results)  # readable? (before any scoring)
         run_info["stylization_results"] = args.stylization_results
-    if "unifiedreward" in metrics:
+    if args.note is not None:
+        run_info["note"] = args.note
+    table = read_score_table(out_dir)
+    if "unifiedreward" in metrics and any((e["image"], "unifiedreward") not in table for e in manifest):
         # the question decides the scale of UnifiedReward's answers: one
         # question per output folder, named in results.md
-        question = (f"{args.unifiedreward_question} (user file)" if args.unifiedreward_question
-                    else "evaluate.py's own wording (UNIFIEDREWARD_QUESTION), not the authors'")
+        question = unifiedreward_question_name(args)
         recorded = run_info.get("unifiedreward_question")
-        table = read_score_table(out_dir)
-        if recorded and recorded != question and any((e["image"], "unifiedreward") not in table for e in manifest):
+        if recorded and recorded != question:
             raise UserError(f"{out_dir} holds UnifiedReward scores from another question ({recorded}); pass the "
                             "same --unifiedreward_question, or use another output folder")
-        run_info["unifiedreward_question"] = recorded or question
+        with state.main_process_first():  # fetched (or refused) before any scoring, by one process
+            unifiedreward_question(args)
+        run_info["unifiedreward_question"] = question
     not_run = score_images(out_dir, manifest, metrics, args, state)
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -1813,29 +1908,6 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
 
 
 # =============================================================================
-# Paper Figs. 6-7: the prompts of the qualitative panels
-# =============================================================================
-
-FIGURE_PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-
-
-def figure_prompts_path(name):
-    return FIGURE_PROMPTS_DIR / f"{name}.txt"
-
-
-def read_figure_prompts(name):
-    """The prompts of a paper figure (FIGURE_PROMPT_SETS), from the file this
-    repository ships for it. Until someone has copied them from the paper the
-    file is absent, and we say so rather than draw a panel of other prompts."""
-    path = figure_prompts_path(name)
-    if not path.is_file():
-        raise UserError(f"--prompts {name}: {path} is missing. It must hold the prompts of {FIGURE_PROMPT_SETS[name]} "
-                        "as the figure's caption lists them, one per line; this repository does not ship them yet "
-                        "(prompts/README.md). Fill it in from the paper, or pass a text file of prompts instead")
-    return read_prompt_file(path)
-
-
-# =============================================================================
 # Paper Fig. 4: the user study
 # =============================================================================
 # `evaluate.py userstudy` writes STUDY_DIR with
@@ -1853,7 +1925,8 @@ STUDY_QUESTION = ("Which image is better? Judge the overall quality: how realist
 # The study page: plain HTML and JavaScript with no library, so that it opens
 # from disk (file://) in any browser. __STUDY__ is replaced by the page's data:
 # the study id, the question, and per comparison its id, prompt and the two
-# image files. Which side holds which method is not in it (key.json is).
+# image files, left and right as key.json's sides (the page mirrors them for
+# some participants). Which side holds which method is not in it.
 STUDY_PAGE = r"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -1960,6 +2033,11 @@ function participantOrder(pid) {
   return ids;
 }
 
+// Counterbalancing: the pairs are shown mirrored (left and right swapped) to
+// the participants whose id draws it, about half, so each pair is seen both
+// ways round; the votes say so, and the tally swaps the sides back.
+function sidesMirrored(pid) { return mulberry32(hash(STUDY.id + "/sides/" + pid))() < 0.5; }
+
 function save() { localStorage.setItem(STORE, JSON.stringify(state)); }
 function show(section) { for (const s of ["intro", "study", "done"]) $(s).hidden = s !== section; }
 
@@ -1980,8 +2058,8 @@ function render() {
   document.body.dataset.comparison = c.id;  // read by the browser test
   $("question").textContent = STUDY.question;
   $("prompt").textContent = "\u201c" + c.prompt + "\u201d";
-  $("left").src = c.left;
-  $("right").src = c.right;
+  $("left").src = state.mirrored ? c.right : c.left;
+  $("right").src = state.mirrored ? c.left : c.right;
   $("who").textContent = "participant " + state.participant + " \u00b7 pair " + (state.pos + 1) + " of " + n;
   const previous = state.answers[c.id];
   for (const b of document.querySelectorAll("[data-choice]")) b.classList.toggle("chosen", !!previous && previous.choice === b.dataset.choice);
@@ -1995,7 +2073,7 @@ function render() {
 function start() {
   const pid = $("pid").value.trim();
   if (!pid) { $("pid").focus(); return; }
-  state = { participant: pid, order: participantOrder(pid), pos: 0, answers: {} };
+  state = { participant: pid, order: participantOrder(pid), mirrored: sidesMirrored(pid), pos: 0, answers: {} };
   save();
   render();
 }
@@ -2012,7 +2090,7 @@ function back() {
 // The votes as the tally reads them; also callable from the console.
 function studyVotes() {
   return {
-    study: STUDY.id, participant: state.participant, comparisons: state.order.length,
+    study: STUDY.id, participant: state.participant, comparisons: state.order.length, mirrored: !!state.mirrored,
     saved_at: new Date().toISOString(),
     votes: state.order.filter(id => id in state.answers).map(id => ({
       comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })),
@@ -2087,10 +2165,12 @@ def parse_userstudy_args(argv):
                         help="The prompt set or file the study's prompts are drawn from (the paper: HPDv2).")
     parser.add_argument("--num_prompts", type=int, default=60, help="Prompts drawn (the paper: 60).")
     parser.add_argument("--seed", type=int, default=0,
-                        help="Seed of the draws: which prompts, the side of 'ours' in each comparison, their order.")
-    parser.add_argument("--image_seed", type=int, default=DEFAULT_SEEDS[0],
-                        help="Generation seed of the images shown (the first of the evaluation's seeds, so the "
-                             "images of an evaluation run on the same prompts are reused).")
+                        help="Seed of the draws: which prompts, the image seed and the side of 'ours' in each "
+                             "comparison, their numbering.")
+    parser.add_argument("--image_seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
+                        help="Generation seeds of the images shown, at least one per baseline: the comparisons of a "
+                             "prompt each use another one, so no image is shown twice (the evaluation's seeds, so "
+                             "the images of an evaluation run on the same prompts are reused).")
     parser.add_argument("--study_dir", type=str, default=None,
                         help="Where the study goes (default: OUTPUT_DIR/userstudy).")
     parser.add_argument("--question", type=str, default=STUDY_QUESTION, help="The question the page asks.")
@@ -2101,28 +2181,36 @@ def parse_userstudy_args(argv):
     return args
 
 
-def sample_study(prompts, methods, num_prompts, seed):
-    """The comparisons of a study, all drawn from one seeded generator.
-
-    num_prompts prompts are drawn without replacement; each gives one
-    comparison of 'ours' (the first method) with every baseline. The side of
-    'ours' is drawn per comparison; the comparisons are shuffled before they
-    are numbered, so an id says nothing about its baseline or side."""
+def sample_study(prompts, methods, num_prompts, seed, image_seeds):
+    """The comparisons of a study, all drawn from one seeded generator:
+    num_prompts prompts, each compared once with every baseline.
+    - Blind: the comparisons of one prompt use different image seeds (drawn
+      from image_seeds), so no image appears twice on a page (one image of
+      ours met by every baseline could be recognised).
+    - Balanced: per baseline, 'ours' is on the left in half (±1) of its
+      comparisons; the page mirrors the sides for about half the participants.
+    - Numbered after a shuffle: an id says nothing about baseline or side."""
     if num_prompts < 1 or num_prompts > len(prompts):
         raise UserError(f"--num_prompts {num_prompts}: the prompt set has {len(prompts)} prompts")
+    baselines = [m["name"] for m in methods[1:]]
+    if len(set(image_seeds)) < len(baselines):
+        raise UserError(f"--image_seeds: {len(baselines)} baselines need {len(baselines)} different seeds (one per "
+                        f"comparison of a prompt), got {len(set(image_seeds))}")
     rng = np.random.default_rng(seed)
     indices = sorted(int(i) for i in rng.choice(len(prompts), size=num_prompts, replace=False))
-    ours = methods[0]["name"]
-    pairs = [(index, m["name"]) for index in indices for m in methods[1:]]
+    seeds = {i: [int(s) for s in rng.choice(sorted(set(image_seeds)), size=len(baselines), replace=False)]
+             for i in indices}
+    # per baseline, exactly floor or ceil of half its comparisons with ours on the left
+    left = {b: rng.permutation(np.arange(num_prompts) < (num_prompts + rng.integers(2)) // 2) for b in baselines}
+    pairs = [(j, index, k, b) for j, index in enumerate(indices) for k, b in enumerate(baselines)]
     order = rng.permutation(len(pairs))
-    ours_left = rng.random(len(pairs)) < 0.5
     width = len(str(len(pairs)))
     comparisons = {}
-    for number, k in enumerate(order):
-        index, baseline = pairs[k]
+    for number, p in enumerate(order):
+        j, index, k, baseline = pairs[p]
         comparisons[f"c{number + 1:0{width}d}"] = {
-            "prompt_index": index, "prompt": prompts[index], "ours": ours, "baseline": baseline,
-            "ours_side": "left" if ours_left[number] else "right"}
+            "prompt_index": index, "prompt": prompts[index], "ours": methods[0]["name"], "baseline": baseline,
+            "image_seed": seeds[index][k], "ours_side": "left" if left[baseline][j] else "right"}
     return indices, comparisons
 
 
@@ -2138,12 +2226,12 @@ def userstudy_main(args):
     state = make_state()
     with state.main_process_first():  # only the main process downloads a prompt set
         prompts = load_prompts(args.prompts, args.cache_dir)
-    indices, comparisons = sample_study(prompts, methods, args.num_prompts, args.seed)
+    indices, comparisons = sample_study(prompts, methods, args.num_prompts, args.seed, args.image_seeds)
     key = {
         "ours": methods[0]["name"],
         "baselines": [m["name"] for m in methods[1:]],
         "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
-        "prompts": args.prompts, "num_prompts": args.num_prompts, "seed": args.seed, "image_seed": args.image_seed,
+        "prompts": args.prompts, "num_prompts": args.num_prompts, "seed": args.seed,
         "evaluation_folder": str(out_dir), "pretrained_model": args.pretrained_model,
         "comparisons": comparisons,
     }
@@ -2154,8 +2242,12 @@ def userstudy_main(args):
         raise UserError(f"{study_dir} holds another study (votes collected for it would no longer match its key); "
                         "use another --study_dir")
 
-    # the images at --image_seed, from the evaluation folder (the missing ones generated there first)
-    generate_missing_images(args, methods, prompts, [(args.image_seed, index) for index in indices], out_dir, state)
+    # the images of every comparison, from the evaluation folder (the missing ones generated there first)
+    needed = {m["name"]: set() for m in methods}
+    for c in comparisons.values():
+        for name in (c["ours"], c["baseline"]):
+            needed[name].add((c["image_seed"], c["prompt_index"]))
+    generate_missing_images(args, methods, prompts, {n: sorted(v) for n, v in needed.items()}, out_dir, state)
     if not state.is_main_process:
         return
     page = study_dir / "page"
@@ -2165,7 +2257,7 @@ def userstudy_main(args):
         files = {}
         for side, number in (("left", 1), ("right", 2)):
             files[side] = f"images/{cid}-{number}.png"
-            source = out_dir / image_relpath(sides[side], args.image_seed, c["prompt_index"])
+            source = out_dir / image_relpath(sides[side], c["image_seed"], c["prompt_index"])
             # re-encoded rather than copied: a PNG text chunk could name its maker
             with Image.open(source) as image:
                 common.atomic_save_image(image.convert("RGB"), page / files[side])
@@ -2188,18 +2280,23 @@ def study_hash(record):
 
 
 def read_study_votes(paths, key):
-    """{participant: {comparison: choice}} from the pages' vote files, checked
-    against the key: same study, known comparisons, one file per participant."""
+    """{participant: (mirrored, {comparison: choice})} from the pages' vote
+    files, checked against the key: same study, known comparisons, one file
+    per participant. `mirrored`: the page showed this participant every pair
+    the other way round from key.json's sides; the choices are as shown."""
     participants, files = {}, {}
     for path in map(Path, paths):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             study, participant, votes = data["study"], str(data["participant"]).strip(), data["votes"]
+            mirrored = data["mirrored"]
+            if not isinstance(mirrored, bool):
+                raise TypeError
         except FileNotFoundError:
             raise UserError(f"no vote file {path}") from None
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a vote file of the study page (JSON with study, participant, votes)") \
-                from None
+            raise UserError(f"{path} is not a vote file of the study page (JSON with study, participant, "
+                            "mirrored, votes)") from None
         if study != key["study_id"]:
             raise UserError(f"{path} holds votes of study {study}, not of this one ({key['study_id']})")
         if not participant:
@@ -2213,7 +2310,7 @@ def read_study_votes(paths, key):
                 raise UserError(f"{path}: a vote for comparison {cid!r} with choice {choice!r} does not belong to "
                                 f"this study (choices: {', '.join(STUDY_CHOICES)})")
             choices[cid] = choice
-        participants[participant], files[participant] = choices, path
+        participants[participant], files[participant] = (mirrored, choices), path
     return participants
 
 
@@ -2223,14 +2320,22 @@ def tally_study(key, participants, bootstrap_samples, seed):
     The 95% intervals come from a participant-level percentile bootstrap:
     one participant's votes are correlated (taste, attention), so whole
     participants are resampled with replacement, not single votes. With one
-    participant there is nothing to resample and no interval is given."""
+    participant there is nothing to resample and no interval is given.
+    As a check of side bias, the share of decided votes (not ties) that went
+    to the left image: about 50% when the side does not sway the judges."""
     names = list(participants)
     counts = {b: np.zeros((len(names), 3), dtype=np.int64) for b in key["baselines"]}  # win, tie, lose
+    sides = dict.fromkeys(STUDY_CHOICES, 0)
     for p, name in enumerate(names):
-        for cid, choice in participants[name].items():
+        mirrored, choices = participants[name]
+        for cid, choice in choices.items():
             comparison = key["comparisons"][cid]
-            outcome = 1 if choice == "tie" else 0 if choice == comparison["ours_side"] else 2
+            ours_side = comparison["ours_side"]
+            if mirrored:
+                ours_side = "right" if ours_side == "left" else "left"
+            outcome = 1 if choice == "tie" else 0 if choice == ours_side else 2
             counts[comparison["baseline"]][p, outcome] += 1
+            sides[choice] += 1
     rng = np.random.default_rng(seed)
     rows = {}
     for baseline, matrix in counts.items():
@@ -2248,8 +2353,11 @@ def tally_study(key, participants, bootstrap_samples, seed):
             for j, outcome in enumerate(("win", "tie", "lose")):
                 row[f"{outcome}_ci95"] = [float(low[j]), float(high[j])]
         rows[baseline] = row
-    answered = {name: len(choices) for name, choices in participants.items()}
+    answered = {name: len(choices) for name, (_, choices) in participants.items()}
+    decided = sides["left"] + sides["right"]
     return {"study_id": key["study_id"], "ours": key["ours"], "participants": len(names),
+            "mirrored_participants": sum(mirrored for mirrored, _ in participants.values()),
+            "left_win": 100.0 * sides["left"] / decided if decided else None, "decided_votes": decided,
             "comparisons": len(key["comparisons"]), "answered": answered, "baselines": rows,
             "interval": f"95% participant-level percentile bootstrap, {bootstrap_samples} resamples, seed {seed}"}
 
@@ -2272,6 +2380,10 @@ def tally_markdown(tally):
     for baseline, row in tally["baselines"].items():
         lines.append(f"| {baseline} | {cell(row, 'win')} | {cell(row, 'tie')} | {cell(row, 'lose')} | "
                      f"{row['votes']} | {row['participants']} |")
+    if tally["left_win"] is not None:
+        lines += ["", f"Side check: the left image won {tally['left_win']:.1f}% of the {tally['decided_votes']} "
+                      f"decided votes (about 50% without a side bias); {tally['mirrored_participants']} of "
+                      f"{tally['participants']} participant(s) saw the pairs mirrored."]
     partial = {name: n for name, n in tally["answered"].items() if n < tally["comparisons"]}
     if partial:
         lines += ["", "Incomplete vote files (answered of " + str(tally["comparisons"]) + "): "

@@ -82,7 +82,7 @@ STAGE2_BATCH=${STAGE2_BATCH:-$d_batch}         # per-GPU micro-batch of Stage 2
 PROMPTS=${PROMPTS:-$d_prompts}                 # Table 1 prompt set (pickapic_v2 / drawbench / partiprompts / hpdv2 / file)
 METRICS=${METRICS:-$d_metrics}                 # Table 1 + Figure 2 metrics
 SEEDS=${SEEDS:-$d_seeds}                       # one image per prompt per seed
-PANEL_PROMPTS=${PANEL_PROMPTS:-$d_panel}       # qualitative panel prompts: figure6 / figure7 (prompts/) or a file
+PANEL_PROMPTS=${PANEL_PROMPTS:-$d_panel}       # qualitative panel prompts: figure6 / figure7 (the paper's) or a file
 NUM_MACHINES=${NUM_MACHINES:-1}                # nodes; start this script on each (OUTPUT_DIR on a shared filesystem)
 MACHINE_RANK=${MACHINE_RANK:-0}                # this node's rank: 0 .. NUM_MACHINES-1
 MAIN_PROCESS_IP=${MAIN_PROCESS_IP:-}           # address of the rank-0 node (needed when NUM_MACHINES > 1)
@@ -113,7 +113,8 @@ if [ "$SMOKE" = 1 ]; then
               --sample_grid_steps 2)
   STAGE2_EXTRA=(--learning_rate 1e-4 --lr_warmup_steps 0)
   EVAL_ARGS=(--prompts "$OUTPUT_DIR/data/prompts.txt" --resolution 32 --num_inference_steps 2 --batch_size 3
-             --pickscore_model "$TINY/tiny-clip" --pickscore_processor "$TINY/tiny-clip" --clip_model "$TINY/tiny-clip")
+             --pickscore_model "$TINY/tiny-clip" --pickscore_processor "$TINY/tiny-clip" --clip_model "$TINY/tiny-clip"
+             --note "Smoke run: tiny random-weight models and a few steps; these numbers mean nothing.")
 else
   if [ "$DRY_RUN" = 1 ]; then  # no GPU or hub checks: the commands are only printed
     [ "$NUM_GPUS" -ge 1 ] || { log "dry run: no GPU here, showing NUM_GPUS=1 per node"; NUM_GPUS=1; }
@@ -253,27 +254,13 @@ step "$EVAL_STEP" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --outpu
   "${METHODS[@]}" --metrics "$METRICS" --seeds $SEEDS "${EVAL_ARGS[@]}"
 
 # ------------------------------------------------------------------ 5. panel
-# One column per method, one row per prompt (paper Figs. 6-7), first seed only.
-# The paper's prompt lists live in prompts/figure6.txt and figure7.txt; while
-# one is missing (prompts/README.md) the smoke run draws the panel from its
-# Table 1 prompts and the real run skips the step with a notice.
-if [[ "$PANEL_PROMPTS" == figure[67] ]] && [ ! -f "prompts/$PANEL_PROMPTS.txt" ]; then
-  if [ "$SMOKE" = 1 ]; then
-    log "panel: prompts/$PANEL_PROMPTS.txt is missing (prompts/README.md); using the smoke prompts"
-    PANEL_PROMPTS=$OUTPUT_DIR/data/prompts.txt
-  else
-    log "panel: skipped, prompts/$PANEL_PROMPTS.txt is missing: copy the prompts of the paper's figure caption"
-    log "       into it (prompts/README.md), or set PANEL_PROMPTS to a prompt file, and rerun"
-    PANEL_PROMPTS=
-  fi
-fi
-if [ -n "$PANEL_PROMPTS" ]; then
-  # shellcheck disable=SC2086
-  step "panel${EVAL_STEP#eval}" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/panel" \
-    "${METHODS[@]}" \
-    "${EVAL_ARGS[@]}" --prompts "$PANEL_PROMPTS" --seeds ${SEEDS%% *} --grid_prompts 1000 \
-    --metrics laplacian  # the panel needs no score: laplacian is the one metric that loads no model
-fi
+# One column per Table-1 row, one row per prompt (paper Fig. 6 on SD-1.5, Fig. 7 on SD-3.5-M: the
+# prompts of the figure's caption, evaluate.py --prompts figure6 / figure7), first seed only.
+# shellcheck disable=SC2086
+step "panel${EVAL_STEP#eval}" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/panel" \
+  "${METHODS[@]}" \
+  "${EVAL_ARGS[@]}" --prompts "$PANEL_PROMPTS" --seeds ${SEEDS%% *} --grid_prompts 1000 \
+  --metrics laplacian  # the panel needs no score: laplacian is the one metric that loads no model
 
 [ "$DRY_RUN" = 1 ] && { log "dry run: nothing was run"; exit 0; }
 log "all steps done. Table 1: $OUTPUT_DIR/eval/results.md"

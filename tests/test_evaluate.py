@@ -362,14 +362,130 @@ def test_aesthetic_and_clip_score_on_tiny_clip(tiny_models, aesthetic_weights):
 
 
 def test_unifiedreward_answer_parser():
+    """The public parser: "Final Score:" case-sensitive, the first match, 1-5 only (a regex search: "10" reads 1)."""
     parse = evaluate.parse_final_score
     assert parse("The apple is there (object): 5\n...\nFinal Score: 3.75") == 3.75
-    assert parse("**Final Score:** 4") == 4.0
-    assert parse("final score: 2\nrevised. Final Score: 4.5") == 4.5  # the last one counts
-    assert parse("Final Score: N/A") is None  # malformed
-    assert parse("Final Score:") is None
-    assert parse("The image looks fine overall.") is None  # missing
-    assert parse("") is None and parse(None) is None
+    assert parse("Final Score: 2\nrevised. Final Score: 4.5") == 2.0  # the first one counts
+    assert parse("Final Score:4") == 4.0 and parse("Final Score: 10") == 1.0
+    for unparsed in ("Final Score: 7", "Final Score: -2", "final score: 4", "**Final Score:** 4", "Final Score: N/A",
+                     "Final Score:", "The image looks fine overall.", "", None):
+        assert parse(unparsed) is None, unparsed
+
+
+# A stand-in for the authors' rewards.py (Cwyxx/RealAlign, training_sd35m/flow_grpo/rewards.py at the pinned
+# commit): the same Python shape (a string literal `prompt_template`, implicitly concatenated, inside a function
+# `unifiedreward_score`, beside another function with its own `prompt_template`), with an invented question.
+STAND_IN_REWARDS = '''import re
+
+def qwenvl_score(device):
+    prompt_template = "not this one {prompt}"
+
+def unifiedreward_score(device):
+    score_pattern = re.compile(r"Final Score: ([1-5])")
+    prompt_template = (
+        "Invented question about a picture. "
+        "Caption: [{prompt}]"
+    )
+    return prompt_template
+'''
+
+
+class FakeQwen:
+    """Stands in for UnifiedReward's processor and model (transformers' Qwen2.5-VL classes): records every
+    generate() call and answers from a script, one answer per image."""
+
+    def __init__(self, answers):
+        self.answers, self.calls, self.texts = list(answers), [], []
+        self.tokenizer, self.device = self, torch.device("cpu")
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert [c["type"] for c in messages[0]["content"]] == ["image", "text"]  # the public layout: image first
+        return messages[0]["content"][1]["text"]
+
+    def __call__(self, text, images, padding, return_tensors):
+        self.texts += text
+        self.sizes = [image.size for image in images]
+        from transformers import BatchFeature
+
+        return BatchFeature({"input_ids": torch.zeros(len(text), 3, dtype=torch.long)})
+
+    def generate(self, input_ids, **kwargs):
+        self.calls.append((len(input_ids), kwargs, self.sizes))
+        return torch.zeros(len(input_ids), 5, dtype=torch.long)
+
+    def batch_decode(self, ids, skip_special_tokens, clean_up_tokenization_spaces):
+        return [self.answers.pop(0) for _ in ids]
+
+
+def image_folder(folder, prompts):
+    """An evaluation folder of 512 px images of method 'base' at seed 42, one per prompt; its manifest."""
+    manifest = []
+    for index, (image, prompt) in enumerate(zip(random_images(len(prompts)), prompts)):
+        manifest.append({"image": evaluate.image_relpath("base", 42, index), "method": "base", "seed": 42,
+                         "index": index, "prompt": prompt})
+        common.atomic_save_image(image.resize((512, 512)), folder / manifest[-1]["image"])
+    return manifest
+
+
+def test_unifiedreward_asks_the_authors_question_one_image_at_a_time(tmp_path, monkeypatch):
+    """The default question is the authors' template, read from their rewards.py at the pinned commit (here a
+    stand-in served offline); each image is asked on its own with max_new_tokens=512 and the model's own
+    generation settings; answers go through the public parser."""
+    import transformers
+
+    served = {}
+    monkeypatch.setattr(evaluate, "download_url", lambda url, path: Path(path).write_text(served[url]))
+    url = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{'158ce2826b51566f58131235911e313a9313c91c'}/" \
+          "training_sd35m/flow_grpo/rewards.py"
+    args = evaluate.parse_args(["--cache_dir", str(tmp_path / "cache"), "--metrics", "unifiedreward"])
+    # offline: one message naming the URL and where to place the file
+    with pytest.raises(common.UserError, match=f"could not fetch the authors' UnifiedReward question from {url}.*"
+                                               "place it at .*cache/authors/158ce2826b51566f58131235911e313a9313c91c/"
+                                               "training_sd35m/flow_grpo/rewards.py"):
+        evaluate.unifiedreward_question(args)
+    served[url] = STAND_IN_REWARDS
+    assert evaluate.unifiedreward_question(args) == "Invented question about a picture. Caption: [{prompt}]"
+    served.clear()  # cached: no second download
+    assert evaluate.unifiedreward_question(args).startswith("Invented question")
+
+    prompts = ["a cat", "a dog", "a cow"]
+    manifest = image_folder(tmp_path, prompts)
+    fake = FakeQwen(["element (object): 1\nFinal Score: 4\nFinal Score: 2", "Final Score: 7", "final score: 3"])
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: fake)
+    monkeypatch.setattr(transformers.Qwen2_5_VLForConditionalGeneration, "from_pretrained",
+                        lambda *a, **k: type("M", (), {"to": lambda self, d: self, "eval": lambda self: fake})())
+    assert evaluate.score_images(tmp_path, manifest, ["unifiedreward"], args, evaluate.make_state()) == {}
+    assert fake.texts == [f"Invented question about a picture. Caption: [{p}]" for p in prompts]
+    # one image per generate() call (--score_batch_size 16 does not batch it), resized as qwen_vl_utils does
+    assert fake.calls == [(1, {"max_new_tokens": 512}, [(504, 504)])] * 3
+    scores = evaluate.read_score_table(tmp_path)
+    assert [scores[(e["image"], "unifiedreward")] for e in manifest] == [4.0, None, None]
+
+
+def test_hpsv3_scores_one_image_at_a_time(tmp_path, monkeypatch):
+    """As the public evaluation does (batch size 1 for HPSv3 and UnifiedReward); --vlm_batch_size batches."""
+    batches = []
+
+    class FakeHPSv3:  # the hpsv3 package's HPSv3RewardInferencer: (mu, sigma) per image
+        def __init__(self, device):
+            pass
+
+        def reward(self, prompts, image_paths):
+            batches.append(len(image_paths))
+            return [torch.tensor([5.0 + len(p), 1.0]) for p in prompts]
+
+    monkeypatch.setitem(sys.modules, "hpsv3", type(sys)("hpsv3"))
+    sys.modules["hpsv3"].HPSv3RewardInferencer = FakeHPSv3
+    manifest = image_folder(tmp_path, ["a", "bb", "ccc"])
+    assert evaluate.score_images(tmp_path, manifest, ["hpsv3"], evaluate.parse_args([]), evaluate.make_state()) == {}
+    assert batches == [1, 1, 1]
+    assert [evaluate.read_score_table(tmp_path)[(e["image"], "hpsv3")] for e in manifest] == [6.0, 7.0, 8.0]
+    batches.clear()
+    evaluate.score_images(tmp_path / "b", image_folder(tmp_path / "b", ["a", "bb", "ccc"]), ["hpsv3"],
+                          evaluate.parse_args(["--vlm_batch_size", "2"]), evaluate.make_state())
+    assert batches == [2, 1]
+    with pytest.raises(common.UserError, match="--vlm_batch_size must be >= 1"):
+        evaluate.main(["score", "--images", str(tmp_path), "--vlm_batch_size", "0"])
 
 
 def test_aggregate_mean_over_prompts_then_seeds():
@@ -425,6 +541,17 @@ def test_results_markdown_gains_bold_underline(monkeypatch):
     text = evaluate.results_markdown(report)
     assert "All metrics are higher-is-better." in text
     assert "dpo / unifiedreward: 3" in text and "hpsv3: not run: pip install hpsv3" in text
+
+    # a lead within one std over seeds is nobody's best: dpo leads by 0.5 with std 0.6
+    report["results"]["dpo"]["pickscore"]["std"] = 0.6
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in evaluate.results_markdown(report).splitlines() if line.startswith("| ")}
+    assert [rows[m][0] for m in ("sd15", "dpo", "ours")] == ["20.00 ± 0.10", "21.00 ± 0.60 (+5.0%)",
+                                                              "20.50 ± 0.05 (+2.5%)"]
+    report["results"]["dpo"]["pickscore"]["std"] = 0.2
+    # a smoke run says above its table that the numbers mean nothing
+    text = evaluate.results_markdown({**report, "note": "Smoke run: these numbers mean nothing."})
+    assert text.index("Smoke run: these numbers mean nothing.") < text.index("| Method |")
 
     # a lower-is-better metric ranks the other way round
     monkeypatch.setitem(evaluate.HIGHER_IS_BETTER, "laplacian", False)
@@ -498,18 +625,57 @@ def test_one_unifiedreward_question_per_folder(tmp_path):
     assert not (tmp_path / "scores.jsonl").exists()
 
 
-def test_figure2_plots_every_row_with_the_papers_points(tmp_path):
+def test_figure2_as_the_authors_notebooks_draw_it(tmp_path, monkeypatch):
+    """(a) x = realism, y = texture detail, both min-max over the rows shown; (b) human preference (min-max
+    inside) vs stylization. The paper's points are normalised over the paper's six methods from its numbers
+    (the notebooks'), so they do not move when the run has other rows; each panel names both sets."""
+    names = ["base", "diffusion_dpo", "realalign", "mine"]
     report = {"backbone": "sd15", "prompts": "pickapic_v2", "n_prompts": 500, "human_preference": None,
-              "methods": [{"name": n, "spec": ""} for n in ("base", "diffusion_dpo", "realalign", "mine")],
-              "results": {n: {"laplacian": {"mean": 1800.0 + 100 * i}, "sgp": {"mean": -0.05 + 0.01 * i}}
-                          for i, n in enumerate(("base", "diffusion_dpo", "realalign", "mine"))}}
+              "methods": [{"name": n, "spec": ""} for n in names],
+              "results": {n: {"laplacian": {"mean": 1800.0 + 100 * i}, "sgp": {"mean": -0.05 + 0.02 * i}}
+                          for i, n in enumerate(names)}}
+    points = evaluate.figure2_points(report)["a"]
+    assert points["ours"] == {n: pytest.approx((i / 3, i / 3)) for i, n in enumerate(names)}  # (realism, detail)
+    # the paper's: realism over -0.253 (InPO) .. -0.009 (RealAlign), detail over 1255.905 (InPO) .. 2353.761
+    assert points["paper"]["realalign"] == pytest.approx((1.0, 1.0))
+    assert points["paper"]["diffusion_dpo"] == pytest.approx(((0.253 - 0.075) / 0.244, (1552.312 - 1255.905) /
+                                                             (2353.761 - 1255.905)))
+    assert set(points["paper"]) == {"base", "diffusion_dpo", "realalign"} and "mine" not in points["paper"]
+    assert evaluate.PAPER_RESULTS[("sd15", "pickapic_v2")]["diffusion_dpo_realalign"]["laplacian"] == 2345.722
+    assert evaluate.PAPER_RESULTS[("sd15", "pickapic_v2")]["diffusion_dpo_realalign"]["sgp"] == -0.011
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    original = plt.Axes.text
+    monkeypatch.setattr(plt.Axes, "text", lambda self, x, y, s, *a, **k: drawn.append(s) or original(self, x, y, s,
+                                                                                                      *a, **k))
     assert evaluate.draw_figure2(report, tmp_path / "figure2.png")
-    assert Image.open(tmp_path / "figure2.png").size == (1100, 460)
+    assert Image.open(tmp_path / "figure2.png").format == "PNG"
+    assert any("min-max over this run's rows: base, diffusion_dpo, realalign, mine" in t and
+               "the paper's points: min-max over its methods: base, diffusion_dpo, diffusion_kto, inpo, realalign, "
+               "diffusion_dpo_realalign" in t for t in drawn), drawn
     # without texture/realism and without stylization there is nothing to draw
     assert not evaluate.draw_figure2({**report, "results": {}}, tmp_path / "none.png")
-    # panel (b): human preference here, stylization from another folder
-    # (OneIG-Bench's style prompts), matched by method name
-    names = [m["name"] for m in report["methods"]]
+
+    # (b) on SD-3.5-M DrawBench: the paper's points over its six methods (with GRPO-Guard and DiffusionNFT),
+    # whichever rows this run holds: ours 0.629, Flow-GRPO 0.779, Flow-GRPO + RealAlign 0.895
+    rows = ["base", "flow_grpo", "realalign", "flow_grpo_realalign"]
+    paper = evaluate.PAPER_RESULTS[("sd3", "drawbench")]
+    for shown in (rows, rows[:3]):
+        results = {m: {k: {"mean": paper[m][k] + 0.01} for k in ("unifiedreward", "hpsv3")} for m in shown}
+        sd3 = {"backbone": "sd3", "prompts": "drawbench", "n_prompts": 200, "results": results,
+               "methods": [{"name": m, "spec": ""} for m in shown],
+               "human_preference": evaluate.human_preference(results, shown),
+               "stylization": {m: paper[m]["stylization"] for m in shown}}
+        b = evaluate.figure2_points(sd3)["b"]
+        expected = {"base": 0.0, "flow_grpo": 0.779, "realalign": 0.629, "flow_grpo_realalign": 0.895}
+        assert {m: round(x, 3) for m, (x, _) in b["paper"].items()} == {m: expected[m] for m in shown}
+        assert b["paper"]["realalign"][1] == 0.305 and b["paper_over"][2:4] == ["grpo_guard", "diffusion_nft"]
+        assert b["over"] == shown
+    # ours are normalised over the run's three rows: realalign has the top HPSv3, UnifiedReward 0.16 of 0.29 up
+    assert b["ours"]["realalign"] == pytest.approx((0.5 * 0.16 / 0.29 + 0.5, 0.305))
+    assert evaluate.draw_figure2(sd3, tmp_path / "b.png")
+    # panel (b): stylization from another folder (OneIG-Bench's style prompts), matched by method name
     other = tmp_path / "oneig" / "results.json"
     other.parent.mkdir()
     other.write_text(json.dumps({"results": {n: {"stylization": {"mean": 0.3 + 0.01 * i}}
@@ -520,9 +686,6 @@ def test_figure2_plots_every_row_with_the_papers_points(tmp_path):
     assert evaluate.stylization_means(report["results"], names + ["absent"], other) is None
     with pytest.raises(common.UserError, match="not an evaluate.py results.json"):
         evaluate.stylization_means({}, names, tmp_path / "nope.json")
-    both = {**report, "human_preference": {n: i / 3 for i, n in enumerate(names)},
-            "stylization": evaluate.stylization_means({}, names, other)}
-    assert evaluate.draw_figure2({**both, "results": {}}, tmp_path / "b_only.png")
 
 
 # ---------------------------------------------------------------------------
@@ -573,7 +736,7 @@ def test_authors_prompt_sets_by_url(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "download_url", fake_download)
     for name, (relpath, count) in evaluate.AUTHORS_PROMPT_FILES.items():
-        url = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/158ce28/{relpath}"
+        url = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/158ce2826b51566f58131235911e313a9313c91c/{relpath}"
         lines = [f"  prompt {i} of {name}  with  double spaces " for i in range(count)]
         served[url] = "\n".join(lines) + "\n\n"  # a trailing blank line is not a prompt
         prompts = evaluate.load_prompts(name, tmp_path / "cache")
@@ -588,7 +751,7 @@ def test_authors_prompt_sets_by_url(tmp_path, monkeypatch):
     served[f"{evaluate.AUTHORS_REPO}/training_sd35m/dataset/drawbench-unique/test.txt"] = "only one\n"
     with pytest.raises(common.UserError, match="holds 1 prompts, not the 200"):
         evaluate.load_prompts("drawbench", tmp_path / "other_cache")
-    assert not list((tmp_path / "other_cache" / "prompts").iterdir())
+    assert not list((tmp_path / "other_cache").rglob("*.txt"))
 
 
 def test_hub_prompt_sets_keep_inner_whitespace(tmp_path, monkeypatch):

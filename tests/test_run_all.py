@@ -104,6 +104,18 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
         "flowgrpo-lora-sd3/adapter_config.json", "flowgrpo-lora-sd3/adapter_model.safetensors",
         "realalign-lora-sd15/pytorch_lora_weights.safetensors", "realalign-lora-sd3/lora/learner/adapter_config.json",
         "realalign-lora-sd3/lora/learner/adapter_model.safetensors"]
+    table = (out / "eval" / "results.md").read_text()
+    assert table.index("tiny random-weight models") < table.index("mean nothing") < table.index("| Method")
+    # 5. the qualitative panel: paper Fig. 6 (SD-1.5) / Fig. 7 (SD-3.5-M), the caption's prompts, one column
+    # per Table-1 row, first seed; not a copy of eval/grid.png (the Table-1 prompts)
+    import evaluate
+
+    panel = json.loads((out / "panel" / "run.json").read_text())
+    assert [m["name"] for m in panel["methods"]] == rows and panel["seeds"] == [42]
+    figure = "figure7" if backbone == "sd35m" else "figure6"
+    assert (out / "panel" / "prompts.txt").read_text().splitlines() == evaluate.FIGURE_PROMPT_SETS[figure]
+    assert (out / "panel" / "grid.png").read_bytes() != (out / "eval" / "grid.png").read_bytes()
+    assert "qualitative panel:" in result.stdout
     # the "+ RealAlign" stages start from the baseline: SD-3.5-M continues
     # the stand-in Flow-GRPO LoRA in Stage 1 and Stage 1's LoRA in Stage 2
     if backbone == "sd35m":
@@ -113,14 +125,6 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
         assert args2["init_lora"] == str(out / "complementarity" / "stage1" / "checkpoint-4")
         assert results["methods"][4]["spec"] == str(out / "complementarity" / "stage2" / "checkpoint-4")
         return
-
-    # 5. the qualitative panel (paper Figs. 6-7): every method, every prompt, one seed; the paper's prompt
-    # list is not shipped yet, so the smoke run says so and uses its own prompts
-    panel = json.loads((out / "panel" / "run.json").read_text())
-    assert [m["name"] for m in panel["methods"]] == ROWS[backbone] and panel["seeds"] == [42]
-    assert (out / "panel" / "grid.png").is_file() and "qualitative panel:" in result.stdout
-    if not (ROOT / "prompts" / ("figure7.txt" if backbone == "sd35m" else "figure6.txt")).is_file():
-        assert "using the smoke prompts" in result.stdout
 
     # a rerun skips every finished step
     again = smoke(out, backbone)
