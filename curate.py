@@ -693,7 +693,7 @@ def main(argv=None):
         "saliency": args.saliency if args.fake_mode == "inpaint" else None,
         "resolution": args.resolution, "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale, "seed": args.seed, "strength": INPAINT_STRENGTH,
-        "safety_checker": args.keep_safety_checker, "dtype": args.inpaint_dtype,
+        "safety_checker": args.keep_safety_checker, "inpaint_dtype": args.inpaint_dtype,
     }
     check_generation_settings(output_dir, generation_settings)
     if args.drop_nonphoto:  # the authors' question, and answers in this folder only if it asked them
@@ -701,6 +701,9 @@ def main(argv=None):
         nonphoto_settings = {"model": args.nonphoto_model, "question": question, "generate_kwargs": generate_kwargs,
                              "seed": args.seed}
         if nonphoto_dir.is_dir() and any(nonphoto_dir.iterdir()):
+            if not (output_dir / NONPHOTO_SETTINGS_FILE).is_file():  # answered before the question was recorded
+                raise common.UserError(f"the non-photo answers in {nonphoto_dir} were given to another question "
+                                       "(an earlier version of curate.py); delete that folder to ask again")
             common.check_same_settings(output_dir / NONPHOTO_SETTINGS_FILE, nonphoto_settings,
                                        f"the non-photo answers in {nonphoto_dir}")
 

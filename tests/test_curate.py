@@ -490,12 +490,15 @@ def test_nonphoto_filter_keeps_only_no_answers(tiny_models, real_folder, tmp_pat
     place_stand_in_script(tmp_path / "cache", STAND_IN_SCRIPT.replace("Invented", "Another"))
     with pytest.raises(common.UserError, match="non-photo answers .* other settings"):
         curate.main(args)
+    (out_dir / curate.NONPHOTO_SETTINGS_FILE).unlink()  # answers of an earlier version, question unknown
+    with pytest.raises(common.UserError, match="were given to another question"):
+        curate.main(args)
 
 
 def test_fakes_are_made_in_fp32_unless_asked(first_run, tiny_models, real_folder, tmp_path, monkeypatch):
     """--inpaint_dtype: fp32 by default (the public inpainting script), recorded
     with the fakes; bf16 or fp16 on request."""
-    assert json.loads((first_run / "generation_settings.json").read_text())["dtype"] == "fp32"
+    assert json.loads((first_run / "generation_settings.json").read_text())["inpaint_dtype"] == "fp32"
     loaded = []
 
     def load_pipeline(model, dtype=torch.float32, inpainting=False):
