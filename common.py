@@ -197,6 +197,8 @@ class Backbone:
       predict(net, x_t, t, cond)   -> network output
       policy_trajectory_point(...) -> (x_t, t, prediction) at one random
                                       step of a guidance-free sampling run
+      policy_endpoint_point(...)   -> SD-3: (x_t, t, prediction, eps), the
+                                      noised end of a guidance-free sample
     """
 
     def __init__(self, pipe, device=None, dtype=torch.float32):
@@ -379,6 +381,34 @@ class Backbone:
         if self.is_flow:
             return self._flow_points(net, cond, x, num_steps, generator, K)
         return self._dpm_solver_points(net, cond, x, num_steps, generator, K)
+
+    @torch.no_grad()
+    def policy_endpoint_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1,
+                              with_prediction=True):
+        """SD-3 only: the public SD-3.5-M trainer's policy point (train_dro.py
+        --sd3_policy_point endpoint). `net` (the snapshot role) samples each
+        caption to its end x0 with the pipeline's own call (flow-match Euler,
+        `num_steps` steps, guidance 1, latents out), then x0 is noised at K
+        training timesteps t (`sample_timesteps`) with fresh noise eps:
+        x_t = (1 - sigma) x0 + sigma eps. Returns (x_t, t, prediction of `net`
+        at x_t, or None without `with_prediction`, eps), trajectory-major; the
+        caller noises the real latent with the SAME eps and t, as the public
+        trainer does."""
+        n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
+        latents = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
+        embeds = {key: value.to(self.device, self.dtype) for key, value in cond.items()}
+        x0 = self.pipe(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
+                       latents=latents.to(self.device, self.dtype), num_inference_steps=num_steps,
+                       guidance_scale=1.0, height=resolution, width=resolution, output_type="latent").images
+        self.network_calls, self.network_rows = self.network_calls + num_steps, self.network_rows + n * num_steps
+        x0 = x0.float().repeat_interleave(K, dim=0)
+        t = self.sample_timesteps(n * K, generator)
+        noise = to_device(torch.randn(x0.shape, generator=generator), self.device)
+        x_t = self.add_noise(x0, noise, t)
+        if not with_prediction:
+            return x_t, t, None, noise
+        cond = {key: value.repeat_interleave(K, dim=0) for key, value in cond.items()}
+        return x_t, t, self.predict(net, x_t, t, cond).float(), noise
 
     def _flow_points(self, net, cond, x, num_steps, generator, K):
         n = x.shape[0]
@@ -1416,16 +1446,23 @@ def random_inputs(backbone, n, resolution, generator, sides):
     return x0, {key: to_device(value, backbone.device) for key, value in cond.items()}
 
 
-def learner_and_ref_errors(backbone, x_t, t, cond, target):
+def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None):
     """Per-sample errors of the learner (with grad) and of the frozen reference
-    (no grad) on one concatenated batch: one forward each (README 'Differences from the public code')."""
+    (no grad) on one concatenated batch: one forward each (README 'Differences from the public code').
+
+    `own_target_from` = m (train_dro.py --policy_target learner, a diagnostic):
+    `target` holds rows [:m] only, and rows m: take the learner's own
+    prediction, detached, as their target, as the public SD-3.5-M trainer
+    does; the learner's error there is exactly 0 with exactly zero gradient."""
     net = backbone.net
     use_role(net, REF)
     with torch.no_grad():
-        ref_err = per_sample_mse(backbone.predict(net, x_t, t, cond), target)
+        ref_pred = backbone.predict(net, x_t, t, cond)
     use_role(net, LEARNER)
-    model_err = per_sample_mse(backbone.predict(net, x_t, t, cond), target)
-    return model_err, ref_err
+    pred = backbone.predict(net, x_t, t, cond)
+    if own_target_from is not None:
+        target = torch.cat([target, pred[own_target_from:].detach().to(target.dtype)])
+    return per_sample_mse(pred, target), per_sample_mse(ref_pred, target)
 
 
 def make_optimizer(args, params):

@@ -7,7 +7,7 @@ filtered so that only pairs where the real photo is clearly better survive:
 
     real images + captions
       -> centre crop (512 px)                      real/<uid>.png
-      -> drop non-photographic images              (a VLM's yes/no; --no-drop_nonphoto skips)
+      -> drop non-photographic images              (a VLM's yes/no, the authors' question; --no-drop_nonphoto skips)
       -> saliency mask (U^2-Net)                   mask/<uid>.png
       -> inpainted "fake" (SD-1.5 inpainting,      fake/<uid>.png
          safety checker off as in the public code)
@@ -37,6 +37,7 @@ Offline smoke run on the tiny random models (`python tests/tiny_models.py tiny-m
 """
 
 import argparse
+import ast
 import csv
 import hashlib
 import io
@@ -44,6 +45,7 @@ import json
 import math
 import os
 import random
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +65,25 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 # Filter 1 of the paper's data (paper Sec. 4; the public runs are named
 # "top_512_images_no_anime"): Qwen3-VL-8B-Instruct is asked, per real image,
-# whether it is an artwork or anime style image, answering only yes or no
-# (greedy, at most NONPHOTO_MAX_NEW_TOKENS new tokens). Only the images whose
-# lower-cased answer is "no" are kept, as in the public filter.
-NONPHOTO_QUESTION = "Is this an artwork or anime style image? Answer only 'yes' or 'no'."
-NONPHOTO_MAX_NEW_TOKENS = 8
+# whether it is an artwork or anime style image, and only the images whose
+# lower-cased answer is "no" are kept, as in the public filter. The question
+# and the generation call are an instrument, so they are the authors' own,
+# read at run time from their filter script at the pinned commit (downloaded
+# once into --cache_dir): the module-level `prompt` string and the literal
+# keyword arguments of its `model.generate(...)` call. That call sets no
+# greedy flag, so the model's own generation config applies (Qwen3-VL samples);
+# each image is asked alone, seeded per uid, so an answer depends on neither
+# the batch nor the process count.
+AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
+AUTHORS_RAW = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
+AUTHORS_NONPHOTO_SCRIPT = "data_curation/score/anime.py"
+NONPHOTO_SETTINGS_FILE = "nonphoto_settings.json"
 
 # README 'Method: data': the salient region is fully re-generated (strength 1.0), so the fake
 # keeps the real image's content only outside the mask. Not a flag: a lower
 # strength is a different method.
 INPAINT_STRENGTH = 1.0
+INPAINT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # U^2-Net input size and normalisation (README 'Method: data').
 U2NET_SIZE = 320
@@ -122,6 +133,9 @@ def parse_args(argv=None):
                              "rebuttal's ablation, the fake is a plain generation from the caption (no mask).")
     parser.add_argument("--inpaint_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-inpainting",
                         help="Inpainting pipeline (hub id or local folder), used with --fake_mode inpaint.")
+    parser.add_argument("--inpaint_dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="Precision of the pipeline that makes the fakes (either --fake_mode). fp32 as the public "
+                             "inpainting script (no dtype given); fp16/bf16 are faster on a GPU and change the fakes.")
     parser.add_argument("--t2i_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="Text-to-image pipeline (hub id or local folder), used with --fake_mode text2image.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps for the fakes.")
@@ -135,12 +149,15 @@ def parse_args(argv=None):
                         help="PickScore processor (README 'Method: data').")
     parser.add_argument("--score_batch_size", type=int, default=32, help="Pairs per PickScore batch (real and fake scored together).")
     parser.add_argument("--drop_nonphoto", action=argparse.BooleanOptionalAction, default=True,
-                        help="First filter, part of the paper's data: ask --nonphoto_model whether each real image "
-                             "is an artwork or anime style image and keep it only if the answer is 'no'. If the "
+                        help="First filter, part of the paper's data: ask --nonphoto_model the authors' question "
+                             "(read from their " + AUTHORS_NONPHOTO_SCRIPT + " at commit " + AUTHORS_COMMIT[:12] +
+                             ") about each real image and keep it only if the answer is 'no'. If the script or the "
                              "model cannot be loaded, curation stops with an error; --no-drop_nonphoto curates "
                              "without this filter (offline smoke runs).")
     parser.add_argument("--nonphoto_model", type=str, default="Qwen/Qwen3-VL-8B-Instruct",
                         help="Vision-language model used by --drop_nonphoto.")
+    parser.add_argument("--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
+                        help="Where the authors' filter script is kept once downloaded (as evaluate.py's files).")
     parser.add_argument("--keep_safety_checker", action="store_true",
                         help="Keep the generation pipeline's safety checker and drop the pairs whose fake it flags. "
                              "Off by default, as in the public inpainting script (which sets safety_checker=None): "
@@ -481,28 +498,64 @@ def filter_pairs(rows, min_pickscore_gap, top_k):
 # =============================================================================
 
 
-class NonPhotoJudge:
-    """Asks a chat VLM (Qwen3-VL-8B-Instruct in the paper) NONPHOTO_QUESTION
-    about each image, greedily, and returns its short answers."""
+def download_text(url):
+    """A text file by plain URL (the tests replace this function)."""
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode("utf-8")
 
-    def __init__(self, model_name, device, dtype):
+
+def authors_nonphoto_call(cache_dir):
+    """(question, generate kwargs) of the authors' non-photo filter script at
+    AUTHORS_COMMIT: its module-level `prompt` string and the literal keyword
+    arguments of its `model.generate(...)` call, parsed (never run)."""
+    cached = Path(cache_dir) / f"Cwyxx-RealAlign-{AUTHORS_COMMIT}" / AUTHORS_NONPHOTO_SCRIPT
+    if not cached.is_file():
+        url = f"{AUTHORS_RAW}/{AUTHORS_NONPHOTO_SCRIPT}"
+        try:
+            text = download_text(url)
+        except Exception as err:
+            raise common.UserError(f"the non-photo filter asks the authors' question, and {url} could not be "
+                                   f"downloaded ({type(err).__name__}: {err}); offline, download that file and place "
+                                   f"it at {cached}, or pass --no-drop_nonphoto") from None
+        common.atomic_write_text(cached, text)
+    try:
+        tree = ast.parse(cached.read_text(encoding="utf-8"))
+        question = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                        and any(isinstance(target, ast.Name) and target.id == "prompt" for target in node.targets))
+        call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute) and node.func.attr == "generate")
+        kwargs = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords if keyword.arg}
+    except (SyntaxError, ValueError, UnicodeDecodeError, StopIteration):
+        question = None
+    if not isinstance(question, str) or not question.strip():
+        raise common.UserError(f"{cached} is not the authors' {AUTHORS_NONPHOTO_SCRIPT} (no module-level `prompt` "
+                               "string and `model.generate(...)` call with literal arguments); delete it to download "
+                               "it again")
+    return question, kwargs
+
+
+class NonPhotoJudge:
+    """Asks a chat VLM (Qwen3-VL-8B-Instruct in the paper) the authors'
+    question about one image at a time, with their generation call, and
+    returns its short answer (stripped)."""
+
+    def __init__(self, model_name, device, dtype, question, generate_kwargs):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_name)
-        # generation continues after each row's last token: pad on the left
-        self.processor.tokenizer.padding_side = "left"
         self.model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=dtype).to(device).eval()
-        self.device = device
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": NONPHOTO_QUESTION}]}]
-        self.chat_text = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        self.device, self.question, self.generate_kwargs = device, question, generate_kwargs
 
     @torch.no_grad()
-    def __call__(self, images):
-        inputs = self.processor(text=[self.chat_text] * len(images), images=list(images), padding=True,
-                                return_tensors="pt").to(self.device)
-        output = self.model.generate(**inputs, max_new_tokens=NONPHOTO_MAX_NEW_TOKENS, do_sample=False)
-        answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [answer.strip() for answer in answers]
+    def __call__(self, image, seed):
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": self.question}]}]
+        inputs = self.processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True, return_tensors="pt").to(self.device)
+        torch.manual_seed(seed)  # the model's generation config may sample: seeded per uid
+        output = self.model.generate(**inputs, **self.generate_kwargs)
+        return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)[0].strip()
 
 
 def answer_is_no(answer):
@@ -642,9 +695,19 @@ def main(argv=None):
         "saliency": args.saliency if args.fake_mode == "inpaint" else None,
         "resolution": args.resolution, "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale, "seed": args.seed, "strength": INPAINT_STRENGTH,
-        "safety_checker": args.keep_safety_checker,
+        "safety_checker": args.keep_safety_checker, "inpaint_dtype": args.inpaint_dtype,
     }
     check_generation_settings(output_dir, generation_settings)
+    if args.drop_nonphoto:  # the authors' question, and answers in this folder only if it asked them
+        question, generate_kwargs = authors_nonphoto_call(args.cache_dir)
+        nonphoto_settings = {"model": args.nonphoto_model, "question": question, "generate_kwargs": generate_kwargs,
+                             "seed": args.seed}
+        if nonphoto_dir.is_dir() and any(nonphoto_dir.iterdir()):
+            if not (output_dir / NONPHOTO_SETTINGS_FILE).is_file():  # answered before the question was recorded
+                raise common.UserError(f"the non-photo answers in {nonphoto_dir} were given to another question "
+                                       "(an earlier version of curate.py); delete that folder to ask again")
+            common.check_same_settings(output_dir / NONPHOTO_SETTINGS_FILE, nonphoto_settings,
+                                       f"the non-photo answers in {nonphoto_dir}")
 
     # Each process takes a contiguous, disjoint share of the uids: every uid is
     # generated by exactly one process.
@@ -686,17 +749,16 @@ def main(argv=None):
         to_ask = [c for c in readable if not (nonphoto_dir / f"{c['uid']}.txt").exists()]
         if to_ask:
             try:
-                judge = NonPhotoJudge(args.nonphoto_model, device, dtype)
+                judge = NonPhotoJudge(args.nonphoto_model, device, dtype, question, generate_kwargs)
             except Exception as err:
                 raise common.UserError(
                     f"the non-photo filter (--drop_nonphoto, on by default) could not load {args.nonphoto_model} "
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); make the model "
                     "available, or pass --no-drop_nonphoto to curate without this filter") from None
-            for batch in tqdm(list(batches(to_ask, args.batch_size)), desc="asking the VLM",
-                              disable=not show_progress):
-                answers = judge([load_real(c["uid"]) for c in batch])
-                for candidate, answer in zip(batch, answers):
-                    common.atomic_write_text(nonphoto_dir / f"{candidate['uid']}.txt", answer)
+            common.atomic_write_text(output_dir / NONPHOTO_SETTINGS_FILE, json.dumps(nonphoto_settings, indent=2))
+            for candidate in tqdm(to_ask, desc="asking the VLM", disable=not show_progress):
+                answer = judge(load_real(candidate["uid"]), uid_seed(args.seed, candidate["uid"]))
+                common.atomic_write_text(nonphoto_dir / f"{candidate['uid']}.txt", answer)
             del judge
             free_memory()
         for candidate in readable:
@@ -715,9 +777,9 @@ def main(argv=None):
     if to_generate:
         if args.fake_mode == "inpaint":
             saliency_model = U2NetSaliency(device) if args.saliency == "u2net" else spectral_residual_saliency
-            pipe = common.load_pipeline(args.inpaint_model, dtype, inpainting=True)
+            pipe = common.load_pipeline(args.inpaint_model, INPAINT_DTYPES[args.inpaint_dtype], inpainting=True)
         else:
-            pipe = common.load_pipeline(args.t2i_model, dtype)
+            pipe = common.load_pipeline(args.t2i_model, INPAINT_DTYPES[args.inpaint_dtype])
         # The public inpainting runs without the safety checker (safety_checker =
         # None): no fake is blacked out and no pair dropped by it. Opt-in here.
         if args.keep_safety_checker and getattr(pipe, "safety_checker", None) is None:

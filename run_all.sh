@@ -22,6 +22,8 @@
 #   DRY_RUN=1 bash run_all.sh            print every command (launch lines included) instead of running it
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 bash run_all.sh   on node 0, and MACHINE_RANK=1 on node 1
 #   SMOKE=1 REAL_IMAGES=my_photos bash run_all.sh   the smoke run on your own captioned photos
+#   RUN_LIKE_AUTHORS=1 BACKBONE=sd35m bash run_all.sh   Stage 1 as the authors' public SD-3.5-M trainer runs it
+#                                        (README "Differences from the public code"), in OUTPUT_DIR outputs/sd35m-authors
 #
 # A rerun resumes: finished steps are skipped, an interrupted one continues.
 # Every setting below is an environment variable; the defaults are the paper's.
@@ -31,6 +33,13 @@ cd "$(dirname "$0")"
 SMOKE=${SMOKE:-0}                              # 1 = tiny offline models and procedural images (or REAL_IMAGES), on CPU
 BACKBONE=${BACKBONE:-sd15}                     # sd15 (Stable Diffusion 1.5) or sd35m (SD-3.5-Medium)
 [ "$BACKBONE" = sd15 ] || [ "$BACKBONE" = sd35m ] || { echo "BACKBONE must be sd15 or sd35m" >&2; exit 1; }
+# 1 = every stage with the authors' choices where they differ from ours: on SD-3.5-M, Stage 1 samples the
+# policy image to its end and shares the real side's noise (--sd3_policy_point endpoint) and its policy
+# target is the learner's own prediction, which switches the policy term off (--policy_target learner,
+# sampled with the learner: --snapshot_every 1). Curation needs no flag: the authors' non-photo question
+# and fp32 inpainting are curate.py's defaults; on SD-1.5 every default already is the authors' choice.
+RUN_LIKE_AUTHORS=${RUN_LIKE_AUTHORS:-0}
+[ "$RUN_LIKE_AUTHORS" = 0 ] || [ "$RUN_LIKE_AUTHORS" = 1 ] || { echo "RUN_LIKE_AUTHORS must be 0 or 1" >&2; exit 1; }
 
 # The paper's values per backbone (README "Method"), and the smoke run's (seconds on a CPU).
 # The baseline row is a released model: SD-1.5 Diffusion-DPO's UNet (a network: the complementarity
@@ -50,6 +59,11 @@ if [ "$SMOKE" = 1 ]; then
   d_out=outputs/smoke; [ "$BACKBONE" = sd35m ] && d_out=outputs/smoke-sd35m
   d_steps1=4; d_steps2=4; d_ckpt1=4; d_ckpt2=4; d_every=2; d_batch=2; d_seeds="42 123"
   d_metrics=pickscore,sgp,laplacian,clip
+fi
+STAGE1_AUTHORS=()  # the Stage-1 flags of RUN_LIKE_AUTHORS=1 (both Stage-1 runs: ours and the complementarity one)
+if [ "$RUN_LIKE_AUTHORS" = 1 ] && [ "$BACKBONE" = sd35m ]; then
+  d_out=$d_out-authors
+  STAGE1_AUTHORS=(--sd3_policy_point endpoint --policy_target learner --snapshot_every 1)
 fi
 
 OUTPUT_DIR=${OUTPUT_DIR:-$d_out}               # everything is written under here
@@ -203,10 +217,11 @@ PY
 fi
 
 # ------------------------------------------------------------------ 1-4
+[ "$RUN_LIKE_AUTHORS" = 1 ] && [ "$BACKBONE" = sd15 ] && log "RUN_LIKE_AUTHORS=1: on SD-1.5 every default already is the authors' choice"
 step curate "${LAUNCH[@]}" curate.py --output_dir "$OUTPUT_DIR/pairs" "${CURATE_ARGS[@]}"
 step stage1 "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
   --output_dir "$OUTPUT_DIR/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
-  "${TRAIN_ARGS[@]}" --final_checkpoint "$STAGE1_CKPT" $(resume_flag "$OUTPUT_DIR/stage1")
+  "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT" $(resume_flag "$OUTPUT_DIR/stage1")
 [ "$DRY_RUN" = 1 ] || [ -d "$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" ] || die "no Stage-1 checkpoint at step $STAGE1_CKPT
        (STAGE1_CKPT must be a multiple of CHECKPOINT_EVERY, at most STAGE1_STEPS)"
 step stage2 "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
@@ -230,7 +245,8 @@ if [ "$COMPLEMENTARITY" = 1 ]; then
   C_INIT1=(); [ "$baseline_init" = --init_lora ] && C_INIT1=(--init_lora "$BASELINE")
   step complementarity-stage1 "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
     --output_dir "$C/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
-    "${C_NET[@]}" "${C_INIT1[@]}" "${TRAIN_ARGS[@]}" --final_checkpoint "$STAGE1_CKPT" $(resume_flag "$C/stage1")
+    "${C_NET[@]}" "${C_INIT1[@]}" "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT" \
+    $(resume_flag "$C/stage1")
   [ "$DRY_RUN" = 1 ] || [ -d "$C/stage1/checkpoint-$STAGE1_CKPT" ] || die "no complementarity Stage-1 checkpoint at step $STAGE1_CKPT"
   step complementarity-stage2 "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
     "${C_NET[@]}" --init_lora "$C/stage1/checkpoint-$STAGE1_CKPT" --output_dir "$C/stage2" \

@@ -16,9 +16,12 @@ One micro-batch of B captions c (dropped to "" with p = 0.2):
      step of the 20-step DPM-Solver++ grid (SD-1.5, per-sample offset), or,
      for SD-3, the point where the 10-step Euler trajectory lands exactly on a
      t drawn from the logit-normal (shift 3) law of paper Sec. 3 (README
-     "Differences from the public code");
+     "Differences from the public code"); or, with --sd3_policy_point
+     endpoint (the public SD-3.5-M trainer's structure), theta's 10-step
+     sample taken to its end and noised at a drawn t;
   2. real:   the real image of the same caption, noised at the same t with
-     fresh noise; target eps (SD-1.5) or eps - x0 (SD-3);
+     fresh noise (endpoint: with the policy point's noise); target eps
+     (SD-1.5) or eps - x0 (SD-3);
   3. learner and ref each run ONE forward over the concatenated
      [real; policy] batch -> four per-sample errors;
   4. loss = diffusion_dro_loss (hinge on D, margin 0.001).
@@ -49,6 +52,16 @@ def parse_args(argv=None):
                         "of one (SD-1.5: K distinct random steps; SD-3: K drawn timesteps), so a micro-batch of B samples runs B/K trajectories and "
                         "uses B/K real images (each at the K timesteps, fresh noise). Same expected loss, more "
                         "correlated samples. 1 = the paper's method")
+    g.add_argument("--sd3_policy_point", choices=["trajectory", "endpoint"], default="trajectory",
+                   help="SD-3 only: trajectory = the point of theta's Euler trajectory at a drawn t, the real latent "
+                        "noised with fresh noise; endpoint = the public SD-3.5-M trainer's structure: theta's sample "
+                        "taken to its end, then it and the real latent noised with ONE shared noise at one drawn t "
+                        "(README 'Differences from the public code')")
+    g.add_argument("--policy_target", choices=["snapshot", "learner"], default="snapshot",
+                   help="target of the policy term: snapshot = theta's prediction (Diffusion-DRO). learner = a "
+                        "diagnostic, the public SD-3.5-M trainer's effective objective: the learner's own prediction, "
+                        "detached, so the policy term is exactly zero and has no gradient (add --snapshot_every 1 "
+                        "to sample with the learner too, as that trainer does); for comparison only")
     return parser.parse_args(argv)
 
 
@@ -60,6 +73,9 @@ def main(argv=None):
     if args.points_per_trajectory < 1 or args.train_batch_size % args.points_per_trajectory:
         raise common.UserError(f"--points_per_trajectory {args.points_per_trajectory} must be >= 1 and divide "
                                f"--train_batch_size {args.train_batch_size}")
+    if args.sd3_policy_point == "endpoint" and backbone.kind != "sd3":
+        raise common.UserError("--sd3_policy_point endpoint is the public SD-3.5-M trainer's structure and needs an "
+                               "SD-3 pipeline; SD-1.5 takes trajectory points (README 'Method: Stage 1')")
     roles = [LEARNER, REF, POLICY]
     lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora,
                                             seed=args.seed)
@@ -74,13 +90,20 @@ def main(argv=None):
                                             caption_dropout=args.caption_dropout, flip=not args.no_flip)
 
         # 1. the policy side: a trajectory point of the frozen snapshot theta.
-        #    Its prediction is the policy target (never the learner's own:
-        #    that would make the policy term identically zero, README 'Differences from the public code').
+        #    Its prediction is the policy target (the learner's own would make
+        #    the policy term identically zero, README 'Differences from the public code';
+        #    only the diagnostic --policy_target learner does that).
         common.use_role(net, POLICY)
         sampling_start = common.benchmark_clock(args)
         calls_before, rows_before = backbone.network_calls, backbone.network_rows
-        x_policy, t, policy_target = backbone.policy_trajectory_point(
-            net, cond, args.resolution, args.sampler_steps, generator, points_per_trajectory=K)
+        shared_noise = None
+        if args.sd3_policy_point == "endpoint":  # the public SD-3.5-M trainer's structure
+            x_policy, t, policy_target, shared_noise = backbone.policy_endpoint_point(
+                net, cond, args.resolution, args.sampler_steps, generator, points_per_trajectory=K,
+                with_prediction=args.policy_target == "snapshot")
+        else:
+            x_policy, t, policy_target = backbone.policy_trajectory_point(
+                net, cond, args.resolution, args.sampler_steps, generator, points_per_trajectory=K)
         sampling_seconds = common.benchmark_clock(args) - sampling_start
         sampler_calls, sampler_rows = backbone.network_calls - calls_before, backbone.network_rows - rows_before
         if K > 1:  # each real image and caption serves the K points of its trajectory
@@ -88,15 +111,19 @@ def main(argv=None):
             cond = {key: value.repeat_interleave(K, dim=0) for key, value in cond.items()}
         x0_real = x0["real"]
 
-        # 2. the expert side: the real image noised at the same timestep.
-        noise = common.to_device(torch.randn(x0_real.shape, generator=generator), x0_real.device)
+        # 2. the expert side: the real image noised at the same timestep (endpoint: with the same noise).
+        noise = shared_noise
+        if noise is None:
+            noise = common.to_device(torch.randn(x0_real.shape, generator=generator), x0_real.device)
         x_real = backbone.add_noise(x0_real, noise, t)
         real_target = backbone.target(x0_real, noise)
 
-        # 3. one learner and one reference forward over [real; policy].
+        # 3. one learner and one reference forward over [real; policy]
+        #    (--policy_target learner: the policy rows' target is the learner's own prediction).
+        own = args.policy_target == "learner"
         model_err, ref_err = common.learner_and_ref_errors(
             backbone, torch.cat([x_real, x_policy]), torch.cat([t, t]), common.cat_cond(cond, cond),
-            torch.cat([real_target, policy_target]))
+            real_target if own else torch.cat([real_target, policy_target]), own_target_from=n if own else None)
 
         # 4. the Diffusion-DRO hinge loss.
         loss, stats = common.diffusion_dro_loss(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:],

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,29 +365,127 @@ def test_resume_regenerates_only_missing_fakes(tiny_models, real_folder, tmp_pat
         curate.main(curate_args(tiny_models, real_folder, out, "--seed", "7"))
 
 
+# A stand-in for the authors' filter script (Cwyxx/RealAlign at 158ce2826b51566f58131235911e313a9313c91c,
+# data_curation/score/anime.py): the same Python shape (a module-level `prompt`, a `model.generate(...)` call
+# in a function), with an invented question and token limit, so the tests show both are read from the file.
+STAND_IN_QUESTION = "Invented test question: is this picture a drawing? Reply yes or no."
+STAND_IN_SCRIPT = f"""
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+model_name = "Qwen/Qwen3-VL-8B-Instruct"
+prompt = (
+    {STAND_IN_QUESTION[:20]!r}
+    {STAND_IN_QUESTION[20:]!r}
+)
+
+
+def classify(image_path):
+    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt").to(model.device)
+    generated = model.generate(**inputs, max_new_tokens=5)
+    return generated
+"""
+
+
+def place_stand_in_script(cache_dir, text=STAND_IN_SCRIPT):
+    path = Path(cache_dir) / f"Cwyxx-RealAlign-{curate.AUTHORS_COMMIT}" / curate.AUTHORS_NONPHOTO_SCRIPT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_authors_nonphoto_call_is_read_from_their_script(tmp_path, monkeypatch):
+    """The question and the generation call come from the authors' script at
+    the pinned commit, cached in --cache_dir; offline without it, or with a
+    file of another shape there, curation stops with one clear message."""
+    assert len(curate.AUTHORS_COMMIT) == 40 and curate.AUTHORS_COMMIT in curate.AUTHORS_RAW
+    downloaded = []
+
+    def offline(url):
+        downloaded.append(url)
+        raise OSError("no network")
+
+    monkeypatch.setattr(curate, "download_text", offline)
+    with pytest.raises(common.UserError) as err:
+        curate.authors_nonphoto_call(tmp_path)
+    cached = tmp_path / f"Cwyxx-RealAlign-{curate.AUTHORS_COMMIT}" / "data_curation/score/anime.py"
+    assert downloaded == [f"{curate.AUTHORS_RAW}/data_curation/score/anime.py"]
+    assert downloaded[0] in str(err.value) and str(cached) in str(err.value) and "--no-drop_nonphoto" in str(err.value)
+    monkeypatch.setattr(curate, "download_text", lambda url: STAND_IN_SCRIPT)  # downloaded once, then cached
+    assert curate.authors_nonphoto_call(tmp_path) == (STAND_IN_QUESTION, {"max_new_tokens": 5})
+    assert cached.read_text() == STAND_IN_SCRIPT
+    place_stand_in_script(tmp_path, "prompt = 3\n")
+    with pytest.raises(common.UserError, match="is not the authors'"):
+        curate.authors_nonphoto_call(tmp_path)
+
+
+def test_nonphoto_judge_asks_one_image_with_the_authors_call(monkeypatch):
+    """NonPhotoJudge with stand-ins for the processor and the VLM: one image
+    per call in the chat message with the question, the generation keyword
+    arguments exactly as given (no greedy flag added), the seed set before
+    generating, and only the new tokens decoded."""
+    import transformers
+
+    calls = {}
+
+    class Inputs(dict):
+        def to(self, device):
+            return self
+
+    class Processor:
+        def apply_chat_template(self, messages, **kwargs):
+            calls["messages"], calls["template"] = messages, kwargs
+            return Inputs(input_ids=torch.tensor([[1, 2, 3]]))
+
+        def batch_decode(self, tokens, **kwargs):
+            return [" No \n" if tokens.tolist() == [[7, 8]] else "unexpected"]
+
+    class Model:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+        def generate(self, **kwargs):
+            calls["generate"], calls["seed"] = kwargs, torch.initial_seed()
+            return torch.tensor([[1, 2, 3, 7, 8]])
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda name: Processor())
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda name, dtype: Model())
+    judge = curate.NonPhotoJudge("vlm", "cpu", torch.float32, STAND_IN_QUESTION, {"max_new_tokens": 5})
+    image = Image.new("RGB", (8, 8))
+    assert judge(image, seed=1234) == "No" and calls["seed"] == 1234
+    assert calls["messages"] == [{"role": "user", "content": [{"type": "image", "image": image},
+                                                              {"type": "text", "text": STAND_IN_QUESTION}]}]
+    assert calls["template"]["tokenize"] and calls["template"]["add_generation_prompt"]
+    assert set(calls["generate"]) == {"input_ids", "max_new_tokens"} and calls["generate"]["max_new_tokens"] == 5
+
+
 def test_nonphoto_filter_keeps_only_no_answers(tiny_models, real_folder, tmp_path, monkeypatch):
-    """The non-photo filter (on by default) asks the public question and keeps
-    an image only when the lower-cased answer is "no"; answers are cached."""
-    assert "an artwork or anime style image" in curate.NONPHOTO_QUESTION
-    assert "'yes' or 'no'" in curate.NONPHOTO_QUESTION and curate.NONPHOTO_MAX_NEW_TOKENS == 8
+    """The non-photo filter (on by default) asks the authors' question, one
+    image at a time seeded per uid, and keeps an image only when the
+    lower-cased answer is "no"; answers are cached, and answers to another
+    question are not mixed in."""
     answers = {"img0": " No", "img1": "yes", "img2": "no, it is a photo", "img3": "NO\n", "img4": "Yes."}
     asked = []
 
     class StubJudge:  # stands in for Qwen3-VL: answers by the image's colour (one per img<i>)
-        def __init__(self, model_name, device, dtype):
+        def __init__(self, model_name, device, dtype, question, generate_kwargs):
             assert model_name == "Qwen/Qwen3-VL-8B-Instruct"
+            assert (question, generate_kwargs) == (STAND_IN_QUESTION, {"max_new_tokens": 5})
 
-        def __call__(self, images):
-            out = []
-            for image in images:
-                uid = next(u for u in answers if np.array_equal(np.asarray(image), pixels(out_dir / "real" / f"{u}.png")))
-                asked.append(uid)
-                out.append(answers[uid])
-            return out
+        def __call__(self, image, seed):
+            uid = next(u for u in answers if np.array_equal(np.asarray(image), pixels(out_dir / "real" / f"{u}.png")))
+            assert seed == curate.uid_seed(0, uid)
+            asked.append(uid)
+            return answers[uid]
 
     monkeypatch.setattr(curate, "NonPhotoJudge", StubJudge)
     out_dir = tmp_path / "pairs"
-    args = curate_args(tiny_models, real_folder, out_dir, "--top_k", "0", "--min_pickscore_gap", "-1000")
+    place_stand_in_script(tmp_path / "cache")
+    args = curate_args(tiny_models, real_folder, out_dir, "--top_k", "0", "--min_pickscore_gap", "-1000",
+                       "--cache_dir", str(tmp_path / "cache"))
     args.remove("--no-drop_nonphoto")  # the default: filter on
     curate.main(args)
     by_uid = {r["uid"]: r for r in read_csv(out_dir / "scores.csv")}
@@ -395,10 +494,36 @@ def test_nonphoto_filter_keeps_only_no_answers(tiny_models, real_folder, tmp_pat
     assert sorted(p.stem for p in (out_dir / "fake").glob("*.png")) == ["img0", "img3"]  # no fake for dropped ones
     assert by_uid["img1"]["nonphoto_answer"] == "yes"
     assert json.loads((out_dir / "summary.json").read_text())["nonphoto_filter"] == "on"
+    assert json.loads((out_dir / curate.NONPHOTO_SETTINGS_FILE).read_text())["question"] == STAND_IN_QUESTION
     # a rerun reads the cached answers instead of asking again
     asked.clear()
     curate.main(args)
     assert asked == []
+    # answers to another question are not reused
+    place_stand_in_script(tmp_path / "cache", STAND_IN_SCRIPT.replace("Invented", "Another"))
+    with pytest.raises(common.UserError, match="non-photo answers .* other settings"):
+        curate.main(args)
+    (out_dir / curate.NONPHOTO_SETTINGS_FILE).unlink()  # answers of an earlier version, question unknown
+    with pytest.raises(common.UserError, match="were given to another question"):
+        curate.main(args)
+
+
+def test_fakes_are_made_in_fp32_unless_asked(first_run, tiny_models, real_folder, tmp_path, monkeypatch):
+    """--inpaint_dtype: fp32 by default (the public inpainting script), recorded
+    with the fakes; bf16 or fp16 on request."""
+    assert json.loads((first_run / "generation_settings.json").read_text())["inpaint_dtype"] == "fp32"
+    loaded = []
+
+    def load_pipeline(model, dtype=torch.float32, inpainting=False):
+        loaded.append(dtype)
+        raise common.UserError("stop here")
+
+    monkeypatch.setattr(common, "load_pipeline", load_pipeline)
+    for flag, dtype in (([], torch.float32), (["--inpaint_dtype", "bf16"], torch.bfloat16)):
+        with pytest.raises(common.UserError, match="stop here"):
+            curate.main(curate_args(tiny_models, real_folder, tmp_path / f"out{len(flag)}", "--max_images", "1",
+                                    *flag))
+        assert loaded.pop() == dtype
 
 
 def test_safety_checker_is_opt_in(tiny_models, real_folder, tmp_path):
@@ -433,9 +558,10 @@ def test_bad_input_stops_with_one_clear_message(tiny_models, tmp_path, repo_root
             for real_images in cases}
     # the non-photo filter is on by default: a VLM that cannot load stops the run
     good = make_real_folder(tmp_path / "good-cli", n=1)
+    place_stand_in_script(tmp_path / "cache")
     vlm_run = start_cli("--real_images", good, "--output_dir", out, "--saliency", "spectral",
                         "--resolution", "32", "--nonphoto_model", tmp_path / "no-such-vlm",
-                        "--inpaint_model", tmp_path / "no-model", cwd=repo_root)
+                        "--cache_dir", tmp_path / "cache", "--inpaint_model", tmp_path / "no-model", cwd=repo_root)
     for real_images, message in cases.items():
         _, stderr = runs[real_images].communicate(timeout=120)
         assert runs[real_images].returncode == 2, stderr

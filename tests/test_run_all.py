@@ -266,3 +266,32 @@ def test_benchmark_runs_on_the_tiny_config(tmp_path):
     # every call, as the public code's batched pipeline call does: same calls, at most the same FLOPs
     assert ours["model_tflops_per_step"] <= base["model_tflops_per_step"] * (1 + 1e-9)
     assert "MFU" in result.stdout
+
+
+def test_run_like_authors_dry_run_shows_their_stage1_flags(tmp_path):
+    """RUN_LIKE_AUTHORS=1: on SD-3.5-M both Stage-1 runs get the public
+    trainer's structure and objective, in their own output folder; curation
+    keeps its defaults (the authors' question, fp32 fakes); on SD-1.5
+    nothing changes. (SMOKE=1 RUN_LIKE_AUTHORS=1 on both backbones was run by
+    hand: README 'Differences from the public code'.)"""
+    flags = "--sd3_policy_point endpoint --policy_target learner --snapshot_every 1"
+
+    def dry_run(**extra):
+        env = {**os.environ, "DRY_RUN": "1", "NUM_GPUS": "1", "COMPLEMENTARITY": "1", **extra}
+        for name in ("SMOKE", "HF_HUB_OFFLINE", "OUTPUT_DIR"):
+            env.pop(name, None)
+        result = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env,
+                                timeout=60, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return {line.split(" (dry run): ")[0].removeprefix("[run_all] "): line.split(" (dry run): ")[1]
+                for line in result.stdout.splitlines() if " (dry run): " in line}
+
+    authors = dry_run(BACKBONE="sd35m", RUN_LIKE_AUTHORS="1")
+    for name in ("stage1", "complementarity-stage1"):
+        assert flags in authors[name] and "outputs/sd35m-authors/" in authors[name]
+    assert "--inpaint_dtype" not in authors["curate"] and "--no-drop_nonphoto" not in authors["curate"]
+    ours = dry_run(BACKBONE="sd35m")
+    assert "--sd3_policy_point" not in ours["stage1"] and "outputs/sd35m/stage1" in ours["stage1"]
+    assert {k: v.replace("-authors", "") for k, v in authors.items() if "stage1" not in k} == \
+        {k: v for k, v in ours.items() if "stage1" not in k}
+    assert dry_run(BACKBONE="sd15", RUN_LIKE_AUTHORS="1") == dry_run(BACKBONE="sd15")

@@ -345,21 +345,122 @@ def test_sd3_stage1_timesteps_follow_the_logit_normal_shift_law(tiny_models, dat
     recorded = []
     original = common.learner_and_ref_errors
 
-    def recording(backbone, x_t, t, cond, target):
+    def recording(backbone, x_t, t, cond, target, **kwargs):
         recorded.append(t[: len(t) // 2].detach().cpu())  # [real; policy] share t: keep one half
-        return original(backbone, x_t, t, cond, target)
+        return original(backbone, x_t, t, cond, target, **kwargs)
 
     monkeypatch.setattr(common, "learner_and_ref_errors", recording)
     run("dro", tmp_path, tiny_models["sd3"], data["train"], "--train_batch_size", "256",
         "--effective_batch_size", "1024", "--max_train_steps", "1", "--no-use_ema", "--checkpoint_every", "100")
-    t = torch.cat(recorded).double().numpy()
+    t = torch.cat(recorded)
     assert len(t) == 1024
-    t.sort()
-    cdf = logit_normal_shift_cdf(t)
-    n = len(t)
-    ks = max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
-    print(f"KS distance of {n} Stage-1 timesteps to the logit-normal (shift 3) law: {ks:.4f}")
+    ks = ks_distance(t)
+    print(f"KS distance of {len(t)} Stage-1 timesteps to the logit-normal (shift 3) law: {ks:.4f}")
     assert ks < 0.07
+
+
+def ks_distance(t):
+    """Kolmogorov-Smirnov distance of the timesteps `t` to logit_normal_shift_cdf."""
+    t = np.sort(t.double().cpu().numpy())
+    cdf, n = logit_normal_shift_cdf(t), len(t)
+    return max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
+
+
+# ----------------------------- SD-3 Stage 1 as the public SD-3.5-M trainer has it
+def test_sd3_endpoint_policy_point_is_the_noised_end_of_thetas_sample(tiny_models):
+    """--sd3_policy_point endpoint: theta's 10-step flow-Euler sample (no
+    guidance) taken to its end x0, then x_t = (1 - sigma) x0 + sigma eps at a
+    drawn t, checked against a plain Euler loop; K = 2 points share one
+    sample. Its timesteps pass the KS test above (threshold 0.07 for 1024
+    draws; t does not depend on the sample, so these run one step at 8 px)."""
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    cond = bb.encode_prompts(["a", "b", "c"])
+    x_t, t, prediction, eps = bb.policy_endpoint_point(bb.net, cond, 32, 10, torch.Generator().manual_seed(5),
+                                                       points_per_trajectory=2)
+    g = torch.Generator().manual_seed(5)  # the same draws: initial noise, t, eps
+    x = torch.randn((3, *bb.latent_shape(32)), generator=g)
+    assert torch.equal(t, bb.sample_timesteps(6, g)) and torch.equal(eps, torch.randn(eps.shape, generator=g))
+    bb.scheduler.set_timesteps(10)
+    sigmas = bb.scheduler.sigmas
+    with torch.no_grad():
+        for i in range(10):
+            x = x + (sigmas[i + 1] - sigmas[i]) * bb.predict(bb.net, x, (1000 * sigmas[i]).expand(3), cond)
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        assert torch.allclose(x_t, (1 - sigma) * x.repeat_interleave(2, dim=0) + sigma * eps, atol=1e-5)
+        two = {key: value.repeat_interleave(2, dim=0) for key, value in cond.items()}
+        assert torch.allclose(prediction, bb.predict(bb.net, x_t, t, two), atol=1e-5)
+    many = {"prompt_embeds": cond["prompt_embeds"][:1, :1].expand(1024, 1, -1),
+            "pooled_prompt_embeds": cond["pooled_prompt_embeds"][:1].expand(1024, -1)}
+    _, t, none, _ = bb.policy_endpoint_point(bb.net, many, 8, 1, torch.Generator().manual_seed(1),
+                                             with_prediction=False)
+    assert none is None and len(t) == 1024 and ks_distance(t) < 0.07
+
+
+def test_learner_target_zeroes_the_policy_term_and_its_gradient(tiny_models):
+    """--policy_target learner (a diagnostic): the policy rows' target is the
+    learner's own prediction, detached, so the learner's policy error is
+    exactly 0 and has exactly zero gradient; the real rows keep theirs."""
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"]), "cpu")
+    common.setup_lora_roles(bb, [common.LEARNER, common.REF], rank=4, alpha=4)
+    params = common.role_parameters(bb.net, common.LEARNER)
+    with torch.no_grad():  # a learner away from the reference, so every LoRA weight has a gradient
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    g = torch.Generator().manual_seed(0)
+    cond = bb.encode_prompts(["a", "b", "a", "b"])
+    x_t, t, target = (torch.randn((4, *bb.latent_shape(32)), generator=g), bb.sample_timesteps(4, g),
+                      torch.randn((2, *bb.latent_shape(32)), generator=g))
+    model_err, ref_err = common.learner_and_ref_errors(bb, x_t, t, cond, target, own_target_from=2)
+    assert torch.equal(model_err[2:], torch.zeros(2)) and (model_err[:2] > 0).all() and (ref_err[2:] > 0).all()
+    zero = torch.autograd.grad(model_err[2:].sum(), params, retain_graph=True, materialize_grads=True)
+    real = torch.autograd.grad(model_err[:2].sum(), params)
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in zero)
+    assert sum(grad.abs().sum() for grad in real) > 0  # (the last block's text-stream output is unused)
+
+
+@pytest.mark.parametrize("policy_target", ["snapshot", "learner"])
+def test_sd3_endpoint_training_shares_noise_and_timestep_with_the_real_side(policy_target, tiny_models, data,
+                                                                             tmp_path, monkeypatch):
+    """train_dro.py --sd3_policy_point endpoint: the learner sees the policy
+    point the sampler returned and the real latent noised with the SAME eps
+    at the SAME t; with --policy_target learner the logged policy error is
+    exactly 0, with the snapshot's target it is not once the learner moved."""
+    seen = []
+    originals = (common.sample_inputs, common.Backbone.policy_endpoint_point, common.learner_and_ref_errors)
+
+    def sample_inputs(*args, **kwargs):
+        x0, cond = originals[0](*args, **kwargs)
+        seen.append({"x0": x0["real"].clone()})
+        return x0, cond
+
+    def endpoint(self, *args, **kwargs):
+        seen[-1]["endpoint"] = originals[1](self, *args, **kwargs)
+        return seen[-1]["endpoint"]
+
+    def errors(backbone, x_t, t, cond, target, **kwargs):
+        seen[-1].update(x_t=x_t.detach().clone(), t=t.clone())
+        return originals[2](backbone, x_t, t, cond, target, **kwargs)
+
+    monkeypatch.setattr(common, "sample_inputs", sample_inputs)
+    monkeypatch.setattr(common.Backbone, "policy_endpoint_point", endpoint)
+    monkeypatch.setattr(common, "learner_and_ref_errors", errors)
+    log = run("dro", tmp_path, tiny_models["sd3"], data["train"], "--train_batch_size", "2",
+              "--effective_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
+              "--sd3_policy_point", "endpoint", "--policy_target", policy_target,
+              *(["--snapshot_every", "1"] if policy_target == "learner" else []))  # learner: as the public trainer
+    assert len(seen) == 2
+    for record in seen:
+        x_policy, t, _, eps = record["endpoint"]
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        assert torch.equal(record["t"], torch.cat([t, t])) and torch.equal(record["x_t"][2:], x_policy)
+        assert torch.allclose(record["x_t"][:2], (1 - sigma) * record["x0"] + sigma * eps, atol=1e-6)
+    for rec in log:
+        D = (rec["model_err_real"] - rec["ref_err_real"]) - (rec["model_err_policy"] - rec["ref_err_policy"])
+        assert rec["loss"] == pytest.approx(max(D + 0.001, 0.0), abs=5e-7)
+    if policy_target == "learner":
+        assert all(rec["model_err_policy"] == 0.0 for rec in log) and log[-1]["ref_err_policy"] > 0
+    else:
+        assert log[0]["ref_err_policy"] < 1e-9 < log[-1]["model_err_policy"]
 
 
 # ------------------------------------------------------------- reliability
@@ -443,6 +544,7 @@ def test_nonsense_values_and_missing_init_lora_are_refused(tiny_models, data, tm
     for lr in ("0", "-1e-4", "nan", "inf"):
         expect_error(capsys, "dpo", [*base, f"--learning_rate={lr}"], "--learning_rate must be a positive number")
     expect_error(capsys, "dpo", [*base, "--init_lora", tmp_path / "no-such-lora"], "was not found")
+    expect_error(capsys, "dro", [*base, "--sd3_policy_point", "endpoint"], "needs an SD-3 pipeline")
 
 
 def test_state_loads_with_weights_only_and_files_follow_the_umask(tiny_models, data, tmp_path):
