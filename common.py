@@ -1054,15 +1054,50 @@ def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cach
     return read_input_cache(folder)
 
 
+class ShardedRows:
+    """One cache tensor whose rows lie in several memory-mapped shards, read
+    as if they were concatenated: x[rows] or x[rows, per_row_index] returns
+    those rows only (a fresh tensor of the micro-batch's size). The shards
+    are never concatenated: at the full HPDv3 subset on SD-3.5-M a private
+    copy would be ~120-150 GiB per process; mapped, every process of a node
+    reads the same pages of the OS page cache."""
+
+    def __init__(self, parts):
+        self.parts = parts  # views of the mapped files, in shard order
+        lengths = torch.tensor([len(part) for part in parts])
+        self.ends = lengths.cumsum(0)
+        self.starts = self.ends - lengths
+        self.shape, self.dtype = torch.Size([int(self.ends[-1]), *parts[0].shape[1:]]), parts[0].dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        rows, *per_row = index if isinstance(index, tuple) else (index,)
+        rows = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
+        flat = rows.reshape(-1)
+        if len(flat) and not 0 <= int(flat.min()) <= int(flat.max()) < len(self):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        shard = torch.bucketize(flat, self.ends, right=True)  # global row -> (shard, row in the shard)
+        local = flat - self.starts[shard]
+        picked = [self.parts[s][r] for s, r in zip(shard.tolist(), local.tolist())]
+        out = torch.stack(picked) if picked else torch.empty(0, *self.shape[1:], dtype=self.dtype)
+        out = out.view(*rows.shape, *self.shape[1:])
+        return out[(torch.arange(len(out)), *per_row)] if per_row else out
+
+
 def read_input_cache(folder):
-    """Concatenate the shards listed in the folder's manifest (bf16 tensors;
-    cast per micro-batch)."""
+    """The cache in the folder's manifest, memory-mapped (safetensors maps
+    each shard; nothing is copied until a micro-batch reads its rows): the
+    bf16 tensors as ShardedRows, prompt_index (8 bytes a row) in memory.
+    Cast per micro-batch."""
     from safetensors.torch import load_file
 
     names = json.loads((Path(folder) / "manifest.json").read_text())["shards"]
     shards = [load_file(str(Path(folder) / name)) for name in names]
     keys = dict.fromkeys(key for shard in shards for key in shard)  # a shard of no prompts/rows lacks some
-    return {key: torch.cat([shard[key] for shard in shards if key in shard]) for key in keys}
+    parts = {key: [shard[key] for shard in shards if key in shard] for key in keys}
+    return {key: torch.cat(parts[key]) if key == "prompt_index" else ShardedRows(parts[key]) for key in keys}
 
 
 def cond_from_cache(cache, prompt_ids, device):

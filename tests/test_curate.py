@@ -587,6 +587,7 @@ def test_bad_input_stops_with_one_clear_message(tiny_models, tmp_path, repo_root
     assert (out / "pairs.csv").read_bytes() == before
 
 
+@pytest.mark.multiprocess
 def test_two_processes_generate_each_uid_once(tiny_models, real_folder, tmp_path, repo_root):
     out = tmp_path / "pairs"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

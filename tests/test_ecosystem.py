@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -270,11 +271,15 @@ def test_dry_run_prints_the_multi_node_launch(tmp_path):
     assert result.returncode != 0 and "needs MAIN_PROCESS_IP" in result.stderr
 
 
-def test_training_across_two_nodes_on_localhost(tiny_models, pairs, tmp_path):
+@pytest.mark.multiprocess
+def test_training_across_two_nodes_on_localhost(tiny_models, pairs, tmp_path, tmp_path_factory):
     """torchrun --nnodes 2, one process per "node", both on this machine and
     one shared output folder (as a shared filesystem would be)."""
-    port = 29531
-    processes = []
+    with socket.socket() as probe:  # a free port (a fixed one may be taken by another run on the machine)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logs_dir, processes = tmp_path_factory.mktemp("logs"), []
+    logs = [logs_dir / f"node{node_rank}.log" for node_rank in (0, 1)]
     for node_rank in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
@@ -282,11 +287,12 @@ def test_training_across_two_nodes_on_localhost(tiny_models, pairs, tmp_path):
                "--output_dir", str(tmp_path), "--resolution", "32", "--train_batch_size", "1",
                "--effective_batch_size", "4", "--max_train_steps", "2", "--checkpoint_every", "2",
                "--sample_grid_steps", "0"]
-        processes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    results = [(p.wait(timeout=400), p.stderr.read()) for p in processes]
-    for code, err in results:
-        assert code == 0, err[-3000:]
+        # each node's output to its own file: pipes read one after the other can fill up and stall a node
+        with open(logs[node_rank], "w") as log_file:
+            processes.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                              env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    for process, log_path in zip(processes, logs):
+        assert process.wait(timeout=400) == 0, log_path.read_text()[-3000:]
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 2  # 1 x 2 nodes x 2 = 4
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -4,6 +4,7 @@ tests/benchmark.py and the sharded bf16 input cache."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -202,11 +203,13 @@ accelerator = Accelerator(cpu=True)
 bb = common.Backbone(common.load_pipeline({model!r}), accelerator.device)
 pairs = common.read_pairs_csv({csv!r})
 cache = common.load_or_build_cache(bb, "tiny", {csv!r}, pairs, 32, {cache_dir!r}, True, accelerator)
-print("RESULT", json.dumps({{"rank": accelerator.process_index, "processes": accelerator.num_processes,
-                            "rows": len(cache["prompt_index"])}}), flush=True)
+# each rank its own file: lines printed by two processes to one stdout can interleave
+with open(f"{report_dir}/rank{{accelerator.process_index}}.json", "w") as report:
+    json.dump({{"processes": accelerator.num_processes, "rows": len(cache["prompt_index"])}}, report)
 """
 
 
+@pytest.mark.multiprocess
 def test_cache_built_sharded_over_two_processes_equals_one_process_build(tiny_models, tmp_path):
     csv_path = make_pairs(tmp_path / "data", n=5)
     pairs = common.read_pairs_csv(csv_path)
@@ -215,13 +218,14 @@ def test_cache_built_sharded_over_two_processes_equals_one_process_build(tiny_mo
     single = common.load_or_build_cache(bb, "tiny", csv_path, pairs, 32, tmp_path / "one", True, state)
     script = tmp_path / "build_cache.py"
     script.write_text(BUILD_CACHE.format(root=str(ROOT), model=tiny_models["sd3"], csv=str(csv_path),
-                                         cache_dir=str(tmp_path / "two")))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29531", str(script)], capture_output=True, text=True,
+                                         cache_dir=str(tmp_path / "two"), report_dir=str(tmp_path)))
+    # --standalone: a free port of torchrun's choosing (a fixed one may be taken by another run on the machine)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
-    assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["processes"] == 2 for r in reports)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["processes"] == 2 for r in reports)
     assert all(r["rows"] == 5 for r in reports)  # every process reads the whole cache
     (folder,) = (tmp_path / "two").iterdir()
     shards = sorted(path.name for path in folder.glob("shard-*"))
@@ -231,9 +235,92 @@ def test_cache_built_sharded_over_two_processes_equals_one_process_build(tiny_mo
     for name in shards:  # both processes encoded images and prompts
         shard = load_file(str(folder / name))
         assert len(shard["real_mean"]) in (2, 3) and len(shard["prompt_embeds"]) == 3  # 5 rows, 6 prompts
-    sharded = common.read_input_cache(folder)
+    sharded, concatenated = common.read_input_cache(folder), {}
     assert set(sharded) == set(single)
     assert torch.equal(sharded["prompt_index"], single["prompt_index"])
     for key in single:  # bf16 values; the encoders saw other batch compositions: one bf16 ulp (2^-7 relative)
         assert sharded[key].dtype == single[key].dtype
-        torch.testing.assert_close(sharded[key].float(), single[key].float(), rtol=2**-7, atol=1e-5)
+        torch.testing.assert_close(sharded[key][:].float(), single[key][:].float(), rtol=2**-7, atol=1e-5)
+        # the mapped shards read as their concatenation (how the cache was read before it was mapped)
+        concatenated[key] = torch.cat([load_file(str(folder / name))[key] for name in shards])
+        assert torch.equal(sharded[key][:], concatenated[key])
+    rows, flips, prompt_ids = torch.tensor([4, 0, 3, 2, 3]), torch.tensor([1, 0, 1, 0, 0]), torch.tensor([5, 0, 3])
+    assert torch.equal(sharded["real_mean"][rows, flips], concatenated["real_mean"][rows, flips])  # sample_inputs
+    for key, value in common.cond_from_cache(sharded, prompt_ids, "cpu").items():  # rows of both shards
+        assert torch.equal(value, concatenated[key][prompt_ids].float())
+
+
+def synthetic_cache_rows(key, ids, bases={}):  # bases: one random row per key, drawn once per process
+    """Rows `ids` of `key` in the synthetic cache below: the key's random
+    row, with the row id written into it."""
+    if key not in bases:  # SD-3.5-M's latent at 512 px; a CLIP prompt embedding
+        shape = (2, 16, 64, 64) if key.endswith(("_mean", "_std")) else (77, 768)
+        bases[key] = torch.randn(shape, generator=torch.Generator().manual_seed(len(key))).to(torch.bfloat16)
+    rows = bases[key].expand(len(ids), *bases[key].shape).clone()
+    marker = torch.stack([ids // 256, ids % 256], 1).to(torch.bfloat16)  # integers < 256 are exact in bf16
+    rows[..., 0, :2] = marker.view(len(ids), *[1] * (rows.dim() - 3), 2)
+    return rows
+
+
+READ_RANDOM_ROWS = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch, common
+{synthetic}
+def resident():  # bytes: private memory (a copy of the cache would be here) and pages of mapped files
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {{key: int(status[key].split()[0]) * 1024 for key in ("RssAnon", "RssFile")}}
+
+before = resident()
+cache = common.read_input_cache({folder!r})
+# the tensors the cache indexes (prompt_index, 8 bytes a row, is read into memory) lie in the shards' mappings
+parts = [part for key, value in cache.items() if key != "prompt_index" for part in getattr(value, "parts", [value])]
+maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(".safetensors")]
+views = all(any(int(start, 16) <= part.data_ptr() < int(end, 16) and path.startswith({folder!r})
+                for (start, end), path in ((m[0].split("-"), m[-1]) for m in maps)) for part in parts)
+g, same = torch.Generator().manual_seed(0), True
+for rows in torch.randperm(len(cache["prompt_index"]), generator=g).split(8):  # an epoch of micro-batches
+    flips = torch.randint(0, 2, (len(rows),), generator=g)
+    for key in ("real_mean", "real_std", "fake_mean", "fake_std"):  # as sample_inputs reads them
+        same &= torch.equal(cache[key][rows, flips], synthetic_cache_rows(key, rows)[torch.arange(len(rows)), flips])
+    prompt_ids = cache["prompt_index"][rows]
+    same &= torch.equal(common.cond_from_cache(cache, prompt_ids, "cpu")["prompt_embeds"],
+                        synthetic_cache_rows("prompt_embeds", prompt_ids).float())
+after = resident()
+print(json.dumps({{"same": same, "views": views, "before": before, "after": after}}))
+"""
+
+
+def test_cache_is_memory_mapped_not_copied(tmp_path):
+    """A 2.1 GB cache in 2 shards: a process reading an epoch of random rows
+    keeps them in the shared page cache (mapped file pages), not in a private
+    copy, and reads the rows that were written."""
+    import inspect
+
+    from safetensors.torch import save_file
+
+    folder, rows_per_shard, prompts_per_shard = tmp_path / "inputs-synthetic", 1024, 32
+    for shard in range(2):
+        ids = torch.arange(shard * rows_per_shard, (shard + 1) * rows_per_shard)
+        prompt_ids = torch.arange(shard * prompts_per_shard, (shard + 1) * prompts_per_shard)
+        tensors = {key: synthetic_cache_rows(key, ids) for key in ("real_mean", "real_std", "fake_mean", "fake_std")}
+        tensors.update(prompt_embeds=synthetic_cache_rows("prompt_embeds", prompt_ids), prompt_index=ids % 64)
+        folder.mkdir(exist_ok=True)
+        save_file(tensors, str(folder / f"shard-{shard:03d}-of-002.safetensors"))
+        del tensors
+    (folder / "manifest.json").write_text(json.dumps({"shards": [f"shard-{i:03d}-of-002.safetensors" for i in range(2)],
+                                                      "rows": 2 * rows_per_shard}))
+    size = sum(path.stat().st_size for path in folder.iterdir())
+    assert size > 2e9
+    script = READ_RANDOM_ROWS.format(root=str(ROOT), folder=str(folder), synthetic=inspect.getsource(synthetic_cache_rows))
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        shutil.rmtree(folder)  # 2 GB: not left to pytest's kept temporary folders
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    print(f"cache {size / 1e9:.2f} GB; resident growth reading an epoch:",
+          {key: f"{(report['after'][key] - report['before'][key]) / 1e6:.0f} MB" for key in report["after"]})
+    assert report["same"] and report["views"]  # the rows written, read through views of the mapped files
+    assert report["after"]["RssAnon"] - report["before"]["RssAnon"] < 0.1 * size

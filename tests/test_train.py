@@ -222,21 +222,24 @@ def test_micro_batches_cover_distinct_rows_across_processes():
     assert len(flat) == 12 and sorted(flat) == list(range(12))  # one epoch = one optimizer step here
 
 
-@pytest.mark.parametrize("script,port", [("train_dro.py", 29517), ("train_dpo.py", 29518)])
-def test_two_processes_train_the_same_lora_as_one(script, port, tiny_models, data, tmp_path):
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("script", ["train_dro.py", "train_dpo.py"])
+def test_two_processes_train_the_same_lora_as_one(script, tiny_models, data, tmp_path):
     """2 processes x accumulation 2 (torchrun, a gloo group on the CPU) and 1
     process x accumulation 4 draw the same inputs for every sample, so they
     train the same LoRA."""
     argv = ["--pretrained_model", tiny_models["sd15"], "--pairs", str(data["train"]), *SMALL,
             "--train_batch_size", "1", "--effective_batch_size", "4", "--max_train_steps", "2",
             "--learning_rate", "1e-3", "--lr_warmup_steps", "0"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    # --standalone: a free port of torchrun's choosing (a fixed one may be taken by another run on the machine)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / script), *argv, "--output_dir", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     args = json.loads((tmp_path / "two" / "args.json").read_text())
     assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 2  # 1 x 2 x 2 = 4
+    # one line of the main process's log (one write), so the other process's output cannot split it
     assert "stage %d: 2 process(es)" % (1 if script == "train_dro.py" else 2) in result.stderr
     log = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
