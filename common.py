@@ -416,19 +416,6 @@ class Backbone:
         x0 = (x - column(0) * prediction) * column(1)
         return column(3) * x - column(4) * (x0 + column(2) * (x0 - x0_prev)), x0
 
-    @torch.no_grad()
-    def policy_trajectory_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1,
-                                slots=None):
-        """One micro-batch's policy points, (x_t, t, prediction at x_t) per
-        point, trajectory-major ([traj0 point0, traj0 point1, ..., traj1
-        point0, ...]): `policy_request` run by a `PolicySampler` of `slots`
-        slots (default: one per trajectory). Training keeps one sampler for a
-        whole snapshot window instead (train_dro.py)."""
-        request = self.policy_request(cond, resolution, num_steps, generator, points_per_trajectory)
-        sampler = PolicySampler(self, net, slots or cond["prompt_embeds"].shape[0])
-        sampler.start([request], lambda request: request)
-        return sampler.next().points()
-
 
 class PolicyRequest:
     """The policy trajectories of one micro-batch: their initial noise `x`,

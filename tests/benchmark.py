@@ -853,7 +853,7 @@ def proxy_compiled_graphs(model, stage, steps=20, batch=4, resolution=32):
             "--benchmark_steps", str(steps), "--train_batch_size", str(batch), "--effective_batch_size", str(batch),
             "--resolution", str(resolution), "--compile"]
     if stage == "dro":
-        argv += ["--snapshot_every", "4"]
+        argv += ["--snapshot_every", "2"]  # windows end and start within the run
 
     def wrap(loss_fn):
         def loss(*args, **kwargs):
@@ -970,7 +970,7 @@ def plan_rows(plan, args):
         for stage in ("dpo", "dro"):
             rows += [row(arch, stage, "ours", batch, cap(150), compile=True),
                      row(arch, stage, "baseline", batch, cap(90))]
-    rows += [row(arch, stage, "ours", batch, cap(60), compile=False)
+    rows += [row(arch, stage, "ours", batch, cap(90), compile=False)
              for stage in ("dpo", "dro") for arch, batch in ((sd15, 4), (sd3, 2))]
     rows += [row(sd15, stage, "ours", 16, cap(90), compile=True) for stage in ("dpo", "dro")]
     rows += [row(sd3, stage, "ours", 8, cap(90), compile=True) for stage in ("dpo", "dro")]
@@ -1058,7 +1058,7 @@ def row_command(row, model, args, workdir):
     warmup, steps, accumulation = args.warmup, args.steps, 1
     if stage == "dro":  # each step one whole snapshot window, 8 x the slots' trajectories (module docstring)
         full_size = args.resolution >= 256  # (the tiny models on a CPU: 4 slots, 2 x their trajectories)
-        slots = args.sampler_slots or (16 if full_size else 4)
+        slots = args.sampler_slots or (min(64, 4 * batch // K) if full_size else 4)
         accumulation = -(-(8 if full_size else 2) * slots // (batch // K))
         warmup, steps = 1, min(args.steps, 2)  # the first window compiles
     label = f"stage{1 if stage == 'dro' else 2} (ours{'' if compiled or (compiled is None and gpu) else '-eager'}" \
@@ -1202,7 +1202,8 @@ def main():
                         help="torch.compile backend of our compiled rows (default: inductor; --plan rehearsal: "
                              "eager)")
     parser.add_argument("--sampler_slots", type=int, default=0,
-                        help="train_dro.py --sampler_slots of our Stage-1 rows (default: 16 at 512 px, else 4)")
+                        help="train_dro.py --sampler_slots of our Stage-1 rows (default: 4 per trajectory of a "
+                             "micro-batch at 512 px, at most 64; else 4)")
     parser.add_argument("--timeout", type=int, default=1800,
                         help="seconds for this whole call without --budget: each measurement gets what is left")
     parser.add_argument("--out", default=None, help="write the results here as JSON, after every row")

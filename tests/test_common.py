@@ -169,16 +169,23 @@ def test_policy_sampler_matches_the_reference_point_by_point(kind, K, backbones)
     assert sum(stops) <= counter.rows < sum(stops) + 3 * max(stops)
 
 
+def policy_points(bb, cond, num_steps, generator, K=1):
+    """One micro-batch's policy points: its request run in one slot per trajectory."""
+    sampler = common.PolicySampler(bb, bb.net, cond["prompt_embeds"].shape[0])
+    sampler.start([bb.policy_request(cond, 32, num_steps, generator, K)], lambda request: request)
+    return sampler.next().points()
+
+
 def test_one_micro_batch_policy_points_are_truncated_and_land_on_their_timesteps(backbones):
-    """policy_trajectory_point (one micro-batch, one slot per trajectory):
+    """One micro-batch in one slot per trajectory:
     SD-1.5 points lie on their offset grid; SD-3 points land exactly on
     their drawn logit-normal t, from the scheduler's 1000-step table; each
     trajectory stops at its point."""
     for kind, num_steps in (("sd15", 20), ("sd3", 10)):
         bb = backbones[kind]
         counter = RowCounter(bb.net)
-        x, t, prediction = bb.policy_trajectory_point(bb.net, bb.encode_prompts(["a", "b", "c", "d"]), 32,
-                                                      num_steps, torch.Generator().manual_seed(3))
+        x, t, prediction = policy_points(bb, bb.encode_prompts(["a", "b", "c", "d"]), num_steps,
+                                         torch.Generator().manual_seed(3))
         counter.remove()
         assert x.shape[0] == t.shape[0] == prediction.shape[0] == 4
         if kind == "sd3":
@@ -193,8 +200,7 @@ def test_several_points_per_trajectory(backbones):
     for kind, num_steps in (("sd3", 4), ("sd15", 4)):
         bb = backbones[kind]
         cond = bb.encode_prompts(["a", "b", "c"])
-        x, t, pred = bb.policy_trajectory_point(bb.net, cond, 32, num_steps, torch.Generator().manual_seed(0),
-                                                points_per_trajectory=num_steps)
+        x, t, pred = policy_points(bb, cond, num_steps, torch.Generator().manual_seed(0), K=num_steps)
         assert x.shape[0] == t.shape[0] == pred.shape[0] == 3 * num_steps
         for trajectory in t.view(3, num_steps):
             assert len(trajectory.unique()) == num_steps  # every step of the trajectory, once each
