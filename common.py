@@ -37,6 +37,7 @@ Comments cite the paper and the README's "Method" section, which restates it.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import errno
@@ -51,6 +52,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 import weakref
 from pathlib import Path
 
@@ -195,8 +197,9 @@ class Backbone:
       add_noise(x0, noise, t)      -> x_t
       target(x0, noise)            -> regression target (eps, or eps - x0)
       predict(net, x_t, t, cond)   -> network output
-      policy_trajectory_point(...) -> (x_t, t, prediction) at one random
-                                      step of a guidance-free sampling run
+      policy_request(...)          -> one micro-batch's guidance-free policy
+                                      trajectories, run by a PolicySampler to
+                                      (x_t, t, prediction) at random steps
       policy_endpoint_point(...)   -> SD-3: (x_t, t, prediction, eps), the
                                       noised end of a guidance-free sample
     """
@@ -225,10 +228,10 @@ class Backbone:
             # Training noise follows DDPM whatever sampler the pipeline ships.
             self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
             self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+            # (alpha_t, sigma_t) per timestep, on the host: the policy sampler's step coefficients
+            self.alpha_sigma = [(math.sqrt(a), math.sqrt(1 - a))
+                                for a in self.scheduler.alphas_cumprod.double().tolist()]
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        # network calls and rows evaluated through `predict` (the benchmark
-        # counts the policy sampler's evaluations with these; host ints, no sync)
-        self.network_calls, self.network_rows = 0, 0
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
@@ -328,8 +331,6 @@ class Backbone:
 
     def predict(self, net, x_t, t, cond):
         """One network call; `net` may be the DDP-wrapped or the bare network."""
-        self.network_calls += 1
-        self.network_rows += x_t.shape[0]
         x_t = x_t.to(self.dtype)
         embeds = cond["prompt_embeds"].to(x_t.device, self.dtype)
         if self.is_flow:
@@ -344,15 +345,15 @@ class Backbone:
 
     # ---- Stage-1 policy sampling (paper Sec. 3, Diffusion-DRO's policy term) ----
     # Hand-written rather than diffusers' DPMSolverMultistepScheduler: that
-    # scheduler steps one timestep shared by the whole batch, while each sample
-    # here has its own timestep grid (per-sample offset) and its own stop step.
-    @torch.no_grad()
-    def policy_trajectory_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1):
-        """Run the guidance-free sampler with `net` (the frozen snapshot role),
-        one trajectory per entry of `cond`, and return per trajectory the point
-        (x_t, t, prediction at x_t) at K = `points_per_trajectory` random
-        timesteps; the prediction is the policy target. Outputs are
-        trajectory-major: [traj0 point0, traj0 point1, ..., traj1 point0, ...].
+    # scheduler steps one timestep shared by the whole batch, while each
+    # trajectory here has its own timestep grid (per-sample offset) and its
+    # own last point. tests/reference_sampler.py runs diffusers' scheduler per
+    # sample, and the tests compare the two point by point.
+    def policy_request(self, cond, resolution, num_steps, generator, points_per_trajectory=1, key=None):
+        """Draw the policy trajectories of one micro-batch (nothing runs yet):
+        one per entry of `cond`, each with its initial noise and the K =
+        `points_per_trajectory` timesteps where its points sit; a
+        `PolicySampler` then makes the points.
 
         SD-1.5: DPM-Solver++(2M), `num_steps` steps on the grid
                 t_i = offset + step_ratio * (num_steps - 1 - i), with a per-sample
@@ -367,20 +368,30 @@ class Backbone:
                 trains at the same continuous timesteps on the policy side as on
                 the real side and in Stage 2 (README "Differences from the
                 public code").
-
-        Truncation and compaction: a trajectory stops at its last point, and
-        finished rows are dropped from the batch as they stop, so the network
-        evaluates only the rows that still need it (about half the steps on
-        average for SD-1.5, 5-6 of 10 for SD-3). Every row's number of steps
-        is drawn on the CPU generator, so the shrinking row sets are known on
-        the host up front and the loop never waits for the device.
+        A trajectory stops at its last point (truncation): about half the
+        steps on average for SD-1.5, 5-6 of 10 for SD-3. All draws are made
+        here, on the CPU generator, so every stop is known on the host.
         """
-        n = cond["prompt_embeds"].shape[0]
-        K = points_per_trajectory
-        x = torch.randn((n, *self.latent_shape(resolution)), generator=generator).to(self.device, torch.float32)
+        n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
+        x = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         if self.is_flow:
-            return self._flow_points(net, cond, x, num_steps, generator, K)
-        return self._dpm_solver_points(net, cond, x, num_steps, generator, K)
+            points = self.sample_timesteps(n * K, generator, device="cpu").view(n, K).tolist()
+            self.scheduler.set_timesteps(num_steps, device="cpu")
+            grid = (self.scheduler.sigmas[:-1] * self.num_train_timesteps).tolist()  # 1000 ... > 0, in t units
+            # a grid point within 1e-3 of a drawn t is the same stop (no zero-length step)
+            stops = [sorted(set(row) | {g for g in grid if g > min(row) and all(abs(g - p) > 1e-3 for p in row)},
+                            reverse=True) for row in points]
+        else:
+            if K == 1:
+                steps = torch.randint(0, num_steps, (n, 1), generator=generator).tolist()
+            else:  # K distinct steps per trajectory
+                steps = [torch.randperm(num_steps, generator=generator)[:K].tolist() for _ in range(n)]
+            step_ratio = self.num_train_timesteps // num_steps
+            offsets = torch.randint(0, step_ratio, (n,), generator=generator).tolist()
+            stops = [[o + step_ratio * (num_steps - 1 - i) for i in range(max(row) + 1)]
+                     for o, row in zip(offsets, steps)]
+            points = [[stop[i] for i in row] for stop, row in zip(stops, steps)]
+        return PolicyRequest(key, to_device(x, self.device), cond, stops, points, self.device)
 
     @torch.no_grad()
     def policy_endpoint_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1,
@@ -400,7 +411,6 @@ class Backbone:
         x0 = self.pipe(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
                        latents=latents.to(self.device, self.dtype), num_inference_steps=num_steps,
                        guidance_scale=1.0, height=resolution, width=resolution, output_type="latent").images
-        self.network_calls, self.network_rows = self.network_calls + num_steps, self.network_rows + n * num_steps
         x0 = x0.float().repeat_interleave(K, dim=0)
         t = self.sample_timesteps(n * K, generator)
         noise = to_device(torch.randn(x0.shape, generator=generator), self.device)
@@ -410,125 +420,167 @@ class Backbone:
         cond = {key: value.repeat_interleave(K, dim=0) for key, value in cond.items()}
         return x_t, t, self.predict(net, x_t, t, cond).float(), noise
 
-    def _flow_points(self, net, cond, x, num_steps, generator, K):
-        n = x.shape[0]
-        points = self.sample_timesteps(n * K, generator, device="cpu").view(n, K)  # the learner's t
-        self.scheduler.set_timesteps(num_steps, device="cpu")
-        grid = (self.scheduler.sigmas[:-1] * self.num_train_timesteps).tolist()  # 1000 ... > 0, in t units
-        stops, hits = [], []  # per row: its stops (t, descending) and {stop index: [point slots]}
-        for row in points.tolist():
-            # a grid point within 1e-3 of a drawn t is the same stop (no zero-length step)
-            stop_t = sorted(set(row) | {g for g in grid if g > min(row) and all(abs(g - p) > 1e-3 for p in row)},
-                            reverse=True)
-            stops.append(stop_t)
-            hits.append({j: [k for k, p in enumerate(row) if p == s] for j, s in enumerate(stop_t) if s in row})
-        plan = _CompactionPlan([len(s) for s in stops], hits, self.device)
-        # per stop: the active rows' t and the Euler step to their next stop (0 at their last stop)
-        t_stop = plan.to_device([[stops[r][j] for r in rows] for j, rows in enumerate(plan.rows)], torch.float32)
-        d_sigma = plan.to_device([[(stops[r][j + 1] - stops[r][j]) / self.num_train_timesteps
-                                   if j + 1 < len(stops[r]) else 0.0 for r in rows]
-                                  for j, rows in enumerate(plan.rows)], torch.float32)
-        out = plan.outputs(n, K, x.shape[1:])
-        for j in range(plan.num_stops):
-            x, cond = plan.compact(j, x, cond)
-            velocity = self.predict(net, x, t_stop[j], cond).float()
-            plan.record(j, out, x, velocity)
-            x = x + d_sigma[j].view(-1, 1, 1, 1) * velocity
-        return out[0].flatten(0, 1), points.to(self.device).flatten(), out[1].flatten(0, 1)
+    def solver_step(self, t, t_next, h_prev):
+        """Host-side coefficients of one sampler step from t to t_next (t_next
+        = t: no step, a trajectory's last point), and the step's h.
+        SD-1.5, DPM-Solver++(2M) (x0-parameterised, lambda = log(alpha / sigma),
+        h = lambda(t_next) - lambda(t), r = h_prev / h; first order at the
+        first step):
+            x0 = (x - sigma_t eps) / alpha_t
+            d  = x0 + (1 / 2r) (x0 - x0_prev)          (d = x0 at the first step)
+            x' = (sigma_n / sigma_t) x - alpha_n expm1(-h) d
+        SD-3, flow-match Euler: x' = x + (t_next - t) / 1000 * v."""
+        if self.is_flow:
+            return [(t_next - t) / self.num_train_timesteps, 0.0, 0.0, 0.0, 0.0], None
+        (a, s), (a_n, s_n) = (self.alpha_sigma[int(v)] for v in (t, t_next))
+        h = math.log(a_n / s_n) - math.log(a / s)
+        c = h / (2 * h_prev) if h_prev else 0.0  # 1 / 2r
+        return [s, 1 / a, c, s_n / s, a_n * math.expm1(-h)], h
 
-    def _dpm_solver_points(self, net, cond, x, num_steps, generator, K):
-        n = x.shape[0]
-        if K == 1:
-            k = torch.randint(0, num_steps, (n, 1), generator=generator)
-        else:  # K distinct steps per trajectory
-            k = torch.stack([torch.randperm(num_steps, generator=generator)[:K] for _ in range(n)])
-        step_ratio = self.num_train_timesteps // num_steps
-        offset = torch.randint(0, step_ratio, (n,), generator=generator)
-        hits = [{} for _ in range(n)]
-        for r, row in enumerate(k.tolist()):
-            for slot, step in enumerate(row):
-                hits[r].setdefault(step, []).append(slot)
-        plan = _CompactionPlan((k.max(dim=1).values + 1).tolist(), hits, self.device)
-        out = plan.outputs(n, K, x.shape[1:])
-        out_t = (offset.unsqueeze(1) + step_ratio * (num_steps - 1 - k)).to(self.device)
-        offset = offset.to(self.device)
-        alpha_sigma = lambda t: (self.alphas_cumprod[t].sqrt(), (1 - self.alphas_cumprod[t]).sqrt())
-        x0_prev, h_prev = None, None
-        for i in range(plan.num_stops):
-            x, cond, offset, x0_prev, h_prev = plan.compact(i, x, cond, offset, x0_prev, h_prev)
-            t = offset + step_ratio * (num_steps - 1 - i)
-            eps = self.predict(net, x, t, cond).float()
-            plan.record(i, out, x, eps)
-            # DPM-Solver++(2M) update to the next grid point (x0-parameterised).
-            a_t, s_t = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t))
-            x0 = (x - s_t * eps) / a_t
-            if i + 1 < num_steps:
-                a_n, s_n = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t - step_ratio))
-            else:  # the last step lands on the clean image (alpha=1, sigma=0)
-                a_n, s_n = torch.ones_like(a_t), torch.zeros_like(s_t)
-            h = torch.log(a_n / s_n.clamp_min(1e-12)) - torch.log(a_t / s_t)
-            if x0_prev is None:
-                d = x0  # first step: first order
+    def solver_update(self, x, prediction, coef, x0_prev):
+        """Apply `solver_step`'s coefficients (one row per slot) on the device."""
+        column = lambda i: coef[:, i].view(-1, *([1] * (x.ndim - 1)))  # noqa: E731
+        if self.is_flow:
+            return x + column(0) * prediction, x0_prev
+        x0 = (x - column(0) * prediction) * column(1)
+        return column(3) * x - column(4) * (x0 + column(2) * (x0 - x0_prev)), x0
+
+
+class PolicyRequest:
+    """The policy trajectories of one micro-batch: their initial noise `x`,
+    the cond of each, their stops (timesteps, descending) and their points
+    (the K timesteps recorded per trajectory), and, once a PolicySampler has
+    run them, the points' x_t and predictions."""
+
+    def __init__(self, key, x, cond, stops, points, device):
+        self.key, self.x, self.cond, self.stops = key, x, cond, stops
+        self.K = len(points[0])
+        # stop index -> the point slots recorded there, per trajectory
+        self.hits = [{j: [k for k, p in enumerate(row) if p == s] for j, s in enumerate(stop) if s in row}
+                     for stop, row in zip(stops, points)]
+        self.t = to_device(torch.tensor(points).flatten(), device)
+        self.out_x, self.out_prediction = (torch.zeros((len(stops) * self.K, *x.shape[1:]), device=device)
+                                           for _ in range(2))
+        self.unfinished = len(stops)
+
+    def points(self):
+        return self.out_x, self.t, self.out_prediction
+
+
+class PolicySampler:
+    """Makes the Stage-1 policy points in a fixed number of slots (README
+    "Throughput"). Every network call evaluates exactly `slots` rows: one
+    graph, static shapes. When a trajectory reaches its last point its slot
+    takes the next trajectory in line, of the same micro-batch or of the next
+    ones of the snapshot window (theta is frozen for --snapshot_every
+    optimizer steps, and every trajectory's stops are drawn up front). So no
+    row idles while others finish, except at the end of the window, and no
+    finished row is evaluated again. A micro-batch's points are the same
+    whichever trajectories share its calls (up to float rounding): its draws
+    come from its own generator, so the result does not depend on the number
+    of processes. The plans are made on the host and copied with the call's
+    inputs; the loop never waits for the device."""
+
+    def __init__(self, backbone, net, slots):
+        self.bb, self.net, self.slots = backbone, net, slots
+        self.pending, self.make_request = collections.deque(), None  # micro-batches whose requests are not drawn yet
+        self.waiting = collections.deque()  # requests drawn, points not yet handed out
+        self.queue = collections.deque()  # (request, row) trajectories not yet started
+        self.running = [None] * slots  # per slot: [request, row, stop index, h of the last step]
+        self.state = None  # x, x0_prev and cond of the slots, on the device
+
+    def idle(self):
+        """True when every request of the window has been handed out."""
+        return not self.waiting and not self.pending
+
+    def start(self, micro_batches, make_request):
+        """A new window (theta fixed until its end): this process's
+        micro-batches up to its end, in order; `make_request(micro_batch)`
+        draws a micro-batch's request when the slots first need it."""
+        assert self.idle(), "a window starts when the last one is done"
+        self.pending, self.make_request = collections.deque(micro_batches), make_request
+
+    def _submit(self, request):
+        self.waiting.append(request)
+        self.queue.extend((request, row) for row in range(len(request.stops)))
+
+    def next(self):
+        """The next micro-batch's request, with every one of its points made."""
+        if not self.waiting:
+            self._submit_next()
+        request = self.waiting[0]
+        while request.unfinished:
+            self._call()
+        return self.waiting.popleft()
+
+    def _plan_call(self):
+        """Host side of one call: fill the free slots, then per slot its t and
+        step coefficients; which slots start a trajectory (request -> (slots,
+        its rows)) and which reach a point (request -> (slots, output rows))."""
+        starts, records, t_now, coef = {}, {}, [], []
+        for slot in range(self.slots):
+            if self.running[slot] is None:
+                if not self.queue:
+                    self._submit_next()
+                if self.queue:
+                    request, row = self.queue.popleft()
+                    self.running[slot] = [request, row, 0, None]
+                    entry = starts.setdefault(request, ([], []))
+                    entry[0].append(slot)
+                    entry[1].append(row)
+            if self.running[slot] is None:  # the window's end: the slot idles (no step)
+                t_now.append(t_now[-1] if t_now else self.bb.num_train_timesteps - 1)
+                coef.append(self.bb.solver_step(t_now[-1], t_now[-1], None)[0])
+                continue
+            request, row, j, h_prev = self.running[slot]
+            stops = request.stops[row]
+            for k in request.hits[row].get(j, []):
+                entry = records.setdefault(request, ([], []))
+                entry[0].append(slot)
+                entry[1].append(row * request.K + k)
+            last = j + 1 == len(stops)
+            step, h = self.bb.solver_step(stops[j], stops[j] if last else stops[j + 1], h_prev)
+            t_now.append(stops[j])
+            coef.append(step)
+            if last:
+                self.running[slot] = None
+                request.unfinished -= 1
             else:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_n / s_t) * x - a_n * torch.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        return out[0].flatten(0, 1), out_t.flatten(), out[1].flatten(0, 1)
+                self.running[slot] = [request, row, j + 1, h]
+        return starts, records, t_now, coef
 
+    @torch.no_grad()
+    def _call(self):
+        """One network call over all the slots, and the solver step."""
+        bb, device = self.bb, self.bb.device
+        if self.state is None:
+            request = self.queue[0][0]
+            x = torch.zeros((self.slots, *request.x.shape[1:]), device=device)
+            self.state = [x, torch.zeros_like(x), {key: value.new_zeros((self.slots, *value.shape[1:]), dtype=bb.dtype)
+                                                   for key, value in request.cond.items()}]
+        x, x0_prev, cond = self.state
+        starts, records, t_now, coef = self._plan_call()
+        # the call's index lists, t and coefficients reach the device in pinned, non-blocking copies
+        index = [i for entries in (starts, records) for pair in entries.values() for i in pair]
+        index = iter(torch.split(to_device(torch.tensor([i for lst in index for i in lst], dtype=torch.long), device),
+                                 [len(lst) for lst in index]))
+        t = to_device(torch.tensor(t_now, dtype=torch.float32 if bb.is_flow else torch.long), device)
+        coef = to_device(torch.tensor(coef, dtype=torch.float32), device)
+        for request in starts:  # the new trajectories enter their slots
+            slots, rows = next(index), next(index)
+            x.index_copy_(0, slots, request.x.index_select(0, rows).float())
+            for key, value in cond.items():
+                value.index_copy_(0, slots, request.cond[key].index_select(0, rows).to(value.dtype))
+        prediction = bb.predict(self.net, x, t, cond).float()
+        for request in records:  # the points reached at this call
+            slots, rows = next(index), next(index)
+            request.out_x.index_copy_(0, rows, x.index_select(0, slots))
+            request.out_prediction.index_copy_(0, rows, prediction.index_select(0, slots))
+        self.state[0], self.state[1] = bb.solver_update(x, prediction, coef, x0_prev)
 
-class _CompactionPlan:
-    """Which rows of a batched sampling run are still running at each stop.
-
-    Row r makes `num_stops[r]` network evaluations; `hits[r]` maps a stop index
-    to the output slots recorded there. Rows that are done leave the batch
-    (the active sets only shrink), so a micro-batch of B trajectories costs
-    the sum of their lengths, not B times the longest. All index lists are
-    built on the host and copied to the device once."""
-
-    def __init__(self, num_stops, hits, device):
-        self.device = device
-        self.num_stops = max(num_stops)
-        self.rows, keep, rec = [], [], []
-        active = list(range(len(num_stops)))
-        for j in range(self.num_stops):
-            still = [p for p, r in enumerate(active) if num_stops[r] > j]
-            keep.append(still if len(still) < len(active) else None)
-            active = [active[p] for p in still]
-            self.rows.append(active)
-            rec.append([(p, r, slot) for p, r in enumerate(active) for slot in hits[r].get(j, [])])
-        self.keep = self.to_device([s or [] for s in keep], torch.long)
-        self.keep = [index if s is not None else None for index, s in zip(self.keep, keep)]
-        self.rec_pos, self.rec_row, self.rec_slot = (
-            self.to_device([[entry[i] for entry in stop] for stop in rec], torch.long) for i in range(3))
-
-    def to_device(self, lists, dtype):
-        """Host lists -> device tensors (views of one pinned, non-blocking copy)."""
-        flat = torch.tensor([v for values in lists for v in values], dtype=dtype)
-        if self.device.type == "cuda":
-            flat = flat.pin_memory()
-        flat = flat.to(self.device, non_blocking=True)
-        return list(torch.split(flat, [len(values) for values in lists]))
-
-    def outputs(self, n, K, shape):
-        """(x_t, prediction) buffers, [n, K, *shape]."""
-        return tuple(torch.zeros((n, K, *shape), device=self.device) for _ in range(2))
-
-    def compact(self, j, x, cond, *state):
-        """Drop the rows that have finished before stop j (x, cond and any per-row state)."""
-        index = self.keep[j]
-        if index is not None:
-            x = x.index_select(0, index)
-            cond = {key: value.index_select(0, index) for key, value in cond.items()}
-            state = tuple(None if s is None else s.index_select(0, index) for s in state)
-        return (x, cond, *state) if state else (x, cond)
-
-    def record(self, j, out, x, prediction):
-        """Store (x, prediction) of the rows whose point is at stop j."""
-        if len(self.rec_pos[j]):
-            pos, row, slot = self.rec_pos[j], self.rec_row[j], self.rec_slot[j]
-            out[0][row, slot] = x[pos]
-            out[1][row, slot] = prediction[pos]
+    def _submit_next(self):
+        if self.pending:
+            self._submit(self.make_request(self.pending.popleft()))
 
 
 # =============================================================================
@@ -563,10 +615,8 @@ def role_parameters(net, role):
     return [param for name, param in net.named_parameters() if f".{role}." in name]
 
 
-# use_role runs several times per micro-batch; walking the whole network's
-# modules each time (thousands in the SD-3.5-M MMDiT) costs milliseconds of
-# host time, so the tuner layers and the learner's parameters are looked up
-# once per network and set of adapters.
+# use_role runs several times per micro-batch: the network's LoRA layers are
+# looked up once per network and set of adapters, not walked per call.
 _ROLE_LOOKUP = weakref.WeakKeyDictionary()
 
 
@@ -574,20 +624,20 @@ def _role_lookup(net):
     adapters = tuple(getattr(net, "peft_config", {}))
     cached = _ROLE_LOOKUP.get(net)
     if cached is None or cached[0] != adapters:
-        cached = (adapters, _tuner_layers(net), role_parameters(net, LEARNER))
+        cached = (adapters, _tuner_layers(net))
         _ROLE_LOOKUP[net] = cached
-    return cached[1], cached[2]
+    return cached[1]
 
 
 def use_role(net, role):
-    """Make `role` the active adapter. Only the learner's parameters ever
-    require gradients, whichever role is active (peft's set_adapter would
-    otherwise flip requires_grad as adapters are switched)."""
-    layers, learner_params = _role_lookup(net)
-    for layer in layers:
-        layer.set_adapter(role, inference_mode=True)
-    for param in learner_params:
-        param.requires_grad_(True)
+    """Make `role` the active adapter of every LoRA layer. Only that flag
+    changes (peft's set_adapter also walks every adapter's parameters to
+    reset requires_grad, milliseconds of host time on the big networks):
+    requires_grad is set once by setup_lora_roles, the learner's alone."""
+    for layer in _role_lookup(net):
+        # the attribute peft's BaseTunerLayer.set_adapter sets (active_adapters reads it), written
+        # straight into the instance dict: nn.Module.__setattr__'s checks would be 95% of the time
+        vars(layer)["_active_adapter"] = role
 
 
 def copy_role(net, source, dest):
@@ -623,11 +673,19 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     for role in roles:
         if role != LEARNER:
             net.add_adapter(copy.deepcopy(config), adapter_name=role)
-            copy_role(net, LEARNER, role)
-    # LoRA weights train in fp32 even when the base runs in bf16.
+    # The learner's LoRA weights are fp32 master weights; autocast computes
+    # with their bf16 (--mixed_precision) casts. The frozen roles are kept in
+    # that compute dtype: the very values autocast would use, with no cast per
+    # call. No layer casts its input to the LoRA's dtype either (autocast
+    # does): the LoRA side path is two GEMMs, a scale and an add.
     for role in roles:
         for param in role_parameters(net, role):
-            param.data = param.data.float()
+            param.data = param.data.to(torch.float32 if role == LEARNER else backbone.dtype)
+            param.requires_grad_(role == LEARNER)
+        if role != LEARNER:
+            copy_role(net, LEARNER, role)
+    for layer in _tuner_layers(net):
+        layer.cast_input_dtype_enabled = False
     use_role(net, LEARNER)
     return config
 
@@ -855,9 +913,8 @@ class LoraEMA:
         """Call after optimizer step number `optimizer_step` (1-based)."""
         if not self.is_update_step(optimizer_step):
             return
-        decay = self.decay(optimizer_step)
-        for shadow, p in zip(self.shadow, params, strict=True):
-            shadow.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+        # shadow + (1 - decay) (w - shadow): one multi-tensor kernel for all the tensors
+        torch._foreach_lerp_(self.shadow, [p.float() for p in params], 1 - self.decay(optimizer_step))
         self.num_updates += 1
 
     def state_dict(self):
@@ -1258,7 +1315,7 @@ class _ResumeLatest(argparse.Action):
 RESUME_SAFE_FLAGS = ("max_train_steps", "checkpoint_every", "sample_grid_steps", "guidance_scale", "resume",
                      "gradient_checkpointing", "cache_dir", "output_dir", "benchmark_steps", "compile", "allow_tf32",
                      "checkpoints_total_limit", "final_checkpoint", "validation_prompts", "report_to", "logging_dir",
-                     "tracker_project_name", "push_to_hub", "hub_model_id")
+                     "tracker_project_name", "push_to_hub", "hub_model_id", "sampler_slots")
 # Recorded in args.json, but set by the launch: every random draw is keyed on
 # the global sample position (`micro_batch_generator`), so any number of
 # processes at the same per-device and effective batch trains the same run.
@@ -1391,9 +1448,11 @@ def prepare_training(args, stage, need_fake):
 
 
 def compile_network(net, backend="inductor"):
-    """torch.compile the network in place (nn.Module.compile: the module, its
-    parameters and the LoRA roles stay the same objects; tracing happens at
-    the first call, so roles added later are part of the graph).
+    """torch.compile the network's repeated blocks in place, one by one
+    (regional compilation, diffusers' compile_repeated_blocks: the SD-1.5
+    UNet's transformer blocks, the SD-3 MMDiT's joint blocks). Every block of
+    a shape runs the same code, so its graph is built once and reused by the
+    others: seconds to compile where the whole network took minutes.
 
     The LoRA role switch (`use_role`) sets each LoRA layer's active adapter,
     an attribute dynamo guards on. We keep those guards rather than switch
@@ -1401,16 +1460,20 @@ def compile_network(net, backend="inductor"):
     learner's parameters or run every adapter on every call): each role, at
     each batch shape and grad mode, is compiled ONCE at its first use, and
     later switches select the cached graph (a guard check, no recompile).
-    Shapes are static (dynamic=False): a step has only a few distinct batch
-    sizes, and static shapes get the fastest kernels; the cache limit is
-    raised so that roles x shapes fit (the default, 8, would fall back to
-    eager with a warning)."""
+    Shapes are static (dynamic=False): every call has the same rows (the
+    policy sampler's fixed slots, the learner and reference's 2 x batch), and
+    static shapes get the fastest kernels; the cache limit is raised so that
+    roles x shapes fit (the default, 8, would fall back to eager with a
+    warning)."""
     import torch._dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    net.compile(backend=backend, dynamic=False)
+    blocks = getattr(net, "_repeated_blocks", None) or ["JointTransformerBlock"]  # diffusers names none for SD-3
+    for module in net.modules():
+        if type(module).__name__ in blocks:
+            module.compile(backend=backend, dynamic=False)
     return net
 
 
@@ -1422,14 +1485,39 @@ def global_micro_batch_index(step, micro, grad_accum, rank, world):
     return ((step - 1) * grad_accum + micro) * world + rank
 
 
-def micro_batch_generator(seed, index):
+def micro_batch_generator(seed, index, stream=""):
     """The random generator of one micro-batch: every draw of the micro-batch
-    (flips, latent samples, noise, timesteps, caption dropout, policy
-    samples) comes from it. Keyed on (seed, global micro-batch index) alone,
-    so the run is the same on any number of processes (for the same
-    per-device batch), and a resume needs no saved generator state."""
-    digest = hashlib.sha256(f"realalign/{seed}/{index}".encode()).digest()
+    (flips, latent samples, noise, timesteps) comes from it, and from its
+    "policy" `stream` Stage 1's caption dropout and policy trajectories,
+    which the policy sampler draws ahead of the micro-batch's turn. Keyed on
+    (seed, global micro-batch index) alone, so the run is the same on any
+    number of processes (for the same per-device batch), and a resume needs
+    no saved generator state."""
+    digest = hashlib.sha256(f"realalign/{seed}/{index}{'/' + stream if stream else ''}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
+
+
+class MicroBatch(typing.NamedTuple):
+    """One micro-batch: its optimizer step (1-based) and position in the
+    step, its global index, its cache rows (None with --benchmark_steps) and
+    its generator."""
+    step: int
+    micro: int
+    index: int
+    rows: torch.Tensor | None
+    generator: torch.Generator
+
+
+def micro_batches(args, accelerator, grad_accum, num_rows, first_step, last_step):
+    """This process's micro-batches of optimizer steps first_step ...
+    last_step, in order."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for step in range(first_step, last_step + 1):
+        for micro in range(grad_accum):
+            index = global_micro_batch_index(step, micro, grad_accum, rank, world)
+            rows = micro_batch_rows(step, micro, grad_accum, rank, world, args.train_batch_size, num_rows,
+                                    args.seed) if num_rows else None
+            yield MicroBatch(step, micro, index, rows, micro_batch_generator(args.seed, index))
 
 
 def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
@@ -1690,8 +1778,9 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
              after_optimizer_step=None):
     """The training loop both stages share.
 
-    `micro_batch_loss(rows, generator)` returns (loss, stats dict of floats or
-    detached 0-dim tensors) for one micro-batch; this function accumulates it to the effective batch,
+    `micro_batch_loss(micro_batch)` returns (loss, stats dict of floats or
+    detached 0-dim tensors) for one MicroBatch (its cache rows, generator
+    and position); this function accumulates it to the effective batch,
     averages gradients over processes, clips, steps AdamW, updates the EMA,
     logs, checkpoints, and resumes. `after_optimizer_step(step)` runs after
     each optimizer step (Stage 1 refreshes its sampling snapshot there).
@@ -1738,22 +1827,15 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     for step in range(start_step + 1, max_steps + 1):
         step_start = time.perf_counter()
         totals = {}
-        for micro in range(grad_accum):
-            index = global_micro_batch_index(step, micro, grad_accum, accelerator.process_index,
-                                             accelerator.num_processes)
-            generator = micro_batch_generator(args.seed, index)
-            rows = None
-            if cache is not None:
-                rows = micro_batch_rows(step, micro, grad_accum, accelerator.process_index,
-                                        accelerator.num_processes, args.train_batch_size, num_rows, args.seed)
+        for micro_batch in micro_batches(args, accelerator, grad_accum, num_rows, step, step):
             with mixed_precision_autocast(args, backbone):
-                loss, stats = micro_batch_loss(rows, generator)
+                loss, stats = micro_batch_loss(micro_batch)
             scaler.scale(loss / grad_accum).backward()
             stats["loss"] = loss.detach()
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / grad_accum
             progress.update(1)
-            if step == start_step + 1 and micro == 0 and grad_accum > 1 and not args.benchmark_steps:
+            if step == start_step + 1 and micro_batch.micro == 0 and grad_accum > 1 and not args.benchmark_steps:
                 announce_run_time(args, accelerator, backbone, grad_accum, max_steps - start_step, step_start)
         all_reduce_gradients(params, accelerator)
         # unscaled after the all-reduce: every process then sees the same
@@ -1839,34 +1921,6 @@ def announce_run_time(args, accelerator, backbone, grad_accum, steps_left, step_
                     "step, %s for the %d steps left (a smaller --effective_batch_size means fewer micro-batches)",
                     grad_accum, args.train_batch_size, seconds, format_duration(seconds * grad_accum),
                     format_duration(seconds * grad_accum * steps_left), steps_left)
-
-
-def benchmark_clock(args):
-    """Wall time for --benchmark_steps, synchronising the GPU first; 0 (and no
-    host sync) in normal training."""
-    if not args.benchmark_steps:
-        return 0.0
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def report_benchmark(label, args, backbone, records):
-    """Print the --benchmark_steps figures as one JSON line: every step's time
-    (tests/benchmark.py drops its warm-up steps and takes the median) and,
-    for Stage 1, the policy sampler's time, network calls and rows per step."""
-    accum = args.gradient_accumulation_steps  # the records hold means over micro-batches
-    result = {"label": label, "backbone": backbone.kind, "resolution": args.resolution,
-              "batch": args.effective_batch_size, "step_seconds": [r["step_seconds"] for r in records],
-              "peak_memory_gb": peak_memory_gb(backbone.device),
-              "device": torch.cuda.get_device_name() if backbone.device.type == "cuda" else "cpu"}
-    for key in ("sampling_seconds", "sampler_calls", "sampler_rows"):
-        if key in records[0]:
-            result[key] = [r[key] * accum for r in records]
-    steady = result["step_seconds"][1:] or result["step_seconds"]
-    result["samples_per_s"] = args.effective_batch_size / sorted(steady)[len(steady) // 2]  # after one warm-up
-    print("BENCHMARK " + json.dumps(result), flush=True)
-    return result
 
 
 # =============================================================================

@@ -40,12 +40,12 @@ def main(argv=None):
     lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora,
                                             seed=args.seed)
 
-    def micro_batch_loss(rows, generator):
-        n = args.train_batch_size
-        if rows is None:  # --benchmark_steps: random inputs of the right shapes
+    def micro_batch_loss(micro_batch):
+        n, generator = args.train_batch_size, micro_batch.generator
+        if micro_batch.rows is None:  # --benchmark_steps: random inputs of the right shapes
             x0, cond = common.random_inputs(backbone, n, args.resolution, generator, ["real", "fake"])
         else:  # no caption dropout in Stage 2 (README 'Method: Stage 2')
-            x0, cond = common.sample_inputs(backbone, cache, rows, generator, ["real", "fake"],
+            x0, cond = common.sample_inputs(backbone, cache, micro_batch.rows, generator, ["real", "fake"],
                                             flip=not args.no_flip)
         x0_win, x0_lose = x0["real"], x0["fake"]
 
@@ -66,9 +66,7 @@ def main(argv=None):
                      ref_err_w=ref_err[:n].mean(), ref_err_l=ref_err[n:].mean())
         return loss, stats
 
-    records = common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss)
-    if args.benchmark_steps and accelerator.is_main_process:
-        common.report_benchmark("stage2 (ours)", args, backbone, records)
+    common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss)
     accelerator.end_training()
 
 

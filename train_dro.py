@@ -26,6 +26,9 @@ One micro-batch of B captions c (dropped to "" with p = 0.2):
      [real; policy] batch -> four per-sample errors;
   4. loss = diffusion_dro_loss (hinge on D, margin 0.001).
 Only the real images of the pairs CSV are used here; the fakes are Stage 2's.
+The policy trajectories run in fixed slots across the micro-batches of a
+snapshot window (theta is frozen there; common.PolicySampler), each
+micro-batch's draws from its own generator: the same samples, fewer idle rows.
 """
 
 import argparse
@@ -47,6 +50,10 @@ def parse_args(argv=None):
                         f"({common.backbone_default_help('sampler_steps', 'dro')})")
     g.add_argument("--snapshot_every", type=int, default=16,
                    help="copy the learner into the sampling snapshot every N optimizer steps")
+    g.add_argument("--sampler_slots", type=int, default=64,
+                   help="rows per policy-sampler network call (README 'Throughput'): the trajectories of a snapshot "
+                        "window run in this many fixed slots, a finished one replaced by the next; capped by the "
+                        "window's trajectories. Sets the speed and memory, not the samples")
     g.add_argument("--points_per_trajectory", type=int, default=1,
                    help="opt-in speed-up (README 'Throughput'): take K points of each policy trajectory instead "
                         "of one (SD-1.5: K distinct random steps; SD-3: K drawn timesteps), so a micro-batch of B samples runs B/K trajectories and "
@@ -67,8 +74,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.snapshot_every < 1 or args.sampler_steps is not None and args.sampler_steps < 1:
-        raise common.UserError("--snapshot_every and --sampler_steps must be >= 1")
+    if args.snapshot_every < 1 or args.sampler_slots < 1 or args.sampler_steps is not None and args.sampler_steps < 1:
+        raise common.UserError("--snapshot_every, --sampler_slots and --sampler_steps must be >= 1")
     accelerator, backbone, pairs, cache, grad_accum = common.prepare_training(args, "dro", need_fake=False)
     if args.points_per_trajectory < 1 or args.train_batch_size % args.points_per_trajectory:
         raise common.UserError(f"--points_per_trajectory {args.points_per_trajectory} must be >= 1 and divide "
@@ -80,41 +87,72 @@ def main(argv=None):
     lora_config = common.setup_lora_roles(backbone, roles, args.lora_rank, args.lora_alpha, args.init_lora,
                                             seed=args.seed)
     net = backbone.net
+    n, K = args.train_batch_size, args.points_per_trajectory
+    num_rows = len(cache["prompt_index"]) if cache is not None else 0
+    max_steps = args.benchmark_steps or args.max_train_steps
+    # theta is frozen from one snapshot refresh to the next, so the policy
+    # sampler runs that whole window's trajectories in fixed slots, starting
+    # the next micro-batches' trajectories as slots free up (README "Throughput")
+    trajectories = grad_accum * (n // K)  # per optimizer step, on this process
+    sampler = common.PolicySampler(backbone, net, min(args.sampler_slots, args.snapshot_every * trajectories,
+                                                      max_steps * trajectories))
 
-    def micro_batch_loss(rows, generator):
-        n, K = args.train_batch_size, args.points_per_trajectory
-        if rows is None:  # --benchmark_steps: random inputs of the right shapes
-            x0, cond = common.random_inputs(backbone, n // K, args.resolution, generator, ["real"])
-        else:  # n // K trajectories (K = 1: the paper's method, one per real image)
-            x0, cond = common.sample_inputs(backbone, cache, rows[: n // K], generator, ["real"],
-                                            caption_dropout=args.caption_dropout, flip=not args.no_flip)
+    def policy_cond(micro_batch, g):
+        """The captions of the micro-batch's n // K policy trajectories (K = 1:
+        the paper's method, one per real image), dropped to "" with p =
+        --caption_dropout, drawn from the micro-batch's own "policy" generator."""
+        if micro_batch.rows is None:  # --benchmark_steps: random embeddings of the right shapes
+            return common.random_inputs(backbone, n // K, args.resolution, g, [])[1]
+        prompt_ids = cache["prompt_index"][micro_batch.rows[: n // K]].clone()
+        prompt_ids[torch.rand(n // K, generator=g) < args.caption_dropout] = 0  # index 0 = ""
+        return common.cond_from_cache(cache, prompt_ids, backbone.device)
 
-        # 1. the policy side: a trajectory point of the frozen snapshot theta.
-        #    Its prediction is the policy target (the learner's own would make
-        #    the policy term identically zero, README 'Differences from the public code';
-        #    only the diagnostic --policy_target learner does that).
+    def policy_request(micro_batch):
+        """The micro-batch's policy trajectories: captions, initial noise and
+        timesteps, drawn from its own generator, so that the sampler can draw
+        them before the micro-batch's turn."""
+        g = common.micro_batch_generator(args.seed, micro_batch.index, "policy")
+        return backbone.policy_request(policy_cond(micro_batch, g), args.resolution, args.sampler_steps, g, K,
+                                       key=micro_batch.index)
+
+    def micro_batch_loss(micro_batch):
+        # 1. the policy side: points of the frozen snapshot theta. Its
+        #    prediction is the policy target (the learner's own would make the
+        #    policy term identically zero, README 'Differences from the public
+        #    code'; only the diagnostic --policy_target learner does that).
         common.use_role(net, POLICY)
-        sampling_start = common.benchmark_clock(args)
-        calls_before, rows_before = backbone.network_calls, backbone.network_rows
         shared_noise = None
         if args.sd3_policy_point == "endpoint":  # the public SD-3.5-M trainer's structure
+            g = common.micro_batch_generator(args.seed, micro_batch.index, "policy")
+            cond = policy_cond(micro_batch, g)
             x_policy, t, policy_target, shared_noise = backbone.policy_endpoint_point(
-                net, cond, args.resolution, args.sampler_steps, generator, points_per_trajectory=K,
+                net, cond, args.resolution, args.sampler_steps, g, points_per_trajectory=K,
                 with_prediction=args.policy_target == "snapshot")
-        else:
-            x_policy, t, policy_target = backbone.policy_trajectory_point(
-                net, cond, args.resolution, args.sampler_steps, generator, points_per_trajectory=K)
-        sampling_seconds = common.benchmark_clock(args) - sampling_start
-        sampler_calls, sampler_rows = backbone.network_calls - calls_before, backbone.network_rows - rows_before
-        if K > 1:  # each real image and caption serves the K points of its trajectory
-            x0 = {side: value.repeat_interleave(K, dim=0) for side, value in x0.items()}
-            cond = {key: value.repeat_interleave(K, dim=0) for key, value in cond.items()}
-        x0_real = x0["real"]
+        else:  # trajectory points, made in the sampler's fixed slots
+            if sampler.idle():  # the first micro-batch of a snapshot window: theta is fixed up to its last step
+                last = min(-(-micro_batch.step // args.snapshot_every) * args.snapshot_every, max_steps)
+                sampler.start(common.micro_batches(args, accelerator, grad_accum, num_rows, micro_batch.step, last),
+                              policy_request)
+            request = sampler.next()
+            assert request.key == micro_batch.index, "the sampler and the training loop disagree on the micro-batch"
+            x_policy, t, policy_target = request.points()
+            cond = request.cond
 
-        # 2. the expert side: the real image noised at the same timestep (endpoint: with the same noise).
+        # 2. the expert side: the real images of the same captions, noised at
+        #    the same timesteps (each real image at the K points of its
+        #    trajectory); endpoint: with the policy side's noise, too
+        g = micro_batch.generator
+        if micro_batch.rows is None:
+            x0_real = common.to_device(torch.randn((n // K, *backbone.latent_shape(args.resolution)), generator=g),
+                                       backbone.device)
+        else:
+            x0_real = common.sample_inputs(backbone, cache, micro_batch.rows[: n // K], g, ["real"],
+                                           flip=not args.no_flip)[0]["real"]
+        x0_real = x0_real.repeat_interleave(K, dim=0)
+        cond = {key: value.repeat_interleave(K, dim=0) for key, value in cond.items()}
         noise = shared_noise
         if noise is None:
-            noise = common.to_device(torch.randn(x0_real.shape, generator=generator), x0_real.device)
+            noise = common.to_device(torch.randn(x0_real.shape, generator=g), x0_real.device)
         x_real = backbone.add_noise(x0_real, noise, t)
         real_target = backbone.target(x0_real, noise)
 
@@ -130,8 +168,6 @@ def main(argv=None):
                                                 margin=args.margin)
         stats.update(model_err_real=model_err[:n].detach().mean(), model_err_policy=model_err[n:].detach().mean(),
                      ref_err_real=ref_err[:n].mean(), ref_err_policy=ref_err[n:].mean())
-        if args.benchmark_steps:  # the policy sampler's time and evaluations (tests/benchmark.py)
-            stats.update(sampling_seconds=sampling_seconds, sampler_calls=sampler_calls, sampler_rows=sampler_rows)
         return loss, stats
 
     def refresh_snapshot(step):
@@ -141,11 +177,8 @@ def main(argv=None):
             return {"snapshot_refreshed": 1}
         return {"snapshot_refreshed": 0}
 
-    records = common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
-                              micro_batch_loss, after_optimizer_step=refresh_snapshot)
-    if args.benchmark_steps and accelerator.is_main_process:
-        label = "stage1 (ours)" if args.points_per_trajectory == 1 else f"stage1 (ours-{args.points_per_trajectory}pts)"
-        common.report_benchmark(label, args, backbone, records)
+    common.optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss,
+                    after_optimizer_step=refresh_snapshot)
     accelerator.end_training()
 
 

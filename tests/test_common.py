@@ -116,95 +116,83 @@ def test_latents_from_posterior_apply_shift_and_scale(backbones):
 
 
 class RowCounter:
-    """Counts the batch rows a network evaluates (forward pre-hook)."""
+    """Counts the network calls and the batch rows they evaluate (forward pre-hook)."""
 
     def __init__(self, net):
-        self.rows = 0
+        self.rows, self.calls = 0, 0
         self.handle = net.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
         self.rows += (args[0] if args else kwargs["hidden_states"]).shape[0]
+        self.calls += 1
 
     def remove(self):
         self.handle.remove()
 
 
-def test_dpm_solver_trajectory_matches_diffusers(backbones):
-    """Our batched, compacted DPM-Solver++(2M) equals diffusers' scheduler run
-    on each sample's own grid, and evaluates only the rows still running."""
-    from diffusers import DPMSolverMultistepScheduler
+@pytest.mark.parametrize("kind,K", [("sd15", 1), ("sd3", 1), ("sd15", 2), ("sd3", 2)])
+def test_policy_sampler_matches_the_reference_point_by_point(kind, K, backbones):
+    """Three micro-batches' trajectories (7) run through 3 fixed slots, so
+    finished trajectories are replaced mid-run by the next ones, across
+    micro-batches: every point (x_t, t, prediction) equals the plain
+    one-trajectory-at-a-time reference of tests/reference_sampler.py (SD-1.5:
+    diffusers' DPM-Solver++ on each sample's offset grid; SD-3: diffusers'
+    Euler on each sample's stops). Batched and one-row fp32 forwards differ
+    by float rounding only (~1e-6 here): atol 1e-4. Every call evaluates
+    exactly 3 rows (static shapes), and only the window's end idles slots."""
+    from reference_sampler import reference_points
 
-    bb = backbones["sd15"]
-    prompts = ["a cat", "a dog", "a red ball", "a tree"]
-    n, num_steps = len(prompts), 20
-    cond = bb.encode_prompts(prompts)
+    bb = backbones[kind]
+    num_steps = 10 if kind == "sd3" else 20
+    batches = [(["a cat", "a dog"], 11), (["a tree", "a red ball", "a sky"], 12), (["a boat", "a hat"], 13)]
+    requests = [bb.policy_request(bb.encode_prompts(prompts), 32, num_steps, torch.Generator().manual_seed(seed), K)
+                for prompts, seed in batches]
+    sampler = common.PolicySampler(bb, bb.net, slots=3)
+    sampler.start(requests, lambda request: request)  # training draws them lazily, as slots free up
     counter = RowCounter(bb.net)
-    x_ours, t_ours, eps_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps,
-                                                          torch.Generator().manual_seed(12))
+    assert [sampler.next() for _ in requests] == requests
     counter.remove()
-    # the same draws, in the method's order: initial noise, step k, grid offset
-    g = torch.Generator().manual_seed(12)
-    x_all = torch.randn((n, *bb.latent_shape(32)), generator=g)
-    steps = torch.randint(0, num_steps, (n, 1), generator=g)[:, 0].tolist()
-    offsets = torch.randint(0, 50, (n,), generator=g).tolist()
-    assert len(set(steps)) > 1  # rows of different lengths: compaction has something to drop
-    # compaction: each row costs its own number of steps, not the longest row's
-    assert counter.rows == sum(k + 1 for k in steps) < n * (max(steps) + 1)
-    for row in range(n):
-        scheduler = DPMSolverMultistepScheduler.from_config(bb.pipe.scheduler.config, algorithm_type="dpmsolver++",
-                                                            solver_order=2, lower_order_final=False)
-        grid = [offsets[row] + 50 * (num_steps - 1 - i) for i in range(num_steps)]
-        scheduler.set_timesteps(timesteps=grid)
-        x = x_all[row : row + 1]
-        row_cond = {key: value[row : row + 1] for key, value in cond.items()}
-        for i, t in enumerate(grid[: steps[row] + 1]):
-            eps = bb.predict(bb.net, x, torch.tensor([t]), row_cond).detach()
-            if i == steps[row]:
-                break
-            x = scheduler.step(eps, t, x).prev_sample
-        assert int(t_ours[row]) == grid[steps[row]]
-        # batched vs one-row forwards differ by float rounding only
-        assert torch.allclose(x_ours[row], x[0], atol=1e-4) and torch.allclose(eps_ours[row], eps[0], atol=1e-4)
+    for request, (prompts, seed) in zip(requests, batches):
+        x, t, prediction = request.points()
+        expected = reference_points(bb, bb.net, bb.encode_prompts(prompts), 32, num_steps,
+                                    torch.Generator().manual_seed(seed), K)
+        assert len(expected) == len(prompts) * K == len(t)
+        for i, (x_ref, t_ref, prediction_ref) in enumerate(expected):
+            assert float(t[i]) == float(t_ref)
+            torch.testing.assert_close(x[i], x_ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(prediction[i], prediction_ref, atol=1e-4, rtol=0)
+    assert sampler.idle()
+    assert counter.rows == 3 * counter.calls
+    stops = [len(s) for request in requests for s in request.stops]
+    assert len(set(stops)) > 1  # trajectories of different lengths
+    # each trajectory's stops run once; the idle slot-calls are at the window's end only
+    assert sum(stops) <= counter.rows < sum(stops) + 3 * max(stops)
 
 
-def test_flow_trajectory_points_land_on_their_drawn_timesteps(backbones):
-    """SD-3: each trajectory runs the 10-step shifted Euler grid down to its own
-    logit-normal t and lands exactly there. The compacted sampler equals a
-    plain, uncompacted Euler loop over each row's grid, and evaluates fewer
-    network rows."""
-    bb = backbones["sd3"]
-    prompts = ["a", "b", "c", "d", "e", "f"]
-    n, num_steps = len(prompts), 10
-    cond = bb.encode_prompts(prompts)
-    counter = RowCounter(bb.net)
-    x_ours, t_ours, v_ours = bb.policy_trajectory_point(bb.net, cond, 32, num_steps,
-                                                        torch.Generator().manual_seed(3))
-    compacted_rows = counter.rows
-    # the same draws: initial noise, then the row's t from the training law
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn((n, *bb.latent_shape(32)), generator=g)
-    t_drawn = bb.sample_timesteps(n, g, device="cpu")
-    assert torch.equal(t_ours, t_drawn)
-    assert all(float(t) in bb.train_timesteps.tolist() for t in t_ours)  # the scheduler's 1000-step table
-    bb.scheduler.set_timesteps(num_steps)
-    grid = (bb.scheduler.sigmas[:-1] * 1000).tolist()
-    # uncompacted: every row stays in the batch for the longest row's stops
-    stops = [sorted({g_ for g_ in grid if g_ > t + 1e-3} | {t}, reverse=True) for t in t_drawn.tolist()]
-    longest = max(len(s) for s in stops)
-    assert min(len(s) for s in stops) < longest
-    counter.rows = 0
-    for j in range(longest):
-        t = torch.tensor([s[min(j, len(s) - 1)] for s in stops])
-        v = bb.predict(bb.net, x, t, cond).detach()
-        for row, s in enumerate(stops):
-            if j == len(s) - 1:  # the row's last stop: its point
-                assert torch.allclose(x_ours[row], x[row], atol=1e-4)
-                assert torch.allclose(v_ours[row], v[row], atol=1e-4)
-        step = torch.tensor([(s[j + 1] - s[j]) / 1000 if j + 1 < len(s) else 0.0 for s in stops])
-        x = x + step.view(-1, 1, 1, 1) * v
-    counter.remove()
-    assert counter.rows == n * longest
-    assert compacted_rows == sum(len(s) for s in stops) < n * longest
+def policy_points(bb, cond, num_steps, generator, K=1):
+    """One micro-batch's policy points: its request run in one slot per trajectory."""
+    sampler = common.PolicySampler(bb, bb.net, cond["prompt_embeds"].shape[0])
+    sampler.start([bb.policy_request(cond, 32, num_steps, generator, K)], lambda request: request)
+    return sampler.next().points()
+
+
+def test_one_micro_batch_policy_points_are_truncated_and_land_on_their_timesteps(backbones):
+    """One micro-batch in one slot per trajectory:
+    SD-1.5 points lie on their offset grid; SD-3 points land exactly on
+    their drawn logit-normal t, from the scheduler's 1000-step table; each
+    trajectory stops at its point."""
+    for kind, num_steps in (("sd15", 20), ("sd3", 10)):
+        bb = backbones[kind]
+        counter = RowCounter(bb.net)
+        x, t, prediction = policy_points(bb, bb.encode_prompts(["a", "b", "c", "d"]), num_steps,
+                                         torch.Generator().manual_seed(3))
+        counter.remove()
+        assert x.shape[0] == t.shape[0] == prediction.shape[0] == 4
+        if kind == "sd3":
+            assert all(float(v) in bb.train_timesteps.tolist() for v in t)
+        else:  # t = offset + 50 (19 - k), offset in [0, 50)
+            assert t.dtype == torch.long and bool(((t >= 0) & (t < 1000)).all())
+        assert counter.calls < num_steps + 4  # truncated: about half the steps, not all of them
 
 
 def test_several_points_per_trajectory(backbones):
@@ -212,8 +200,7 @@ def test_several_points_per_trajectory(backbones):
     for kind, num_steps in (("sd3", 4), ("sd15", 4)):
         bb = backbones[kind]
         cond = bb.encode_prompts(["a", "b", "c"])
-        x, t, pred = bb.policy_trajectory_point(bb.net, cond, 32, num_steps, torch.Generator().manual_seed(0),
-                                                points_per_trajectory=num_steps)
+        x, t, pred = policy_points(bb, cond, num_steps, torch.Generator().manual_seed(0), K=num_steps)
         assert x.shape[0] == t.shape[0] == pred.shape[0] == 3 * num_steps
         for trajectory in t.view(3, num_steps):
             assert len(trajectory.unique()) == num_steps  # every step of the trajectory, once each

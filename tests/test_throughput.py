@@ -38,18 +38,68 @@ def test_loss_stats_are_detached_tensors_without_host_sync():
     assert float(dpo_stats["implicit_acc"]) == 1.0 and float(dpo_stats["reward_margin"]) == pytest.approx(0.17515)
 
 
-def test_use_role_caches_its_module_lists(backbones):
+def test_use_role_flips_the_active_adapter_only(backbones, monkeypatch):
+    """A role switch sets each LoRA layer's active adapter and nothing else:
+    peft's set_adapter, which also walks every adapter's parameters to reset
+    requires_grad (6-60 ms of host time per switch on the full networks,
+    `benchmark.py --proxies`), is never called; the layers are looked up once;
+    only the learner's parameters require gradients, whatever role is active."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     net = copy.deepcopy(backbones["sd15"].net)
     bb = copy.copy(backbones["sd15"])
     bb.net = net
-    common.setup_lora_roles(bb, [common.LEARNER, common.REF], rank=2, alpha=2)
+    common.setup_lora_roles(bb, [common.LEARNER, common.REF, common.POLICY], rank=2, alpha=2)
+    monkeypatch.setattr(BaseTunerLayer, "set_adapter", lambda *a, **k: pytest.fail("set_adapter was called"))
     common.use_role(net, common.REF)
     layers = common._ROLE_LOOKUP[net][1]
     assert layers and all(layer.active_adapters == [common.REF] for layer in layers)
-    common.use_role(net, common.LEARNER)
+    common.use_role(net, common.POLICY)
     assert common._ROLE_LOOKUP[net][1] is layers  # looked up once, not per call
+    assert all(layer.active_adapters == [common.POLICY] for layer in layers)
     assert all(p.requires_grad for p in common.role_parameters(net, common.LEARNER))
-    assert not any(p.requires_grad for p in common.role_parameters(net, common.REF))
+    assert not any(p.requires_grad for role in (common.REF, common.POLICY) for p in common.role_parameters(net, role))
+
+
+def test_frozen_roles_hold_the_compute_dtype_and_give_the_learners_outputs(tiny_models):
+    """In bf16 (a GPU's --mixed_precision), the learner's LoRA weights stay
+    fp32 master weights and the frozen roles are held in bf16: the values
+    autocast would cast them to at every call, so no cast runs per call, and
+    no layer casts its input to the LoRA's dtype. Nothing changes in the
+    mathematics: under bf16 autocast a frozen copy of the learner gives the
+    learner's outputs bit for bit (so learner - reference errors start at
+    exactly 0, as before)."""
+    bb = common.Backbone(common.load_pipeline(tiny_models["sd3"], dtype=torch.bfloat16), "cpu", torch.bfloat16)
+    common.setup_lora_roles(bb, [common.LEARNER, common.REF, common.POLICY], rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in common.role_parameters(bb.net, common.LEARNER):  # a learner with non-zero LoRA deltas
+            p.add_(0.05 * torch.randn_like(p))
+    common.copy_role(bb.net, common.LEARNER, common.POLICY)
+    assert {p.dtype for p in common.role_parameters(bb.net, common.LEARNER)} == {torch.float32}
+    assert {p.dtype for role in (common.REF, common.POLICY)
+            for p in common.role_parameters(bb.net, role)} == {torch.bfloat16}
+    assert not any(layer.cast_input_dtype_enabled for layer in common._tuner_layers(bb.net))
+    x0, cond = common.random_inputs(bb, 2, 32, torch.Generator().manual_seed(0), ["real"])
+    t = bb.sample_timesteps(2, torch.Generator().manual_seed(1))
+    outputs = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for role in (common.LEARNER, common.POLICY, common.REF):
+            common.use_role(bb.net, role)
+            outputs[role] = bb.predict(bb.net, x0["real"], t, cond)
+    assert torch.equal(outputs[common.LEARNER], outputs[common.POLICY])
+    assert not torch.equal(outputs[common.LEARNER], outputs[common.REF])  # the LoRA counts
+
+
+def test_ema_update_is_one_multi_tensor_op():
+    """The EMA of the learner's LoRA (hundreds of tensors) is one fused
+    _foreach_lerp_ per update, not a Python loop of two ops per tensor."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(50)]
+    ema = common.LoraEMA(params, update_every=1)
+    with benchmark.OpCounter() as counter:
+        ema.step(params, 1)
+        ema.step(params, 2)
+    assert counter.count == 2
 
 
 # ------------------------------------------------------------ torch.compile
@@ -96,6 +146,27 @@ def test_role_switch_compiles_each_role_once(backbones):
         micro_batch()
     assert counter.frame_count == compiled
     torch._dynamo.reset()
+
+
+def test_compiled_graphs_stop_growing_after_the_first_step(tiny_models):
+    """Stage 1, compiled repeated blocks (counted with dynamo's CompileCounter):
+    every network call has a fixed shape (the sampler's slots, the learner's
+    and reference's 2 x batch), so the graphs are all built in the first
+    step and no later step, new snapshot window or refresh adds one."""
+    per_step = benchmark.proxy_compiled_graphs(tiny_models["sd15"], "dro", steps=3, batch=2)
+    assert per_step[0] >= 3 and per_step == [per_step[0]] * 3, per_step
+
+
+@pytest.mark.parametrize("stage", ["dro", "dpo"])
+def test_no_host_sync_inside_a_micro_batch(stage, tiny_models):
+    """The host never waits for the device inside a micro-batch (sampler,
+    forwards, loss: every device tensor on the meta device, where a read has
+    no value and is counted); the optimizer step reads its log once."""
+    syncs = benchmark.proxy_host_syncs(tiny_models["sd15"], stage, steps=1, batch=1)
+    assert syncs == {"per_micro_batch": 0, "per_step": 1}
+    with benchmark.HostSyncCounter() as counter:  # the instrument counts a read
+        float(torch.ones(2, device="meta").sum())
+    assert counter.count == 1
 
 
 # ------------------------------------------------------------ FLOP counting
