@@ -256,12 +256,15 @@ def test_two_processes_train_the_same_lora_as_one(script, tiny_models, data, tmp
     # normalises a gradient near rounding level (the A matrices' first
     # gradients, at step 2, pass through B ~ 1e-3, and DPO's beta 2000
     # amplifies the cancellation in its error differences; 0.05% of the
-    # weights differ by 1e-6 to 1e-5): each weight within 5% of a step, and
-    # on average within 1e-7 (other draws: 1e-4 and more).
+    # weights differ by 1e-6 to 1e-5, and a gradient that is all rounding
+    # can flip its sign, a whole step): all but 0.1% of the weights within 5%
+    # of a step, and on average within 1e-7 (other draws: nearly every weight
+    # a step apart, 1e-4 and more on average).
     start = state_of(tmp_path / "one")["roles"]["ref"]
     diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(state_of(tmp_path / "two")["roles"]["learner"],
                                                               state_of(tmp_path / "one")["roles"]["learner"])])
-    assert diffs.max() < 5e-5 and diffs.mean() < 1e-7, (diffs.max(), diffs.mean())
+    far = (diffs > 5e-5).float().mean()
+    assert far < 1e-3 and diffs.mean() < 1e-7, (far, diffs.max(), diffs.mean())
     moved = max((b - s).abs().max().item() for b, s in zip(state_of(tmp_path / "one")["roles"]["learner"], start))
     assert moved > 1e-4
     # the losses are functions of differences of errors of size ~1 (absolute
