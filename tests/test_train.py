@@ -434,14 +434,14 @@ def test_sd3_endpoint_training_shares_noise_and_timestep_with_the_real_side(poli
     seen = []
     originals = (common.sample_inputs, common.Backbone.policy_endpoint_point, common.learner_and_ref_errors)
 
+    def endpoint(self, *args, **kwargs):  # the policy side comes first in a micro-batch
+        seen.append({"endpoint": originals[1](self, *args, **kwargs)})
+        return seen[-1]["endpoint"]
+
     def sample_inputs(*args, **kwargs):
         x0, cond = originals[0](*args, **kwargs)
-        seen.append({"x0": x0["real"].clone()})
+        seen[-1]["x0"] = x0["real"].clone()
         return x0, cond
-
-    def endpoint(self, *args, **kwargs):
-        seen[-1]["endpoint"] = originals[1](self, *args, **kwargs)
-        return seen[-1]["endpoint"]
 
     def errors(backbone, x_t, t, cond, target, **kwargs):
         seen[-1].update(x_t=x_t.detach().clone(), t=t.clone())
