@@ -8,8 +8,12 @@ Real Data", ICML 2026) trains a diffusion model in two stages:
   Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
            photo with its salient region inpainted (`diffusion_dpo_loss`).
 
-This file holds everything the scripts share. First the method's mechanics,
-in the order a reader needs them:
+This file holds everything the scripts share. Section 0 comes first because
+`python common.py fingerprint` (run_all.sh) runs it alone, without torch:
+
+  0. content fingerprints: whether an input changed, whatever its path;
+
+then the method's mechanics, in the order a reader needs them:
 
   1. the losses (pure functions of per-sample errors: copy them anywhere),
   2. `Backbone`: one interface over SD-1.5 (UNet, epsilon-prediction) and
@@ -21,7 +25,8 @@ in the order a reader needs them:
 
 then the helpers around them:
 
-  6. small utilities (clear errors, image cropping, seeding, devices),
+  6. small utilities (clear errors, flag domains, text files, Ctrl-C,
+     image cropping, seeding, devices),
   7. PickScore (used by curation and evaluation),
   8. safe outputs (I/O errors in words, atomic writes, folder swaps, locks),
   9. --help formatting (each flag's default, per backbone where it differs),
@@ -76,14 +81,11 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class FileHashes:
-    """sha256 of files, remembered in a JSON file (CACHE_DIR/file-hashes.json,
-    beside the input cache) under (name, size, mtime): a file whose size and modification time are
-    unchanged is not read again, so fingerprinting HPDv3's 57,759 photos costs
-    their stat() calls, not their 30 GB. `name` is the file's path inside the
-    input it belongs to, so the memory survives moving the input (mv keeps
-    mtimes; a plain copy makes it read every file once more). A file modified
-    in the last 2 s is hashed every time: file times are coarse (a few ms),
-    and a file rewritten within one tick could otherwise keep a stale hash."""
+    """sha256 of files, remembered in CACHE_DIR/file-hashes.json under (name
+    inside its input, size, mtime): an unchanged file is not read again, so a
+    rerun costs stat() calls, not the photos' bytes; moving an input keeps the
+    names and (mv) the times. A file modified in the last 2 s is hashed every
+    time: file times are coarse, a rewrite within one tick keeps its time."""
 
     def __init__(self, path=None):
         self.path, self.known, self.new = Path(path) if path else None, {}, False
@@ -124,13 +126,12 @@ def write_json_atomically(path, value):
 
 
 def hub_revision(repo_id):
-    """The commit of a hub model in the local Hugging Face cache (refs/main),
-    read without huggingface_hub; None if it was never downloaded."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                     os.path.expanduser("~/.cache"), "huggingface")
-    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    """The commit of a hub model in the local Hugging Face cache (refs/main);
+    None if it was never downloaded."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
     try:
-        return Path(hub, "models--" + repo_id.replace("/", "--"), "refs", "main").read_text().strip()
+        return Path(HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"), "refs", "main").read_text().strip()
     except OSError:
         return None
 
@@ -968,8 +969,6 @@ def read_pairs_csv(path, need_fake=True):
 
     Image paths may be relative to the CSV's folder. Returns a list of dicts
     with absolute paths; every problem is a UserError that names it."""
-    import csv
-
     import io
 
     path = Path(path)
@@ -1105,9 +1104,8 @@ def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cach
     main process then writes manifest.json, which marks the cache complete.
     A finished shard of an interrupted build is kept. Every process reads
     all the shards, in order."""
-    hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)
+    hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)  # what the trainer just hashed (it saves them)
     folder = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake, hashes)}"
-    hashes.save()
     manifest = folder / "manifest.json"
     if not manifest.exists():
         rank, world = getattr(accelerator, "process_index", 0), getattr(accelerator, "num_processes", 1)
