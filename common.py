@@ -231,8 +231,9 @@ def fingerprint_main(argv):
     """`python common.py fingerprint MARKER OUTPUT [--write started|done] -- COMMAND...`
     (run_all.sh's `step`). Without --write: compare the step with its marker;
     exit 0 if it is done with the same settings and inputs, else print why it
-    runs and exit 1, or 3 when an input changed (a training run there must
-    start afresh). With --write: record the step in MARKER."""
+    runs and exit 10, or 11 when an input changed (a training run there must
+    start afresh; any other status is a failure of this check). With
+    --write: record the step in MARKER."""
     marker, output, rest = Path(argv[0]), argv[1], argv[2:]
     write = rest[1] if rest[:1] == ["--write"] else None
     command = rest[rest.index("--") + 1:]
@@ -247,20 +248,20 @@ def fingerprint_main(argv):
         previous = json.loads(marker.read_text())
         previous["inputs"], previous["settings"]  # a marker of this version
     except (OSError, ValueError, KeyError, TypeError):
-        return 1  # not run yet, or marked by an older version (then its trainers resume)
+        return 10  # not run yet, or marked by an older version (then its trainers resume)
     inputs, since = current["inputs"], "was done" if previous.get("done") else "started"
     changed = [label for label in dict.fromkeys([*inputs, *previous["inputs"]])
                if inputs.get(label) != previous["inputs"].get(label)]
     if changed:
         print(f"its input{'s' * (len(changed) > 1)} {', '.join(changed)} changed since it {since}: running it on "
               "the new content")
-        return 3
+        return 11
     if previous["settings"] != current["settings"]:
         print(f"its settings changed since it {since}: running it again")
-        return 1
+        return 10
     if not previous.get("done"):
         print("it was interrupted: continuing it")
-        return 1
+        return 10
     return 0
 
 

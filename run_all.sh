@@ -174,10 +174,10 @@ step() {
   local marker=$OUTPUT_DIR/.done-$name why rc=0
   why=$(python common.py fingerprint "$marker" "$out" -- "$@") || rc=$?
   if [ $rc = 0 ]; then log "$name: done already, skipped"; return; fi
-  [ $rc = 1 ] || [ $rc = 3 ] || die "could not check whether step '$name' is done (exit $rc)"
+  [ $rc = 10 ] || [ $rc = 11 ] || die "could not check whether step '$name' is done (exit $rc)"
   if [ "$DRY_RUN" = 1 ]; then log "$name (dry run): $(printf '%q ' "$@")"; return; fi
   [ -n "$why" ] && log "$name: $why"
-  if [ $rc = 3 ] && [ -d "$out/state" ]; then  # a training run on other inputs cannot continue
+  if [ $rc = 11 ] && [ -d "$out/state" ]; then  # a training run on other inputs cannot continue
     rm -rf "$out.previous" && mv "$out" "$out.previous"
     log "$name: the earlier run moved to $out.previous; this one starts afresh"
   fi
