@@ -78,6 +78,9 @@ HASH_CACHE_FILE = "file-hashes.json"
 MODEL_MARKERS = ("model_index.json", "config.json", "adapter_config.json", "pytorch_lora_weights.safetensors")
 MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".txt", ".model", ".onnx")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# curate.py's scores beside each pair: shown, never read back by a step. Their
+# last digits differ with the GPU count; they must not make both stages retrain.
+SCORE_COLUMNS = ("pickscore_real", "pickscore_fake", "color_real", "color_fake")
 
 
 class FileHashes:
@@ -141,9 +144,10 @@ def fingerprint(spec, hashes, exclude=None):
     revision}; None when `spec` names nothing on disk or on the hub (a setting,
     not an input). Names are relative to the input, so moving it changes nothing.
 
-      a file        its bytes; a CSV also every file its cells name (paths
-                    relative to its folder, or absolute): the pairs CSV's rows
-                    and its images, a photo list and its photos
+      a file        its bytes; a CSV its rows (SCORE_COLUMNS aside) and every
+                    file its cells name (paths relative to its folder, or
+                    absolute): the pairs CSV and its images, a photo list and
+                    its photos
       a folder      every file under it (hidden ones and `exclude` aside); a
                     model folder (MODEL_MARKERS) only its config and weight
                     files; an HPDv3 root only its all.json (the dataset is
@@ -155,16 +159,18 @@ def fingerprint(spec, hashes, exclude=None):
         if spec and HUB_ID.fullmatch(spec):
             return {f"hub:{spec}": hub_revision(spec) or "not downloaded"}
         return None
-    if path.is_file():
-        found = {path.name: hashes.digest(path, f"{path.parent.name}/{path.name}")}
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-                for row in csv.reader(f):
-                    for cell in row:
-                        named = path.parent / cell.strip()
-                        if cell.strip() and Path(cell).suffix and os.path.isfile(named) and cell not in found:
-                            found[cell] = hashes.digest(named, f"{path.parent.name}/{cell}")
+    if path.is_file() and path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            rows = list(csv.reader(f))
+        kept = [i for i, column in enumerate(rows[0] if rows else []) if column not in SCORE_COLUMNS]
+        found = {path.name: digest_of([[row[i] for i in kept if i < len(row)] for row in rows])}
+        for cell in {cell for row in rows for cell in row}:
+            named = path.parent / cell.strip()
+            if cell.strip() and Path(cell).suffix and os.path.isfile(named):
+                found[cell] = hashes.digest(named, f"{path.parent.name}/{cell}")
         return found
+    if path.is_file():
+        return {path.name: hashes.digest(path, f"{path.parent.name}/{path.name}")}
     if (path / "all.json").is_file():
         return {"all.json": hashes.digest(path / "all.json", f"{path.name}/all.json")}
     is_model = any((path / marker).is_file() for marker in MODEL_MARKERS)

@@ -156,15 +156,17 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     assert (out / "stage1.previous" / "checkpoint-4").is_dir()  # the run on the procedural photos, kept aside
     assert "base: all 6 images exist" in user.stderr and "realalign: its model changed" in user.stderr
     check_user_pairs(out, photos)
-    # one photo edited: exactly the steps downstream of it run again, and curation makes only its fake again
-    with Image.open(photos["kite"]) as image:
-        image = image.convert("RGB")
-    ImageOps.mirror(image).save(photos["kite"])
+    # one photo edited: exactly the steps downstream of it run again. Here the grey photo, which the
+    # colorfulness filter drops: curation makes its fake again and ends with the same pairs, so nothing
+    # after it runs (the switch above showed a change that reaches every step)
+    with Image.open(tmp_path / "my photos" / "old_photo.jpg") as image:
+        ImageOps.mirror(image).save(tmp_path / "my photos" / "old_photo.jpg")
     edited = smoke(out, backbone, mine)
     assert edited.returncode == 0, edited.stdout[-2000:] + edited.stderr[-3000:]
-    assert steps(edited, "done already, skipped") == STEPS[:3] and steps(edited, "finished in") == STEPS[3:]
+    assert steps(edited, "finished in") == ["curate"] and "curate: its input --real_images changed" in edited.stdout
+    assert steps(edited, "done already, skipped") == [step for step in STEPS if step != "curate"]
     summary = json.loads((out / "pairs" / "summary.json").read_text())
-    assert summary["fakes_generated_this_run"] == 1 and summary["fakes_reused"] == 4  # (old_photo's too)
+    assert summary["fakes_generated_this_run"] == 1 and summary["fakes_reused"] == 4  # old_photo's, the others'
     check_user_pairs(out, photos)
 
 
@@ -243,7 +245,8 @@ def test_interrupted_stage_resumes(tmp_path):
     # a pairs CSV that cannot be read makes stage1 fail after curation
     first = smoke(out, "sd15", {"STAGE1_BATCH": "0"})
     assert first.returncode != 0 and "step 'stage1' failed" in first.stderr
-    assert (out / ".done-curate").exists() and not (out / ".done-stage1").exists()
+    marked = {step: json.loads((out / f".done-{step}").read_text())["done"] for step in ("curate", "stage1")}
+    assert marked == {"curate": True, "stage1": False}  # stage1 started, not done
     second = smoke(out, "sd15")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "curate: done already, skipped" in second.stdout
