@@ -8,8 +8,12 @@ Real Data", ICML 2026) trains a diffusion model in two stages:
   Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
            photo with its salient region inpainted (`diffusion_dpo_loss`).
 
-This file holds everything the scripts share. First the method's mechanics,
-in the order a reader needs them:
+This file holds everything the scripts share. Section 0 comes first because
+`python common.py fingerprint` (run_all.sh) runs it alone, without torch:
+
+  0. content fingerprints: whether an input changed, whatever its path;
+
+then the method's mechanics, in the order a reader needs them:
 
   1. the losses (pure functions of per-sample errors: copy them anywhere),
   2. `Backbone`: one interface over SD-1.5 (UNet, epsilon-prediction) and
@@ -21,7 +25,8 @@ in the order a reader needs them:
 
 then the helpers around them:
 
-  6. small utilities (clear errors, image cropping, seeding, devices),
+  6. small utilities (clear errors, flag domains, text files, Ctrl-C,
+     image cropping, seeding, devices),
   7. PickScore (used by curation and evaluation),
   8. safe outputs (I/O errors in words, atomic writes, folder swaps, locks),
   9. --help formatting (each flag's default, per backbone where it differs),
@@ -40,6 +45,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import csv
 import errno
 import functools
 import hashlib
@@ -48,6 +54,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -56,10 +63,227 @@ import typing
 import weakref
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
+# =============================================================================
+# 0. Same input, same result: content fingerprints (standard library only)
+# =============================================================================
+# Whether a step's earlier output still holds is decided by the CONTENT of
+# what it reads, never by a path or a command line: run_all.sh's step markers,
+# the input cache's key, --resume, curation's and the evaluation's reuse of
+# earlier images all ask `fingerprint`. A moved or copied folder has the same
+# fingerprint; an edited photo, CSV row or weight file gives a new one. This
+# section imports nothing heavy: run_all.sh runs `python common.py fingerprint`
+# before every step and pays ~0.1 s, not torch's import.
+
+HASH_CACHE_FILE = "file-hashes.json"
+# a folder holding one of these is a model: only its config and weight files
+# count (a checkpoint's model card and grid may be rewritten, the weights not)
+MODEL_MARKERS = ("model_index.json", "config.json", "adapter_config.json", "pytorch_lora_weights.safetensors")
+MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".txt", ".model", ".onnx")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# curate.py's scores beside each pair: shown, never read back by a step. Their
+# last digits differ with the GPU count; they must not make both stages retrain.
+SCORE_COLUMNS = ("pickscore_real", "pickscore_fake", "color_real", "color_fake")
+
+
+class FileHashes:
+    """sha256 of files, remembered in CACHE_DIR/file-hashes.json under (name
+    inside its input, size, mtime): an unchanged file is not read again, so a
+    rerun costs stat() calls, not the photos' bytes; moving an input keeps the
+    names and (mv) the times. A file modified in the last 2 s is hashed every
+    time: file times are coarse, a rewrite within one tick keeps its time."""
+
+    def __init__(self, path=None):
+        self.path, self.known, self.new = Path(path) if path else None, {}, False
+        try:
+            self.known = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
+        except (OSError, ValueError):  # a damaged cache only costs hashing again
+            self.known = {}
+
+    def digest(self, path, name):
+        stat = os.stat(path)
+        key = f"{name}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in self.known:
+            with open(path, "rb") as f:
+                value = hashlib.file_digest(f, "sha256").hexdigest()
+            if time.time_ns() - stat.st_mtime_ns < 2e9:
+                return value
+            self.known[key], self.new = value, True
+        return self.known[key]
+
+    def save(self):
+        """Write the cache (atomically; a failed write only costs hashing again)."""
+        if not (self.path and self.new):
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(self.path, self.known)
+        except OSError:
+            pass
+
+
+def write_json_atomically(path, value):
+    """A JSON file written whole or not at all (a per-process temporary, then
+    a rename), with the mode an ordinary open() gives."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def hub_revision(repo_id):
+    """The commit of a hub model in the local Hugging Face cache (refs/main);
+    None if it was never downloaded."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"), "refs", "main").read_text().strip()
+    except OSError:
+        return None
+
+
+def fingerprint(spec, hashes, exclude=None):
+    """What the input `spec` of a command line holds, as {name: sha256 or
+    revision}; None when `spec` names nothing on disk or on the hub (a setting,
+    not an input). Names are relative to the input, so moving it changes nothing.
+
+      a file        its bytes; a CSV its rows (SCORE_COLUMNS aside) and every
+                    file its cells name (paths relative to its folder, or
+                    absolute): the pairs CSV and its images, a photo list and
+                    its photos
+      a folder      every file under it (hidden ones and `exclude` aside); a
+                    model folder (MODEL_MARKERS) only its config and weight
+                    files; an HPDv3 root only its all.json (the dataset is
+                    downloaded, not edited, and has a million files)
+      a hub id      the revision of its local copy ("not downloaded" without one)
+    """
+    path = Path(spec).expanduser() if spec else None
+    if path is None or not os.path.exists(path):  # (os.path: False, not an error, for a name no file can have)
+        if spec and HUB_ID.fullmatch(spec):
+            return {f"hub:{spec}": hub_revision(spec) or "not downloaded"}
+        return None
+    if path.is_file() and path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            rows = list(csv.reader(f))
+        kept = [i for i, column in enumerate(rows[0] if rows else []) if column not in SCORE_COLUMNS]
+        found = {path.name: digest_of([[row[i] for i in kept if i < len(row)] for row in rows])}
+        for cell in {cell for row in rows for cell in row}:
+            named = path.parent / cell.strip()
+            if cell.strip() and Path(cell).suffix and os.path.isfile(named):
+                found[cell] = hashes.digest(named, f"{path.parent.name}/{cell}")
+        return found
+    if path.is_file():
+        return {path.name: hashes.digest(path, f"{path.parent.name}/{path.name}")}
+    if (path / "all.json").is_file():
+        return {"all.json": hashes.digest(path / "all.json", f"{path.name}/all.json")}
+    is_model = any((path / marker).is_file() for marker in MODEL_MARKERS)
+    exclude = Path(exclude).resolve() if exclude else None
+    found = {}
+    for directory, subdirs, files in os.walk(path):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")
+                            and Path(directory, d).resolve() != exclude)
+        for name in sorted(files):
+            relative = os.path.relpath(os.path.join(directory, name), path)
+            if name.startswith(".") or is_model and not name.endswith(MODEL_SUFFIXES):
+                continue
+            found[relative] = hashes.digest(os.path.join(directory, name), f"{path.name}/{relative}")
+    return found
+
+
+def digest_of(value):
+    """A short sha256 of any JSON-able value (a fingerprint, settings)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_changes(old, new):
+    """What differs between two fingerprints, in words: 'pairs.csv, real/a.png
+    changed; real/b.png new; fake/c.png gone' (at most 3 names per kind)."""
+    old, new = old or {}, new or {}
+    kinds = {"changed": [n for n in new if n in old and old[n] != new[n]],
+             "new": [n for n in new if n not in old], "gone": [n for n in old if n not in new]}
+    return "; ".join(", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "") + " " + kind
+                     for kind, names in kinds.items() if names)
+
+
+def step_fingerprint(command, output, hashes):
+    """run_all.sh's record of a step: its settings (the command line, each
+    input replaced by a placeholder, the step's own output folder too) and the
+    fingerprint digest of each input, labelled by the flag that names it
+    ("--pairs", "--method stage1", "argument 3"). Program files (*.py) are
+    settings, not inputs: a new version of the code does not redo finished
+    steps. --resume is left out: it only says how a step continues."""
+    output = Path(output).resolve() if output else None
+    settings, inputs = [], {}
+    for i, arg in enumerate(command):
+        flag = command[i - 1] if i and command[i - 1].startswith("--") else f"argument {i}"
+        if arg == "--resume":
+            continue
+        if arg.startswith("-") or arg.endswith(".py"):
+            settings.append(arg)
+            continue
+        if output and Path(arg).resolve() == output:
+            settings.append("<output>")
+            continue
+        # NAME=MODEL and NET+LORA (evaluate.py's --method) name inputs too
+        name, value = arg.split("=", 1) if "=" in arg and not os.path.exists(arg) else ("", arg)
+        parts = [value] if os.path.exists(value) or "+" not in value else value.split("+")
+        found = [fingerprint(part, hashes, exclude=output) for part in parts]
+        if not value or any(f is None for f in found):
+            settings.append(arg)
+            continue
+        inputs[f"{flag} {name}" if name else flag] = digest_of(found)
+        settings.append(f"{name}=<input>" if name else "<input>")
+    return {"settings": digest_of(settings), "inputs": inputs}
+
+
+def fingerprint_main(argv):
+    """`python common.py fingerprint MARKER OUTPUT [--write started|done] -- COMMAND...`
+    (run_all.sh's `step`). Without --write: compare the step with its marker;
+    exit 0 if it is done with the same settings and inputs, else print why it
+    runs and exit 10, or 11 when an input changed (a training run there must
+    start afresh; any other status is a failure of this check). With
+    --write: record the step in MARKER."""
+    marker, output, rest = Path(argv[0]), argv[1], argv[2:]
+    write = rest[1] if rest[:1] == ["--write"] else None
+    command = rest[rest.index("--") + 1:]
+    hashes = FileHashes(marker.parent / "cache" / HASH_CACHE_FILE)  # beside the trainers' input cache
+    current = step_fingerprint(command, output, hashes)
+    if marker.parent.is_dir():
+        hashes.save()
+    if write:
+        write_json_atomically(marker, {**current, "done": write == "done"})
+        return 0
+    try:
+        previous = json.loads(marker.read_text())
+        previous["inputs"], previous["settings"]  # a marker of this version
+    except (OSError, ValueError, KeyError, TypeError):
+        return 10  # not run yet, or marked by an older version (then its trainers resume)
+    inputs, since = current["inputs"], "was done" if previous.get("done") else "started"
+    changed = [label for label in dict.fromkeys([*inputs, *previous["inputs"]])
+               if inputs.get(label) != previous["inputs"].get(label)]
+    if changed:
+        print(f"its input{'s' * (len(changed) > 1)} {', '.join(changed)} changed since it {since}: running it on "
+              "the new content")
+        return 11
+    if previous["settings"] != current["settings"]:
+        print(f"its settings changed since it {since}: running it again")
+        return 10
+    if not previous.get("done"):
+        print("it was interrupted: continuing it")
+        return 10
+    return 0
+
+
+if __name__ == "__main__":  # run_all.sh's step markers; see fingerprint_main
+    if sys.argv[1:2] != ["fingerprint"]:
+        sys.exit("usage: python common.py fingerprint MARKER OUTPUT [--write started|done] -- COMMAND...")
+    sys.exit(fingerprint_main(sys.argv[2:]))
+
+
+# the rest needs numpy, torch and PIL (imported after section 0, which `python common.py fingerprint` runs alone)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 logger = logging.getLogger("realalign")
 
@@ -960,15 +1184,17 @@ def read_pairs_csv(path, need_fake=True):
 
     Image paths may be relative to the CSV's folder. Returns a list of dicts
     with absolute paths; every problem is a UserError that names it."""
-    import csv
+    import io
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pairs CSV not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
         header = [PAIR_ALIASES.get(col, col) for col in (reader.fieldnames or [])]
         rows = [{PAIR_ALIASES.get(k, k): v for k, v in row.items()} for row in reader]
+    except csv.Error as err:
+        raise UserError(f"{path} is not a readable CSV ({err})") from None
     required = ["prompt", "real_image_path"] + (["fake_image_path"] if need_fake else [])
     missing = [col for col in required if col not in header]
     if missing:
@@ -1002,12 +1228,11 @@ def read_pairs_csv(path, need_fake=True):
     return pairs
 
 
-def cache_key(model_name, resolution, pairs_csv, need_fake):
-    digest = hashlib.sha256()
-    for part in (str(model_name), str(resolution), str(need_fake)):
-        digest.update(part.encode() + b"\0")
-    digest.update(Path(pairs_csv).read_bytes())
-    return digest.hexdigest()[:16]
+def cache_key(model_name, resolution, pairs_csv, need_fake, hashes=None):
+    """The cache's name: the model (a fingerprint digest, `prepare_training`),
+    the resolution, and the CONTENT of the pairs CSV and of every image it
+    names (`fingerprint`): new images under the same uids give a new cache."""
+    return digest_of([str(model_name), resolution, need_fake, fingerprint(pairs_csv, hashes or FileHashes())])
 
 
 # The cache is stored in bf16, halving its size (README "Throughput and
@@ -1085,8 +1310,8 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
 
 
 def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cache_dir, need_fake, accelerator):
-    """The cache for (model, resolution, CSV content), a folder
-    CACHE_DIR/inputs-KEY (a changed CSV or model gives a new key).
+    """The cache for (model, resolution, pairs content), a folder
+    CACHE_DIR/inputs-KEY (a changed CSV, image or model gives a new key).
 
     Built sharded: each of the k processes encodes its 1/k of the rows and
     prompts into shard-i-of-k.safetensors (so no process idles at a barrier
@@ -1094,7 +1319,8 @@ def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cach
     main process then writes manifest.json, which marks the cache complete.
     A finished shard of an interrupted build is kept. Every process reads
     all the shards, in order."""
-    folder = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake)}"
+    hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)  # what the trainer just hashed (it saves them)
+    folder = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake, hashes)}"
     manifest = folder / "manifest.json"
     if not manifest.exists():
         rank, world = getattr(accelerator, "process_index", 0), getattr(accelerator, "num_processes", 1)
@@ -1220,48 +1446,54 @@ def add_training_args(parser, stage):
     g.add_argument("--init_unet", "--init_transformer", dest="init_network", default=None,
                    help="replace the pipeline's UNet/transformer by this one first (complementarity runs, "
                         "e.g. mhdang/dpo-sd1.5-text2image-v1) (default: none, the pipeline's own)")
-    g.add_argument("--resolution", type=int, default=512, help="training resolution in pixels")
+    g.add_argument("--resolution", type=resolution_int, default=512, help="training resolution in pixels")
     g.add_argument("--cache_dir", default=None, help="input cache folder (default: OUTPUT_DIR/../cache)")
     g = parser.add_argument_group("optimisation (unset = the paper's value for the backbone)")
-    g.add_argument("--train_batch_size", type=int, default=None,
+    g.add_argument("--train_batch_size", type=positive_int, default=None,
                    help=f"per-device micro-batch {paper('train_batch_size')}")
-    g.add_argument("--effective_batch_size", type=int, default=256,
+    g.add_argument("--effective_batch_size", type=positive_int, default=256,
                    help="samples per optimizer step over all processes; accumulation = this / (batch x processes)")
-    g.add_argument("--max_train_steps", type=int, default=None, help=f"optimizer steps {paper('max_train_steps')}")
-    g.add_argument("--learning_rate", type=float, default=None,
+    g.add_argument("--max_train_steps", type=positive_int, default=None,
+                   help=f"optimizer steps {paper('max_train_steps')}")
+    g.add_argument("--learning_rate", type=positive_float, default=None,
                    help=f"AdamW learning rate, constant after the warm-up {paper('learning_rate')}")
-    g.add_argument("--lr_warmup_steps", type=int, default=None,
+    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=None,
                    help=f"linear warm-up, then constant {paper('lr_warmup_steps')}")
-    g.add_argument("--weight_decay", type=float, default=None, help=f"AdamW weight decay {paper('weight_decay')}")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--lora_rank", type=int, default=None,
+    g.add_argument("--weight_decay", type=non_negative_float, default=None,
+                   help=f"AdamW weight decay {paper('weight_decay')}")
+    g.add_argument("--adam_beta1", type=decay, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=decay, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--lora_rank", type=positive_int, default=None,
                    help=f"LoRA rank; ignored with --init_lora {paper('lora_rank')}")
-    g.add_argument("--lora_alpha", type=int, default=None, help=f"LoRA alpha {paper('lora_alpha')}")
+    g.add_argument("--lora_alpha", type=positive_int, default=None, help=f"LoRA alpha {paper('lora_alpha')}")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
                    help=f"checkpoints hold an EMA of the LoRA weights {paper('use_ema')}")
-    g.add_argument("--ema_decay", type=float, default=None,
+    g.add_argument("--ema_decay", type=decay, default=None,
                    help=f"largest EMA decay; SD-1.5 follows diffusers' warm-up, SD-3.5-M flow_grpo's "
                         f"schedule {paper('ema_decay')}")
-    g.add_argument("--ema_every", type=int, default=None,
+    g.add_argument("--ema_every", type=positive_int, default=None,
                    help=f"EMA update interval in optimizer steps {paper('ema_every')}")
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
-    g.add_argument("--seed", type=int, default=0, help="seeds the LoRA init and every random draw of training")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds the LoRA init and every random draw of training")
     g = parser.add_argument_group("run")
-    g.add_argument("--checkpoint_every", "--checkpointing_steps", type=int, default=100,
+    g.add_argument("--checkpoint_every", "--checkpointing_steps", type=positive_int, default=100,
                    help="save a checkpoint and the state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
-    g.add_argument("--sample_grid_steps", type=int, default=25,
+    g.add_argument("--allow_unusual", action="store_true",
+                   help="accept values that are legal but almost surely a mistake, refused otherwise: a "
+                        "--train_batch_size larger than the pairs CSV (micro-batches repeat pairs), "
+                        "--caption_dropout 1 (every caption dropped)")
+    g.add_argument("--sample_grid_steps", type=non_negative_int, default=25,
                    help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
-    g.add_argument("--guidance_scale", type=float, default=None,
+    g.add_argument("--guidance_scale", type=non_negative_float, default=None,
                    help=f"CFG of the checkpoint grids {paper('guidance_scale')}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU, where compiling "
                         "costs more than it saves at test sizes); see README 'Throughput and memory'")
-    g.add_argument("--benchmark_steps", type=int, default=0,
+    g.add_argument("--benchmark_steps", type=non_negative_int, default=0,
                    help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
     # The handles of diffusers' training examples (README "Trackers, the hub,
     # precision"). There is no --dataloader_num_workers: the trainers read a
@@ -1282,9 +1514,9 @@ def add_training_args(parser, stage):
                    help="tracker project / run name (default: realalign-stage1 or realalign-stage2)")
     g.add_argument("--validation_prompts", nargs="+", default=None,
                    help="prompts of the checkpoint grids (default: the first four distinct prompts of the pairs CSV)")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
                    help="keep only the newest N checkpoint folders, plus --final_checkpoint (default: keep all)")
-    g.add_argument("--final_checkpoint", type=int, default=None,
+    g.add_argument("--final_checkpoint", type=positive_int, default=None,
                    help="the step whose checkpoint this run delivers: never deleted by --checkpoints_total_limit, "
                         "uploaded by --push_to_hub (default: the last step; run_all.sh: STAGE1_CKPT / STAGE2_CKPT)")
     g.add_argument("--resume_from_checkpoint", choices=["latest"], action=_ResumeLatest, dest="resume",
@@ -1315,17 +1547,22 @@ class _ResumeLatest(argparse.Action):
 RESUME_SAFE_FLAGS = ("max_train_steps", "checkpoint_every", "sample_grid_steps", "guidance_scale", "resume",
                      "gradient_checkpointing", "cache_dir", "output_dir", "benchmark_steps", "compile", "allow_tf32",
                      "checkpoints_total_limit", "final_checkpoint", "validation_prompts", "report_to", "logging_dir",
-                     "tracker_project_name", "push_to_hub", "hub_model_id", "sampler_slots")
+                     "tracker_project_name", "push_to_hub", "hub_model_id", "sampler_slots", "allow_unusual")
 # Recorded in args.json, but set by the launch: every random draw is keyed on
 # the global sample position (`micro_batch_generator`), so any number of
 # processes at the same per-device and effective batch trains the same run.
 LAUNCH_FLAGS = ("num_processes", "gradient_accumulation_steps")
-NOT_FLAGS = ("resume", "output_dir", "benchmark_steps")  # safe, but not worth naming in a message
+NOT_FLAGS = ("resume", "output_dir", "benchmark_steps", "allow_unusual")  # safe, not worth naming in a message
+# What a run reads, compared by content (`fingerprint`, OUTPUT_DIR/inputs.json),
+# not by path: a moved folder resumes, an edited one is refused.
+INPUT_FLAGS = {"pairs": "--pairs", "pretrained_model": "--pretrained_model", "init_lora": "--init_lora",
+               "init_network": "--init_unet"}
 
 
 def check_resume_settings(args):
     """--resume: refuse when a flag outside RESUME_SAFE_FLAGS differs from the
-    run's args.json (pairs CSV, model, LoRA rank, batch sizes, seed, ...)."""
+    run's args.json (LoRA rank, batch sizes, seed, ...). The inputs are
+    compared by content, in `check_resume_inputs`."""
     path = Path(args.output_dir) / "args.json"
     try:
         previous = json.loads(path.read_text())
@@ -1333,11 +1570,31 @@ def check_resume_settings(args):
         return  # no record to compare with (a run stopped before its first write)
     current = json.loads(json.dumps(public_args(args), default=str))
     changed = [f"--{key} {previous.get(key)!r} -> {value!r}" for key, value in current.items()
-               if key not in RESUME_SAFE_FLAGS + LAUNCH_FLAGS and previous.get(key) != value]
+               if key not in RESUME_SAFE_FLAGS + LAUNCH_FLAGS + tuple(INPUT_FLAGS) and previous.get(key) != value]
     if changed:
         raise UserError(f"--resume with other settings than the run in {args.output_dir} ({'; '.join(changed)}). "
                         f"Only these may change on resume: {', '.join('--' + f for f in RESUME_SAFE_FLAGS if f not in NOT_FLAGS)}; "
                         "start a new run in another --output_dir for the rest")
+
+
+def input_fingerprints(args, hashes):
+    """{flag: fingerprint} of every input the run reads (INPUT_FLAGS)."""
+    return {flag: fingerprint(getattr(args, key), hashes) for key, flag in INPUT_FLAGS.items() if getattr(args, key)}
+
+
+def check_resume_inputs(args, inputs):
+    """--resume: refuse when what the run reads changed since it started
+    (OUTPUT_DIR/inputs.json), naming the input and the files: resuming would
+    train one run on two datasets or models."""
+    try:
+        previous = json.loads((Path(args.output_dir) / "inputs.json").read_text())
+    except (OSError, ValueError):
+        return  # a run stopped before its first write
+    changed = [f"{flag} ({fingerprint_changes(previous.get(flag), inputs.get(flag)) or 'given or dropped'})"
+               for flag in dict.fromkeys([*previous, *inputs]) if previous.get(flag) != inputs.get(flag)]
+    if changed:
+        raise UserError(f"--resume: what the run in {args.output_dir} reads changed since it started: "
+                        f"{'; '.join(changed)}. Start afresh in another --output_dir (or delete this one)")
 
 
 def apply_backbone_defaults(args, stage, kind):
@@ -1352,15 +1609,6 @@ def check_run_dir(args):
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file, not a folder")
-    # values that make no sense are refused, never replaced by a default
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise UserError(f"--max_train_steps must be >= 1 (got {args.max_train_steps})")
-    if args.learning_rate is not None and not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise UserError(f"--learning_rate must be a positive number (got {args.learning_rate})")
-    for flag in ("train_batch_size", "effective_batch_size", "checkpoint_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be >= 1 (got {value})")
     if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process
         lock_output_dir(output_dir, "training run")
         for leftover in output_dir.glob(".*.tmp-*"):  # temporaries of a run that was stopped (we hold the lock)
@@ -1412,10 +1660,19 @@ def prepare_training(args, stage, need_fake):
     pipe.vae.to(torch.float32)
     backbone = Backbone(pipe, accelerator.device, weight_dtype)
     apply_backbone_defaults(args, stage, backbone.kind)
+    check_resolution(backbone, args.resolution)
+    if pairs is not None and args.train_batch_size > len(pairs) and not args.allow_unusual:
+        raise UserError(f"--train_batch_size {args.train_batch_size} is larger than the {len(pairs)} pairs of "
+                        f"{args.pairs}: every micro-batch would repeat pairs. Pass --allow_unusual if you mean it")
     grad_accum = gradient_accumulation(args, accelerator.num_processes)
     apply_ecosystem_defaults(args, stage, pairs)
+    # what the run reads, by content (after loading: a hub model is now in the local cache)
+    cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
+    hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)
+    inputs = input_fingerprints(args, hashes)
     if args.resume:
         check_resume_settings(args)
+        check_resume_inputs(args, inputs)
     if args.init_network:
         load_network_override(backbone, args.init_network)
     # the VAE stays in fp32: latents are encoded once and decoded for grids only
@@ -1429,9 +1686,9 @@ def prepare_training(args, stage, need_fake):
     if args.compile:
         compile_network(backbone.net)
     cache = None
-    if pairs is not None:
-        cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
-        model_name = f"{args.pretrained_model}|{args.init_network}|{backbone.kind}"
+    if pairs is not None:  # the latents and embeddings depend on the model's content, not its path
+        model_name = digest_of([inputs.get("--pretrained_model"), inputs.get("--init_unet"), backbone.kind])
+        hashes.save()
         cache = load_or_build_cache(backbone, model_name, args.pairs, pairs, args.resolution, cache_dir,
                                     need_fake, accelerator)
     with writing(args.output_dir):
@@ -1441,6 +1698,7 @@ def prepare_training(args, stage, need_fake):
                    accelerator.is_main_process)
     if accelerator.is_main_process:
         atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(public_args(args), indent=2, default=str))
+        atomic_write_text(Path(args.output_dir) / "inputs.json", json.dumps(inputs, indent=1))
         logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
                     backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
                     grad_accum, args.effective_batch_size)
@@ -1884,6 +2142,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
             save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation)
             save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema)
             last_saved = step
+        check_interrupted()  # a Ctrl-C that a finalizer swallowed stops the run here, its state saved or not
     if args.push_to_hub and not args.benchmark_steps:
         push_final_checkpoint(args, accelerator, backbone, cache)
     progress.close()
@@ -1931,8 +2190,92 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
+# Flag domains, as argparse types: a value outside its domain stops the
+# script before anything loads, with one line naming the flag and the range
+# ("argument --beta: must be a finite number > 0 (got 0)", exit status 2).
+def flag_type(convert, allowed, test):
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed} (got {text!r})") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed} (got {text})")
+        return value
+    parse.__name__ = allowed  # argparse names the type in some messages
+    return parse
+
+
+positive_int = flag_type(int, "an integer >= 1", lambda v: v >= 1)
+non_negative_int = flag_type(int, "an integer >= 0", lambda v: v >= 0)
+seed_int = flag_type(int, "an integer in [0, 2^32)", lambda v: 0 <= v < 2**32)  # numpy's seed range
+positive_float = flag_type(float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+non_negative_float = flag_type(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+finite_float = flag_type(float, "a finite number", math.isfinite)
+probability = flag_type(float, "a probability in [0, 1]", lambda v: 0 <= v <= 1)
+decay = flag_type(float, "a number in [0, 1)", lambda v: 0 <= v < 1)  # AdamW betas, EMA decay
+# every VAE of these pipelines downsamples by 8 (the model's own factor is checked once it is loaded)
+resolution_int = flag_type(int, "a multiple of 8, at least 8", lambda v: v >= 8 and v % 8 == 0)
+
+
+def check_resolution(backbone, resolution):
+    """The resolution must give whole latent patches: a multiple of the VAE's
+    factor (8; the tiny test models 2) times the transformer's patch (SD-3: 2)."""
+    vae, patch = backbone.pipe.vae_scale_factor, backbone.net.config.get("patch_size", 1)
+    if resolution % (vae * patch):
+        raise UserError(f"--resolution {resolution} must be a multiple of {vae * patch} for this model (its VAE "
+                        f"factor {vae} x patch size {patch})")
+
+
+def read_text(path):
+    """A user's text file: UTF-8, with or without the byte-order mark some
+    editors write first (never part of the first column or prompt), line
+    ends kept. Anything else is one UserError naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start} is {data[err.start:err.start + 1]!r}); "
+                        "save it as UTF-8 (with or without a byte-order mark)") from None
+
+
+# Ctrl-C (SIGINT) is recorded before it is raised: Python runs a signal's
+# handler between any two bytecodes, also inside a finalizer (a __del__, a
+# generator closed by the garbage collector, a weakref callback), and an
+# exception raised there is printed as "Exception ignored in ..." and dropped:
+# the run went on (seen while a checkpoint's model card was written, where the
+# libraries create and free many objects). The record survives:
+# `check_interrupted` re-raises it at the next safe point, run_main at the latest.
+INTERRUPTS = []
+
+
+def _on_interrupt(signum, frame):
+    INTERRUPTS.append(signum)
+    raise KeyboardInterrupt
+
+
+def _on_unraisable(unraisable):
+    """Python's report of an exception a finalizer dropped, but silent for a
+    Ctrl-C: that one is not lost (INTERRUPTS) and ends as "interrupted"."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
+def check_interrupted():
+    """Stop here if a Ctrl-C arrived, even one a finalizer swallowed."""
+    if INTERRUPTS:
+        raise KeyboardInterrupt
+
+
 def run_main(main):
-    """Run `main()`; a UserError ends with one clear message and exit 2."""
+    """Run `main()`; a UserError ends with one clear message and exit 2,
+    Ctrl-C with "interrupted" and exit 130 (never lost: see INTERRUPTS)."""
+    import signal
+    import threading
     import warnings
 
     import diffusers
@@ -1947,8 +2290,12 @@ def run_main(main):
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*peft_config.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, _on_interrupt) if main_thread else None
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _on_unraisable
     try:
         main()
+        check_interrupted()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -1958,6 +2305,11 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        INTERRUPTS.clear()
+        sys.unraisablehook = previous_hook
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -2556,10 +2908,6 @@ def check_ecosystem_args(args):
     if args.report_to in installed and not installed[args.report_to]:
         raise UserError(f"--report_to {args.report_to}: {args.report_to} is not installed "
                         f"(pip install {args.report_to}), or pass --report_to none")
-    for flag in ("checkpoints_total_limit", "final_checkpoint"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be >= 1 (got {value})")
     if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
         raise UserError("--hub_model_id and --hub_token only make sense with --push_to_hub")
 

@@ -103,6 +103,10 @@ REMOVAL_REASONS = ["unreadable_image", "nonphoto", "safety_checker", "colorfulne
 # Settings that change the fakes: a rerun into the same folder must use the
 # same ones, or old and new fakes would be mixed silently.
 GENERATION_SETTINGS_FILE = "generation_settings.json"
+# What each uid's real/, mask/, fake/ and non-photo answer were made from: a
+# digest of its crop and caption. A uid whose photo or caption changed (an
+# edited photo, another photo under the same name) gets them made again.
+MADE_FROM_FILE = "made_from.json"
 
 
 def parse_args(argv=None):
@@ -120,9 +124,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output_dir", type=str, default="outputs/pairs",
                         help="Where real/, mask/, fake/, scores.csv, pairs.csv, preview.png and summary.json go.")
-    parser.add_argument("--max_images", type=int, default=None,
+    parser.add_argument("--max_images", type=common.positive_int, default=None,
                         help="Use a random subset of this many images (drawn with --seed, so reproducible).")
-    parser.add_argument("--resolution", type=int, default=512,
+    parser.add_argument("--resolution", type=common.resolution_int, default=512,
                         help="Images are resized (shorter side) and centre-cropped to this size (README 'Method: data').")
     parser.add_argument("--saliency", type=str, default="u2net", choices=["u2net", "spectral"],
                         help="Saliency model for the inpainting mask. u2net reproduces the paper (needs "
@@ -138,16 +142,20 @@ def parse_args(argv=None):
                              "inpainting script (no dtype given); fp16/bf16 are faster on a GPU and change the fakes.")
     parser.add_argument("--t2i_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="Text-to-image pipeline (hub id or local folder), used with --fake_mode text2image.")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps for the fakes.")
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for the fakes.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Images per generation batch (per process).")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--num_inference_steps", type=common.positive_int, default=50,
+                        help="Sampling steps for the fakes.")
+    parser.add_argument("--guidance_scale", type=common.non_negative_float, default=7.5,
+                        help="Classifier-free guidance for the fakes.")
+    parser.add_argument("--batch_size", type=common.positive_int, default=8,
+                        help="Images per generation batch (per process).")
+    parser.add_argument("--seed", type=common.seed_int, default=0,
                         help="Seeds the --max_images subset and, hashed with each uid, the generation of its fake.")
     parser.add_argument("--pickscore_model", type=str, default="yuvalkirstain/PickScore_v1",
                         help="PickScore CLIP model (README 'Method: data').")
     parser.add_argument("--pickscore_processor", type=str, default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                         help="PickScore processor (README 'Method: data').")
-    parser.add_argument("--score_batch_size", type=int, default=32, help="Pairs per PickScore batch (real and fake scored together).")
+    parser.add_argument("--score_batch_size", type=common.positive_int, default=32,
+                        help="Pairs per PickScore batch (real and fake scored together).")
     parser.add_argument("--drop_nonphoto", action=argparse.BooleanOptionalAction, default=True,
                         help="First filter, part of the paper's data: ask --nonphoto_model the authors' question "
                              "(read from their " + AUTHORS_NONPHOTO_SCRIPT + " at commit " + AUTHORS_COMMIT[:12] +
@@ -162,21 +170,13 @@ def parse_args(argv=None):
                         help="Keep the generation pipeline's safety checker and drop the pairs whose fake it flags. "
                              "Off by default, as in the public inpainting script (which sets safety_checker=None): "
                              "with it, which pairs reach the top K changes.")
-    parser.add_argument("--min_pickscore_gap", type=float, default=0.02,
+    parser.add_argument("--min_pickscore_gap", type=common.finite_float, default=0.02,
                         help="Keep a pair only if PickScore(real) - PickScore(fake) is larger than this (raw units).")
-    parser.add_argument("--top_k", type=int, default=512,
+    parser.add_argument("--top_k", type=common.non_negative_int, default=512,
                         help="Keep the K surviving pairs with the highest PickScore(real); 0 keeps all.")
-    parser.add_argument("--num_preview", type=int, default=4, help="Kept pairs shown in preview.png.")
-    args = parser.parse_args(argv)
-
-    for name in ("resolution", "num_inference_steps", "batch_size", "score_batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.max_images is not None and args.max_images < 1:
-        parser.error("--max_images must be at least 1")
-    if args.top_k < 0:
-        parser.error("--top_k must be 0 (keep all) or positive")
-    return args
+    parser.add_argument("--num_preview", type=common.non_negative_int, default=4,
+                        help="Kept pairs shown in preview.png.")
+    return parser.parse_args(argv)
 
 
 # =============================================================================
@@ -199,8 +199,8 @@ def list_hpdv3(root):
     real photograph is the side whose model is `real_images`. The same photo
     appears in many comparisons, so uids (file-name stems) are de-duplicated."""
     try:
-        entries = json.loads((root / "all.json").read_text())
-    except (OSError, ValueError) as err:
+        entries = json.loads(common.read_text(root / "all.json"))
+    except ValueError as err:
         raise common.UserError(f"cannot read {root / 'all.json'}: {err}") from None
     if not isinstance(entries, list):
         raise common.UserError(f"{root / 'all.json'} is not a list of comparisons (is this the HPDv3 root?)")
@@ -222,11 +222,10 @@ def list_hpdv3(root):
 def list_csv(path):
     """A CSV with columns prompt and image_path (uid optional: the file stem)."""
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        reader = csv.DictReader(io.StringIO(common.read_text(path), newline=""))
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    except csv.Error as err:
         raise common.UserError(f"cannot read {path}: {err}") from None
     missing = [column for column in ("prompt", "image_path") if column not in columns]
     if missing:
@@ -255,14 +254,16 @@ def read_folder_metadata(folder):
         path = folder / name
         if not path.is_file():
             continue
+        text = common.read_text(path)
         try:
             if name.endswith(".jsonl"):
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
             else:
-                with open(path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-        except (OSError, ValueError, csv.Error) as err:
+                rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except (ValueError, csv.Error) as err:
             raise common.UserError(f"cannot read {path}: {err}") from None
+        if not all(isinstance(row, dict) for row in rows):
+            raise common.UserError(f"{path}: every line must be a JSON object with file_name and a caption")
         columns = {key for row in rows for key in row if key is not None}
         caption_column = next((c for c in ("text", "caption", "prompt") if c in columns), None)
         if "file_name" not in columns or caption_column is None:
@@ -290,7 +291,7 @@ def list_folder(folder, exclude):
             relative = image_path.relative_to(folder)
             caption = captions.get(os.path.normpath(str(relative)))
             if caption is None and image_path.with_suffix(".txt").is_file():
-                caption = image_path.with_suffix(".txt").read_text(errors="replace")
+                caption = common.read_text(image_path.with_suffix(".txt"))
             if not (caption or "").strip():
                 logger.warning(f"no caption for {image_path}: skipped")
                 missing_caption += 1
@@ -653,10 +654,13 @@ def write_preview(pairs, output_dir, with_mask=True):
 
 
 def check_generation_settings(output_dir, settings):
-    """Refuse to mix fakes made with different settings in one folder."""
+    """Refuse to mix fakes made with different settings in one folder. The
+    model counts by its content (model_content), not by its path."""
     fake_dir = output_dir / "fake"
     if fake_dir.is_dir() and any(fake_dir.iterdir()):
-        common.check_same_settings(output_dir / GENERATION_SETTINGS_FILE, settings, f"the fakes in {output_dir}")
+        common.check_same_settings(output_dir / GENERATION_SETTINGS_FILE,
+                                   {key: value for key, value in settings.items() if key != "model"},
+                                   f"the fakes in {output_dir}")
 
 
 # =============================================================================
@@ -689,9 +693,12 @@ def main(argv=None):
     counts["candidates"] = len(candidates)
     logger.info(f"{len(candidates)} candidate images from {args.real_images} ({counts['input_kind']})")
 
+    model = args.inpaint_model if args.fake_mode == "inpaint" else args.t2i_model
+    hashes = common.FileHashes(output_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
     generation_settings = {
         "fake_mode": args.fake_mode,
-        "model": args.inpaint_model if args.fake_mode == "inpaint" else args.t2i_model,
+        "model": model,  # shown in the summary; compared by its content, model_content (a moved folder is the same)
+        "model_content": common.digest_of(common.fingerprint(model, hashes)),
         "saliency": args.saliency if args.fake_mode == "inpaint" else None,
         "resolution": args.resolution, "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale, "seed": args.seed, "strength": INPAINT_STRENGTH,
@@ -708,6 +715,7 @@ def main(argv=None):
                                        "(an earlier version of curate.py); delete that folder to ask again")
             common.check_same_settings(output_dir / NONPHOTO_SETTINGS_FILE, nonphoto_settings,
                                        f"the non-photo answers in {nonphoto_dir}")
+    hashes.save()
 
     # Each process takes a contiguous, disjoint share of the uids: every uid is
     # generated by exactly one process.
@@ -718,23 +726,39 @@ def main(argv=None):
                               fake_generated_by_process=None) for c in my_candidates}
 
     # ---- 2. Crop every real image (README 'Method: data' preprocessing). The crop is "the real
-    # image" for everything downstream; it is saved once and re-read from real/.
-    readable = []
+    # image" for everything downstream; it is saved once and re-read from real/. A uid whose crop
+    # or caption is not what its earlier outputs were made from (MADE_FROM_FILE) loses them here.
+    made_from_path = output_dir / MADE_FROM_FILE
+    try:
+        made_from = json.loads(common.read_text(made_from_path)) if made_from_path.is_file() else {}
+    except ValueError:  # damaged: every uid's outputs are made again
+        made_from = {}
+    readable, my_made_from = [], {}
     for candidate in tqdm(my_candidates, desc="cropping real images", disable=not show_progress):
-        real_path = real_dir / f"{candidate['uid']}.png"
+        uid = candidate["uid"]
+        real_path = real_dir / f"{uid}.png"
         try:
             with Image.open(candidate["source_image"]) as image:
                 real = common.center_crop_resize(image, args.resolution)
         except Exception as err:  # missing file, truncated or not an image at all
             logger.warning(f"cannot read {candidate['source_image']} ({type(err).__name__}: {err}): skipped",
                            main_process_only=False)
-            records[candidate["uid"]]["removed_by"] = "unreadable_image"
+            records[uid]["removed_by"] = "unreadable_image"
             continue
+        my_made_from[uid] = hashlib.sha256(f"{real.mode}{real.size}{candidate['prompt']}".encode()
+                                           + real.tobytes()).hexdigest()[:16]
+        if made_from.get(uid) != my_made_from[uid]:
+            for stale in (real_path, mask_dir / f"{uid}.png", fake_dir / f"{uid}.png", fake_dir / f"{uid}.flagged",
+                          nonphoto_dir / f"{uid}.txt"):
+                stale.unlink(missing_ok=True)
         if not real_path.exists():
             common.atomic_save_image(real, real_path)
         readable.append(candidate)
     if sum(gather_object([len(readable)])) == 0:
         raise common.UserError(f"none of the {len(candidates)} images in {args.real_images} could be read")
+    made_from.update(dict(gather_object(list(my_made_from.items()))))
+    if state.is_main_process:
+        common.atomic_write_text(made_from_path, json.dumps(made_from, indent=0, sort_keys=True))
 
     def load_real(uid):
         with Image.open(real_dir / f"{uid}.png") as image:
@@ -788,7 +812,11 @@ def main(argv=None):
         if not args.keep_safety_checker and hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None
         pipe.to(device)
-        # recorded once the model has loaded (every generating process writes the same file)
+        # recorded once the model has loaded (every generating process writes the same file); a hub
+        # model's content is its revision, known once it is in the local cache
+        generation_settings["model_content"] = common.digest_of(common.fingerprint(model, hashes))
+        hashes.save()
+        check_generation_settings(output_dir, generation_settings)
         common.atomic_write_text(output_dir / GENERATION_SETTINGS_FILE, json.dumps(generation_settings, indent=2))
         for batch in tqdm(list(batches(to_generate, args.batch_size)), desc="generating fakes",
                           disable=not show_progress):

@@ -205,9 +205,9 @@ def add_scoring_args(parser):
         "--metrics", type=str, default=DEFAULT_METRICS,
         help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.",
     )
-    parser.add_argument("--score_batch_size", type=int, default=16,
+    parser.add_argument("--score_batch_size", type=common.positive_int, default=16,
                         help="Images per scorer call, except HPSv3 and UnifiedReward (--vlm_batch_size).")
-    parser.add_argument("--vlm_batch_size", type=int, default=1,
+    parser.add_argument("--vlm_batch_size", type=common.positive_int, default=1,
                         help="Images per HPSv3 / UnifiedReward call. 1 is the public evaluation's: batching pads "
                              "the prompts, which can change a greedy answer.")
     parser.add_argument(
@@ -239,7 +239,7 @@ def add_scoring_args(parser):
                         help="Text file with the question to ask UnifiedReward ({prompt} is replaced by the prompt); "
                              f"default: the authors' template, read from {AUTHORS_REWARDS_FILE} of their repository "
                              "at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
-    parser.add_argument("--unifiedreward_max_new_tokens", type=int, default=512,
+    parser.add_argument("--unifiedreward_max_new_tokens", type=common.positive_int, default=512,
                         help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
     parser.add_argument("--deqa_model", type=str, default="zhiyuanyou/DeQA-Score-Mix3",
                         help="DeQA-Score model (loaded with trust_remote_code).")
@@ -271,16 +271,17 @@ def add_generation_args(parser):
     parser.add_argument("--output_dir", type=str, default="outputs/eval",
                         help="The evaluation folder: images (NAME/seed_S/00000.png) and reports. `userstudy` takes "
                              "its images from here and generates the missing ones here.")
-    parser.add_argument("--resolution", type=int, default=512, help="Image height and width.")
-    parser.add_argument("--num_inference_steps", type=int, default=None,
+    parser.add_argument("--resolution", type=common.resolution_int, default=512, help="Image height and width.")
+    parser.add_argument("--num_inference_steps", type=common.positive_int, default=None,
                         help="Sampling steps (default: " + ", ".join(
                             f"{common.BACKBONE_NAMES[kind]}: {steps}" for kind, (steps, _) in SAMPLING_DEFAULTS.items())
                         + ").")
-    parser.add_argument("--guidance_scale", type=float, default=None,
+    parser.add_argument("--guidance_scale", type=common.non_negative_float, default=None,
                         help="Classifier-free guidance (default: " + ", ".join(
                             f"{common.BACKBONE_NAMES[kind]}: {cfg}" for kind, (_, cfg) in SAMPLING_DEFAULTS.items())
                         + ").")
-    parser.add_argument("--batch_size", type=int, default=8, help="Prompts per pipeline call (per process).")
+    parser.add_argument("--batch_size", type=common.positive_int, default=8,
+                        help="Prompts per pipeline call (per process).")
     parser.add_argument(
         "--generation_dtype", choices=["fp16", "bf16"], default="fp16",
         help="Half precision of generation on a GPU. fp16 is the public protocol's (SD-1.5 pipeline in fp16; "
@@ -306,7 +307,7 @@ def parse_args(argv=None):
         parser.add_argument("--baseline", type=str, default=None,
                             help="Only for a folder without manifest.jsonl: the baseline method's folder name "
                                  "(default: the first name in alphabetical order).")
-        parser.add_argument("--grid_prompts", type=int, default=4, help="Prompts shown in grid.png.")
+        parser.add_argument("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
         add_scoring_args(parser)
         args = parser.parse_args(argv[1:])
         args.command = "score"
@@ -329,10 +330,11 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", type=str, default="pickapic_v2",
                         help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the paper's qualitative "
                              f"panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
-    parser.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts (quick runs).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
+    parser.add_argument("--max_prompts", type=common.positive_int, default=None,
+                        help="Use only the first N prompts (quick runs).")
+    parser.add_argument("--seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
                         help="One image per prompt per seed; every prompt is generated with the same seed (README 'Method: evaluation').")
-    parser.add_argument("--grid_prompts", type=int, default=4, help="Prompts shown in grid.png.")
+    parser.add_argument("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
     add_scoring_args(parser)
     args = parser.parse_args(argv)
     args.command = "generate"
@@ -418,7 +420,7 @@ def read_prompt_file(path):
     """One prompt per line, read as the public code reads its prompt files
     (line.strip(): surrounding spaces go, inner whitespace stays as written);
     blank lines are skipped."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in common.read_text(path).splitlines() if line.strip()]
 
 
 def download_url(url, path):
@@ -460,7 +462,7 @@ def unifiedreward_question(args):
     if args.unifiedreward_question:
         if not Path(args.unifiedreward_question).is_file():
             raise UserError(f"--unifiedreward_question {args.unifiedreward_question}: no such file")
-        question = Path(args.unifiedreward_question).read_text(encoding="utf-8")
+        question = common.read_text(args.unifiedreward_question)
     else:
         path = fetch_authors_file(AUTHORS_REWARDS_FILE, args.cache_dir, "the authors' UnifiedReward question")
         try:
@@ -716,13 +718,27 @@ def image_relpath(method, seed, index):
     return f"{method}/seed_{seed}/{index:05d}.png"
 
 
-def check_generation_settings(out_dir, name, settings, write=True):
-    """Images of one method folder must all come from the same settings.
-    Every process checks (so all stop together); only the main one writes."""
+def check_generation_settings(out_dir, name, settings, models, write=True):
+    """Images of one method folder must all come from the same settings: other
+    settings are refused. The models count by content (models["model_content"],
+    a fingerprint of the base model's and the method's files), not by path: a
+    moved folder keeps its images, a checkpoint retrained under the same path
+    makes them stale, and they are deleted to be made again. Every process
+    checks (so all stop together); only the main one deletes and writes."""
     path = out_dir / name / "generation.json"
     common.check_same_settings(path, settings, f"{out_dir / name}")
-    if write and not path.is_file():
-        common.atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+    try:
+        recorded = json.loads(path.read_text()).get("model_content")
+    except (OSError, ValueError):
+        recorded = None
+    content = models["model_content"] or recorded  # None: a hub model not downloaded yet, so unknown
+    if write:
+        if None not in (recorded, content) and recorded != content:
+            stale = sorted((out_dir / name).glob("seed_*/*.png"))
+            logger.info("%s: its model changed since its %d images were made: they are made again", name, len(stale))
+            for image in stale:
+                image.unlink()
+        common.atomic_write_text(path, json.dumps({**settings, **models, "model_content": content}, indent=2) + "\n")
 
 
 @torch.no_grad()
@@ -780,6 +796,7 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         pipe.safety_checker = None
     pipe.to(device)
     backbone = common.Backbone(pipe, device, dtype)
+    common.check_resolution(backbone, args.resolution)
     base_net = backbone.net
     autocast = set_generation_precision(pipe, backbone.kind, dtype, device)
     default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
@@ -787,13 +804,28 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
     guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
     generation = {"pretrained_model": args.pretrained_model, "backbone": backbone.kind, "num_inference_steps": steps,
                   "guidance_scale": guidance, "resolution": args.resolution, "dtype": str(dtype).removeprefix("torch.")}
+    settings = {key: value for key, value in generation.items() if key != "pretrained_model"}
+    hashes = common.FileHashes(out_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
+
+    def models_of(method):
+        """What made a method's images: the paths (shown) and a digest of the
+        base model's and the method's files (compared; None while one of them
+        is a hub model not downloaded yet)."""
+        parts = [common.fingerprint(args.pretrained_model, hashes)]
+        parts += [common.fingerprint(ref, hashes) for _, ref in method["parts"]]
+        known = not any("not downloaded" in (part or {}).values() for part in parts)
+        hashes.save()
+        return {"pretrained_model": args.pretrained_model, "spec": method["spec"],
+                "model_content": common.digest_of(parts) if known else None}
 
     # Generate what is missing, one method at a time.
     manifest = []
     for method in methods:
         name = method["name"]
         method_items = items[name] if isinstance(items, dict) else items
-        check_generation_settings(out_dir, name, {"spec": method["spec"], **generation}, write=state.is_main_process)
+        models = models_of(method)
+        check_generation_settings(out_dir, name, settings, models, write=state.is_main_process)
+        state.wait_for_everyone()  # stale images are deleted before anyone lists what is missing
         manifest += [{"image": image_relpath(name, s, i), "method": name, "seed": s, "index": i,
                       "prompt": prompts[i]} for s, i in method_items]
         # Every process lists the missing images before any of them starts
@@ -808,6 +840,9 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(method_items),
                     steps, guidance)
         adapters = apply_method(backbone, method, device)
+        if state.is_main_process and models["model_content"] is None:  # a hub model just downloaded: its revision
+            common.atomic_write_text(out_dir / name / "generation.json",
+                                     json.dumps({**settings, **models_of(method)}, indent=2) + "\n")
         try:
             with state.split_between_processes(todo) as mine, autocast:
                 generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
@@ -1306,6 +1341,17 @@ def parse_metrics(text):
     return list(dict.fromkeys(metrics))
 
 
+def open_image(path):
+    """An image to score, as RGB; a damaged or missing file is one UserError
+    naming it (deleting it makes the next run generate it again)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as err:
+        raise UserError(f"cannot read the image {path} ({type(err).__name__}: {_first_line(err)}); it is damaged "
+                        "or missing: delete it and rerun to generate it again") from None
+
+
 def score_images(out_dir, manifest, metrics, args, state):
     """Score every manifest image that lacks a score, metric by metric.
 
@@ -1336,14 +1382,14 @@ def score_images(out_dir, manifest, metrics, args, state):
                                   disable=not state.is_main_process):
                     batch = mine[start : start + size]
                     paths = [out_dir / entry["image"] for entry in batch]
-                    if getattr(scorer, "wants_paths", False):
-                        inputs = paths
-                    else:
-                        inputs = [Image.open(path).convert("RGB") for path in paths]
+                    images = [open_image(path) for path in paths]
+                    inputs = paths if getattr(scorer, "wants_paths", False) else images
                     values = scorer(inputs, [entry["prompt"] for entry in batch])
                     values = [v if v is not None and math.isfinite(v) else None for v in values]
                     append_scores(target, [{"image": entry["image"], "metric": metric, "value": value}
                                            for entry, value in zip(batch, values)])
+        except UserError:  # a damaged image: the user's to fix, not the scorer's failure
+            raise
         except Exception as err:  # a broken scorer must not lose the others' work
             logger.exception("%s failed", metric)
             not_run[metric] = f"failed: {_first_line(err)}"
@@ -1754,14 +1800,6 @@ def make_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def check_counts(args):
-    """No silent default for a 0: the count flags a command has must be >= 1."""
-    for flag in ("num_inference_steps", "batch_size", "score_batch_size", "vlm_batch_size"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be >= 1 (got {value})")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.command == "score":
@@ -1772,7 +1810,6 @@ def main(argv=None):
         return userstudy_tally_main(args)
 
     # ---- 1. check every input before any heavy work --------------------------
-    check_counts(args)
     metrics = parse_metrics(args.metrics)
     methods = parse_methods(args.method)
     state = make_state()
@@ -1840,7 +1877,6 @@ def scan_image_folder(folder, prompts, baseline=None):
 
 def score_main(args):
     """`evaluate.py score`: score an existing folder and refresh its report."""
-    check_counts(args)
     metrics = parse_metrics(args.metrics)
     out_dir = Path(args.images)
     if not out_dir.is_dir():
@@ -2141,9 +2177,9 @@ def parse_userstudy_args(argv):
         )
         parser.add_argument("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
         parser.add_argument("votes", nargs="+", help="The participants' vote files, as the page saves them.")
-        parser.add_argument("--bootstrap_samples", type=int, default=10000,
+        parser.add_argument("--bootstrap_samples", type=common.positive_int, default=10000,
                             help="Resamples of the participant-level bootstrap behind the 95%% intervals.")
-        parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+        parser.add_argument("--seed", type=common.seed_int, default=0, help="Seed of the bootstrap.")
         args = parser.parse_args(argv[1:])
         args.command = "userstudy-tally"
         return args
@@ -2163,11 +2199,11 @@ def parse_userstudy_args(argv):
                              "base model).")
     parser.add_argument("--prompts", type=str, default="hpdv2",
                         help="The prompt set or file the study's prompts are drawn from (the paper: HPDv2).")
-    parser.add_argument("--num_prompts", type=int, default=60, help="Prompts drawn (the paper: 60).")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--num_prompts", type=common.positive_int, default=60, help="Prompts drawn (the paper: 60).")
+    parser.add_argument("--seed", type=common.seed_int, default=0,
                         help="Seed of the draws: which prompts, the image seed and the side of 'ours' in each "
                              "comparison, their numbering.")
-    parser.add_argument("--image_seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
+    parser.add_argument("--image_seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
                         help="Generation seeds of the images shown, at least one per baseline: the comparisons of a "
                              "prompt each use another one, so no image is shown twice (the evaluation's seeds, so "
                              "the images of an evaluation run on the same prompts are reused).")
@@ -2216,7 +2252,6 @@ def sample_study(prompts, methods, num_prompts, seed, image_seeds):
 
 def userstudy_main(args):
     """`evaluate.py userstudy`: the study folder (page, images, key)."""
-    check_counts(args)
     methods = parse_methods(args.method)
     if len(methods) < 2:
         raise UserError("a user study needs --method twice or more: the method under study first, then the "
@@ -2286,17 +2321,18 @@ def read_study_votes(paths, key):
     the other way round from key.json's sides; the choices are as shown."""
     participants, files = {}, {}
     for path in map(Path, paths):
+        if not path.is_file():
+            raise UserError(f"no vote file {path}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            study, participant, votes = data["study"], str(data["participant"]).strip(), data["votes"]
-            mirrored = data["mirrored"]
-            if not isinstance(mirrored, bool):
+            data = json.loads(common.read_text(path))
+            study, participant, votes, mirrored = data["study"], data["participant"], data["votes"], data["mirrored"]
+            if not (isinstance(participant, (str, int)) and isinstance(votes, list) and isinstance(mirrored, bool)
+                    and all(isinstance(vote, dict) for vote in votes)):
                 raise TypeError
-        except FileNotFoundError:
-            raise UserError(f"no vote file {path}") from None
+            participant = str(participant).strip()
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a vote file of the study page (JSON with study, participant, "
-                            "mirrored, votes)") from None
+            raise UserError(f"{path} is not a vote file of the study page (a JSON object with study, participant, "
+                            "mirrored and votes, a list of {comparison, choice})") from None
         if study != key["study_id"]:
             raise UserError(f"{path} holds votes of study {study}, not of this one ({key['study_id']})")
         if not participant:
@@ -2306,9 +2342,12 @@ def read_study_votes(paths, key):
         choices = {}
         for vote in votes:
             cid, choice = vote.get("comparison"), vote.get("choice")
-            if cid not in key["comparisons"] or choice not in STUDY_CHOICES:
+            if not isinstance(cid, str) or cid not in key["comparisons"] or choice not in STUDY_CHOICES:
                 raise UserError(f"{path}: a vote for comparison {cid!r} with choice {choice!r} does not belong to "
                                 f"this study (choices: {', '.join(STUDY_CHOICES)})")
+            if choices.get(cid, choice) != choice:
+                raise UserError(f"{path}: comparison {cid} is answered twice, '{choices[cid]}' and '{choice}'; "
+                                "keep one answer and tally again")
             choices[cid] = choice
         participants[participant], files[participant] = (mirrored, choices), path
     return participants
@@ -2428,8 +2467,6 @@ def userstudy_tally_main(args):
     key_path = study_dir / "key.json"
     if not key_path.is_file():
         raise UserError(f"{key_path} not found: STUDY_DIR is the folder `evaluate.py userstudy` wrote")
-    if args.bootstrap_samples < 1:
-        raise UserError(f"--bootstrap_samples must be at least 1, not {args.bootstrap_samples}")
     key = json.loads(key_path.read_text())
     tally = tally_study(key, read_study_votes(args.votes, key), args.bootstrap_samples, args.seed)
     common.atomic_write_text(study_dir / "tally.json", json.dumps(tally, indent=2) + "\n")

@@ -171,34 +171,47 @@ fi
 PAIRS=$OUTPUT_DIR/pairs/pairs.csv
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUTPUT_DIR"
 
-# Run one step unless it is marked done with the same command line; stop the
-# whole run at the first failure. The marker .done-NAME holds a hash of the
-# step's command line (without --resume): a step whose settings changed since
-# (STAGE1_STEPS raised, say) runs again, and the trainers resume from their
-# state (README "Resuming": which settings may change; the others are refused
-# with a message).
+# Run one step unless it is done with the same settings and the same inputs;
+# stop the whole run at the first failure. OUT is the folder the step writes.
+# The marker .done-NAME holds the step's fingerprint (`python common.py
+# fingerprint`, ~0.1 s; README "Running reliably"): its settings (the command
+# line without --resume, paths left out: moving OUTPUT_DIR or the photos changes
+# nothing) and the content of every file or folder it reads (a pairs CSV and its
+# images, photo folders, model folders and checkpoints, prompt files; hub
+# models by their downloaded revision). A step whose settings changed runs
+# again and a trainer resumes from its state (README "Resuming": which settings
+# may change; the others are refused with a message). A step whose inputs
+# changed runs again on the new ones: a training run starts afresh (the earlier
+# one moves to OUT.previous), curate.py and evaluate.py redo what the change
+# touches; the steps downstream then see new inputs in turn.
 step() {
-  local name=$1; shift
-  local marker=$OUTPUT_DIR/.done-$name settings
-  settings=$(for arg in "$@"; do [ "$arg" = --resume ] || printf '%s\0' "$arg"; done | sha256sum | cut -c1-16)
-  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$settings" ]; then log "$name: done already, skipped"; return; fi
+  local name=$1 out=$2; shift 2
+  local marker=$OUTPUT_DIR/.done-$name why rc=0
+  why=$(python common.py fingerprint "$marker" "$out" -- "$@") || rc=$?
+  if [ $rc = 0 ]; then log "$name: done already, skipped"; return; fi
+  [ $rc = 10 ] || [ $rc = 11 ] || die "could not check whether step '$name' is done (exit $rc)"
   if [ "$DRY_RUN" = 1 ]; then log "$name (dry run): $(printf '%q ' "$@")"; return; fi
-  [ -f "$marker" ] && log "$name: its settings changed since it was done: running it again"
+  [ -n "$why" ] && log "$name: $why"
+  if [ $rc = 11 ] && [ -d "$out/state" ]; then  # a training run on other inputs cannot continue
+    rm -rf "$out.previous" && mv "$out" "$out.previous"
+    log "$name: the earlier run moved to $out.previous; this one starts afresh"
+  fi
+  [ -f "$out/state/training_state.pt" ] && set -- "$@" --resume  # a trainer continues from its state
+  python common.py fingerprint "$marker" "$out" --write started -- "$@"
   log "$name: $*"
   local start=$SECONDS
-  "$@" || die "step '$name' failed (exit $?). Fix the cause and rerun: finished steps are skipped, this one resumes."
-  echo "$settings" > "$marker"
+  "$@" || { rc=$?; [ $rc = 130 ] && die "step '$name' was interrupted; rerun to continue it"
+            die "step '$name' failed (exit $rc). Fix the cause and rerun: finished steps are skipped, this one resumes."; }
+  python common.py fingerprint "$marker" "$out" --write done -- "$@"
   log "$name: finished in $((SECONDS - start)) s"
 }
-# Stage runs continue from their saved state when one exists.
-resume_flag() { [ -f "$1/state/training_state.pt" ] && echo --resume || true; }
 
 # ------------------------------------------------------------------ 0. inputs
 if [ "$SMOKE" = 1 ]; then
-  step tiny-models python tests/tiny_models.py tiny-models "$TINY"
+  step tiny-models "$TINY" python tests/tiny_models.py tiny-models "$TINY"
   # also writes data/prompts.txt, the evaluation's prompts (with REAL_IMAGES too)
-  step smoke-images python tests/tiny_models.py smoke-images "$OUTPUT_DIR/data/images"
-  step tiny-released python tests/tiny_models.py tiny-released "$TINY"
+  step smoke-images "$OUTPUT_DIR/data/images" python tests/tiny_models.py smoke-images "$OUTPUT_DIR/data/images"
+  step tiny-released "$TINY/released" python tests/tiny_models.py tiny-released "$TINY"
 else
   log "disk: models ~10 GB (SD-1.5) / ~30 GB (SD-3.5-M with T5) in the HF cache; HPDv3 archive ~300 GB while"
   log "      extracting (estimate; only its 57,759 real photos are used); curated pairs < 1 GB; checkpoints ~100 MB."
@@ -212,22 +225,22 @@ snapshot_download("MizzenAI/HPDv3", repo_type="dataset", local_dir=sys.argv[1],
 PY
       (cd "$DATA_DIR/hpdv3" && cat images.tar.gz.* | tar -xz && rm images.tar.gz.*)
     }
-    step download-hpdv3 download_hpdv3
+    step download-hpdv3 "$DATA_DIR/hpdv3" download_hpdv3
   fi
 fi
 
 # ------------------------------------------------------------------ 1-4
 [ "$RUN_LIKE_AUTHORS" = 1 ] && [ "$BACKBONE" = sd15 ] && log "RUN_LIKE_AUTHORS=1: on SD-1.5 every default already is the authors' choice"
-step curate "${LAUNCH[@]}" curate.py --output_dir "$OUTPUT_DIR/pairs" "${CURATE_ARGS[@]}"
-step stage1 "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
+step curate "$OUTPUT_DIR/pairs" "${LAUNCH[@]}" curate.py --output_dir "$OUTPUT_DIR/pairs" "${CURATE_ARGS[@]}"
+step stage1 "$OUTPUT_DIR/stage1" "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
   --output_dir "$OUTPUT_DIR/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
-  "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT" $(resume_flag "$OUTPUT_DIR/stage1")
+  "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT"
 [ "$DRY_RUN" = 1 ] || [ -d "$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" ] || die "no Stage-1 checkpoint at step $STAGE1_CKPT
        (STAGE1_CKPT must be a multiple of CHECKPOINT_EVERY, at most STAGE1_STEPS)"
-step stage2 "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
+step stage2 "$OUTPUT_DIR/stage2" "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
   --init_lora "$OUTPUT_DIR/stage1/checkpoint-$STAGE1_CKPT" --output_dir "$OUTPUT_DIR/stage2" \
   --max_train_steps "$STAGE2_STEPS" --train_batch_size "$STAGE2_BATCH" "${TRAIN_ARGS[@]}" "${STAGE2_EXTRA[@]}" \
-  --final_checkpoint "$STAGE2_CKPT" "${HUB_ARGS[@]}" $(resume_flag "$OUTPUT_DIR/stage2")
+  --final_checkpoint "$STAGE2_CKPT" "${HUB_ARGS[@]}"
 [ "$DRY_RUN" = 1 ] || [ -d "$OUTPUT_DIR/stage2/checkpoint-$STAGE2_CKPT" ] || die "no Stage-2 checkpoint at step $STAGE2_CKPT"
 
 # Table 1's rows, named as evaluate.py's paper table names them (base first: the gains are over it)
@@ -243,15 +256,14 @@ if [ "$COMPLEMENTARITY" = 1 ]; then
   C=$OUTPUT_DIR/complementarity
   C_NET=(); [ "$baseline_init" = --init_unet ] && C_NET=(--init_unet "$BASELINE")
   C_INIT1=(); [ "$baseline_init" = --init_lora ] && C_INIT1=(--init_lora "$BASELINE")
-  step complementarity-stage1 "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
+  step complementarity-stage1 "$C/stage1" "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
     --output_dir "$C/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
-    "${C_NET[@]}" "${C_INIT1[@]}" "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT" \
-    $(resume_flag "$C/stage1")
+    "${C_NET[@]}" "${C_INIT1[@]}" "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT"
   [ "$DRY_RUN" = 1 ] || [ -d "$C/stage1/checkpoint-$STAGE1_CKPT" ] || die "no complementarity Stage-1 checkpoint at step $STAGE1_CKPT"
-  step complementarity-stage2 "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
+  step complementarity-stage2 "$C/stage2" "${LAUNCH[@]}" train_dpo.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
     "${C_NET[@]}" --init_lora "$C/stage1/checkpoint-$STAGE1_CKPT" --output_dir "$C/stage2" \
     --max_train_steps "$STAGE2_STEPS" --train_batch_size "$STAGE2_BATCH" "${TRAIN_ARGS[@]}" "${STAGE2_EXTRA[@]}" \
-    --final_checkpoint "$STAGE2_CKPT" $(resume_flag "$C/stage2")
+    --final_checkpoint "$STAGE2_CKPT"
   [ "$DRY_RUN" = 1 ] || [ -d "$C/stage2/checkpoint-$STAGE2_CKPT" ] || die "no complementarity Stage-2 checkpoint at step $STAGE2_CKPT"
   if [ "$baseline_init" = --init_unet ]; then
     METHODS+=(--method "${baseline_name}_realalign=$BASELINE+$C/stage2/checkpoint-$STAGE2_CKPT")
@@ -266,15 +278,15 @@ if [ "$RELEASED" = 1 ]; then
 fi
 # evaluate.py resumes per method: a later run with more rows only adds what is new
 # shellcheck disable=SC2086
-step "$EVAL_STEP" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/eval" \
+step "$EVAL_STEP" "$OUTPUT_DIR/eval" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/eval" \
   "${METHODS[@]}" --metrics "$METRICS" --seeds $SEEDS "${EVAL_ARGS[@]}"
 
 # ------------------------------------------------------------------ 5. panel
 # One column per Table-1 row, one row per prompt (paper Fig. 6 on SD-1.5, Fig. 7 on SD-3.5-M: the
 # prompts of the figure's caption, evaluate.py --prompts figure6 / figure7), first seed only.
 # shellcheck disable=SC2086
-step "panel${EVAL_STEP#eval}" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR/panel" \
-  "${METHODS[@]}" \
+step "panel${EVAL_STEP#eval}" "$OUTPUT_DIR/panel" "${LAUNCH[@]}" evaluate.py --pretrained_model "$MODEL" \
+  --output_dir "$OUTPUT_DIR/panel" "${METHODS[@]}" \
   "${EVAL_ARGS[@]}" --prompts "$PANEL_PROMPTS" --seeds ${SEEDS%% *} --grid_prompts 1000 \
   --metrics laplacian  # the panel needs no score: laplacian is the one metric that loads no model
 

@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RealAlign Stage 2: Diffusion-DPO on real vs inpainted pairs")
     common.add_training_args(parser, "dpo")
     g = parser.add_argument_group("Diffusion-DPO")
-    g.add_argument("--beta", type=float, default=None,
+    g.add_argument("--beta", type=common.positive_float, default=None,
                    help=f"KL strength beta ({common.backbone_default_help('beta', 'dpo')})")
     return parser.parse_args(argv)
 

@@ -43,18 +43,19 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RealAlign Stage 1: Diffusion-DRO on real images")
     common.add_training_args(parser, "dro")
     g = parser.add_argument_group("Diffusion-DRO")
-    g.add_argument("--margin", type=float, default=0.001, help="hinge margin m in max(D + m, 0)")
-    g.add_argument("--caption_dropout", type=float, default=0.2, help="probability of training on the empty prompt")
-    g.add_argument("--sampler_steps", type=int, default=None,
+    g.add_argument("--margin", type=common.non_negative_float, default=0.001, help="hinge margin m in max(D + m, 0)")
+    g.add_argument("--caption_dropout", type=common.probability, default=0.2,
+                   help="probability of training on the empty prompt (1 needs --allow_unusual)")
+    g.add_argument("--sampler_steps", type=common.positive_int, default=None,
                    help="policy sampler steps: DPM-Solver++ (SD-1.5), flow-match Euler (SD-3.5-M) "
                         f"({common.backbone_default_help('sampler_steps', 'dro')})")
-    g.add_argument("--snapshot_every", type=int, default=16,
+    g.add_argument("--snapshot_every", type=common.positive_int, default=16,
                    help="copy the learner into the sampling snapshot every N optimizer steps")
-    g.add_argument("--sampler_slots", type=int, default=64,
+    g.add_argument("--sampler_slots", type=common.positive_int, default=64,
                    help="rows per policy-sampler network call (README 'Throughput'): the trajectories of a snapshot "
                         "window run in this many fixed slots, a finished one replaced by the next; capped by the "
                         "window's trajectories. Sets the speed and memory, not the samples")
-    g.add_argument("--points_per_trajectory", type=int, default=1,
+    g.add_argument("--points_per_trajectory", type=common.positive_int, default=1,
                    help="opt-in speed-up (README 'Throughput'): take K points of each policy trajectory instead "
                         "of one (SD-1.5: K distinct random steps; SD-3: K drawn timesteps), so a micro-batch of B samples runs B/K trajectories and "
                         "uses B/K real images (each at the K timesteps, fresh noise). Same expected loss, more "
@@ -74,11 +75,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.snapshot_every < 1 or args.sampler_slots < 1 or args.sampler_steps is not None and args.sampler_steps < 1:
-        raise common.UserError("--snapshot_every, --sampler_slots and --sampler_steps must be >= 1")
+    if args.caption_dropout == 1 and not args.allow_unusual:
+        raise common.UserError("--caption_dropout 1 drops every caption: Stage 1 would train an unconditional "
+                               "model. Pass --allow_unusual if you mean it")
     accelerator, backbone, pairs, cache, grad_accum = common.prepare_training(args, "dro", need_fake=False)
-    if args.points_per_trajectory < 1 or args.train_batch_size % args.points_per_trajectory:
-        raise common.UserError(f"--points_per_trajectory {args.points_per_trajectory} must be >= 1 and divide "
+    if args.train_batch_size % args.points_per_trajectory:
+        raise common.UserError(f"--points_per_trajectory {args.points_per_trajectory} must divide "
                                f"--train_batch_size {args.train_batch_size}")
     if args.sd3_policy_point == "endpoint" and backbone.kind != "sd3":
         raise common.UserError("--sd3_policy_point endpoint is the public SD-3.5-M trainer's structure and needs an "

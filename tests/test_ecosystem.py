@@ -112,7 +112,7 @@ def test_missing_tracker_or_bad_flag_stops_before_any_model_loads(tiny_models, p
     expect_error(capsys, train_dro, [*base, "--report_to", "wandb"], "wandb is not installed")
     expect_error(capsys, train_dpo, base, "tensorboard is not installed")  # the default
     expect_error(capsys, train_dro, [*base, "--report_to", "none", "--checkpoints_total_limit", "0"],
-                 "--checkpoints_total_limit must be >= 1")
+                 "--checkpoints_total_limit: must be an integer >= 1")
     expect_error(capsys, train_dro, [*base, "--report_to", "none", "--hub_model_id", "me/x"], "--push_to_hub")
     assert not (tmp_path / "a").exists()
 

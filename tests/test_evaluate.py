@@ -924,8 +924,8 @@ def test_nonsense_values_and_a_held_folder_are_refused(tiny_models, prompt_file,
 
     base = ["--pretrained_model", tiny_models["sd15"], "--method", "base=", "--prompts", str(prompt_file),
             "--output_dir", str(tmp_path / "out")]
-    for flag, message in (("--num_inference_steps", "--num_inference_steps must be >= 1 (got 0)"),
-                          ("--batch_size", "--batch_size must be >= 1 (got 0)")):
+    for flag, message in (("--num_inference_steps", "--num_inference_steps: must be an integer >= 1 (got 0)"),
+                          ("--batch_size", "--batch_size: must be an integer >= 1 (got 0)")):
         with pytest.raises(SystemExit) as exit_info:
             common.run_main(lambda: evaluate.main([*base, flag, "0"]))
         err = capsys.readouterr().err

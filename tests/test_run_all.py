@@ -2,12 +2,15 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 import common
 from conftest import ROOT
@@ -150,6 +153,43 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     log = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (out / "stage2" / "checkpoint-6").is_dir()
 
+    # Steps are keyed on content, not on paths (README "Running reliably"). The whole folder moved: every
+    # step is still done.
+    out = Path(shutil.move(out, tmp_path / "moved"))
+    moved = smoke(out, backbone, {"STAGE2_STEPS": "6"})
+    assert moved.returncode == 0 and steps(moved, "done already, skipped") == STEPS, moved.stdout[-3000:]
+    # SMOKE=1 REAL_IMAGES=my_photos into the same folder: curation's input changed, and so does every step
+    # downstream of it, which runs again (a training run afresh, the evaluation only for the changed rows)
+    photos = make_user_photos(tmp_path / "my photos")
+    mine = {"REAL_IMAGES": str(tmp_path / "my photos")}
+    user = smoke(out, backbone, mine)
+    assert user.returncode == 0, user.stdout[-2000:] + user.stderr[-3000:]
+    assert steps(user, "done already, skipped") == STEPS[:3] and steps(user, "finished in") == STEPS[3:]
+    assert "stage1: its input --pairs changed since it was done" in user.stdout
+    assert (out / "stage1.previous" / "checkpoint-4").is_dir()  # the run on the procedural photos, kept aside
+    assert "base: all 6 images exist" in user.stderr and "realalign: its model changed" in user.stderr
+    check_user_pairs(out, photos)
+    # one photo edited: exactly the steps downstream of it run again. Here the grey photo, which the
+    # colorfulness filter drops: curation makes its fake again and ends with the same pairs, so nothing
+    # after it runs (the switch above showed a change that reaches every step)
+    with Image.open(tmp_path / "my photos" / "old_photo.jpg") as image:
+        ImageOps.mirror(image).save(tmp_path / "my photos" / "old_photo.jpg")
+    edited = smoke(out, backbone, mine)
+    assert edited.returncode == 0, edited.stdout[-2000:] + edited.stderr[-3000:]
+    assert steps(edited, "finished in") == ["curate"] and "curate: its input --real_images changed" in edited.stdout
+    assert steps(edited, "done already, skipped") == [step for step in STEPS if step != "curate"]
+    summary = json.loads((out / "pairs" / "summary.json").read_text())
+    assert summary["fakes_generated_this_run"] == 1 and summary["fakes_reused"] == 4  # old_photo's, the others'
+    check_user_pairs(out, photos)
+
+
+STEPS = ["tiny-models", "smoke-images", "tiny-released", "curate", "stage1", "stage2", "eval", "panel"]
+
+
+def steps(result, outcome):
+    """The steps of a run_all.sh run that ended with `outcome`, in order."""
+    return re.findall(rf"^\[run_all\] ([\w-]+): {outcome}", result.stdout, flags=re.MULTILINE)
+
 
 def make_user_photos(folder):
     """A user's folder: photos of odd sizes and formats, captioned by .txt
@@ -183,16 +223,9 @@ def make_user_photos(folder):
             "kite": folder / "kite.webp", "flowers": folder / "flowers.bmp"}
 
 
-def test_smoke_run_on_the_users_own_photos(tmp_path):
-    """`SMOKE=1 REAL_IMAGES=folder bash run_all.sh`: the pairs are made from the user's files."""
-    from PIL import Image
-
+def check_user_pairs(out, photos):
+    """After `SMOKE=1 REAL_IMAGES=folder bash run_all.sh`: the pairs are made from the user's files."""
     import curate
-
-    photos = make_user_photos(tmp_path / "my photos")
-    out = tmp_path / "smoke"
-    result = smoke(out, "sd15", {"REAL_IMAGES": str(tmp_path / "my photos")})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
     with open(out / "pairs" / "pairs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -215,6 +248,8 @@ def test_smoke_run_on_the_users_own_photos(tmp_path):
     assert summary["missing_caption"] == 1 and summary["kept_pairs"] == 4
     # the rest of the pipeline ran on these pairs
     assert (out / "stage2" / "checkpoint-4").is_dir() and (out / "eval" / "results.md").is_file()
+    assert json.loads((out / "stage2" / "inputs.json").read_text())["--pairs"] == common.fingerprint(
+        out / "pairs" / "pairs.csv", common.FileHashes())
 
 
 def test_interrupted_stage_resumes(tmp_path):
@@ -223,7 +258,8 @@ def test_interrupted_stage_resumes(tmp_path):
     # a pairs CSV that cannot be read makes stage1 fail after curation
     first = smoke(out, "sd15", {"STAGE1_BATCH": "0"})
     assert first.returncode != 0 and "step 'stage1' failed" in first.stderr
-    assert (out / ".done-curate").exists() and not (out / ".done-stage1").exists()
+    marked = {step: json.loads((out / f".done-{step}").read_text())["done"] for step in ("curate", "stage1")}
+    assert marked == {"curate": True, "stage1": False}  # stage1 started, not done
     second = smoke(out, "sd15")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "curate: done already, skipped" in second.stdout
