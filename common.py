@@ -1363,8 +1363,11 @@ class ShardedRows:
             raise IndexError(f"row index out of range for {len(self)} rows")
         shard = torch.bucketize(flat, self.ends, right=True)  # global row -> (shard, row in the shard)
         local = flat - self.starts[shard]
-        picked = [self.parts[s][r] for s, r in zip(shard.tolist(), local.tolist())]
-        out = torch.stack(picked) if picked else torch.empty(0, *self.shape[1:], dtype=self.dtype)
+        # Copied row by row into one fresh tensor (not torch.stack: under CPU fp16 autocast, stack of
+        # bf16 rows raises "Unexpected floating ScalarType").
+        out = torch.empty(len(flat), *self.shape[1:], dtype=self.dtype)
+        for i, (s, r) in enumerate(zip(shard.tolist(), local.tolist())):
+            out[i] = self.parts[s][r]
         out = out.view(*rows.shape, *self.shape[1:])
         return out[(torch.arange(len(out)), *per_row)] if per_row else out
 
