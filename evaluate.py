@@ -3,36 +3,22 @@
 """Evaluate text-to-image models as RealAlign's Table 1 and Figure 2 do (README 'Method: evaluation').
 
   python evaluate.py --method base= --method ours=outputs/dpo/checkpoint-800 --prompts pickapic_v2
-      one image per prompt and seed for every method, scored with every requested metric, then the report.
-  python evaluate.py score --images OUT --metrics hpsv3
-      score an existing output folder with more metrics (e.g. in the environment of a scorer package that
-      conflicts with ours); the new scores merge with the old ones and the report is refreshed.
+  python evaluate.py score --images OUT --metrics hpsv3     (more metrics for a folder, e.g. in another environment)
   python evaluate.py userstudy --method ours=... --method dpo=... --prompts hpdv2 --num_prompts 60
-  python evaluate.py userstudy-tally STUDY_DIR votes-*.json
-      the paper's Fig. 4 user study: a blind side-by-side page that opens from disk, then the win / tie /
-      lose tally and its bar chart (README, "User study").
+  python evaluate.py userstudy-tally STUDY_DIR votes-*.json     (the paper's Fig. 4 user study)
 
-Under `accelerate launch` (or torchrun) the prompts, then the images to score, are split across the
-processes; the main process merges. Everything resumes: existing images are kept and every score is kept
-in a per-image table, so a rerun only does what is missing.
-
-Output folder (--output_dir):
-  NAME/seed_S/00000.png   image of prompt 0 for method NAME and seed S
-  NAME/generation.json    how NAME's images were made (checked on resume)
-  prompts.txt             line i = prompt i (checked on resume)
-  manifest.jsonl          one line per image: image, method, seed, index, prompt
-  scores.jsonl            one line per (image, metric): the per-image score table
-  run.json                methods in order (the first is the baseline), settings
-  results.json            per method and metric: mean over prompts per seed, then mean and std over seeds
-  results.md              paper Table 1: gains over the baseline, the paper's values beside ours
-  figure2.png             paper Fig. 2: (a) texture detail vs realism, (b) human preference vs stylization
-  grid.png                the same prompts and seed across methods
+Under `accelerate launch` the prompts, then the images to score, are split across processes. Everything
+resumes. The output folder: NAME/seed_S/00000.png (prompt 0, method NAME, seed S), NAME/generation.json and
+prompts.txt (checked on resume), manifest.jsonl (one line per image), scores.jsonl (one line per image and
+metric), run.json (the methods in order, the first is the baseline), results.json and results.md (paper
+Table 1 beside the paper's values), figure2.png (paper Fig. 2), grid.png (the same prompts across methods).
 """
 
 import argparse
 import contextlib
 import csv
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -51,67 +37,54 @@ from common import UserError
 
 logger = logging.getLogger("realalign")
 
-
-# =============================================================================
-# Constants: prompt sets, the paper's numbers, the authors' pinned files
-# =============================================================================
+# ---------------------------------------------------------------- constants: prompt sets, the paper's numbers
 
 DEFAULT_SEEDS = [42, 123, 456, 789, 1000]  # the public protocol's five seeds
 SAMPLING_DEFAULTS = {"sd15": (50, 7.5), "sd3": (40, 4.5)}  # (steps, classifier-free guidance) per backbone
-
-# Report column order: Table 1's six, the Figure 2 ones, plain CLIP score. The default set is Table 1 and
-# Fig. 2 (a); stylization needs OneIG-Bench's prompts and environment (Fig. 2 (b)), CLIP is opt-in.
+# Table 1's six, Figure 2's, CLIP; stylization needs OneIG-Bench's prompts and environment, CLIP is opt-in.
 ALL_METRICS = ["pickscore", "imagereward", "unifiedreward", "hpsv3", "deqa", "aesthetic", "laplacian", "sgp",
                "stylization", "clip"]
 DEFAULT_METRICS = ",".join(m for m in ALL_METRICS if m not in ("clip", "stylization"))
 METRIC_TITLES = {
     "pickscore": "PickScore", "imagereward": "ImageReward", "unifiedreward": "UnifiedReward", "hpsv3": "HPSv3",
     "deqa": "DeQA", "aesthetic": "Aesthetic", "laplacian": "Texture Detail (Laplacian var.)",
-    "sgp": "Realism (SGP-PickScore)", "stylization": "Stylization (OneIG-Bench)", "clip": "CLIP score",
-}
+    "sgp": "Realism (SGP-PickScore)", "stylization": "Stylization (OneIG-Bench)", "clip": "CLIP score"}
 # results.md's decimals: the realism gap is a small difference (about -0.04), Laplacian variance is in the 1000s
 METRIC_DECIMALS = {"laplacian": 0, "sgp": 3, "stylization": 3}
 # All higher-is-better (Laplacian variance: more texture detail); the table honours False here.
 HIGHER_IS_BETTER = {metric: True for metric in ALL_METRICS}
 
-# Table 1's prompt sets: by default the authors' own files at the pinned commit, fetched by URL, one prompt
-# per line read with line.strip() (inner whitespace kept: 13 of the 500 Pick-a-Pic prompts hold double
-# spaces, which T5 and UnifiedReward see). A file without the stated count is refused (moved or edited).
+# Table 1's prompt sets: the authors' files at the pinned commit, one prompt per line read with line.strip()
+# (13 of the 500 Pick-a-Pic prompts hold double spaces, which T5 and UnifiedReward see); a file without the
+# stated count is refused (moved or edited).
 AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
 AUTHORS_REPO = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
 AUTHORS_PROMPT_FILES = {  # name: (path in the authors' repository, number of prompts)
     "pickapic_v2": ("training_sd35m/dataset/pick_a_pic_v2/test.txt", 500),
     "partiprompts": ("training_sd35m/dataset/partiprompts/test.txt", 1632),
-    "drawbench": ("training_sd35m/dataset/drawbench-unique/test.txt", 200),  # drawbench/test.txt repeats them
-}
+    "drawbench": ("training_sd35m/dataset/drawbench-unique/test.txt", 200)}  # drawbench/test.txt repeats them
 # The same sets from the hub (--prompt_source hub; their order can differ), and HPDv2, which only the hub has.
 PROMPT_SETS = {
     "pickapic_v2": "yuvalkirstain/pickapic_v2, split test_unique, column caption (500 unique prompts; needs pyarrow)",
     "partiprompts": "nateraw/parti-prompts, PartiPrompts.tsv, column Prompt (1632 prompts)",
     "drawbench": "shunk031/DrawBench, parquet conversion, column prompts (200 unique prompts; needs pyarrow)",
-    "hpdv2": "zhwang/HPDv2, benchmark/{anime,concept-art,paintings,photo}.json (3200 prompts)",
-}
+    "hpdv2": "zhwang/HPDv2, benchmark/{anime,concept-art,paintings,photo}.json (3200 prompts)"}
 # The prompts of the qualitative panels, in caption order (paper Fig. 6, SD-1.5; Fig. 7, SD-3.5-M).
 FIGURE_PROMPT_SETS = {
     "figure6": ["a plant",
                 "a woman sitting on a table drinking coffee, long shot, wide shot, highly detailed, intricate, "
                 "professional photography, RAW color, night shot, bokeh, sharp focus, taken with EOS 5D, UHD 8K",
                 "a corgi's head"],
-    "figure7": ["a fire hydrant", "a person", "Anime illustration of Gundam mech suit on Pixiv"],
-}
-AESTHETIC_WEIGHTS_URL = (
+    "figure7": ["a fire hydrant", "a person", "Anime illustration of Gundam mech suit on Pixiv"]}
+AESTHETIC_WEIGHTS_URL = \
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
-)
-# The UnifiedReward question is the authors' instrument: read at run time from this file at the pinned
-# commit (the string `prompt_template` of `unifiedreward_score`, with a {prompt} placeholder), never copied.
+# The UnifiedReward question is the authors' instrument: read at run time from this file, never copied.
 AUTHORS_REWARDS_FILE = "training_sd35m/flow_grpo/rewards.py"
 DEQA_REVISION = "f37ba4273ad8d7548e21ac2fa58353c517e4df49"  # the revision (remote code) the public evaluation loads
 
-# The paper's numbers, the one copy here: Table 1 (PickScore raw) and Fig. 2's raw values from the authors'
-# notebooks (Cwyxx/RealAlign at AUTHORS_COMMIT, notebook/figures/): laplacian and sgp from
-# detail_vs_realism/sd15_detail_vs_realism.ipynb, stylization from human_preference_vs_stylization/*.ipynb.
-# Rows without Table 1 values are there because Fig. 2 normalises over them. Keyed by (backbone, prompt
-# set), then run_all.sh's method names; shown only for the full set and a method of that name.
+# The paper's numbers: Table 1 and Fig. 2's raw values from the authors' notebooks (notebook/figures/ at
+# AUTHORS_COMMIT: detail_vs_realism/sd15_detail_vs_realism.ipynb, human_preference_vs_stylization/*.ipynb;
+# Fig. 2 normalises over the rows without Table 1 values). Keyed by (backbone, prompt set), run_all.sh's names.
 PAPER_RESULTS = {
     ("sd15", "pickapic_v2"): {
         "base": dict(pickscore=20.65, imagereward=0.16, unifiedreward=2.92, hpsv3=5.98, deqa=3.70, aesthetic=5.48,
@@ -122,9 +95,7 @@ PAPER_RESULTS = {
                           aesthetic=5.64, laplacian=2353.761, sgp=-0.009),
         "diffusion_dpo_realalign": dict(pickscore=21.19, imagereward=0.42, unifiedreward=3.08, hpsv3=7.50,
                                         deqa=3.95, aesthetic=5.65, laplacian=2345.722, sgp=-0.011),
-        "diffusion_kto": dict(laplacian=1580.512, sgp=-0.221),
-        "inpo": dict(laplacian=1255.905, sgp=-0.253),
-    },
+        "diffusion_kto": dict(laplacian=1580.512, sgp=-0.221), "inpo": dict(laplacian=1255.905, sgp=-0.253)},
     ("sd3", "drawbench"): {
         "base": dict(pickscore=22.42, imagereward=0.79, unifiedreward=3.30, hpsv3=10.03, deqa=4.09, aesthetic=5.44,
                      stylization=0.357),
@@ -135,76 +106,59 @@ PAPER_RESULTS = {
         "flow_grpo_realalign": dict(pickscore=23.63, imagereward=1.30, unifiedreward=3.60, hpsv3=13.30, deqa=4.21,
                                     aesthetic=5.99, stylization=0.273),
         "grpo_guard": dict(unifiedreward=3.64, hpsv3=12.51, stylization=0.241),
-        "diffusion_nft": dict(unifiedreward=3.68, hpsv3=12.47, stylization=0.175),
-    },
-}
+        "diffusion_nft": dict(unifiedreward=3.68, hpsv3=12.47, stylization=0.175)}}
 # The six methods each panel of paper Fig. 2 is min-max normalised over (the notebooks above).
 PAPER_FIGURE2_METHODS = {
     "a": ("sd15", "pickapic_v2", ["base", "diffusion_dpo", "diffusion_kto", "inpo", "realalign",
                                   "diffusion_dpo_realalign"]),
     "b": ("sd3", "drawbench", ["base", "flow_grpo", "grpo_guard", "diffusion_nft", "realalign",
-                               "flow_grpo_realalign"]),
-}
+                               "flow_grpo_realalign"])}
 PAPER_ROW_ALIASES = {"realalign_released": "realalign"}  # the authors' released LoRAs are the RealAlign row
 
 MANIFEST, SCORES, RUN_INFO, PROMPTS_FILE = "manifest.jsonl", "scores.jsonl", "run.json", "prompts.txt"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "realalign")
 
-
-# =============================================================================
-# Arguments: one parser per command, the shared flags defined once
-# =============================================================================
+# ---------------------------------------------------------------- arguments (the shared flags defined once)
 
 
 def add_scoring_args(parser):
     """Flags of the scorers (the main command and `score`)."""
     add = parser.add_argument
-    add("--metrics", type=str, default=DEFAULT_METRICS,
+    add("--metrics", default=DEFAULT_METRICS,
         help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.")
     add("--score_batch_size", type=common.positive_int, default=16,
         help="Images per scorer call, except HPSv3 and UnifiedReward (--vlm_batch_size).")
-    add("--vlm_batch_size", type=common.positive_int, default=1,
-        help="Images per HPSv3 / UnifiedReward call. 1 is the public evaluation's: batching pads the prompts, "
-             "which can change a greedy answer.")
-    add("--cache_dir", type=str, default=CACHE_DIR,
+    add("--vlm_batch_size", type=common.positive_int, default=1, help="Images per HPSv3 / UnifiedReward call. 1 is "
+        "the public evaluation's: batching pads the prompts, which can change a greedy answer.")
+    add("--cache_dir", default=CACHE_DIR,
         help="Where fetched prompt sets, the authors' UnifiedReward question and the aesthetic MLP are kept.")
-    add("--pickscore_model", type=str, default="yuvalkirstain/PickScore_v1",
-        help="PickScore CLIP model (also used by the 'sgp' realism metric).")
-    add("--pickscore_processor", type=str, default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    add("--pickscore_model", default="yuvalkirstain/PickScore_v1", help="PickScore CLIP model (also for 'sgp').")
+    add("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         help="Processor (tokenizer + image transform) of the PickScore model.")
-    add("--sgp_real_prefix", type=str, default="Realistic photo, ",
-        help="Realism = PickScore(image, real_prefix + prompt) - PickScore(image, cg_prefix + prompt) "
-             "(README 'Method: evaluation').")
-    add("--sgp_cg_prefix", type=str, default="CG render, ", help="See --sgp_real_prefix.")
-    add("--clip_model", type=str, default="openai/clip-vit-large-patch14",
-        help="CLIP model of the 'clip' metric (100 * max(cosine, 0)).")
-    add("--aesthetic_clip_model", type=str, default="openai/clip-vit-large-patch14",
+    add("--sgp_real_prefix", default="Realistic photo, ", help="Realism = PickScore(image, real_prefix + prompt) - "
+        "PickScore(image, cg_prefix + prompt) (README 'Method: evaluation').")
+    add("--sgp_cg_prefix", default="CG render, ", help="See --sgp_real_prefix.")
+    add("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP of the 'clip' metric (100 * max(cos, 0)).")
+    add("--aesthetic_clip_model", default="openai/clip-vit-large-patch14",
         help="CLIP whose L2-normalised image embedding feeds the LAION aesthetic MLP.")
-    add("--aesthetic_weights", type=str, default=AESTHETIC_WEIGHTS_URL,
+    add("--aesthetic_weights", default=AESTHETIC_WEIGHTS_URL,
         help="The aesthetic MLP's state dict: a local .pth file or a URL (downloaded to --cache_dir).")
-    add("--unifiedreward_model", type=str, default="CodeGoat24/UnifiedReward-qwen-7b",
-        help="UnifiedReward model (a Qwen2.5-VL checkpoint).")
-    add("--unifiedreward_question", type=str, default=None,
-        help="Text file with the question to ask UnifiedReward ({prompt} is replaced by the prompt); default: the "
-             f"authors' template, read from {AUTHORS_REWARDS_FILE} of their repository at the pinned commit. The "
-             "answer is read at 'Final Score: x', x in 1-5.")
+    add("--unifiedreward_model", default="CodeGoat24/UnifiedReward-qwen-7b", help="UnifiedReward (a Qwen2.5-VL).")
+    add("--unifiedreward_question", default=None, help="Text file with the question to ask UnifiedReward ({prompt} "
+        f"is replaced by the prompt); default: the authors' template, read from {AUTHORS_REWARDS_FILE} of their "
+        "repository at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
     add("--unifiedreward_max_new_tokens", type=common.positive_int, default=512,
         help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
-    add("--deqa_model", type=str, default="zhiyuanyou/DeQA-Score-Mix3",
-        help="DeQA-Score model (loaded with trust_remote_code).")
-    add("--deqa_revision", type=str, default=DEQA_REVISION,
+    add("--deqa_model", default="zhiyuanyou/DeQA-Score-Mix3", help="DeQA-Score model (loaded with trust_remote_code).")
+    add("--deqa_revision", default=DEQA_REVISION,
         help="Revision of --deqa_model, pinned to the public evaluation's (its remote code runs from it).")
-    add("--oneig_dir", type=str, default=None,
-        help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models in place (scripts/style/...), "
-             "for the 'stylization' metric; run `evaluate.py score --metrics stylization` in its own environment.")
-    add("--stylization_results", type=str, default=None,
-        help="results.json of another evaluation folder that holds 'stylization' for the same method names "
-             "(OneIG-Bench's style prompts), for Figure 2 (b).")
-    add("--note", type=str, default=None,
-        help="A line printed above results.md's table (the smoke run says there that its models are tiny).")
-    add("--prompt_source", choices=["authors", "hub"], default="authors",
-        help="Where a named prompt set comes from: the authors' prompt files (the paper's prompts, pinned commit) "
-             "or the Hugging Face hub datasets.")
+    add("--oneig_dir", default=None, help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models "
+        "(scripts/style/...), for 'stylization'; run `evaluate.py score --metrics stylization` in its environment.")
+    add("--stylization_results", default=None, help="results.json of another evaluation folder with 'stylization' "
+        "for the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
+    add("--note", default=None, help="A line above results.md's table (the smoke run's: its models are tiny).")
+    add("--prompt_source", choices=["authors", "hub"], default="authors", help="Where a named prompt set comes "
+        "from: the authors' prompt files (the paper's prompts, pinned commit) or the Hugging Face hub datasets.")
     add("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
 
 
@@ -213,101 +167,78 @@ def add_generation_args(parser):
     images the other made in the same evaluation folder."""
     add = parser.add_argument
     defaults = lambda j: ", ".join(f"{common.BACKBONE_NAMES[k]}: {v[j]}" for k, v in SAMPLING_DEFAULTS.items())
-    add("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    add("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
         help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
-    add("--output_dir", type=str, default="outputs/eval",
-        help="The evaluation folder: images (NAME/seed_S/00000.png) and reports. `userstudy` takes its images from "
-             "here and generates the missing ones here.")
+    add("--output_dir", default="outputs/eval", help="The evaluation folder: images (NAME/seed_S/00000.png) and "
+        "reports. `userstudy` takes its images from here and makes the missing ones here.")
     add("--resolution", type=common.resolution_int, default=512, help="Image height and width.")
-    add("--num_inference_steps", type=common.positive_int, default=None, help=f"Sampling steps (default: {defaults(0)}).")
-    add("--guidance_scale", type=common.non_negative_float, default=None,
-        help=f"Classifier-free guidance (default: {defaults(1)}).")
+    add("--num_inference_steps", type=common.positive_int, help=f"Sampling steps (default: {defaults(0)}).")
+    add("--guidance_scale", type=common.non_negative_float, help=f"Classifier-free guidance (default: {defaults(1)}).")
     add("--batch_size", type=common.positive_int, default=8, help="Prompts per pipeline call (per process).")
-    add("--generation_dtype", choices=["fp16", "bf16"], default="fp16",
-        help="Half precision of generation on a GPU. fp16 is the public protocol's (SD-1.5 pipeline in fp16; "
-             "SD-3.5-M transformer and text encoders in fp16, VAE in fp32, under fp16 autocast). On CPU everything "
-             "runs in fp32.")
-    add("--method", type=str, action="append", default=None, metavar="NAME=MODEL",
-        help="A model to evaluate, repeatable; the first one is the baseline of the relative gains (in `userstudy` "
-             "the method under study, each later one a baseline it is compared with). MODEL is empty (the base "
-             "model), a LoRA (a .safetensors file; a folder or hub id holding diffusers' "
-             "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
-             "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on another network "
-             "(e.g. RealAlign trained on top of Diffusion-DPO). Default: base=.")
+    add("--generation_dtype", choices=["fp16", "bf16"], default="fp16", help="Half precision of generation on a GPU. "
+        "fp16 is the public protocol's (SD-1.5 pipeline in fp16; SD-3.5-M transformer and text encoders in fp16, VAE "
+        "in fp32, under fp16 autocast). On CPU everything runs in fp32.")
+    add("--method", action="append", metavar="NAME=MODEL", help="A model to evaluate, repeatable; the first is the "
+        "baseline of the gains (in `userstudy`: the method under study, each later one a baseline). MODEL is empty "
+        "(the base model), a LoRA (a .safetensors file; a folder or hub id holding diffusers' "
+        "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
+        "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on another network "
+        "(e.g. RealAlign trained on top of Diffusion-DPO). Default: base= (`userstudy` needs two or more).")
+
+
+DESCRIPTIONS = {
+    "generate": "Generate images for several methods and score them (RealAlign Table 1 / Figure 2). Use "
+                "`evaluate.py score --help` to score an existing folder.",
+    "score": "Score the images of an existing evaluation folder (or any NAME/seed_S/00000.png folder) and refresh "
+             "its report. Scores already in the table are kept.",
+    "userstudy": "Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
+                 "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images come "
+                 "from the evaluation folder --output_dir; the missing ones are generated there first.",
+    "userstudy-tally": "Tally a user study (paper Fig. 4): win / tie / lose of the first method against each "
+                       "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png."}
 
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in ("score", "userstudy", "userstudy-tally") else "generate"
-    if command == "userstudy-tally":
-        return parse_tally_args(argv[1:])
-    descriptions = {
-        "generate": "Generate images for several methods and score them (RealAlign Table 1 / Figure 2). Use "
-                    "`evaluate.py score --help` to score an existing folder.",
-        "score": "Score the images of an existing evaluation folder (or any NAME/seed_S/00000.png folder) and "
-                 "refresh its report. Scores already in the table are kept.",
-        "userstudy": "Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
-                     "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images "
-                     "come from the evaluation folder --output_dir; the missing ones are generated there first.",
-    }
+    command = argv.pop(0) if argv and argv[0] in ("score", "userstudy", "userstudy-tally") else "generate"
     parser = argparse.ArgumentParser(prog="evaluate.py" + ("" if command == "generate" else f" {command}"),
-                                     formatter_class=common.HelpFormatter, description=descriptions[command])
+                                     description=DESCRIPTIONS[command], formatter_class=common.HelpFormatter)
     add = parser.add_argument
-    if command == "score":
-        add("--images", type=str, required=True,
-            help="An evaluate.py output folder, or a folder laid out as NAME/seed_S/00000.png.")
-        add("--prompts", type=str, default=None,
-            help="Only for a folder without manifest.jsonl: its prompts (file or set name).")
-        add("--baseline", type=str, default=None,
-            help="Only for a folder without manifest.jsonl: the baseline method's folder name (default: the first "
-                 "name in alphabetical order).")
+    if command == "userstudy-tally":
+        add("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
+        add("votes", nargs="+", help="The participants' vote files, as the page saves them.")
+        add("--bootstrap_samples", type=common.positive_int, default=10000,
+            help="Resamples of the participant-level bootstrap behind the 95%% intervals.")
+        add("--seed", type=common.seed_int, default=0, help="Seed of the bootstrap.")
+    elif command == "score":
+        add("--images", required=True, help="An evaluate.py output folder, or a folder of NAME/seed_S/00000.png.")
+        add("--prompts", help="Only for a folder without manifest.jsonl: its prompts (file or set name).")
+        add("--baseline", help="Only for a folder without manifest.jsonl: the baseline method's folder name "
+            "(default: the first name in alphabetical order).")
         add_scoring_args(parser)
     elif command == "generate":
         add_generation_args(parser)
-        add("--prompts", type=str, default="pickapic_v2",
-            help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the paper's qualitative panels "
-                 f"({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
-        add("--max_prompts", type=common.positive_int, default=None, help="Use only the first N prompts (quick runs).")
+        add("--prompts", default="pickapic_v2", help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the "
+            f"paper's qualitative panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
+        add("--max_prompts", type=common.positive_int, help="Use only the first N prompts (quick runs).")
         add("--seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
             help="One image per prompt per seed; every prompt is generated with the same seed.")
         add_scoring_args(parser)
     else:
         add_generation_args(parser)
-        add("--prompts", type=str, default="hpdv2",
-            help="The prompt set or file the study's prompts are drawn from (the paper: HPDv2).")
+        add("--prompts", default="hpdv2", help="The prompt set or file of the study's prompts (the paper: HPDv2).")
         add("--num_prompts", type=common.positive_int, default=60, help="Prompts drawn (the paper: 60).")
-        add("--seed", type=common.seed_int, default=0,
-            help="Seed of the draws: which prompts, the image seed and the side of 'ours' in each comparison, their "
-                 "numbering.")
+        add("--seed", type=common.seed_int, default=0, help="Seed of the draws: which prompts, the image seed and "
+            "the side of 'ours' in each comparison, their numbering.")
         add("--image_seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
             help="Generation seeds of the images shown, at least one per baseline: the comparisons of a prompt each "
                  "use another one, so no image is shown twice (the evaluation's seeds, so its images are reused).")
-        add("--study_dir", type=str, default=None, help="Where the study goes (default: OUTPUT_DIR/userstudy).")
-        add("--question", type=str, default=STUDY_QUESTION, help="The question the page asks.")
-        add("--cache_dir", type=str, default=CACHE_DIR, help="Where fetched prompt sets are kept.")
-    args = parser.parse_args(argv[1:] if command != "generate" else argv)
+        add("--study_dir", help="Where the study goes (default: OUTPUT_DIR/userstudy).")
+        add("--question", default=STUDY_QUESTION, help="The question the page asks.")
+        add("--cache_dir", default=CACHE_DIR, help="Where fetched prompt sets are kept.")
+    args = parser.parse_args(argv)
     args.command = command
     return args
-
-
-def parse_tally_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py userstudy-tally", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Tally a user study (paper Fig. 4): win / tie / lose of the first method against each baseline, "
-                    "with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png.")
-    parser.add_argument("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
-    parser.add_argument("votes", nargs="+", help="The participants' vote files, as the page saves them.")
-    parser.add_argument("--bootstrap_samples", type=common.positive_int, default=10000,
-                        help="Resamples of the participant-level bootstrap behind the 95%% intervals.")
-    parser.add_argument("--seed", type=common.seed_int, default=0, help="Seed of the bootstrap.")
-    args = parser.parse_args(argv)
-    args.command = "userstudy-tally"
-    return args
-
-
-# =============================================================================
-# Small file helpers
-# =============================================================================
 
 
 def _first_line(err):
@@ -328,8 +259,6 @@ def write_json(path, value):
 
 
 def open_image(path):
-    """An image as RGB; a damaged or missing file is one UserError naming it (deleting it makes the next
-    run generate it again)."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -338,18 +267,14 @@ def open_image(path):
                         "or missing: delete it and rerun to generate it again") from None
 
 
-def download_url(url, path):
-    """Fetch a file by plain URL (torch's downloader). The tests replace it to serve local files."""
+def download_url(url, path):  # the tests replace it to serve local files
     torch.hub.download_url_to_file(url, str(path), progress=False)
 
-
-# =============================================================================
-# Prompts (README 'Method: evaluation'; README 'What the real run needs')
-# =============================================================================
+# ---------------------------------------------------------------- prompts (README 'What the real run needs')
 
 
 def _hub_parquet_column(repo_id, columns, revision=None, keep=lambda f: True):
-    """One text column (the first of `columns` present) of a hub dataset's parquet files, read with pyarrow."""
+    """The unique values of a hub dataset's text column (the first of `columns` present)."""
     from huggingface_hub import hf_hub_download, list_repo_files
 
     try:
@@ -372,7 +297,7 @@ def _hub_parquet_column(repo_id, columns, revision=None, keep=lambda f: True):
 
 
 def fetch_prompt_set(name):
-    """Download a public prompt set from the hub (README 'What the real run needs')."""
+    """Download a public prompt set from the hub."""
     from huggingface_hub import hf_hub_download
 
     if name == "partiprompts":
@@ -380,11 +305,9 @@ def fetch_prompt_set(name):
         with open(path, newline="", encoding="utf-8") as f:
             return [row["Prompt"] for row in csv.DictReader(f, delimiter="\t")]
     if name == "hpdv2":
-        prompts = []
-        for style in ("anime", "concept-art", "paintings", "photo"):
-            path = hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
-            prompts += [e if isinstance(e, str) else e["prompt"] for e in json.loads(Path(path).read_text())]
-        return prompts
+        paths = [hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
+                 for style in ("anime", "concept-art", "paintings", "photo")]
+        return [e if isinstance(e, str) else e["prompt"] for p in paths for e in json.loads(Path(p).read_text())]
     if name == "pickapic_v2":  # its parquet shards also hold the images: a large download, once (then cached)
         return _hub_parquet_column("yuvalkirstain/pickapic_v2", ["caption"], keep=lambda f: "test_unique" in f)
     if name == "drawbench":  # the hub's automatic parquet conversion
@@ -393,14 +316,12 @@ def fetch_prompt_set(name):
 
 
 def read_prompt_file(path):
-    """One prompt per line, as the public code reads them (line.strip(): inner whitespace stays); blank
-    lines are skipped."""
+    """One prompt per line, as the public code reads them (line.strip()); blank lines are skipped."""
     return [line.strip() for line in common.read_text(path).splitlines() if line.strip()]
 
 
 def fetch_authors_file(relpath, cache_dir, what):
-    """A file of the authors' repository at the pinned commit, fetched once into --cache_dir; offline, the
-    error says where to place it by hand."""
+    """A file of the authors' repository at the pinned commit, fetched once into --cache_dir."""
     url, cached = f"{AUTHORS_REPO}/{relpath}", Path(cache_dir) / "authors" / AUTHORS_COMMIT / relpath
     if not cached.is_file():
         tmp = cached.with_name(cached.name + ".download")
@@ -415,15 +336,13 @@ def fetch_authors_file(relpath, cache_dir, what):
 
 
 def unifiedreward_question_name(args):
-    """How results.md names the UnifiedReward question (one per output folder)."""
     if args.unifiedreward_question:
         return f"{args.unifiedreward_question} (user file)"
     return f"the authors' (prompt_template of unifiedreward_score in {AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
 
 
 def unifiedreward_question(args):
-    """The question template asked to UnifiedReward: --unifiedreward_question FILE, or the authors' (the
-    string assigned to `prompt_template` in their `unifiedreward_score`, found by Python's parser)."""
+    """--unifiedreward_question FILE, or the authors': `prompt_template` in their `unifiedreward_score`."""
     import ast
 
     question, name = None, unifiedreward_question_name(args)
@@ -451,8 +370,7 @@ def unifiedreward_question(args):
 
 
 def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
-    """The prompts of a set name or a text file; never empty. A set name is fetched once and cached as a
-    text file, from the authors' files (`source` "authors") or the hub ("hub", or a set only the hub has)."""
+    """The prompts of a set (fetched once from the authors' files or the hub, cached) or a text file."""
     if spec in FIGURE_PROMPT_SETS:
         prompts, source = FIGURE_PROMPT_SETS[spec], spec
     elif spec in PROMPT_SETS:
@@ -466,7 +384,7 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
                                 f"Table 1's set '{spec}'; refusing it (pass --prompt_source hub, or a prompt file)")
             source_text = f"{AUTHORS_REPO}/{relpath}"
         else:
-            cached = Path(cache_dir) / "prompts" / f"{spec}.hub.txt"
+            cached, source_text = Path(cache_dir) / "prompts" / f"{spec}.hub.txt", PROMPT_SETS[spec]
             if not cached.is_file():
                 try:
                     prompts = fetch_prompt_set(spec)
@@ -478,14 +396,12 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
                 # one prompt per line: only line breaks inside a prompt become spaces
                 common.atomic_write_text(cached, "".join(" ".join(p.strip().splitlines()) + "\n"
                                                          for p in prompts if p.strip()))
-            source_text = PROMPT_SETS[spec]
-        prompts = read_prompt_file(cached)
-        source = f"{spec} ({source_text}, cached in {cached})"
+        prompts, source = read_prompt_file(cached), f"{spec} ({source_text}, cached in {cached})"
     elif Path(spec).is_file():
         prompts, source = read_prompt_file(spec), spec
     else:
-        names = ", ".join([*PROMPT_SETS, *FIGURE_PROMPT_SETS])
-        raise UserError(f"--prompts '{spec}' is neither a prompt set ({names}) nor a file")
+        raise UserError(f"--prompts '{spec}' is neither a prompt set ({', '.join([*PROMPT_SETS, *FIGURE_PROMPT_SETS])}) "
+                        "nor a file")
     prompts = prompts[:max_prompts] if max_prompts is not None else prompts
     if not prompts:
         raise UserError(f"no prompts in {source}")
@@ -493,8 +409,8 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
 
 
 def check_prompts(out_dir, prompts, write=True):
-    """Image i of every method belongs to prompt i: a folder made for other prompts is refused. Keeps the
-    longest list seen. Every process checks (so all stop together); only the main one writes."""
+    """Image i of every method belongs to prompt i: a folder made for other prompts is refused (by every
+    process, so all stop together). Keeps the longest list seen."""
     path = out_dir / PROMPTS_FILE
     if path.is_file():
         old = path.read_text(encoding="utf-8").split("\n")[:-1]
@@ -506,20 +422,15 @@ def check_prompts(out_dir, prompts, write=True):
     if write:
         common.atomic_write_text(path, "".join(p + "\n" for p in prompts))
 
-
-# =============================================================================
-# Methods (NAME=MODEL): base model, LoRA, or another UNet/transformer (README 'Method: evaluation')
-# =============================================================================
+# ---------------------------------------------------------------- methods (NAME=MODEL): base, LoRA, network
 
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def classify_part(part):
-    """("lora" | "network" | "hub", ref) of one piece of a method spec. A local folder is a LoRA if it holds
-    one in a published format (common.find_lora: diffusers' pytorch_lora_weights.safetensors or a PEFT
-    adapter, at its root or in a subfolder such as the authors' lora/learner/), a network if it holds
-    config.json (at its root or in unet/ or transformer/). A hub id is resolved when loaded."""
+    """("lora" | "network" | "hub", ref) of one piece of a method spec: a folder is a LoRA in a published
+    format (common.find_lora, also in e.g. the authors' lora/learner/) or a network (config.json)."""
     path = Path(part).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -533,13 +444,12 @@ def classify_part(part):
         raise UserError(f"'{part}' is a folder with neither a LoRA ({common.DIFFUSERS_LORA} or a PEFT "
                         f"{common.PEFT_CONFIG} + {common.PEFT_WEIGHTS}) nor config.json (a UNet/transformer)")
     if HUB_ID.fullmatch(part):
-        return "hub", part
+        return "hub", part  # resolved when loaded
     raise UserError(f"'{part}' is neither an existing file or folder nor a hub id (owner/name)")
 
 
 def parse_methods(texts):
-    """`NAME=MODEL` strings -> [{"name", "spec", "parts"}], in order. MODEL may be empty (the base model),
-    one LoRA or network, or 'NET+LORA' (a network first, then LoRAs); an existing path is never split."""
+    """`NAME=MODEL` strings -> [{"name", "spec", "parts"}]; 'NET+LORA' splits, an existing path never."""
     methods, seen = [], set()
     for text in texts or ["base="]:
         if "=" not in text:
@@ -562,8 +472,8 @@ def parse_methods(texts):
 
 
 def hub_kind(repo_id):
-    """"lora" or "network" from a hub model's file list; None offline or when it says neither (looking
-    first avoids downloading a full UNet only to find that it is not a LoRA)."""
+    """"lora" or "network" from a hub model's file list (not a full UNet downloaded to learn it is no LoRA);
+    None offline or when it says neither."""
     try:
         from huggingface_hub import list_repo_files
 
@@ -573,13 +483,10 @@ def hub_kind(repo_id):
     if any(f.rsplit("/", 1)[-1] in (common.PEFT_CONFIG, common.DIFFUSERS_LORA) or
            (f.endswith(".safetensors") and "lora" in f.lower() and "/" not in f) for f in files):
         return "lora"
-    if files & {"config.json", "unet/config.json", "transformer/config.json"}:
-        return "network"
-    return None
+    return "network" if files & {"config.json", "unet/config.json", "transformer/config.json"} else None
 
 
 def cached_snapshot(repo_id):
-    """The local cache folder of a hub model, or None if it was never downloaded."""
     try:
         from huggingface_hub import snapshot_download
 
@@ -606,19 +513,17 @@ def apply_method(backbone, method, device):
                 backbone.pipe.unload_lora_weights()  # drop anything half-loaded
                 try:
                     common.load_network_override(backbone, ref)
-                    kind = "network_loaded"
                 except UserError as net_err:
                     raise UserError(f"method '{method['name']}': '{ref}' is not a local path, and from the hub it "
                                     f"loads neither as a LoRA ({lora_err}) nor as a network ({net_err})") from None
         elif kind == "lora":
             common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
             kind = "lora_loaded"
-        elif kind == "network":
-            if k > 0:  # parse_methods checks local folders; this catches hub ids
-                raise UserError(f"method '{method['name']}': '{ref}' is a UNet/transformer; only the first part "
-                                "of NET+LORA may be one")
+        elif k > 0:  # a network: parse_methods checks local folders, this catches hub ids
+            raise UserError(f"method '{method['name']}': '{ref}' is a UNet/transformer; only the first part of "
+                            "NET+LORA may be one")
+        else:
             common.load_network_override(backbone, ref)
-            kind = "network_loaded"
         if kind == "lora_loaded":
             adapters.append(f"eval_{k}")
         else:
@@ -633,28 +538,12 @@ def free_memory():
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def restore_base(backbone, base_net, adapters):
-    """Undo apply_method: remove the LoRA layers and put the base network back."""
-    if adapters:
-        backbone.pipe.unload_lora_weights()
-    if backbone.net is not base_net:
-        setattr(backbone.pipe, backbone.net_name, base_net)
-        backbone.net = base_net
-        free_memory()
-
-
-# =============================================================================
-# Generation (README 'Method: evaluation')
-# =============================================================================
-
-HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# ---------------------------------------------------------------- generation (README 'Method: evaluation')
 
 
 def set_generation_precision(pipe, kind, dtype, device):
-    """The public protocol's precision; returns the context to sample in. SD-1.5: the whole pipeline in
-    `dtype`, no autocast. SD-3.5-M: transformer and text encoders in `dtype`, the VAE in fp32 (decoding
-    16-channel latents in fp16 can overflow), sampling under autocast to `dtype`. CPU: fp32, no change."""
+    """The public protocol's precision; returns the context to sample in. SD-1.5: all in `dtype`. SD-3.5-M:
+    the VAE in fp32 (16-channel latents can overflow fp16), sampling under autocast to `dtype`. CPU: fp32."""
     if device.type != "cuda" or kind != "sd3":
         return contextlib.nullcontext()
     pipe.vae.to(torch.float32)
@@ -666,10 +555,8 @@ def image_relpath(method, seed, index):
 
 
 def check_generation_settings(out_dir, name, settings, models, write=True):
-    """A method folder's images all come from the same settings: other settings are refused. The models
-    count by content (models["model_content"], a fingerprint of the base model's and the method's files),
-    not by path: a moved folder keeps its images, a checkpoint retrained under the same path makes them
-    stale (deleted, made again). Every process checks; only the main one deletes and writes."""
+    """A method folder's images all come from one set of settings. The models count by content (a fingerprint
+    of the files), not path: a moved folder keeps its images, a retrained checkpoint makes them stale."""
     path = out_dir / name / "generation.json"
     common.check_same_settings(path, settings, f"{out_dir / name}")
     try:
@@ -688,9 +575,8 @@ def check_generation_settings(out_dir, name, settings, models, write=True):
 
 @torch.no_grad()
 def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resolution, batch_size, device, progress):
-    """Generate the (seed, index) items of `todo` as PNGs. Each image gets its own generator seeded with its
-    seed, on the generation device as in the public scripts: a prompt's image does not depend on its batch,
-    and every prompt starts from the same noise for a seed (the public protocol re-seeds per prompt)."""
+    """The (seed, index) items of `todo` as PNGs, each image from its own generator seeded with its seed on
+    the device, as the public protocol re-seeds per prompt: an image does not depend on its batch."""
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(todo), batch_size), desc=f"generating {method}", disable=not progress):
@@ -703,26 +589,24 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
 
 
 def generate_missing_images(args, methods, prompts, items, out_dir, state):
-    """Make sure the folder holds every method's image of each (seed, prompt index) of `items` (a list, or
-    {method name: list}), generating only the missing ones; the main command and `userstudy` both come here,
-    so each reuses the other's images. Checks first: one run at a time, the same prompts (prompts.txt), one
-    method's images from one set of settings (NAME/generation.json). Returns the manifest entries of `items`
-    and the generation settings."""
+    """Generate each method's missing images of the (seed, prompt index) `items` (a list, or {name: list});
+    the main command and `userstudy` both come here, so each reuses the other's images. Returns the manifest
+    entries of `items` and the generation settings."""
     if state.is_main_process:
         common.lock_output_dir(out_dir, "evaluate.py")
     check_prompts(out_dir, prompts, write=state.is_main_process)
     device = state.device
     # The base pipeline, once, in the public protocol's dtypes (GPU: --generation_dtype; CPU: fp32). The
     # public evaluation disables the safety checker: a blacked-out image would be scored as the model's.
-    dtype = torch.float32 if device.type != "cuda" else HALF_DTYPES[args.generation_dtype]
+    dtype = torch.float32 if device.type != "cuda" else {"fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.generation_dtype]
     pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     pipe.to(device)
     backbone = common.Backbone(pipe, device, dtype)
     common.check_resolution(backbone, args.resolution)
-    base_net = backbone.net
-    autocast = set_generation_precision(pipe, backbone.kind, dtype, device)
+    base_net, autocast = backbone.net, set_generation_precision(pipe, backbone.kind, dtype, device)
     default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
     steps = args.num_inference_steps or default_steps
     guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
@@ -731,9 +615,7 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
     settings = {key: value for key, value in generation.items() if key != "pretrained_model"}
     hashes = common.FileHashes(out_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
 
-    def models_of(method):
-        """The paths (shown) and a digest of the base model's and the method's files (compared; None while
-        one of them is a hub model not downloaded yet)."""
+    def models_of(method):  # the paths (shown) and a digest of the files (compared; None while not downloaded)
         parts = [common.fingerprint(ref, hashes) for ref in [args.pretrained_model, *(r for _, r in method["parts"])]]
         known = not any("not downloaded" in (part or {}).values() for part in parts)
         hashes.save()
@@ -754,8 +636,8 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         if not todo:
             logger.info("%s: all %d images exist in %s", name, len(method_items), out_dir)
             continue
-        if state.is_main_process:
-            drop_scores(out_dir, [image_relpath(name, s, i) for s, i in todo])
+        if state.is_main_process:  # a score belongs to the image it was computed on
+            rewrite_scores(out_dir, drop={image_relpath(name, s, i) for s, i in todo})
         state.wait_for_everyone()
         logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(method_items),
                     steps, guidance)
@@ -766,17 +648,19 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
             with state.split_between_processes(todo) as mine, autocast:
                 generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
                                 args.batch_size, device, state.is_main_process)
-        finally:
-            restore_base(backbone, base_net, adapters)
+        finally:  # the base pipeline back
+            if adapters:
+                pipe.unload_lora_weights()
+            if backbone.net is not base_net:
+                setattr(pipe, backbone.net_name, base_net)
+                backbone.net = base_net
+                free_memory()
         state.wait_for_everyone()
     del pipe, backbone, base_net
     free_memory()
     return manifest, generation
 
-
-# =============================================================================
-# The per-image score table
-# =============================================================================
+# ---------------------------------------------------------------- the per-image score table
 # scores.jsonl: one line {"image", "metric", "value"} per scored image; null means the scorer ran but gave
 # no score (an unparseable UnifiedReward answer): counted as missing, never as 0. Lines are appended after
 # every batch (a killed run loses at most one); several processes each write scores.part-RANK.jsonl, which
@@ -784,8 +668,7 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
 
 
 def read_score_table(out_dir):
-    """{(image, metric): value} from scores.jsonl and any part files; a later line wins; a truncated last
-    line (killed run) is ignored."""
+    """{(image, metric): value}; a later line wins, a truncated last line (killed run) is ignored."""
     table = {}
     for path in [out_dir / SCORES] + sorted(out_dir.glob("scores.part-*.jsonl")):
         for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
@@ -804,34 +687,19 @@ def append_scores(path, records):
         os.fsync(f.fileno())
 
 
-def rewrite_scores(out_dir, drop=()):
-    """scores.jsonl rewritten whole: the part files folded in, the scores of the images in `drop` left out
-    (images about to be made again), then the part files deleted."""
-    parts, drop = sorted(out_dir.glob("scores.part-*.jsonl")), set(drop)
-    table = read_score_table(out_dir)
-    write_jsonl(out_dir / SCORES, [{"image": image, "metric": metric, "value": value}
-                                   for (image, metric), value in table.items() if image not in drop])
-    for part in parts:
-        part.unlink()
+def rewrite_scores(out_dir, drop=frozenset()):
+    """Fold the part files into scores.jsonl and forget the scores of `drop` (images about to be made again)."""
+    parts, table = sorted(out_dir.glob("scores.part-*.jsonl")), read_score_table(out_dir)
+    if parts or any(image in drop for image, _ in table):
+        write_jsonl(out_dir / SCORES, [{"image": image, "metric": metric, "value": value}
+                                       for (image, metric), value in table.items() if image not in drop])
+        for part in parts:
+            part.unlink()
 
-
-def merge_score_parts(out_dir):
-    if any(out_dir.glob("scores.part-*.jsonl")):
-        rewrite_scores(out_dir)
-
-
-def drop_scores(out_dir, images):
-    """Forget the scores of images about to be (re)generated: a score belongs to the image it was computed on."""
-    images = set(images)
-    if (out_dir / SCORES).is_file() and any(image in images for image, _ in read_score_table(out_dir)):
-        rewrite_scores(out_dir, images)
-
-
-# =============================================================================
-# Scorers (README 'Method: evaluation'). Each loads in __init__(args, device) and maps a batch
-# `__call__(images, prompts)` to one float per image, or None where it gives no score. A scorer whose
-# package or weights are missing raises ScorerUnavailable, with what to do: its metric is "not run".
-# =============================================================================
+# ---------------------------------------------------------------- scorers (README 'Method: evaluation')
+# Each loads in __init__(args, device) and maps `__call__(images, prompts)` to one float per image, or None
+# where it gives no score; a scorer whose package or weights are missing raises ScorerUnavailable, which
+# says what to do, and its metric is "not run".
 
 
 class ScorerUnavailable(Exception):
@@ -848,6 +716,16 @@ def loaded(what, load, hint=""):
         raise ScorerUnavailable(f"could not load {what} ({_first_line(err)}){hint}") from None
 
 
+def need(module, hint):
+    """Import a scorer's own package, or ScorerUnavailable with the pip command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ScorerUnavailable(hint) from None
+
+
 def gpu_half(device):
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
@@ -861,41 +739,21 @@ def _load_clip(model_id, device):
         AutoProcessor.from_pretrained(model_id)), "; download it or pass a local folder")
 
 
-def _features(output):  # transformers 5 returns a model output from get_*_features, older ones a tensor
-    return F.normalize(getattr(output, "pooler_output", output).float(), dim=-1)
-
-
-@torch.no_grad()
-def clip_image_embeds(model, processor, images):
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
-    return _features(model.get_image_features(pixel_values=pixels))
-
-
-@torch.no_grad()
-def clip_text_embeds(model, processor, texts):
-    inputs = processor(text=texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-    return _features(model.get_text_features(**{key: value.to(model.device) for key, value in inputs.items()}))
-
-
 _PICKSCORERS = {}  # PickScore serves 'pickscore' and 'sgp': one copy in memory
 
 
-def _pickscorer(args, device):
-    key = (args.pickscore_model, args.pickscore_processor)
-    if key not in _PICKSCORERS:
-        try:
-            _PICKSCORERS[key] = common.PickScorer(args.pickscore_model, args.pickscore_processor, device=device)
-        except UserError as err:
-            raise ScorerUnavailable(f"{err}; download them or pass --pickscore_model/--pickscore_processor") from None
-    return _PICKSCORERS[key]
-
-
 class PickScoreMetric:
-    """Raw PickScore, exp(logit_scale) * cosine (README 'Method: data'; yuvalkirstain/PickScore_v1): about
-    20-23, never /26."""
+    """Raw PickScore (yuvalkirstain/PickScore_v1), exp(logit_scale) * cosine: about 20-23, never /26."""
 
     def __init__(self, args, device):
-        self.scorer = _pickscorer(args, device)
+        key = (args.pickscore_model, args.pickscore_processor)
+        if key not in _PICKSCORERS:
+            try:
+                _PICKSCORERS[key] = common.PickScorer(*key, device=device)
+            except UserError as err:
+                raise ScorerUnavailable(f"{err}; download them or pass --pickscore_model/--pickscore_processor") \
+                    from None
+        self.scorer, self.prefixes = _PICKSCORERS[key], (args.sgp_real_prefix, args.sgp_cg_prefix)
 
     def __call__(self, images, prompts):
         return [float(v) for v in self.scorer(images, prompts, batch_size=len(images))]
@@ -903,15 +761,11 @@ class PickScoreMetric:
 
 class RealismMetric(PickScoreMetric):
     """'SGP-PickScore' realism (paper Fig. 2): PickScore against "Realistic photo, {prompt}" minus that
-    against "CG render, {prompt}" (the prefixes are flags). Positive when the image reads as a photograph."""
-
-    def __init__(self, args, device):
-        super().__init__(args, device)
-        self.real_prefix, self.cg_prefix = args.sgp_real_prefix, args.sgp_cg_prefix
+    against "CG render, {prompt}" (--sgp_*_prefix); positive when the image reads as a photograph."""
 
     def __call__(self, images, prompts):
-        real = self.scorer(images, [self.real_prefix + p for p in prompts], batch_size=len(images))
-        cg = self.scorer(images, [self.cg_prefix + p for p in prompts], batch_size=len(images))
+        real, cg = (self.scorer(images, [prefix + p for p in prompts], batch_size=len(images))
+                    for prefix in self.prefixes)
         return [float(v) for v in real - cg]
 
 
@@ -919,20 +773,30 @@ class ClipScoreMetric:
     """CLIP score = 100 * max(cosine(image, text), 0), text cut at 77 tokens (openai/clip-vit-large-patch14;
     the usual CLIPScore scale, not in the paper's tables)."""
 
-    def __init__(self, args, device):
-        self.model, self.processor = _load_clip(args.clip_model, device)
+    def __init__(self, args, device, model_id=None):
+        self.model, self.processor = _load_clip(model_id or args.clip_model, device)
+
+    @torch.no_grad()
+    def embed(self, images=None, texts=None):
+        if images is not None:
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            output = self.model.get_image_features(pixel_values=pixels.to(self.model.device, self.model.dtype))
+        else:
+            output = self.model.get_text_features(**self.processor(
+                text=texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(
+                self.model.device))
+        # transformers 5 returns a model output from get_*_features, older ones a tensor
+        return F.normalize(getattr(output, "pooler_output", output).float(), dim=-1)
 
     def __call__(self, images, prompts):
-        cosine = (clip_image_embeds(self.model, self.processor, images) *
-                  clip_text_embeds(self.model, self.processor, prompts)).sum(-1)
+        cosine = (self.embed(images=images) * self.embed(texts=prompts)).sum(-1)
         return [float(v) for v in 100 * cosine.clamp(min=0)]
 
 
 def build_aesthetic_mlp(state_dict):
     """The LAION improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor): Linear
-    768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first four, no activation. The layer indices
-    match the released state dict's keys (layers.0/2/4/6/7); the sizes are read from it, so the tests' tiny
-    CLIP works with a matching small weights file."""
+    768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first four, no activation; the layer indices
+    are the released keys (layers.0/2/4/6/7), the sizes read from it (the tests' tiny CLIP has its own)."""
     linear = [0, 2, 4, 6, 7]
     try:
         shapes = [state_dict[f"layers.{i}.weight"].shape for i in linear]
@@ -941,15 +805,14 @@ def build_aesthetic_mlp(state_dict):
                                 "state dict") from None
     layers = []
     for i, shape in zip(linear, shapes):
-        layers += [torch.nn.Dropout(0.0)] * (i - len(layers))  # dropout slots (inactive in eval mode)
-        layers.append(torch.nn.Linear(shape[1], shape[0]))
+        layers += [torch.nn.Dropout(0.0)] * (i - len(layers)) + [torch.nn.Linear(shape[1], shape[0])]
     mlp = torch.nn.Module()
     mlp.layers = torch.nn.Sequential(*layers)
     mlp.load_state_dict(state_dict)
     return mlp.eval()
 
 
-class AestheticMetric:
+class AestheticMetric(ClipScoreMetric):
     """LAION aesthetic score: the MLP above on the L2-normalised CLIP ViT-L/14 image embedding (about 5-6)."""
 
     def __init__(self, args, device):
@@ -967,7 +830,7 @@ class AestheticMetric:
         if not Path(weights).is_file():
             raise ScorerUnavailable(f"aesthetic weights not found: {weights}")
         self.mlp = build_aesthetic_mlp(torch.load(weights, map_location="cpu", weights_only=True)).to(device)
-        self.model, self.processor = _load_clip(args.aesthetic_clip_model, device)
+        super().__init__(args, device, args.aesthetic_clip_model)
         embed_dim, takes = self.model.config.projection_dim, self.mlp.layers[0].in_features
         if takes != embed_dim:
             raise ScorerUnavailable(f"the aesthetic MLP takes {takes}-d embeddings but {args.aesthetic_clip_model} "
@@ -975,42 +838,29 @@ class AestheticMetric:
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        return [float(v) for v in self.mlp.layers(clip_image_embeds(self.model, self.processor, images)).squeeze(-1)]
+        return [float(v) for v in self.mlp.layers(self.embed(images=images)).squeeze(-1)]
 
 
 def rgb_to_gray(image):
-    """Grayscale of an 8-bit RGB image exactly as OpenCV's cv2.cvtColor(.., COLOR_RGB2GRAY) computes it on
-    uint8 (BT.601 luma in 15-bit fixed point, rounded), so that OpenCV is not a dependency:
-        gray = (9798 R + 19235 G + 3735 B + 16384) >> 15   (integers 0-255)."""
+    """Grayscale of an 8-bit RGB image exactly as OpenCV's cv2.cvtColor(.., COLOR_RGB2GRAY) on uint8 (BT.601
+    luma in 15-bit fixed point, rounded; OpenCV is not a dependency): (9798 R + 19235 G + 3735 B + 16384) >> 15."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
     return (rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735 + 16384) >> 15
 
 
 def laplacian_variance(image):
-    """Texture detail (paper Fig. 2): the variance of the Laplacian of the grayscale image, as
-    cv2.Laplacian(gray, cv2.CV_64F).var(): kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]], borders mirrored without
-    repeating the edge pixel (OpenCV's BORDER_REFLECT_101), population variance over all pixels."""
+    """Texture detail (paper Fig. 2), as cv2.Laplacian(gray, cv2.CV_64F).var(): kernel [[0, 1, 0], [1, -4, 1],
+    [0, 1, 0]], borders mirrored without the edge pixel (BORDER_REFLECT_101), population variance."""
     gray = rgb_to_gray(image).astype(np.float64)
     p = np.pad(gray, 1, mode="reflect")
     return float((p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * gray).var())
 
 
 class LaplacianMetric:
-    def __init__(self, args, device):
-        pass
+    def __init__(self, args, device): pass
 
     def __call__(self, images, prompts):
         return [laplacian_variance(image) for image in images]
-
-
-def need(module, hint):
-    """Import a scorer's own package, or ScorerUnavailable with the pip command."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ScorerUnavailable(hint) from None
 
 
 class ImageRewardMetric:
@@ -1028,7 +878,6 @@ class ImageRewardMetric:
 
 class HPSv3Metric:
     """HPSv3 (PyPI hpsv3, MizzenAI/HPSv3): the mean mu of its (mu, sigma) output. Reads the files itself."""
-
     wants_paths = True
 
     def __init__(self, args, device):
@@ -1043,27 +892,25 @@ class HPSv3Metric:
 
 
 class DeQAMetric:
-    """DeQA-Score (zhiyuanyou/DeQA-Score-Mix3; image only, 1-5), as the public evaluation loads it: the
-    pinned revision's remote code, fp16 on GPU, eager attention, the model's own `score(images)`."""
+    """DeQA-Score (zhiyuanyou/DeQA-Score-Mix3; image only, 1-5), loaded as the public evaluation loads it:
+    the pinned revision's remote code, fp16 on GPU, eager attention, the model's own `score(images)`."""
 
     def __init__(self, args, device):
         from transformers import AutoModelForCausalLM
 
         self.model = loaded(args.deqa_model, lambda: AutoModelForCausalLM.from_pretrained(
             args.deqa_model, revision=args.deqa_revision, trust_remote_code=True, attn_implementation="eager",
-            dtype=gpu_half(device)).to(device).eval(),
-            "; its remote code targets an older transformers: if that is the cause, run `evaluate.py score "
-            "--metrics deqa` in an environment with the transformers version its model card names")
+            dtype=gpu_half(device)).to(device).eval(), "; its remote code targets an older transformers: if that "
+            "is the cause, run `evaluate.py score --metrics deqa` with the transformers its model card names")
 
     @torch.no_grad()
     def __call__(self, images, prompts):
         return [float(v) for v in torch.as_tensor(self.model.score(images)).float().flatten()]
 
 
-# OneIG-Benchmark's layout (github.com/OneIG-Bench/OneIG-Benchmark, commit
-# 41b49831e79e6dde5323618c164da1c4cf0f699d): the prompts in OneIG-Bench.csv at the clone's root
-# (category,id,prompt_en,type,prompt_length,class), the stylization ones in category Anime_Stylization; the
-# style of each id in scripts/style/style.csv (,id,class), empty for the ids its style_score.py skips.
+# OneIG-Benchmark's layout (github.com/OneIG-Bench/OneIG-Benchmark, commit 41b49831e79e6dde5323618c164da1c4cf0f699d):
+# the prompts in OneIG-Bench.csv (category,id,prompt_en,type,prompt_length,class), the stylization ones in category
+# Anime_Stylization; each id's style in scripts/style/style.csv (,id,class), empty where style_score.py skips it.
 ONEIG_PROMPTS, ONEIG_STYLES, ONEIG_STYLE_CATEGORY = "OneIG-Bench.csv", "scripts/style/style.csv", "Anime_Stylization"
 
 
@@ -1083,24 +930,22 @@ def read_csv_columns(path, columns):
 
 
 def oneig_style_classes(root):
-    """{prompt: style} of OneIG-Bench's stylization prompts, styles named as its style_score.py names them
-    ("Line Art" -> "line_art"); prompts without a class are left out."""
+    """{prompt: style} of OneIG-Bench's stylization prompts, named as its style_score.py names them ("Line
+    Art" -> "line_art"); prompts without a class are left out."""
     prompts = read_csv_columns(Path(root) / ONEIG_PROMPTS, ["category", "id", "prompt_en"])
-    classes = read_csv_columns(Path(root) / ONEIG_STYLES, ["id", "class"])
-    style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_") for row in classes
+    style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_")
+                   for row in read_csv_columns(Path(root) / ONEIG_STYLES, ["id", "class"])
                    if (row["class"] or "").strip() not in ("", "nan")}
     return {(row["prompt_en"] or "").strip(): style_of_id[row["id"].strip()] for row in prompts
             if row["category"] == ONEIG_STYLE_CATEGORY and row["id"].strip() in style_of_id}
 
 
 class StylizationMetric:
-    """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score by its own style evaluator, imported from a
-    clone (--oneig_dir) in its own environment (`evaluate.py score --metrics stylization` there). Per image,
-    as its style_score.py: the CSD and OneIG style embeddings are compared (dot product) with its prompt's
-    style class's references, and the score is the mean of the two best matches, each clipped at 0. A prompt
-    without a class gets no score, as style_score.py skips it. (It averages a prompt's images, then the
+    """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score by its own evaluator, imported from a clone
+    (--oneig_dir) in its own environment. Per image, as its style_score.py: the CSD and OneIG style embeddings
+    against the references of the prompt's style class (dot product), the mean of the two best matches, each
+    clipped at 0; a prompt without a class gets no score, as there. (It averages a prompt's images, then the
     prompts: with as many seeds per prompt, the mean over images that results.json reports.)"""
-
     wants_paths = True  # the style encoders read the files themselves
 
     def __init__(self, args, device):
@@ -1120,10 +965,8 @@ class StylizationMetric:
                     SEStyleEmbedding(pretrained_path="xingpng/OneIG-StyleEncoder"),
                     torch.load(style_dir / "CSD_embed.pt", weights_only=False),
                     torch.load(style_dir / "SE_embed.pt", weights_only=False))
-
         self.csd, self.se, self.csd_ref, self.se_ref = loaded(
-            f"OneIG-Bench's style evaluator from {root}", load, "; install its requirements and models as its "
-                                                                "README says")
+            f"OneIG-Bench's style evaluator from {root}", load, "; install its requirements and models as its README says")
 
     @torch.no_grad()
     def __call__(self, paths, prompts):
@@ -1133,9 +976,9 @@ class StylizationMetric:
             if style is None or style not in self.csd_ref or style not in self.se_ref:
                 scores.append(None)
                 continue
-            csd = self.csd.get_style_embedding(str(path)) @ self.csd_ref[style].T
-            se = self.se.get_style_embedding(str(path)) @ self.se_ref[style].T
-            scores.append((max(float(csd.max()), 0.0) + max(float(se.max()), 0.0)) / 2)
+            best = [float((encoder.get_style_embedding(str(path)) @ ref[style].T).max())
+                    for encoder, ref in ((self.csd, self.csd_ref), (self.se, self.se_ref))]
+            scores.append((max(best[0], 0.0) + max(best[1], 0.0)) / 2)
         return scores
 
 
@@ -1163,17 +1006,15 @@ class UnifiedRewardMetric:
             raise ScorerUnavailable("needs a transformers with Qwen2.5-VL: pip install -U transformers") from None
         self.question = unifiedreward_question(args)
         self.processor, self.model = loaded(args.unifiedreward_model, lambda: (
-            AutoProcessor.from_pretrained(args.unifiedreward_model),
-            Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            AutoProcessor.from_pretrained(args.unifiedreward_model), Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 args.unifiedreward_model, dtype=gpu_half(device)).to(device).eval()))
         self.processor.tokenizer.padding_side = "left"  # only a batch (--vlm_batch_size > 1) is padded
         self.max_new_tokens, self.unparsed = args.unifiedreward_max_new_tokens, 0
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        texts = [self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"},
-                                          {"type": "text", "text": self.question.replace("{prompt}", prompt)}]}],
+        texts = [self.processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": self.question.replace("{prompt}", prompt)}]}],
             tokenize=False, add_generation_prompt=True) for prompt in prompts]
         side = lambda n: max(28, round(n / 28) * 28)
         images = [image.resize((side(image.width), side(image.height))) for image in images]
@@ -1181,27 +1022,25 @@ class UnifiedRewardMetric:
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
         answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)
-        scores = [parse_final_score(answer) for answer in answers]
-        for answer in (a for a, s in zip(answers, scores) if s is None):
+        for answer in (a for a in answers if parse_final_score(a) is None):
             self.unparsed += 1
             if self.unparsed <= 5:  # a few shown; the count goes to the report
                 logger.warning("UnifiedReward answer without 'Final Score: x' (counted missing): %r", answer[-300:])
-        return scores
+        return [parse_final_score(answer) for answer in answers]
 
 
 SCORERS = {
     "pickscore": PickScoreMetric, "imagereward": ImageRewardMetric, "unifiedreward": UnifiedRewardMetric,
     "hpsv3": HPSv3Metric, "deqa": DeQAMetric, "aesthetic": AestheticMetric, "laplacian": LaplacianMetric,
-    "sgp": RealismMetric, "stylization": StylizationMetric, "clip": ClipScoreMetric,
-}
+    "sgp": RealismMetric, "stylization": StylizationMetric, "clip": ClipScoreMetric}
 
 
 def parse_metrics(text):
-    metrics = [m.strip().lower() for m in text.split(",") if m.strip()]
+    metrics = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
     unknown = [m for m in metrics if m not in SCORERS]
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
-    return list(dict.fromkeys(metrics))
+    return metrics
 
 
 def score_images(out_dir, manifest, metrics, args, state):
@@ -1209,9 +1048,8 @@ def score_images(out_dir, manifest, metrics, args, state):
     metrics that did not run. A scorer is built only when it has work, and freed before the next one."""
     from tqdm.auto import tqdm
 
-    table = read_score_table(out_dir)
+    table, not_run = read_score_table(out_dir), {}
     target = out_dir / (SCORES if state.num_processes == 1 else f"scores.part-{state.process_index}.jsonl")
-    not_run = {}
     for metric in metrics:
         pending = [entry for entry in manifest if (entry["image"], metric) not in table]
         if not pending:
@@ -1227,8 +1065,7 @@ def score_images(out_dir, manifest, metrics, args, state):
         size = args.vlm_batch_size if metric in ("hpsv3", "unifiedreward") else args.score_batch_size
         try:
             with state.split_between_processes(pending) as mine:
-                for start in tqdm(range(0, len(mine), size), desc=f"scoring {metric}",
-                                  disable=not state.is_main_process):
+                for start in tqdm(range(0, len(mine), size), desc=f"scoring {metric}", disable=not state.is_main_process):
                     batch = mine[start : start + size]
                     paths = [out_dir / entry["image"] for entry in batch]
                     images = [open_image(path) for path in paths]  # also checks the files of path-reading scorers
@@ -1248,37 +1085,27 @@ def score_images(out_dir, manifest, metrics, args, state):
     gc.collect()
     return not_run
 
-
-# =============================================================================
-# Aggregation (README 'Method: evaluation')
-# =============================================================================
+# ---------------------------------------------------------------- aggregation (README 'Method: evaluation')
 
 
 def aggregate(rows, methods, metrics):
-    """Table 1's statistics from per-image rows {method, seed, metric, value (None = missing)}: per (method,
-    metric) the mean over prompts within each seed (missing values excluded), then the mean and population
-    std (ddof=0) of those per-seed means; n counts the scores used, missing the ones excluded. A pair with
-    no scores at all is left out."""
+    """Table 1's statistics from rows {method, seed, metric, value (None = missing)}: per (method, metric) the
+    mean over prompts per seed (missing excluded), then mean and population std of those per-seed means."""
     groups = {}
     for row in rows:
         groups.setdefault((row["method"], row["metric"]), {}).setdefault(row["seed"], []).append(row["value"])
     results = {}
     for method in methods:
         for metric in metrics:
-            per_seed_values = groups.get((method, metric))
-            if not per_seed_values:
+            by_seed = groups.get((method, metric))
+            if not by_seed:  # no scores at all: left out
                 continue
-            per_seed, n, missing = {}, 0, 0
-            for seed in sorted(per_seed_values):
-                valid = [v for v in per_seed_values[seed] if v is not None]
-                missing += len(per_seed_values[seed]) - len(valid)
-                n += len(valid)
-                if valid:
-                    per_seed[str(seed)] = float(np.mean(valid))
-            means = list(per_seed.values())
+            valid = {seed: [v for v in by_seed[seed] if v is not None] for seed in sorted(by_seed)}
+            per_seed = {str(seed): float(np.mean(values)) for seed, values in valid.items() if values}
+            n, means = sum(map(len, valid.values())), list(per_seed.values())
             results.setdefault(method, {})[metric] = {
                 "mean": float(np.mean(means)) if means else None, "std": float(np.std(means)) if means else None,
-                "per_seed": per_seed, "n": n, "missing": missing}
+                "per_seed": per_seed, "n": n, "missing": sum(map(len, by_seed.values())) - n}
     return results
 
 
@@ -1289,8 +1116,7 @@ def minmax(values):
 
 
 def human_preference(results, methods):
-    """Fig. 2's human preference: ½·minmax(UnifiedReward) + ½·minmax(HPSv3) across `methods`; None unless
-    both metrics exist for every method."""
+    """Fig. 2's ½·minmax(UnifiedReward) + ½·minmax(HPSv3) across `methods`; None unless all have both."""
     columns = []
     for metric in ("unifiedreward", "hpsv3"):
         values = {m: results.get(m, {}).get(metric, {}).get("mean") for m in methods}
@@ -1301,9 +1127,8 @@ def human_preference(results, methods):
 
 
 def stylization_means(results, methods, other_results=None):
-    """Fig. 2 (b)'s stylization per method: this folder's means, or those of another evaluation folder's
-    results.json (the paper scores stylization on OneIG-Bench's style prompts and human preference on
-    DrawBench: two folders, matched by method name). None unless every method has one."""
+    """Fig. 2 (b)'s stylization per method, from this folder or another one's results.json (the paper scores it
+    on OneIG-Bench's style prompts, human preference on DrawBench: matched by method name); None if any lacks."""
     if other_results:
         try:
             results = json.loads(Path(other_results).read_text())["results"]
@@ -1315,8 +1140,7 @@ def stylization_means(results, methods, other_results=None):
 
 
 def paper_values(report):
-    """{method: {metric: value}} of the paper for this report's methods whose (backbone, prompt set, name)
-    it reports, on the full named prompt set (not a subset)."""
+    """{method: {metric: value}} of the paper for this report's rows it reports (the full named prompt set)."""
     table = PAPER_RESULTS.get((report.get("backbone"), report.get("prompts")))
     if table is None or report.get("n_prompts") != AUTHORS_PROMPT_FILES.get(report.get("prompts"), (0, None))[1]:
         return {}
@@ -1325,10 +1149,9 @@ def paper_values(report):
 
 
 def figure2_points(report):
-    """Paper Fig. 2's points, normalised as the authors' notebooks do: {panel: {"ours" | "paper": {method:
-    (x, y)}, "over" | "paper_over": methods}}; (a) x = realism, y = texture detail, both min-max; (b) x =
-    human preference, y = stylization. Ours over this report's rows, the paper's (for our rows it reports)
-    over its six methods, so no row of ours moves them. A panel lacking metrics is absent."""
+    """Paper Fig. 2's points as the authors' notebooks normalise them: {panel: {"ours" | "paper": {method: (x, y)},
+    "over" | "paper_over": methods}}; (a) realism vs texture detail, both min-max; (b) human preference vs
+    stylization. Ours over this report's rows, the paper's over its six methods (no row of ours moves them)."""
     methods = [m["name"] for m in report["methods"]]
     mean = lambda m, metric: report["results"].get(m, {}).get(metric, {}).get("mean")
     points = {}
@@ -1352,16 +1175,12 @@ def figure2_points(report):
         points[panel].update(paper={m: (x[p], y[p]) for m, p in ours.items() if p in six}, paper_over=six)
     return points
 
-
-# =============================================================================
-# The report: results.md / results.json, figure2.png, grid.png
-# =============================================================================
+# ---------------------------------------------------------------- the report: results.md/json, figure2.png, grid.png
 
 
 def _rank_marks(values, spreads, higher_is_better):
-    """{index: "best" | "second"} by value, each only to a method ahead of the next one by more than one std
-    over seeds (the larger of the two): a lead within the seeds' spread, or a tie at the shown precision, is
-    nobody's best, and nothing is second to an unmarked best."""
+    """{index: "best" | "second"}, each only to a method ahead of the next by more than one std over seeds (the
+    larger): a lead within the spread or a tie is nobody's best, and nothing is second to an unmarked best."""
     order = sorted((i for i, v in enumerate(values) if v is not None), key=lambda i: values[i],
                    reverse=higher_is_better)
     marks = {}
@@ -1372,19 +1191,14 @@ def _rank_marks(values, spreads, higher_is_better):
     return marks
 
 
-def _plural(count, word):
-    return f"{count} {word}" + ("" if count == 1 else "s")
-
-
 def markdown_table(header, rows):
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def results_markdown(report):
-    """Table 1 as markdown: rows are methods, columns metrics; a cell is mean ± std over seeds (the mean
-    alone for one seed) and, off the baseline (first) row, the gain (value - baseline) / |baseline| in %.
-    Per column the best is bold and the second underlined (at the shown precision, in the direction of
-    HIGHER_IS_BETTER). Where the paper reports the same combination, its value and our difference follow."""
+    """Table 1: a cell is mean ± std over seeds (the mean alone for one seed), off the baseline (first) row the
+    gain (value - baseline) / |baseline| in %, and where the paper reports it its value and our difference;
+    per column the best bold, the second underlined (at the shown precision, HIGHER_IS_BETTER's way)."""
     methods, metrics, results = [m["name"] for m in report["methods"]], report["metrics"], report["results"]
     baseline, paper = methods[0], paper_values(report)
     lines = [f"# {report.get('title', 'Evaluation')}", ""]
@@ -1417,7 +1231,7 @@ def results_markdown(report):
                             [[m] + cells[m] for m in methods])
     seeds, lower = report.get("seeds", []), [m for m in metrics if not HIGHER_IS_BETTER.get(m, True)]
     lines += ["", f"Mean over {report.get('n_prompts', '?')} prompts per seed, then mean ± std (population) over "
-                  f"{_plural(len(seeds), 'seed')} ({', '.join(str(s) for s in seeds)}). Relative gains are over the "
+                  f"{len(seeds)} seed{'' if len(seeds) == 1 else 's'} ({', '.join(str(s) for s in seeds)}). Relative gains are over the "
                   f"first row ({baseline}). **Bold**: best, <u>underlined</u>: second best, each only when ahead of "
                   "the next row by more than one std over seeds (a tie is neither). "
                   + (f"Lower is better for: {', '.join(lower)}." if lower else "All metrics are higher-is-better.")]
@@ -1452,10 +1266,8 @@ def results_markdown(report):
 def pyplot():
     """matplotlib's pyplot on the Agg canvas (no display), imported only where a figure is drawn."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     return plt
 
 
@@ -1470,8 +1282,8 @@ AXIS_NAMES = {"laplacian": "Texture Detail (Laplacian variance)", "sgp": "Realis
 
 
 def draw_figure2(report, path):
-    """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow in the same colour, under each panel
-    the methods each normalisation ran over; a panel lacking metrics says why. False when neither can be."""
+    """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow, under each panel the methods each
+    normalisation ran over; a panel lacking metrics says why. False when neither can be drawn."""
     points = figure2_points(report)
     if not points:
         return False
@@ -1514,8 +1326,8 @@ def draw_figure2(report, path):
 
 
 def draw_grid(out_dir, manifest, methods, num_prompts, path):
-    """The first prompts at the first seed, laid out as the paper's qualitative panels (Figs. 6-7): one
-    column per method, one row per prompt, the prompt beside its row (matplotlib wraps and places text)."""
+    """The first prompts at the first seed as the paper's qualitative panels (Figs. 6-7): a column per
+    method, a row per prompt, the prompt beside its row."""
     import textwrap
 
     if not manifest:
@@ -1555,8 +1367,7 @@ def draw_grid(out_dir, manifest, methods, num_prompts, path):
 
 
 def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_prompts):
-    """results.json, results.md, figure2.png and grid.png from the score table; returns the report and the
-    paths written."""
+    """results.json, results.md, figure2.png and grid.png from the score table; returns them and the paths."""
     methods = [m["name"] for m in run_info["methods"]]
     table = read_score_table(out_dir)
     rows = [{"method": e["method"], "seed": e["seed"], "index": e["index"], "metric": metric,
@@ -1586,15 +1397,12 @@ def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_p
         written.append(out_dir / "grid.png")
     return report, written
 
-
-# =============================================================================
-# The two commands: generate and score
-# =============================================================================
+# ---------------------------------------------------------------- the two commands: generate and score
 
 
 def make_state():
-    """The process group of `accelerate launch` / torchrun, or one process. Without a GPU, accelerate forms
-    a multi-process group only when asked for CPU explicitly."""
+    """The process group of `accelerate launch` / torchrun, or one process (without a GPU accelerate forms a
+    group only when asked for CPU)."""
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
@@ -1714,7 +1522,7 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
     state.wait_for_everyone()
     if not state.is_main_process:
         return
-    merge_score_parts(out_dir)
+    rewrite_scores(out_dir)  # the processes' part files folded in
     # a metric reported "not run" earlier stays so until it gets scores
     run_info["not_run"] = {**{m: r for m, r in run_info.get("not_run", {}).items() if m not in metrics}, **not_run}
     write_json(out_dir / RUN_INFO, run_info)
@@ -1726,16 +1534,13 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
     if failed:
         raise SystemExit(f"error: metric(s) failed while scoring: {failed} (the other results were written)")
 
-
-# =============================================================================
-# Paper Fig. 4: the user study
-# =============================================================================
+# ---------------------------------------------------------------- paper Fig. 4: the user study
 # `evaluate.py userstudy` writes STUDY_DIR/page/index.html (the blind page, opens from disk),
 # page/images/c017-1.png and -2.png (left and right image of comparison c017), and key.json (which method
 # is on which side), kept OUT of page/ so that sharing page/ keeps the study blind;
 # `evaluate.py userstudy-tally STUDY_DIR votes...` writes tally.md, tally.json and figure4.png there.
 
-STUDY_CHOICES = ("left", "tie", "right")
+STUDY_CHOICES, OTHER_SIDE = ("left", "tie", "right"), {"left": "right", "right": "left"}
 STUDY_QUESTION = ("Which image is better? Judge the overall quality: how realistic and detailed it looks, the "
                   "absence of artifacts, and how well it matches the text.")
 
@@ -1749,27 +1554,19 @@ STUDY_PAGE = r"""<!DOCTYPE html>
 <title>Image comparison study</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 0; background: #f3f3f3; color: #222; }
-main { max-width: 1120px; margin: 0 auto; padding: 18px 20px; }
-[hidden] { display: none !important; }
-#progress { height: 10px; background: #dcdcdc; border-radius: 5px; overflow: hidden; }
-#bar { height: 100%; width: 0; background: #3b7dd8; }
-#count, .nav { font-size: 14px; color: #666; margin: 6px 0 10px; }
-#prompt { font-size: 19px; font-weight: 600; }
-.pair, .choices { display: flex; gap: 18px; justify-content: center; margin: 12px 0; }
-figure { margin: 0; text-align: center; }
-/* both images and the buttons fit in the window, whatever its shape */
-figure img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-ratio: 1;
-             object-fit: contain; background: #fff; border: 1px solid #ccc; }
-figure img.small { image-rendering: pixelated; }
+main { max-width: 1120px; margin: 0 auto; padding: 18px 20px; }  [hidden] { display: none !important; }
+#progress { height: 10px; background: #ddd; border-radius: 5px; } #bar { height: 100%; width: 0; background: #3b7dd8; }
+#count, .nav { font-size: 14px; color: #666; margin: 6px 0; } #prompt { font-size: 19px; font-weight: 600; }
+.pair, .choices, .nav { display: flex; gap: 18px; justify-content: center; margin: 12px 0; } figure { margin: 0; }
+/* both images and the buttons fit in the window, whatever its shape; small images stay sharp */
+figure img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-ratio: 1; object-fit: contain;
+             background: #fff; border: 1px solid #ccc; }  figure img.small { image-rendering: pixelated; }
 button { font-size: 16px; padding: 10px 18px; border-radius: 6px; border: 1px solid #999; background: #fff; }
-button.chosen { background: #3b7dd8; color: #fff; }
-button:disabled { opacity: .4; }
-.nav { display: flex; justify-content: space-between; }
+button.chosen { background: #3b7dd8; color: #fff; }  button:disabled { opacity: .4; }
 kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #fff; }
 </style></head>
 <body><main>
-<section id="intro" hidden>
-  <h1>Which image is better?</h1>
+<section id="intro" hidden><h1>Which image is better?</h1>
   <p>You will see <b id="total"></b> pairs of images, both made from the text shown above them.
     <span id="intro-question"></span></p>
   <p>Answer with the buttons or the keys <kbd>1</kbd> left is better, <kbd>2</kbd> about the same, <kbd>3</kbd>
@@ -1777,38 +1574,30 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
     progress is kept in this browser, so you can close the page and continue later.</p>
   <p><label>Your participant id: <input id="pid" autocomplete="off"></label> <button id="start">Start</button></p>
 </section>
-<section id="study" hidden>
-  <div id="progress"><div id="bar"></div></div>
-  <div id="count"></div>
+<section id="study" hidden><div id="progress"><div id="bar"></div></div><div id="count"></div>
   <p id="question"></p><p id="prompt"></p>
-  <div class="pair">
-    <figure><img id="left" alt="left image"><figcaption>left (1)</figcaption></figure>
-    <figure><img id="right" alt="right image"><figcaption>right (3)</figcaption></figure>
-  </div>
-  <div class="choices">
-    <button data-choice="left"><kbd>1</kbd> Left is better</button>
+  <div class="pair"><figure><img id="left" alt="left image"><figcaption>left (1)</figcaption></figure>
+    <figure><img id="right" alt="right image"><figcaption>right (3)</figcaption></figure></div>
+  <div class="choices"><button data-choice="left"><kbd>1</kbd> Left is better</button>
     <button data-choice="tie"><kbd>2</kbd> About the same</button>
-    <button data-choice="right"><kbd>3</kbd> Right is better</button>
-  </div>
+    <button data-choice="right"><kbd>3</kbd> Right is better</button></div>
   <div class="nav"><button id="back">&larr; Back</button><span id="who"></span></div>
 </section>
-<section id="done" hidden>
-  <h1>Thank you!</h1>
+<section id="done" hidden><h1>Thank you!</h1>
   <p>All <b id="done-total"></b> comparisons are answered. Save your votes and send the file to the person who
     runs the study.</p>
   <p><button id="download">Save my votes (JSON)</button> <button id="review">&larr; Back to the last pair</button></p>
   <p><button id="restart">Start again as another participant</button></p>
-</section>
-</main>
+</section></main>
 <script>
 "use strict";
 const STUDY = __STUDY__;
 const STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one running participant
-const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c]));
-const $ = id => document.getElementById(id);
+const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), $ = id => document.getElementById(id);
 let state = JSON.parse(localStorage.getItem(STORE) || "null"), shownAt = 0;
-
-// Seeded draws (FNV-1a hash of a text, then mulberry32): reproducible per participant id.
+// Seeded draws (FNV-1a hash of a text, then mulberry32), reproducible per participant id: every participant
+// sees the pairs in their own order (no order effect shared by all), and about half of them see every pair
+// mirrored (the votes say so, the tally swaps the sides back).
 function hash(text) {
   let h = 2166136261;
   for (const ch of text) { h ^= ch.codePointAt(0); h = Math.imul(h, 16777619); }
@@ -1822,27 +1611,18 @@ function mulberry32(a) {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
-// Every participant sees the pairs in their own order (no order effect shared by all) ...
 function participantOrder(pid) {
   const random = mulberry32(hash(STUDY.id + "/" + pid)), ids = STUDY.comparisons.map(c => c.id);
-  for (let i = ids.length - 1; i > 0; i--) {
-    const j = Math.floor(random() * (i + 1));
-    [ids[i], ids[j]] = [ids[j], ids[i]];
-  }
+  for (let i = ids.length - 1; i > 0; i--) { const j = Math.floor(random() * (i + 1)); [ids[i], ids[j]] = [ids[j], ids[i]]; }
   return ids;
 }
-// ... and about half of them see every pair mirrored; the votes say so and the tally swaps the sides back.
 function sidesMirrored(pid) { return mulberry32(hash(STUDY.id + "/sides/" + pid))() < 0.5; }
-
 function save() { localStorage.setItem(STORE, JSON.stringify(state)); }
 function show(section) { for (const s of ["intro", "study", "done"]) $(s).hidden = s !== section; }
 function render() {
   if (!state) {
-    $("total").textContent = STUDY.comparisons.length;
-    $("intro-question").textContent = STUDY.question;
-    show("intro");
-    $("pid").focus();
-    return;
+    $("total").textContent = STUDY.comparisons.length; $("intro-question").textContent = STUDY.question;
+    show("intro"); $("pid").focus(); return;
   }
   const n = state.order.length, answered = Object.keys(state.answers).length;
   $("bar").style.width = (100 * answered / n) + "%";
@@ -1875,13 +1655,10 @@ function choose(choice) {
   state.pos += 1; save(); render();
 }
 function back() { if (state && state.pos > 0) { state.pos -= 1; save(); render(); } }
-// The votes as the tally reads them; also callable from the console.
-window.studyVotes = () => ({
+window.studyVotes = () => ({  // the votes as the tally reads them; also callable from the console
   study: STUDY.id, participant: state.participant, comparisons: state.order.length, mirrored: !!state.mirrored,
-  saved_at: new Date().toISOString(),
-  votes: state.order.filter(id => id in state.answers).map(id => ({
-    comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })),
-});
+  saved_at: new Date().toISOString(), votes: state.order.filter(id => id in state.answers).map(id => ({
+    comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })) });
 function download() {
   const link = document.createElement("a");
   link.href = URL.createObjectURL(new Blob([JSON.stringify(studyVotes(), null, 1)], { type: "application/json" }));
@@ -1890,15 +1667,11 @@ function download() {
 }
 for (const img of [$("left"), $("right")]) img.addEventListener("load", () => img.classList.toggle("small", img.naturalWidth < 128));
 for (const b of document.querySelectorAll("[data-choice]")) b.addEventListener("click", () => choose(b.dataset.choice));
-$("start").addEventListener("click", start);
-$("back").addEventListener("click", back);
-$("review").addEventListener("click", back);
-$("download").addEventListener("click", download);
-$("restart").addEventListener("click", () => {
-  if (confirm("Start again as another participant? Save your votes first: the answers kept in this browser are cleared.")) {
-    localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
-  }
-});
+$("start").onclick = start; $("back").onclick = back; $("review").onclick = back; $("download").onclick = download;
+$("restart").onclick = () => {
+  if (!confirm("Start again as another participant? Save your votes first: the answers kept in this browser are cleared.")) return;
+  localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
+};
 document.addEventListener("keydown", event => {
   if (!$("intro").hidden) { if (event.key === "Enter") start(); return; }
   if ($("study").hidden) return;
@@ -1907,17 +1680,14 @@ document.addEventListener("keydown", event => {
   else if (event.key === "Backspace") { event.preventDefault(); back(); }
 });
 render();
-</script>
-</body></html>
+</script></body></html>
 """
 
 
 def sample_study(prompts, methods, num_prompts, seed, image_seeds):
-    """The comparisons of a study, drawn from one seeded generator: num_prompts prompts, each compared once
-    with every baseline. Blind: one prompt's comparisons use different image seeds, so no image appears
-    twice on a page (one image of ours met by every baseline could be recognised). Balanced: per baseline,
-    'ours' is on the left in half (±1) of its comparisons. Numbered after a shuffle: an id says nothing
-    about baseline or side."""
+    """num_prompts prompts, each compared once with every baseline, from one seeded generator. Blind: a prompt's
+    comparisons use different image seeds (an image of ours met by every baseline could be recognised).
+    Balanced: per baseline 'ours' is left in half (±1) of them. Numbered after a shuffle (ids say nothing)."""
     if num_prompts < 1 or num_prompts > len(prompts):
         raise UserError(f"--num_prompts {num_prompts}: the prompt set has {len(prompts)} prompts")
     baselines = [m["name"] for m in methods[1:]]
@@ -1940,10 +1710,6 @@ def sample_study(prompts, methods, num_prompts, seed, image_seeds):
     return indices, comparisons
 
 
-def other_side(side):
-    return "right" if side == "left" else "left"
-
-
 def userstudy_main(args):
     """`evaluate.py userstudy`: the study folder (page, images, key)."""
     methods = parse_methods(args.method)
@@ -1961,24 +1727,20 @@ def userstudy_main(args):
            "prompts": args.prompts, "num_prompts": args.num_prompts, "seed": args.seed,
            "evaluation_folder": str(out_dir), "pretrained_model": args.pretrained_model, "comparisons": comparisons}
     # the id ties vote files to this study; a hash, so it names no method
-    import hashlib
-
     key = {"study_id": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12], **key}
     key_path = study_dir / "key.json"
     if key_path.is_file() and json.loads(key_path.read_text())["study_id"] != key["study_id"]:
         raise UserError(f"{study_dir} holds another study (votes collected for it would no longer match its key); "
                         "use another --study_dir")
     # every comparison's images, from the evaluation folder (the missing ones generated there first)
-    needed = {m["name"]: set() for m in methods}
-    for c in comparisons.values():
-        for name in (c["ours"], c["baseline"]):
-            needed[name].add((c["image_seed"], c["prompt_index"]))
-    generate_missing_images(args, methods, prompts, {n: sorted(v) for n, v in needed.items()}, out_dir, state)
+    needed = {m["name"]: sorted({(c["image_seed"], c["prompt_index"]) for c in comparisons.values()
+                                 if m["name"] in (c["ours"], c["baseline"])}) for m in methods}
+    generate_missing_images(args, methods, prompts, needed, out_dir, state)
     if not state.is_main_process:
         return
     page, page_comparisons = study_dir / "page", []
     for cid, c in comparisons.items():
-        sides = {c["ours_side"]: c["ours"], other_side(c["ours_side"]): c["baseline"]}
+        sides = {c["ours_side"]: c["ours"], OTHER_SIDE[c["ours_side"]]: c["baseline"]}
         files = {side: f"images/{cid}-{number}.png" for side, number in (("left", 1), ("right", 2))}
         for side, file in files.items():  # re-encoded, not copied: a PNG text chunk could name its maker
             source = out_dir / image_relpath(sides[side], c["image_seed"], c["prompt_index"])
@@ -1996,9 +1758,8 @@ def userstudy_main(args):
 
 
 def read_study_votes(paths, key):
-    """{participant: (mirrored, {comparison: choice})} from the pages' vote files, checked against the key:
-    same study, known comparisons, one file per participant. `mirrored`: the page showed this participant
-    every pair the other way round from key.json's sides; the choices are as shown."""
+    """{participant: (mirrored, {comparison: choice as shown})} from the vote files, checked against the key
+    (same study, known comparisons, one file per participant); mirrored: shown the other way round."""
     participants, files = {}, {}
     for path in map(Path, paths):
         if not path.is_file():
@@ -2034,10 +1795,9 @@ def read_study_votes(paths, key):
 
 
 def tally_study(key, participants, bootstrap_samples, seed):
-    """Win / tie / lose percentages of 'ours' per baseline, pooled over votes. The 95% intervals come from a
-    participant-level percentile bootstrap: one person's votes are correlated (taste, attention), so whole
-    participants are resampled, not single votes (none with one participant). As a check of side bias,
-    the share of decided votes (not ties) that went to the left image: about 50% without a bias."""
+    """Win / tie / lose % of 'ours' per baseline, pooled over votes, with 95% intervals of a participant-level
+    percentile bootstrap (one person's votes are correlated: whole participants are resampled); as a check
+    of side bias, the share of decided votes that went to the left image (about 50% without one)."""
     names, outcomes = list(participants), ("win", "tie", "lose")
     counts = {b: np.zeros((len(names), 3), dtype=np.int64) for b in key["baselines"]}  # win, tie, lose
     sides = dict.fromkeys(STUDY_CHOICES, 0)
@@ -2045,7 +1805,7 @@ def tally_study(key, participants, bootstrap_samples, seed):
         mirrored, choices = participants[name]
         for cid, choice in choices.items():
             comparison = key["comparisons"][cid]
-            ours_side = other_side(comparison["ours_side"]) if mirrored else comparison["ours_side"]
+            ours_side = OTHER_SIDE[comparison["ours_side"]] if mirrored else comparison["ours_side"]
             counts[comparison["baseline"]][p, 1 if choice == "tie" else 0 if choice == ours_side else 2] += 1
             sides[choice] += 1
     rng = np.random.default_rng(seed)
@@ -2076,10 +1836,8 @@ def tally_markdown(tally):
     ours = tally["ours"]
 
     def cell(row, outcome):
-        if row[outcome] is None:
-            return "—"
         ci = row[f"{outcome}_ci95"]
-        return f"{row[outcome]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+        return "—" if row[outcome] is None else f"{row[outcome]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
     lines = [f"# User study: {ours} vs each baseline (paper Fig. 4)", "",
              f"{tally['participants']} participant(s), {tally['comparisons']} comparisons in the study. "
