@@ -400,8 +400,8 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
     elif Path(spec).is_file():
         prompts, source = read_prompt_file(spec), spec
     else:
-        raise UserError(f"--prompts '{spec}' is neither a prompt set ({', '.join([*PROMPT_SETS, *FIGURE_PROMPT_SETS])}) "
-                        "nor a file")
+        names = ", ".join([*PROMPT_SETS, *FIGURE_PROMPT_SETS])
+        raise UserError(f"--prompts '{spec}' is neither a prompt set ({names}) nor a file")
     prompts = prompts[:max_prompts] if max_prompts is not None else prompts
     if not prompts:
         raise UserError(f"no prompts in {source}")
@@ -966,7 +966,8 @@ class StylizationMetric:
                     torch.load(style_dir / "CSD_embed.pt", weights_only=False),
                     torch.load(style_dir / "SE_embed.pt", weights_only=False))
         self.csd, self.se, self.csd_ref, self.se_ref = loaded(
-            f"OneIG-Bench's style evaluator from {root}", load, "; install its requirements and models as its README says")
+            f"OneIG-Bench's style evaluator from {root}", load, "; install its requirements and models as its README "
+                                                                "says")
 
     @torch.no_grad()
     def __call__(self, paths, prompts):
@@ -1065,7 +1066,7 @@ def score_images(out_dir, manifest, metrics, args, state):
         size = args.vlm_batch_size if metric in ("hpsv3", "unifiedreward") else args.score_batch_size
         try:
             with state.split_between_processes(pending) as mine:
-                for start in tqdm(range(0, len(mine), size), desc=f"scoring {metric}", disable=not state.is_main_process):
+                for start in tqdm(range(0, len(mine), size), desc=metric, disable=not state.is_main_process):
                     batch = mine[start : start + size]
                     paths = [out_dir / entry["image"] for entry in batch]
                     images = [open_image(path) for path in paths]  # also checks the files of path-reading scorers
@@ -1231,9 +1232,9 @@ def results_markdown(report):
                             [[m] + cells[m] for m in methods])
     seeds, lower = report.get("seeds", []), [m for m in metrics if not HIGHER_IS_BETTER.get(m, True)]
     lines += ["", f"Mean over {report.get('n_prompts', '?')} prompts per seed, then mean ± std (population) over "
-                  f"{len(seeds)} seed{'' if len(seeds) == 1 else 's'} ({', '.join(str(s) for s in seeds)}). Relative gains are over the "
-                  f"first row ({baseline}). **Bold**: best, <u>underlined</u>: second best, each only when ahead of "
-                  "the next row by more than one std over seeds (a tie is neither). "
+                  f"{len(seeds)} seed{'' if len(seeds) == 1 else 's'} ({', '.join(map(str, seeds))}). Relative gains "
+                  f"are over the first row ({baseline}). **Bold**: best, <u>underlined</u>: second best, each only "
+                  "when ahead of the next row by more than one std over seeds (a tie is neither). "
                   + (f"Lower is better for: {', '.join(lower)}." if lower else "All metrics are higher-is-better.")]
     if paper:
         lines += ["", f"'paper': the value of paper Table 1 / Fig. 2 (a) for {report.get('backbone')} on "
@@ -1276,11 +1277,6 @@ def save_figure(figure, path, **kwargs):
     pyplot().close(figure)
 
 
-AXIS_NAMES = {"laplacian": "Texture Detail (Laplacian variance)", "sgp": "Realism (SGP-PickScore)",
-              "human_preference": "Human Preference (½ minmax HPSv3 + ½ minmax UnifiedReward)",
-              "stylization": "Stylization (OneIG-Bench style score)"}  # paper Fig. 2's axis names
-
-
 def draw_figure2(report, path):
     """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow, under each panel the methods each
     normalisation ran over; a panel lacking metrics says why. False when neither can be drawn."""
@@ -1290,18 +1286,19 @@ def draw_figure2(report, path):
     plt = pyplot()
     methods, colours = [m["name"] for m in report["methods"]], plt.get_cmap("tab10").colors
     figure, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
-    panels = {"a": ("(a) Texture detail vs realism", AXIS_NAMES["sgp"] + ", min-max",
-                    AXIS_NAMES["laplacian"] + ", min-max"),
-              "b": ("(b) Human preference vs stylization", AXIS_NAMES["human_preference"], AXIS_NAMES["stylization"])}
+    panels = {"a": ("(a) Texture detail vs realism", "Realism (SGP-PickScore), min-max",  # paper Fig. 2's axes
+                    "Texture Detail (Laplacian variance), min-max"),
+              "b": ("(b) Human preference vs stylization",
+                    "Human Preference (½ minmax HPSv3 + ½ minmax UnifiedReward)",
+                    "Stylization (OneIG-Bench style score)")}
     for ax, (panel, (title, xlabel, ylabel)) in zip(axes, panels.items()):
         ax.set_title(title)
         if panel not in points:
-            why = ["the laplacian and sgp metrics"] if panel == "a" else []
-            if panel == "b" and not report.get("human_preference"):
-                why.append("unifiedreward and hpsv3 (human preference)")
-            if panel == "b" and not report.get("stylization"):
-                why.append("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
-                           "(--metrics stylization\n--oneig_dir, or --stylization_results)")
+            why = ["the laplacian and sgp metrics"] if panel == "a" else [w for w, key in (
+                ("unifiedreward and hpsv3 (human preference)", "human_preference"),
+                ("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
+                 "(--metrics stylization\n--oneig_dir, or --stylization_results)", "stylization"))
+                if not report.get(key)]
             ax.axis("off")
             ax.text(0.5, 0.5, "not drawn: needs\n" + "\n".join("• " + w for w in why), ha="center", va="center",
                     fontsize=9)
@@ -1326,8 +1323,7 @@ def draw_figure2(report, path):
 
 
 def draw_grid(out_dir, manifest, methods, num_prompts, path):
-    """The first prompts at the first seed as the paper's qualitative panels (Figs. 6-7): a column per
-    method, a row per prompt, the prompt beside its row."""
+    """The first prompts at the first seed as the paper's qualitative panels (Figs. 6-7), a column per method."""
     import textwrap
 
     if not manifest:
@@ -1401,10 +1397,8 @@ def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_p
 
 
 def make_state():
-    """The process group of `accelerate launch` / torchrun, or one process (without a GPU accelerate forms a
-    group only when asked for CPU)."""
+    """The process group of `accelerate launch` / torchrun (without a GPU, only when asked for CPU)."""
     from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available())
 
 
@@ -1438,10 +1432,6 @@ def main(argv=None):
         previous = json.loads((out_dir / RUN_INFO).read_text())
         run_info.update({k: previous[k] for k in ("unifiedreward_question", "stylization_results", "note")
                          if k in previous})
-    if state.is_main_process:
-        write_jsonl(out_dir / MANIFEST, manifest)
-        write_json(out_dir / RUN_INFO, run_info)
-
     # 3. score, then the report
     finish(out_dir, run_info, manifest, metrics, args, state)
 
@@ -1491,9 +1481,6 @@ def score_main(args):
             raise UserError(f"{out_dir} has no {MANIFEST}: pass --prompts (the prompts its images were made from)")
         prompts = load_prompts(args.prompts, args.cache_dir, source=args.prompt_source)
         manifest, run_info = scan_image_folder(out_dir, prompts, args.baseline)
-        if state.is_main_process:
-            write_jsonl(out_dir / MANIFEST, manifest)
-            write_json(out_dir / RUN_INFO, run_info)
     missing = [e["image"] for e in manifest if not (out_dir / e["image"]).is_file()]
     if missing:
         raise UserError(f"{len(missing)} image(s) of {out_dir / MANIFEST} are missing, e.g. {missing[0]}; "
@@ -1502,7 +1489,7 @@ def score_main(args):
 
 
 def finish(out_dir, run_info, manifest, metrics, args, state):
-    """Score what is missing, merge the processes' scores, write the report."""
+    """Score what is missing, merge the processes' scores, write the report and log where it is."""
     if args.stylization_results:  # kept for later refreshes of the report
         stylization_means({}, [], args.stylization_results)  # readable? (before any scoring)
         run_info["stylization_results"] = args.stylization_results
@@ -1518,6 +1505,9 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
         with state.main_process_first():  # fetched (or refused) before any scoring, by one process
             unifiedreward_question(args)
         run_info["unifiedreward_question"] = question
+    if state.is_main_process:
+        write_jsonl(out_dir / MANIFEST, manifest)
+        write_json(out_dir / RUN_INFO, run_info)
     not_run = score_images(out_dir, manifest, metrics, args, state)
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -1594,6 +1584,7 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
 const STUDY = __STUDY__;
 const STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one running participant
 const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), $ = id => document.getElementById(id);
+const choices = document.querySelectorAll("[data-choice]");
 let state = JSON.parse(localStorage.getItem(STORE) || "null"), shownAt = 0;
 // Seeded draws (FNV-1a hash of a text, then mulberry32), reproducible per participant id: every participant
 // sees the pairs in their own order (no order effect shared by all), and about half of them see every pair
@@ -1613,7 +1604,10 @@ function mulberry32(a) {
 }
 function participantOrder(pid) {
   const random = mulberry32(hash(STUDY.id + "/" + pid)), ids = STUDY.comparisons.map(c => c.id);
-  for (let i = ids.length - 1; i > 0; i--) { const j = Math.floor(random() * (i + 1)); [ids[i], ids[j]] = [ids[j], ids[i]]; }
+  for (let i = ids.length - 1; i > 0; i--) {
+    const j = Math.floor(random() * (i + 1));
+    [ids[i], ids[j]] = [ids[j], ids[i]];
+  }
   return ids;
 }
 function sidesMirrored(pid) { return mulberry32(hash(STUDY.id + "/sides/" + pid))() < 0.5; }
@@ -1636,7 +1630,7 @@ function render() {
   $("left").src = state.mirrored ? c.right : c.left;
   $("right").src = state.mirrored ? c.left : c.right;
   $("who").textContent = "participant " + state.participant + " \u00b7 pair " + (state.pos + 1) + " of " + n;
-  for (const b of document.querySelectorAll("[data-choice]")) b.classList.toggle("chosen", previous?.choice === b.dataset.choice);
+  for (const b of choices) b.classList.toggle("chosen", previous?.choice === b.dataset.choice);
   $("back").disabled = state.pos === 0;
   show("study");
   shownAt = performance.now();
@@ -1665,11 +1659,12 @@ function download() {
   link.download = "votes-" + state.participant.replace(/[^A-Za-z0-9._-]+/g, "_") + ".json";
   document.body.appendChild(link); link.click(); link.remove();
 }
-for (const img of [$("left"), $("right")]) img.addEventListener("load", () => img.classList.toggle("small", img.naturalWidth < 128));
-for (const b of document.querySelectorAll("[data-choice]")) b.addEventListener("click", () => choose(b.dataset.choice));
+for (const img of [$("left"), $("right")]) img.onload = () => img.classList.toggle("small", img.naturalWidth < 128);
+for (const b of choices) b.onclick = () => choose(b.dataset.choice);
 $("start").onclick = start; $("back").onclick = back; $("review").onclick = back; $("download").onclick = download;
 $("restart").onclick = () => {
-  if (!confirm("Start again as another participant? Save your votes first: the answers kept in this browser are cleared.")) return;
+  if (!confirm("Start again as another participant? Save your votes first: the answers kept in this browser "
+               + "are cleared.")) return;
   localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
 };
 document.addEventListener("keydown", event => {
