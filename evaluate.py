@@ -201,8 +201,9 @@ DESCRIPTIONS = {
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("score", "userstudy", "userstudy-tally") else "generate"
+    formatter = argparse.ArgumentDefaultsHelpFormatter if command == "userstudy-tally" else common.HelpFormatter
     parser = argparse.ArgumentParser(prog="evaluate.py" + ("" if command == "generate" else f" {command}"),
-                                     description=DESCRIPTIONS[command], formatter_class=common.HelpFormatter)
+                                     description=DESCRIPTIONS[command], formatter_class=formatter)
     add = parser.add_argument
     if command == "userstudy-tally":
         add("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
@@ -857,6 +858,8 @@ def laplacian_variance(image):
 
 
 class LaplacianMetric:
+    """Texture detail (paper Fig. 2; the authors' detail_vs_realism notebook): laplacian_variance per image."""
+
     def __init__(self, args, device): pass
 
     def __call__(self, images, prompts):
@@ -1066,7 +1069,8 @@ def score_images(out_dir, manifest, metrics, args, state):
         size = args.vlm_batch_size if metric in ("hpsv3", "unifiedreward") else args.score_batch_size
         try:
             with state.split_between_processes(pending) as mine:
-                for start in tqdm(range(0, len(mine), size), desc=metric, disable=not state.is_main_process):
+                for start in tqdm(range(0, len(mine), size), desc=f"scoring {metric}",
+                                  disable=not state.is_main_process):
                     batch = mine[start : start + size]
                     paths = [out_dir / entry["image"] for entry in batch]
                     images = [open_image(path) for path in paths]  # also checks the files of path-reading scorers
@@ -1581,20 +1585,16 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
 </section></main>
 <script>
 "use strict";
-const STUDY = __STUDY__;
-const STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one running participant
+const STUDY = __STUDY__, STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one participant at a time
 const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), $ = id => document.getElementById(id);
 const choices = document.querySelectorAll("[data-choice]");
 let state = JSON.parse(localStorage.getItem(STORE) || "null"), shownAt = 0;
-// Seeded draws (FNV-1a hash of a text, then mulberry32), reproducible per participant id: every participant
-// sees the pairs in their own order (no order effect shared by all), and about half of them see every pair
-// mirrored (the votes say so, the tally swaps the sides back).
-function hash(text) {
-  let h = 2166136261;
-  for (const ch of text) { h ^= ch.codePointAt(0); h = Math.imul(h, 16777619); }
-  return h >>> 0;
-}
-function mulberry32(a) {
+// Seeded draws (FNV-1a of a text, then mulberry32), reproducible per participant id: every participant sees the
+// pairs in their own order (no order effect shared by all), and about half see every pair mirrored (the votes
+// say so; the tally swaps the sides back).
+function random(text) {
+  let a = 2166136261;
+  for (const ch of text) a = Math.imul(a ^ ch.codePointAt(0), 16777619);
   return () => {
     a = (a + 0x6D2B79F5) | 0;
     let t = Math.imul(a ^ (a >>> 15), 1 | a);
@@ -1603,14 +1603,14 @@ function mulberry32(a) {
   };
 }
 function participantOrder(pid) {
-  const random = mulberry32(hash(STUDY.id + "/" + pid)), ids = STUDY.comparisons.map(c => c.id);
+  const draw = random(STUDY.id + "/" + pid), ids = STUDY.comparisons.map(c => c.id);
   for (let i = ids.length - 1; i > 0; i--) {
-    const j = Math.floor(random() * (i + 1));
+    const j = Math.floor(draw() * (i + 1));
     [ids[i], ids[j]] = [ids[j], ids[i]];
   }
   return ids;
 }
-function sidesMirrored(pid) { return mulberry32(hash(STUDY.id + "/sides/" + pid))() < 0.5; }
+function sidesMirrored(pid) { return random(STUDY.id + "/sides/" + pid)() < 0.5; }
 function save() { localStorage.setItem(STORE, JSON.stringify(state)); }
 function show(section) { for (const s of ["intro", "study", "done"]) $(s).hidden = s !== section; }
 function render() {
@@ -1618,19 +1618,16 @@ function render() {
     $("total").textContent = STUDY.comparisons.length; $("intro-question").textContent = STUDY.question;
     show("intro"); $("pid").focus(); return;
   }
-  const n = state.order.length, answered = Object.keys(state.answers).length;
+  const n = state.order.length, answered = Object.keys(state.answers).length, c = byId[state.order[state.pos]];
   $("bar").style.width = (100 * answered / n) + "%";
   $("count").textContent = answered + " of " + n + " answered";
-  document.body.dataset.comparison = "";
-  if (state.pos >= n) { $("done-total").textContent = n; show("done"); return; }
-  const c = byId[state.order[state.pos]], previous = state.answers[c.id];
-  document.body.dataset.comparison = c.id;  // read by the browser test
+  document.body.dataset.comparison = c ? c.id : "";  // read by the browser test
+  if (!c) { $("done-total").textContent = n; show("done"); return; }
   $("question").textContent = STUDY.question;
   $("prompt").textContent = "\u201c" + c.prompt + "\u201d";
-  $("left").src = state.mirrored ? c.right : c.left;
-  $("right").src = state.mirrored ? c.left : c.right;
+  [$("left").src, $("right").src] = state.mirrored ? [c.right, c.left] : [c.left, c.right];
   $("who").textContent = "participant " + state.participant + " \u00b7 pair " + (state.pos + 1) + " of " + n;
-  for (const b of choices) b.classList.toggle("chosen", previous?.choice === b.dataset.choice);
+  for (const b of choices) b.classList.toggle("chosen", state.answers[c.id]?.choice === b.dataset.choice);
   $("back").disabled = state.pos === 0;
   show("study");
   shownAt = performance.now();
@@ -1639,7 +1636,7 @@ function render() {
 }
 function start() {
   const pid = $("pid").value.trim();
-  if (!pid) { $("pid").focus(); return; }
+  if (!pid) return $("pid").focus();
   state = { participant: pid, order: participantOrder(pid), mirrored: sidesMirrored(pid), pos: 0, answers: {} };
   save(); render();
 }
@@ -1653,15 +1650,15 @@ window.studyVotes = () => ({  // the votes as the tally reads them; also callabl
   study: STUDY.id, participant: state.participant, comparisons: state.order.length, mirrored: !!state.mirrored,
   saved_at: new Date().toISOString(), votes: state.order.filter(id => id in state.answers).map(id => ({
     comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })) });
-function download() {
+$("download").onclick = () => {
   const link = document.createElement("a");
   link.href = URL.createObjectURL(new Blob([JSON.stringify(studyVotes(), null, 1)], { type: "application/json" }));
   link.download = "votes-" + state.participant.replace(/[^A-Za-z0-9._-]+/g, "_") + ".json";
   document.body.appendChild(link); link.click(); link.remove();
-}
+};
 for (const img of [$("left"), $("right")]) img.onload = () => img.classList.toggle("small", img.naturalWidth < 128);
 for (const b of choices) b.onclick = () => choose(b.dataset.choice);
-$("start").onclick = start; $("back").onclick = back; $("review").onclick = back; $("download").onclick = download;
+$("start").onclick = start; $("back").onclick = back; $("review").onclick = back;
 $("restart").onclick = () => {
   if (!confirm("Start again as another participant? Save your votes first: the answers kept in this browser "
                + "are cleared.")) return;
