@@ -2,52 +2,23 @@
 # coding=utf-8
 """Evaluate text-to-image models as RealAlign's Table 1 and Figure 2 do (README 'Method: evaluation').
 
-Commands:
-
   python evaluate.py --method base= --method ours=outputs/dpo/checkpoint-800 --prompts pickapic_v2
-      generate one image per prompt and seed for every method, score them with
-      every requested metric, and write the report.
-
-  python evaluate.py score --images OUT --metrics hpsv3
-      score the images of an existing output folder with more metrics (e.g. in
-      a Python environment that has a conflicting scorer package installed) and
-      refresh the report; the new scores merge with the old ones.
-
+  python evaluate.py score --images OUT --metrics hpsv3     (more metrics for a folder, e.g. in another environment)
   python evaluate.py userstudy --method ours=... --method dpo=... --prompts hpdv2 --num_prompts 60
-  python evaluate.py userstudy-tally STUDY_DIR votes-*.json
-      the paper's Fig. 4 user study: a blind side-by-side comparison page
-      that opens from disk, then the win / tie / lose tally and its bar chart
-      (README, "User study").
+  python evaluate.py userstudy-tally STUDY_DIR votes-*.json     (the paper's Fig. 4 user study)
 
-Under `accelerate launch` (or torchrun) the prompts, and then the images to
-score, are split across the processes; the main process merges the results.
-
-Everything is resumable: existing images are not regenerated and every score
-is kept in a per-image table, so a rerun only does what is missing.
-
-Output folder (--output_dir):
-
-  NAME/seed_S/00000.png   image of prompt 0 for method NAME and seed S
-  NAME/generation.json    how NAME's images were made (checked on resume)
-  prompts.txt             the prompts, line i = prompt i (checked on resume)
-  manifest.jsonl          one line per image: image, method, seed, index, prompt
-  scores.jsonl            one line per (image, metric): the per-image score table
-  run.json                methods in order (the first is the baseline), settings
-  results.json            per method and metric: mean over prompts per seed,
-                          then mean and std over seeds, n and missing counts
-  results.md              paper Table 1: relative gains over the baseline, and the
-                          paper's values beside ours where it reports the same row
-  figure2.png             paper Fig. 2: (a) texture detail vs realism, (b) human
-                          preference vs stylization (OneIG-Bench), paper points hollow
-  grid.png                the same prompts and seed across methods
-
-Comments cite the paper and the README's "Method" section, which restates it.
+Under `accelerate launch` the prompts, then the images to score, are split across processes. Everything
+resumes. The output folder: NAME/seed_S/00000.png (prompt 0, method NAME, seed S), NAME/generation.json and
+prompts.txt (checked on resume), manifest.jsonl (one line per image), scores.jsonl (one line per image and
+metric), run.json (the methods in order, the first is the baseline), results.json and results.md (paper
+Table 1 beside the paper's values), figure2.png (paper Fig. 2), grid.png (the same prompts across methods).
 """
 
 import argparse
 import contextlib
 import csv
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -66,92 +37,54 @@ from common import UserError
 
 logger = logging.getLogger("realalign")
 
+# ---------------------------------------------------------------- constants: prompt sets, the paper's numbers
 
-# =============================================================================
-# Constants
-# =============================================================================
-
-# The public protocol's five seeds (README 'Method: evaluation').
-DEFAULT_SEEDS = [42, 123, 456, 789, 1000]
-
-# Sampling defaults per backbone (README 'Method: evaluation'): (steps, classifier-free guidance).
-SAMPLING_DEFAULTS = {"sd15": (50, 7.5), "sd3": (40, 4.5)}
-
-# Every metric, in the column order of the report: Table 1's six, then the
-# Figure 2 ones, then plain CLIP score.
+DEFAULT_SEEDS = [42, 123, 456, 789, 1000]  # the public protocol's five seeds
+SAMPLING_DEFAULTS = {"sd15": (50, 7.5), "sd3": (40, 4.5)}  # (steps, classifier-free guidance) per backbone
+# Table 1's six, Figure 2's, CLIP; stylization needs OneIG-Bench's prompts and environment, CLIP is opt-in.
 ALL_METRICS = ["pickscore", "imagereward", "unifiedreward", "hpsv3", "deqa", "aesthetic", "laplacian", "sgp",
                "stylization", "clip"]
-# The default set reproduces Table 1 and Figure 2 (a). CLIP score is opt-in,
-# and so is stylization: it needs OneIG-Bench's style prompts and its own
-# environment (Figure 2 (b), see StylizationMetric).
 DEFAULT_METRICS = ",".join(m for m in ALL_METRICS if m not in ("clip", "stylization"))
-
 METRIC_TITLES = {
     "pickscore": "PickScore", "imagereward": "ImageReward", "unifiedreward": "UnifiedReward", "hpsv3": "HPSv3",
     "deqa": "DeQA", "aesthetic": "Aesthetic", "laplacian": "Texture Detail (Laplacian var.)",
-    "sgp": "Realism (SGP-PickScore)", "stylization": "Stylization (OneIG-Bench)", "clip": "CLIP score",
-}
-# Decimals shown in results.md. The realism gap is a small difference of two
-# PickScores (about -0.04 in Figure 2), the Laplacian variance is in the 1000s.
+    "sgp": "Realism (SGP-PickScore)", "stylization": "Stylization (OneIG-Bench)", "clip": "CLIP score"}
+# results.md's decimals: the realism gap is a small difference (about -0.04), Laplacian variance is in the 1000s
 METRIC_DECIMALS = {"laplacian": 0, "sgp": 3, "stylization": 3}
-# Every metric here is "higher is better", Laplacian variance included (more
-# texture detail, Figure 2). The table code honours this map, so a metric
-# where lower is better only needs False here.
+# All higher-is-better (Laplacian variance: more texture detail); the table honours False here.
 HIGHER_IS_BETTER = {metric: True for metric in ALL_METRICS}
 
-# The prompt sets of paper Table 1. By default they are the authors' own
-# files, fetched by plain URL from their GitHub repository at the pinned
-# commit (as the aesthetic weights are), so the prompts are exactly the
-# paper's: one prompt per line, read with line.strip() (inner whitespace kept
-# as written: 13 of the 500 Pick-a-Pic prompts hold double spaces, which T5
-# and UnifiedReward see). A fetched file must hold the stated number of
-# prompts, else the set is refused (a moved or edited file).
+# Table 1's prompt sets: the authors' files at the pinned commit, one prompt per line read with line.strip()
+# (13 of the 500 Pick-a-Pic prompts hold double spaces, which T5 and UnifiedReward see); a file without the
+# stated count is refused (moved or edited).
 AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
 AUTHORS_REPO = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
-AUTHORS_PROMPT_FILES = {
-    # name: (path in the authors' repository, number of prompts)
+AUTHORS_PROMPT_FILES = {  # name: (path in the authors' repository, number of prompts)
     "pickapic_v2": ("training_sd35m/dataset/pick_a_pic_v2/test.txt", 500),
     "partiprompts": ("training_sd35m/dataset/partiprompts/test.txt", 1632),
-    # drawbench/test.txt beside it repeats the 200 prompts to 999 lines
-    "drawbench": ("training_sd35m/dataset/drawbench-unique/test.txt", 200),
-}
-# The same sets from the Hugging Face hub (--prompt_source hub), and HPDv2,
-# which only the hub has. Their order can differ from the authors' files.
+    "drawbench": ("training_sd35m/dataset/drawbench-unique/test.txt", 200)}  # drawbench/test.txt repeats them
+# The same sets from the hub (--prompt_source hub; their order can differ), and HPDv2, which only the hub has.
 PROMPT_SETS = {
     "pickapic_v2": "yuvalkirstain/pickapic_v2, split test_unique, column caption (500 unique prompts; needs pyarrow)",
     "partiprompts": "nateraw/parti-prompts, PartiPrompts.tsv, column Prompt (1632 prompts)",
     "drawbench": "shunk031/DrawBench, parquet conversion, column prompts (200 unique prompts; needs pyarrow)",
-    "hpdv2": "zhwang/HPDv2, benchmark/{anime,concept-art,paintings,photo}.json (3200 prompts)",
-}
-# The prompts of the paper's qualitative panels, top to bottom as the figure
-# captions list them (paper Fig. 6, SD-1.5; paper Fig. 7, SD-3.5-M).
+    "hpdv2": "zhwang/HPDv2, benchmark/{anime,concept-art,paintings,photo}.json (3200 prompts)"}
+# The prompts of the qualitative panels, in caption order (paper Fig. 6, SD-1.5; Fig. 7, SD-3.5-M).
 FIGURE_PROMPT_SETS = {
     "figure6": ["a plant",
                 "a woman sitting on a table drinking coffee, long shot, wide shot, highly detailed, intricate, "
                 "professional photography, RAW color, night shot, bokeh, sharp focus, taken with EOS 5D, UHD 8K",
                 "a corgi's head"],
-    "figure7": ["a fire hydrant", "a person", "Anime illustration of Gundam mech suit on Pixiv"],
-}
-
-AESTHETIC_WEIGHTS_URL = (
+    "figure7": ["a fire hydrant", "a person", "Anime illustration of Gundam mech suit on Pixiv"]}
+AESTHETIC_WEIGHTS_URL = \
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
-)
-
-# The UnifiedReward question is the authors' instrument, so it is not copied
-# here: by default it is read at run time from their repository at the pinned
-# commit, the string literal `prompt_template` of `unifiedreward_score` in
-# this file (a template with a {prompt} placeholder), and cached in
-# --cache_dir. results.md names the question used.
+# The UnifiedReward question is the authors' instrument: read at run time from this file, never copied.
 AUTHORS_REWARDS_FILE = "training_sd35m/flow_grpo/rewards.py"
+DEQA_REVISION = "f37ba4273ad8d7548e21ac2fa58353c517e4df49"  # the revision (remote code) the public evaluation loads
 
-# The paper's numbers, the one copy in this repository: paper Table 1 (PickScore
-# raw), and the raw values of paper Fig. 2 from the authors' figure notebooks
-# (Cwyxx/RealAlign at AUTHORS_COMMIT, notebook/figures/): laplacian and sgp from
-# detail_vs_realism/sd15_detail_vs_realism.ipynb; stylization (OneIG-Bench's, on
-# its own prompts) from human_preference_vs_stylization/*.ipynb. Rows without
-# Table 1 values are there because Fig. 2 normalises over them. Keyed by
-# (backbone, prompt set), then by run_all.sh's method names; results.md shows
-# them only for the full prompt set and a method of that name.
+# The paper's numbers: Table 1 and Fig. 2's raw values from the authors' notebooks (notebook/figures/ at
+# AUTHORS_COMMIT: detail_vs_realism/sd15_detail_vs_realism.ipynb, human_preference_vs_stylization/*.ipynb;
+# Fig. 2 normalises over the rows without Table 1 values). Keyed by (backbone, prompt set), run_all.sh's names.
 PAPER_RESULTS = {
     ("sd15", "pickapic_v2"): {
         "base": dict(pickscore=20.65, imagereward=0.16, unifiedreward=2.92, hpsv3=5.98, deqa=3.70, aesthetic=5.48,
@@ -162,9 +95,7 @@ PAPER_RESULTS = {
                           aesthetic=5.64, laplacian=2353.761, sgp=-0.009),
         "diffusion_dpo_realalign": dict(pickscore=21.19, imagereward=0.42, unifiedreward=3.08, hpsv3=7.50,
                                         deqa=3.95, aesthetic=5.65, laplacian=2345.722, sgp=-0.011),
-        "diffusion_kto": dict(laplacian=1580.512, sgp=-0.221),
-        "inpo": dict(laplacian=1255.905, sgp=-0.253),
-    },
+        "diffusion_kto": dict(laplacian=1580.512, sgp=-0.221), "inpo": dict(laplacian=1255.905, sgp=-0.253)},
     ("sd3", "drawbench"): {
         "base": dict(pickscore=22.42, imagereward=0.79, unifiedreward=3.30, hpsv3=10.03, deqa=4.09, aesthetic=5.44,
                      stylization=0.357),
@@ -175,193 +106,186 @@ PAPER_RESULTS = {
         "flow_grpo_realalign": dict(pickscore=23.63, imagereward=1.30, unifiedreward=3.60, hpsv3=13.30, deqa=4.21,
                                     aesthetic=5.99, stylization=0.273),
         "grpo_guard": dict(unifiedreward=3.64, hpsv3=12.51, stylization=0.241),
-        "diffusion_nft": dict(unifiedreward=3.68, hpsv3=12.47, stylization=0.175),
-    },
-}
+        "diffusion_nft": dict(unifiedreward=3.68, hpsv3=12.47, stylization=0.175)}}
 # The six methods each panel of paper Fig. 2 is min-max normalised over (the notebooks above).
 PAPER_FIGURE2_METHODS = {
     "a": ("sd15", "pickapic_v2", ["base", "diffusion_dpo", "diffusion_kto", "inpo", "realalign",
                                   "diffusion_dpo_realalign"]),
     "b": ("sd3", "drawbench", ["base", "flow_grpo", "grpo_guard", "diffusion_nft", "realalign",
-                               "flow_grpo_realalign"]),
-}
-# The authors' released RealAlign LoRAs are the paper's RealAlign row.
-PAPER_ROW_ALIASES = {"realalign_released": "realalign"}
-
-# The DeQA-Score revision the public evaluation loads (its remote code).
-DEQA_REVISION = "f37ba4273ad8d7548e21ac2fa58353c517e4df49"
+                               "flow_grpo_realalign"])}
+PAPER_ROW_ALIASES = {"realalign_released": "realalign"}  # the authors' released LoRAs are the RealAlign row
 
 MANIFEST, SCORES, RUN_INFO, PROMPTS_FILE = "manifest.jsonl", "scores.jsonl", "run.json", "prompts.txt"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "realalign")
 
-
-# =============================================================================
-# Arguments
-# =============================================================================
+# ---------------------------------------------------------------- arguments (the shared flags defined once)
 
 
 def add_scoring_args(parser):
-    """Flags of the scorers, shared by both commands."""
-    parser.add_argument(
-        "--metrics", type=str, default=DEFAULT_METRICS,
-        help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.",
-    )
-    parser.add_argument("--score_batch_size", type=common.positive_int, default=16,
-                        help="Images per scorer call, except HPSv3 and UnifiedReward (--vlm_batch_size).")
-    parser.add_argument("--vlm_batch_size", type=common.positive_int, default=1,
-                        help="Images per HPSv3 / UnifiedReward call. 1 is the public evaluation's: batching pads "
-                             "the prompts, which can change a greedy answer.")
-    parser.add_argument(
-        "--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
-        help="Where fetched prompt sets, the authors' UnifiedReward question and downloaded scorer weights (the "
-             "aesthetic MLP) are kept.",
-    )
-    # PickScore and the realism gap (README 'Method: data'; README 'Method: evaluation')
-    parser.add_argument("--pickscore_model", type=str, default="yuvalkirstain/PickScore_v1",
-                        help="PickScore CLIP model (also used by the 'sgp' realism metric).")
-    parser.add_argument("--pickscore_processor", type=str, default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                        help="Processor (tokenizer + image transform) of the PickScore model.")
-    parser.add_argument(
-        "--sgp_real_prefix", type=str, default="Realistic photo, ",
-        help="Realism = PickScore(image, real_prefix + prompt) - PickScore(image, cg_prefix + prompt) (README 'Method: evaluation').",
-    )
-    parser.add_argument("--sgp_cg_prefix", type=str, default="CG render, ", help="See --sgp_real_prefix.")
-    # CLIP-based metrics
-    parser.add_argument("--clip_model", type=str, default="openai/clip-vit-large-patch14",
-                        help="CLIP model of the 'clip' metric (100 * max(cosine, 0)).")
-    parser.add_argument("--aesthetic_clip_model", type=str, default="openai/clip-vit-large-patch14",
-                        help="CLIP whose L2-normalised image embedding feeds the LAION aesthetic MLP.")
-    parser.add_argument("--aesthetic_weights", type=str, default=AESTHETIC_WEIGHTS_URL,
-                        help="The aesthetic MLP's state dict: a local .pth file or a URL (downloaded to --cache_dir).")
-    # Vision-language scorers
-    parser.add_argument("--unifiedreward_model", type=str, default="CodeGoat24/UnifiedReward-qwen-7b",
-                        help="UnifiedReward model (a Qwen2.5-VL checkpoint).")
-    parser.add_argument("--unifiedreward_question", type=str, default=None,
-                        help="Text file with the question to ask UnifiedReward ({prompt} is replaced by the prompt); "
-                             f"default: the authors' template, read from {AUTHORS_REWARDS_FILE} of their repository "
-                             "at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
-    parser.add_argument("--unifiedreward_max_new_tokens", type=common.positive_int, default=512,
-                        help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
-    parser.add_argument("--deqa_model", type=str, default="zhiyuanyou/DeQA-Score-Mix3",
-                        help="DeQA-Score model (loaded with trust_remote_code).")
-    parser.add_argument("--deqa_revision", type=str, default=DEQA_REVISION,
-                        help="Revision of --deqa_model, pinned to the one the public evaluation uses (its remote "
-                             "code runs from this revision).")
-    # Figure 2 (b): stylization (paper Fig. 2 caption: OneIG-Bench's style score)
-    parser.add_argument("--oneig_dir", type=str, default=None,
-                        help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models in place "
-                             "(scripts/style/...), for the 'stylization' metric; run it in OneIG-Bench's own "
-                             "environment through `evaluate.py score --metrics stylization`.")
-    parser.add_argument("--stylization_results", type=str, default=None,
-                        help="results.json of another evaluation folder that holds the 'stylization' metric for "
-                             "the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
-    parser.add_argument("--note", type=str, default=None,
-                        help="A line printed above results.md's table (run_all.sh's smoke run says there that its "
-                             "numbers come from tiny random models).")
-    parser.add_argument("--prompt_source", choices=["authors", "hub"], default="authors",
-                        help="Where a named prompt set comes from: the authors' prompt files (the paper's prompts, "
-                             "pinned commit) or the Hugging Face hub datasets.")
+    """Flags of the scorers (the main command and `score`)."""
+    add = parser.add_argument
+    add("--metrics", default=DEFAULT_METRICS,
+        help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.")
+    add("--score_batch_size", type=common.positive_int, default=16,
+        help="Images per scorer call, except HPSv3 and UnifiedReward (--vlm_batch_size).")
+    add("--vlm_batch_size", type=common.positive_int, default=1, help="Images per HPSv3 / UnifiedReward call. 1 is "
+        "the public evaluation's: batching pads the prompts, which can change a greedy answer.")
+    add("--cache_dir", default=CACHE_DIR,
+        help="Where fetched prompt sets, the authors' UnifiedReward question and the aesthetic MLP are kept.")
+    add("--pickscore_model", default="yuvalkirstain/PickScore_v1", help="PickScore CLIP model (also for 'sgp').")
+    add("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        help="Processor (tokenizer + image transform) of the PickScore model.")
+    add("--sgp_real_prefix", default="Realistic photo, ", help="Realism = PickScore(image, real_prefix + prompt) - "
+        "PickScore(image, cg_prefix + prompt) (README 'Method: evaluation').")
+    add("--sgp_cg_prefix", default="CG render, ", help="See --sgp_real_prefix.")
+    add("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP of the 'clip' metric (100 * max(cos, 0)).")
+    add("--aesthetic_clip_model", default="openai/clip-vit-large-patch14",
+        help="CLIP whose L2-normalised image embedding feeds the LAION aesthetic MLP.")
+    add("--aesthetic_weights", default=AESTHETIC_WEIGHTS_URL,
+        help="The aesthetic MLP's state dict: a local .pth file or a URL (downloaded to --cache_dir).")
+    add("--unifiedreward_model", default="CodeGoat24/UnifiedReward-qwen-7b", help="UnifiedReward (a Qwen2.5-VL).")
+    add("--unifiedreward_question", default=None, help="Text file with the question to ask UnifiedReward ({prompt} "
+        f"is replaced by the prompt); default: the authors' template, read from {AUTHORS_REWARDS_FILE} of their "
+        "repository at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
+    add("--unifiedreward_max_new_tokens", type=common.positive_int, default=512,
+        help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
+    add("--deqa_model", default="zhiyuanyou/DeQA-Score-Mix3", help="DeQA-Score model (loaded with trust_remote_code).")
+    add("--deqa_revision", default=DEQA_REVISION,
+        help="Revision of --deqa_model, pinned to the public evaluation's (its remote code runs from it).")
+    add("--oneig_dir", default=None, help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models "
+        "(scripts/style/...), for 'stylization'; run `evaluate.py score --metrics stylization` in its environment.")
+    add("--stylization_results", default=None, help="results.json of another evaluation folder with 'stylization' "
+        "for the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
+    add("--note", default=None, help="A line above results.md's table (the smoke run's: its models are tiny).")
+    add("--prompt_source", choices=["authors", "hub"], default="authors", help="Where a named prompt set comes "
+        "from: the authors' prompt files (the paper's prompts, pinned commit) or the Hugging Face hub datasets.")
+    add("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
 
 
 def add_generation_args(parser):
-    """Flags of image generation, shared by the main command and `userstudy`:
-    one definition, the same defaults, so that either reuses the images the
-    other made in the same evaluation folder."""
-    parser.add_argument("--pretrained_model", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                        help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
-    parser.add_argument("--output_dir", type=str, default="outputs/eval",
-                        help="The evaluation folder: images (NAME/seed_S/00000.png) and reports. `userstudy` takes "
-                             "its images from here and generates the missing ones here.")
-    parser.add_argument("--resolution", type=common.resolution_int, default=512, help="Image height and width.")
-    parser.add_argument("--num_inference_steps", type=common.positive_int, default=None,
-                        help="Sampling steps (default: " + ", ".join(
-                            f"{common.BACKBONE_NAMES[kind]}: {steps}" for kind, (steps, _) in SAMPLING_DEFAULTS.items())
-                        + ").")
-    parser.add_argument("--guidance_scale", type=common.non_negative_float, default=None,
-                        help="Classifier-free guidance (default: " + ", ".join(
-                            f"{common.BACKBONE_NAMES[kind]}: {cfg}" for kind, (_, cfg) in SAMPLING_DEFAULTS.items())
-                        + ").")
-    parser.add_argument("--batch_size", type=common.positive_int, default=8,
-                        help="Prompts per pipeline call (per process).")
-    parser.add_argument(
-        "--generation_dtype", choices=["fp16", "bf16"], default="fp16",
-        help="Half precision of generation on a GPU. fp16 is the public protocol's (SD-1.5 pipeline in fp16; "
-             "SD-3.5-M transformer and text encoders in fp16, VAE in fp32, under fp16 autocast). On CPU "
-             "everything runs in fp32.")
+    """Flags of generation (the main command and `userstudy`): the same defaults, so either reuses the
+    images the other made in the same evaluation folder."""
+    add = parser.add_argument
+    defaults = lambda j: ", ".join(f"{common.BACKBONE_NAMES[k]}: {v[j]}" for k, v in SAMPLING_DEFAULTS.items())
+    add("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
+    add("--output_dir", default="outputs/eval", help="The evaluation folder: images (NAME/seed_S/00000.png) and "
+        "reports. `userstudy` takes its images from here and makes the missing ones here.")
+    add("--resolution", type=common.resolution_int, default=512, help="Image height and width.")
+    add("--num_inference_steps", type=common.positive_int, help=f"Sampling steps (default: {defaults(0)}).")
+    add("--guidance_scale", type=common.non_negative_float, help=f"Classifier-free guidance (default: {defaults(1)}).")
+    add("--batch_size", type=common.positive_int, default=8, help="Prompts per pipeline call (per process).")
+    add("--generation_dtype", choices=["fp16", "bf16"], default="fp16", help="Half precision of generation on a GPU. "
+        "fp16 is the public protocol's (SD-1.5 pipeline in fp16; SD-3.5-M transformer and text encoders in fp16, VAE "
+        "in fp32, under fp16 autocast). On CPU everything runs in fp32.")
+    add("--method", action="append", metavar="NAME=MODEL", help="A model to evaluate, repeatable; the first is the "
+        "baseline of the gains (in `userstudy`: the method under study, each later one a baseline). MODEL is empty "
+        "(the base model), a LoRA (a .safetensors file; a folder or hub id holding diffusers' "
+        "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
+        "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on another network "
+        "(e.g. RealAlign trained on top of Diffusion-DPO). Default: base= (`userstudy` needs two or more).")
+
+
+DESCRIPTIONS = {
+    "generate": "Generate images for several methods and score them (RealAlign Table 1 / Figure 2). Use "
+                "`evaluate.py score --help` to score an existing folder.",
+    "score": "Score the images of an existing evaluation folder (or any NAME/seed_S/00000.png folder) and refresh "
+             "its report. Scores already in the table are kept.",
+    "userstudy": "Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
+                 "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images come "
+                 "from the evaluation folder --output_dir; the missing ones are generated there first.",
+    "userstudy-tally": "Tally a user study (paper Fig. 4): win / tie / lose of the first method against each "
+                       "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png."}
 
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("userstudy", "userstudy-tally"):
-        return parse_userstudy_args(argv)
-    if argv and argv[0] == "score":
-        parser = argparse.ArgumentParser(
-            prog="evaluate.py score",
-            formatter_class=common.HelpFormatter,  # each default shown once
-            description="Score the images of an existing evaluation folder (or any NAME/seed_S/00000.png folder) "
-                        "and refresh its report. Scores already in the table are kept.",
-        )
-        parser.add_argument("--images", type=str, required=True,
-                            help="An evaluate.py output folder, or a folder laid out as NAME/seed_S/00000.png.")
-        parser.add_argument("--prompts", type=str, default=None,
-                            help="Only for a folder without manifest.jsonl: its prompts (file or set name).")
-        parser.add_argument("--baseline", type=str, default=None,
-                            help="Only for a folder without manifest.jsonl: the baseline method's folder name "
-                                 "(default: the first name in alphabetical order).")
-        parser.add_argument("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
+    command = argv.pop(0) if argv and argv[0] in ("score", "userstudy", "userstudy-tally") else "generate"
+    formatter = argparse.ArgumentDefaultsHelpFormatter if command == "userstudy-tally" else common.HelpFormatter
+    parser = argparse.ArgumentParser(prog="evaluate.py" + ("" if command == "generate" else f" {command}"),
+                                     description=DESCRIPTIONS[command], formatter_class=formatter)
+    add = parser.add_argument
+    if command == "userstudy-tally":
+        add("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
+        add("votes", nargs="+", help="The participants' vote files, as the page saves them.")
+        add("--bootstrap_samples", type=common.positive_int, default=10000,
+            help="Resamples of the participant-level bootstrap behind the 95%% intervals.")
+        add("--seed", type=common.seed_int, default=0, help="Seed of the bootstrap.")
+    elif command == "score":
+        add("--images", required=True, help="An evaluate.py output folder, or a folder of NAME/seed_S/00000.png.")
+        add("--prompts", help="Only for a folder without manifest.jsonl: its prompts (file or set name).")
+        add("--baseline", help="Only for a folder without manifest.jsonl: the baseline method's folder name "
+            "(default: the first name in alphabetical order).")
         add_scoring_args(parser)
-        args = parser.parse_args(argv[1:])
-        args.command = "score"
-        return args
-
-    parser = argparse.ArgumentParser(
-        formatter_class=common.HelpFormatter,  # each default shown once
-        description="Generate images for several methods and score them (RealAlign Table 1 / Figure 2). "
-                    "Use `evaluate.py score --help` to score an existing folder.",
-    )
-    add_generation_args(parser)
-    parser.add_argument(
-        "--method", type=str, action="append", default=None, metavar="NAME=MODEL",
-        help="A model to evaluate, repeatable; the first one is the baseline of the relative gains. MODEL is empty "
-             "(the base model), a LoRA (a .safetensors file; a folder or hub id holding diffusers' "
-             "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
-             "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on "
-             "another network (e.g. RealAlign trained on top of Diffusion-DPO). Default: base=.",
-    )
-    parser.add_argument("--prompts", type=str, default="pickapic_v2",
-                        help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the paper's qualitative "
-                             f"panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
-    parser.add_argument("--max_prompts", type=common.positive_int, default=None,
-                        help="Use only the first N prompts (quick runs).")
-    parser.add_argument("--seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
-                        help="One image per prompt per seed; every prompt is generated with the same seed (README 'Method: evaluation').")
-    parser.add_argument("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
-    add_scoring_args(parser)
+    elif command == "generate":
+        add_generation_args(parser)
+        add("--prompts", default="pickapic_v2", help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the "
+            f"paper's qualitative panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
+        add("--max_prompts", type=common.positive_int, help="Use only the first N prompts (quick runs).")
+        add("--seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
+            help="One image per prompt per seed; every prompt is generated with the same seed.")
+        add_scoring_args(parser)
+    else:
+        add_generation_args(parser)
+        add("--prompts", default="hpdv2", help="The prompt set or file of the study's prompts (the paper: HPDv2).")
+        add("--num_prompts", type=common.positive_int, default=60, help="Prompts drawn (the paper: 60).")
+        add("--seed", type=common.seed_int, default=0, help="Seed of the draws: which prompts, the image seed and "
+            "the side of 'ours' in each comparison, their numbering.")
+        add("--image_seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
+            help="Generation seeds of the images shown, at least one per baseline: the comparisons of a prompt each "
+                 "use another one, so no image is shown twice (the evaluation's seeds, so its images are reused).")
+        add("--study_dir", help="Where the study goes (default: OUTPUT_DIR/userstudy).")
+        add("--question", default=STUDY_QUESTION, help="The question the page asks.")
+        add("--cache_dir", default=CACHE_DIR, help="Where fetched prompt sets are kept.")
     args = parser.parse_args(argv)
-    args.command = "generate"
+    args.command = command
     return args
 
 
-# =============================================================================
-# Prompts (README 'Method: evaluation'; README 'What the real run needs')
-# =============================================================================
+def _first_line(err):
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _require(module, package):
-    """Import an optional dependency, or stop with the pip command to get it."""
-    import importlib
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path, records):
+    common.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_json(path, value):
+    common.atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def open_image(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as err:
+        raise UserError(f"cannot read the image {path} ({type(err).__name__}: {_first_line(err)}); it is damaged "
+                        "or missing: delete it and rerun to generate it again") from None
+
+
+def download_url(url, path):  # the tests replace it to serve local files
+    torch.hub.download_url_to_file(url, str(path), progress=False)
+
+# ---------------------------------------------------------------- prompts (README 'What the real run needs')
+
+
+def _hub_parquet_column(repo_id, columns, revision=None, keep=lambda f: True):
+    """The unique values of a hub dataset's text column (the first of `columns` present)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
 
     try:
-        return importlib.import_module(module)
+        import pyarrow.parquet as pq
     except ImportError:
-        raise UserError(f"this needs the package '{package}': pip install {package}") from None
-
-
-def _parquet_column(repo_id, files, columns, revision=None):
-    """One text column of hub parquet files, the first of `columns` present
-    (read with pyarrow, imported lazily; only that column is loaded)."""
-    from huggingface_hub import hf_hub_download
-
-    pq = _require("pyarrow.parquet", "pyarrow")
+        raise UserError("this needs the package 'pyarrow': pip install pyarrow") from None
+    files = [f for f in sorted(list_repo_files(repo_id, repo_type="dataset", revision=revision))
+             if f.endswith(".parquet") and keep(f)]
+    if not files:
+        raise UserError(f"found no parquet files in {repo_id}" + (f" ({revision})" if revision else ""))
     values = []
     for filename in files:
         path = hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision)
@@ -370,23 +294,11 @@ def _parquet_column(repo_id, files, columns, revision=None):
         if name is None:
             raise UserError(f"{repo_id}/{filename} has none of the columns {columns} (has {names})")
         values += [str(v) for v in pq.read_table(path, columns=[name]).column(name).to_pylist()]
-    return values
-
-
-def _hub_files(repo_id, revision=None):
-    from huggingface_hub import list_repo_files
-
-    return sorted(list_repo_files(repo_id, repo_type="dataset", revision=revision))
-
-
-def _unique(items):
-    """Drop repeated prompts, keeping the first occurrence (the sets the paper
-    counts as 'unique', README 'Method: evaluation')."""
-    return list(dict.fromkeys(items))
+    return list(dict.fromkeys(values))  # the 'unique' sets: first occurrence kept
 
 
 def fetch_prompt_set(name):
-    """Download a public prompt set (README 'What the real run needs') and return its prompts."""
+    """Download a public prompt set from the hub."""
     from huggingface_hub import hf_hub_download
 
     if name == "partiprompts":
@@ -394,44 +306,23 @@ def fetch_prompt_set(name):
         with open(path, newline="", encoding="utf-8") as f:
             return [row["Prompt"] for row in csv.DictReader(f, delimiter="\t")]
     if name == "hpdv2":
-        prompts = []
-        for style in ("anime", "concept-art", "paintings", "photo"):
-            path = hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
-            entries = json.loads(Path(path).read_text())
-            prompts += [e if isinstance(e, str) else e["prompt"] for e in entries]
-        return prompts
-    if name == "pickapic_v2":
-        # The split's parquet shards also hold both images of every pair, so
-        # this downloads far more than the captions (once: the prompts are cached).
-        files = [f for f in _hub_files("yuvalkirstain/pickapic_v2") if "test_unique" in f and f.endswith(".parquet")]
-        if not files:
-            raise UserError("found no test_unique parquet files in yuvalkirstain/pickapic_v2")
-        return _unique(_parquet_column("yuvalkirstain/pickapic_v2", files, ["caption"]))
-    if name == "drawbench":
-        revision = "refs/convert/parquet"  # the hub's automatic parquet conversion
-        files = [f for f in _hub_files("shunk031/DrawBench", revision) if f.endswith(".parquet")]
-        if not files:
-            raise UserError("found no parquet files in shunk031/DrawBench (refs/convert/parquet)")
-        return _unique(_parquet_column("shunk031/DrawBench", files, ["prompts", "prompt"], revision))
+        paths = [hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
+                 for style in ("anime", "concept-art", "paintings", "photo")]
+        return [e if isinstance(e, str) else e["prompt"] for p in paths for e in json.loads(Path(p).read_text())]
+    if name == "pickapic_v2":  # its parquet shards also hold the images: a large download, once (then cached)
+        return _hub_parquet_column("yuvalkirstain/pickapic_v2", ["caption"], keep=lambda f: "test_unique" in f)
+    if name == "drawbench":  # the hub's automatic parquet conversion
+        return _hub_parquet_column("shunk031/DrawBench", ["prompts", "prompt"], "refs/convert/parquet")
     raise ValueError(name)
 
 
 def read_prompt_file(path):
-    """One prompt per line, read as the public code reads its prompt files
-    (line.strip(): surrounding spaces go, inner whitespace stays as written);
-    blank lines are skipped."""
+    """One prompt per line, as the public code reads them (line.strip()); blank lines are skipped."""
     return [line.strip() for line in common.read_text(path).splitlines() if line.strip()]
 
 
-def download_url(url, path):
-    """Fetch a file by plain URL (torch's downloader, as for the aesthetic
-    weights). The tests replace this function to serve local files."""
-    torch.hub.download_url_to_file(url, str(path), progress=False)
-
-
 def fetch_authors_file(relpath, cache_dir, what):
-    """A file of the authors' repository at the pinned commit, fetched once
-    into --cache_dir; offline, the error says where to place it by hand."""
+    """A file of the authors' repository at the pinned commit, fetched once into --cache_dir."""
     url, cached = f"{AUTHORS_REPO}/{relpath}", Path(cache_dir) / "authors" / AUTHORS_COMMIT / relpath
     if not cached.is_file():
         tmp = cached.with_name(cached.name + ".download")
@@ -446,16 +337,13 @@ def fetch_authors_file(relpath, cache_dir, what):
 
 
 def unifiedreward_question_name(args):
-    """How results.md names the UnifiedReward question (one per output folder)."""
     if args.unifiedreward_question:
         return f"{args.unifiedreward_question} (user file)"
     return f"the authors' (prompt_template of unifiedreward_score in {AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
 
 
 def unifiedreward_question(args):
-    """The question template asked to UnifiedReward: --unifiedreward_question
-    FILE, or the authors' (README 'Method: evaluation'): the string assigned to
-    `prompt_template` in their `unifiedreward_score`, found by Python's parser."""
+    """--unifiedreward_question FILE, or the authors': `prompt_template` in their `unifiedreward_score`."""
     import ast
 
     question, name = None, unifiedreward_question_name(args)
@@ -483,11 +371,7 @@ def unifiedreward_question(args):
 
 
 def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
-    """The prompts of a set name or a text file; never empty.
-
-    A set name is fetched once and cached as a text file, from the authors'
-    files (`source` "authors", the sets of AUTHORS_PROMPT_FILES) or from the
-    hub (`source` "hub", or a set only the hub has)."""
+    """The prompts of a set (fetched once from the authors' files or the hub, cached) or a text file."""
     if spec in FIGURE_PROMPT_SETS:
         prompts, source = FIGURE_PROMPT_SETS[spec], spec
     elif spec in PROMPT_SETS:
@@ -497,12 +381,11 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
             count = len(read_prompt_file(cached))
             if count != expected:
                 cached.unlink()
-                raise UserError(f"{AUTHORS_REPO}/{relpath} holds {count} prompts, not the "
-                                f"{expected} of paper Table 1's set '{spec}'; refusing it (pass --prompt_source hub, "
-                                "or a prompt file)")
+                raise UserError(f"{AUTHORS_REPO}/{relpath} holds {count} prompts, not the {expected} of paper "
+                                f"Table 1's set '{spec}'; refusing it (pass --prompt_source hub, or a prompt file)")
             source_text = f"{AUTHORS_REPO}/{relpath}"
         else:
-            cached = Path(cache_dir) / "prompts" / f"{spec}.hub.txt"
+            cached, source_text = Path(cache_dir) / "prompts" / f"{spec}.hub.txt", PROMPT_SETS[spec]
             if not cached.is_file():
                 try:
                     prompts = fetch_prompt_set(spec)
@@ -511,29 +394,24 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
                 except Exception as err:
                     raise UserError(f"could not fetch the prompt set '{spec}' ({PROMPT_SETS[spec]}): "
                                     f"{_first_line(err)} (offline, pass a text file of prompts instead)") from None
-                # a prompt is one line of the cache file: only line breaks
-                # inside a prompt become spaces, other whitespace is kept
+                # one prompt per line: only line breaks inside a prompt become spaces
                 common.atomic_write_text(cached, "".join(" ".join(p.strip().splitlines()) + "\n"
                                                          for p in prompts if p.strip()))
-            source_text = PROMPT_SETS[spec]
-        prompts = read_prompt_file(cached)
-        source = f"{spec} ({source_text}, cached in {cached})"
+        prompts, source = read_prompt_file(cached), f"{spec} ({source_text}, cached in {cached})"
     elif Path(spec).is_file():
         prompts, source = read_prompt_file(spec), spec
     else:
         names = ", ".join([*PROMPT_SETS, *FIGURE_PROMPT_SETS])
         raise UserError(f"--prompts '{spec}' is neither a prompt set ({names}) nor a file")
-    if max_prompts is not None:
-        prompts = prompts[:max_prompts]
+    prompts = prompts[:max_prompts] if max_prompts is not None else prompts
     if not prompts:
         raise UserError(f"no prompts in {source}")
     return prompts
 
 
 def check_prompts(out_dir, prompts, write=True):
-    """Image i of every method belongs to prompt i: refuse to reuse a folder
-    whose images were made for other prompts. Keeps the longest list seen.
-    Every process checks (so all stop together); only the main one writes."""
+    """Image i of every method belongs to prompt i: a folder made for other prompts is refused (by every
+    process, so all stop together). Keeps the longest list seen."""
     path = out_dir / PROMPTS_FILE
     if path.is_file():
         old = path.read_text(encoding="utf-8").split("\n")[:-1]
@@ -545,24 +423,15 @@ def check_prompts(out_dir, prompts, write=True):
     if write:
         common.atomic_write_text(path, "".join(p + "\n" for p in prompts))
 
-
-# =============================================================================
-# Methods: base model, LoRA, or another UNet/transformer (README 'Method: Stage 2'; README 'Method: evaluation')
-# =============================================================================
+# ---------------------------------------------------------------- methods (NAME=MODEL): base, LoRA, network
 
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def classify_part(part):
-    """What one piece of a method spec is: ("lora" | "network" | "hub", ref).
-
-    A local folder is a LoRA if it holds one in a published format
-    (common.find_lora: diffusers' pytorch_lora_weights.safetensors, or a PEFT
-    adapter folder, at its root or in a subfolder such as the authors'
-    lora/learner/) and a network if it holds config.json (at its root or in
-    unet/ or transformer/). A hub id is resolved when loaded: tried as a LoRA
-    first, then as a network."""
+    """("lora" | "network" | "hub", ref) of one piece of a method spec: a folder is a LoRA in a published
+    format (common.find_lora, also in e.g. the authors' lora/learner/) or a network (config.json)."""
     path = Path(part).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -576,16 +445,12 @@ def classify_part(part):
         raise UserError(f"'{part}' is a folder with neither a LoRA ({common.DIFFUSERS_LORA} or a PEFT "
                         f"{common.PEFT_CONFIG} + {common.PEFT_WEIGHTS}) nor config.json (a UNet/transformer)")
     if HUB_ID.fullmatch(part):
-        return "hub", part
+        return "hub", part  # resolved when loaded
     raise UserError(f"'{part}' is neither an existing file or folder nor a hub id (owner/name)")
 
 
 def parse_methods(texts):
-    """`NAME=MODEL` strings -> [{"name", "spec", "parts"}], in order.
-
-    MODEL may be empty (the base model), one LoRA or network, or 'NET+LORA'
-    (parts joined by '+', a network first, then LoRAs stacked on it). A spec
-    that exists as a path is never split on '+'."""
+    """`NAME=MODEL` strings -> [{"name", "spec", "parts"}]; 'NET+LORA' splits, an existing path never."""
     methods, seen = [], set()
     for text in texts or ["base="]:
         if "=" not in text:
@@ -608,9 +473,8 @@ def parse_methods(texts):
 
 
 def hub_kind(repo_id):
-    """"lora" or "network" from a hub model's file list, or None when the list
-    cannot be read (offline) or says neither. Looking first avoids
-    downloading a full UNet only to find that it is not a LoRA."""
+    """"lora" or "network" from a hub model's file list (not a full UNet downloaded to learn it is no LoRA);
+    None offline or when it says neither."""
     try:
         from huggingface_hub import list_repo_files
 
@@ -620,13 +484,10 @@ def hub_kind(repo_id):
     if any(f.rsplit("/", 1)[-1] in (common.PEFT_CONFIG, common.DIFFUSERS_LORA) or
            (f.endswith(".safetensors") and "lora" in f.lower() and "/" not in f) for f in files):
         return "lora"
-    if files & {"config.json", "unet/config.json", "transformer/config.json"}:
-        return "network"
-    return None
+    return "network" if files & {"config.json", "unet/config.json", "transformer/config.json"} else None
 
 
 def cached_snapshot(repo_id):
-    """The local cache folder of a hub model, or None if it was never downloaded."""
     try:
         from huggingface_hub import snapshot_download
 
@@ -636,78 +497,54 @@ def cached_snapshot(repo_id):
 
 
 def apply_method(backbone, method, device):
-    """Load a method's network and LoRAs into the base pipeline."""
-    pipe = backbone.pipe
+    """Load a method's network and LoRAs into the base pipeline; returns the adapter names."""
     adapters = []
     for k, (kind, ref) in enumerate(method["parts"]):
         if kind == "hub":
             kind = hub_kind(ref) or "hub"
             if kind == "hub" and cached_snapshot(ref):  # offline: look at the local copy instead
                 kind, ref = classify_part(cached_snapshot(ref))
-        if kind == "hub":
-            # a hub id may hold a LoRA or a network: try the LoRA first (only
-            # the first part may be a network, anything later must be a LoRA)
+        if kind == "hub":  # unknown: try it as a LoRA, then (first part only) as a network
             try:
                 common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
                 kind = "lora_loaded"
             except UserError as lora_err:
                 if k > 0:
                     raise
-                pipe.unload_lora_weights()  # drop anything half-loaded
+                backbone.pipe.unload_lora_weights()  # drop anything half-loaded
                 try:
                     common.load_network_override(backbone, ref)
-                    kind = "network_loaded"
                 except UserError as net_err:
                     raise UserError(f"method '{method['name']}': '{ref}' is not a local path, and from the hub it "
                                     f"loads neither as a LoRA ({lora_err}) nor as a network ({net_err})") from None
         elif kind == "lora":
             common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
             kind = "lora_loaded"
-        elif kind == "network":
-            if k > 0:  # parse_methods checks local folders; this catches hub ids
-                raise UserError(f"method '{method['name']}': '{ref}' is a UNet/transformer; only the first part "
-                                "of NET+LORA may be one")
+        elif k > 0:  # a network: parse_methods checks local folders, this catches hub ids
+            raise UserError(f"method '{method['name']}': '{ref}' is a UNet/transformer; only the first part of "
+                            "NET+LORA may be one")
+        else:
             common.load_network_override(backbone, ref)
-            kind = "network_loaded"
         if kind == "lora_loaded":
             adapters.append(f"eval_{k}")
         else:
             backbone.net.to(device)
-    if adapters:
-        # every LoRA at full strength, as it was trained
-        pipe.set_adapters(adapters, [1.0] * len(adapters))
+    if adapters:  # every LoRA at full strength, as it was trained
+        backbone.pipe.set_adapters(adapters, [1.0] * len(adapters))
     return adapters
 
 
-def restore_base(backbone, base_net, adapters):
-    """Undo apply_method: remove the LoRA layers and put the base network back."""
-    if adapters:
-        backbone.pipe.unload_lora_weights()
-    if backbone.net is not base_net:
-        setattr(backbone.pipe, backbone.net_name, base_net)
-        backbone.net = base_net
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
-
-# =============================================================================
-# Generation (README 'Method: evaluation')
-# =============================================================================
-
-
-HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# ---------------------------------------------------------------- generation (README 'Method: evaluation')
 
 
 def set_generation_precision(pipe, kind, dtype, device):
-    """The public protocol's precision for generation; returns the context
-    to sample in.
-
-    SD-1.5: the whole pipeline in `dtype` (fp16 in the public scripts), no
-    autocast. SD-3.5-M: transformer and text encoders in `dtype`, the VAE in
-    fp32 (decoding SD-3's 16-channel latents in fp16 can overflow), and the
-    sampling loop under autocast to `dtype`, as the public script does. On
-    CPU everything is fp32 and nothing changes."""
+    """The public protocol's precision; returns the context to sample in. SD-1.5: all in `dtype`. SD-3.5-M:
+    the VAE in fp32 (16-channel latents can overflow fp16), sampling under autocast to `dtype`. CPU: fp32."""
     if device.type != "cuda" or kind != "sd3":
         return contextlib.nullcontext()
     pipe.vae.to(torch.float32)
@@ -719,12 +556,8 @@ def image_relpath(method, seed, index):
 
 
 def check_generation_settings(out_dir, name, settings, models, write=True):
-    """Images of one method folder must all come from the same settings: other
-    settings are refused. The models count by content (models["model_content"],
-    a fingerprint of the base model's and the method's files), not by path: a
-    moved folder keeps its images, a checkpoint retrained under the same path
-    makes them stale, and they are deleted to be made again. Every process
-    checks (so all stop together); only the main one deletes and writes."""
+    """A method folder's images all come from one set of settings. The models count by content (a fingerprint
+    of the files), not path: a moved folder keeps its images, a retrained checkpoint makes them stale."""
     path = out_dir / name / "generation.json"
     common.check_same_settings(path, settings, f"{out_dir / name}")
     try:
@@ -738,67 +571,43 @@ def check_generation_settings(out_dir, name, settings, models, write=True):
             logger.info("%s: its model changed since its %d images were made: they are made again", name, len(stale))
             for image in stale:
                 image.unlink()
-        common.atomic_write_text(path, json.dumps({**settings, **models, "model_content": content}, indent=2) + "\n")
+        write_json(path, {**settings, **models, "model_content": content})
 
 
 @torch.no_grad()
 def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resolution, batch_size, device, progress):
-    """Generate the (seed, index) items of `todo` and save them as PNGs.
-
-    Every image gets its own generator seeded with its seed, so a prompt's
-    image does not depend on the batch it lands in, and every prompt starts
-    from the same noise for a given seed: the public protocol re-seeds the
-    generator before each prompt (README 'Method: evaluation'). The generator lives on the
-    generation device, as in the public scripts (CPU and CUDA draw different
-    noise, so images are device-specific either way)."""
+    """The (seed, index) items of `todo` as PNGs, each image from its own generator seeded with its seed on
+    the device, as the public protocol re-seeds per prompt: an image does not depend on its batch."""
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(todo), batch_size), desc=f"generating {method}", disable=not progress):
         batch = todo[start : start + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(seed) for seed, _ in batch]
-        images = pipe(
-            prompt=[prompts[index] for _, index in batch],
-            height=resolution,
-            width=resolution,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="pil",
-        ).images
+        images = pipe(prompt=[prompts[index] for _, index in batch], height=resolution, width=resolution,
+                      num_inference_steps=steps, guidance_scale=guidance, output_type="pil",
+                      generator=[torch.Generator(device=device).manual_seed(seed) for seed, _ in batch]).images
         for (seed, index), image in zip(batch, images):
             common.atomic_save_image(image, out_dir / image_relpath(method, seed, index))
 
 
 def generate_missing_images(args, methods, prompts, items, out_dir, state):
-    """Make sure the evaluation folder holds, for every method, the image of
-    each (seed, prompt index) of `items` (a list, or {method name: list}),
-    generating only the missing ones.
-    The main command and `userstudy` both generate through here, so each
-    reuses the images the other made.
-
-    The folder's checks come first: one run at a time, the same prompts
-    (prompts.txt), and all of a method's images made with the same settings
-    (NAME/generation.json). Returns the manifest entries of every method's
-    `items`, and the generation settings."""
-    if state.is_main_process:  # one run per output folder
+    """Generate each method's missing images of the (seed, prompt index) `items` (a list, or {name: list});
+    the main command and `userstudy` both come here, so each reuses the other's images. Returns the manifest
+    entries of `items` and the generation settings."""
+    if state.is_main_process:
         common.lock_output_dir(out_dir, "evaluate.py")
     check_prompts(out_dir, prompts, write=state.is_main_process)
     device = state.device
-
-    # The base pipeline, loaded once, in the public protocol's dtypes. On GPU:
-    # fp16 (or --generation_dtype bf16); SD-3.5-M keeps its VAE in fp32 and
-    # samples under autocast (set_generation_precision). On CPU: fp32.
-    dtype = torch.float32 if device.type != "cuda" else HALF_DTYPES[args.generation_dtype]
+    # The base pipeline, once, in the public protocol's dtypes (GPU: --generation_dtype; CPU: fp32). The
+    # public evaluation disables the safety checker: a blacked-out image would be scored as the model's.
+    dtype = torch.float32 if device.type != "cuda" else {"fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.generation_dtype]
     pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
-    # The public evaluation disables the safety checker: a blacked-out image
-    # would be scored as if the model had drawn it.
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     pipe.to(device)
     backbone = common.Backbone(pipe, device, dtype)
     common.check_resolution(backbone, args.resolution)
-    base_net = backbone.net
-    autocast = set_generation_precision(pipe, backbone.kind, dtype, device)
+    base_net, autocast = backbone.net, set_generation_precision(pipe, backbone.kind, dtype, device)
     default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
     steps = args.num_inference_steps or default_steps
     guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
@@ -807,18 +616,13 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
     settings = {key: value for key, value in generation.items() if key != "pretrained_model"}
     hashes = common.FileHashes(out_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
 
-    def models_of(method):
-        """What made a method's images: the paths (shown) and a digest of the
-        base model's and the method's files (compared; None while one of them
-        is a hub model not downloaded yet)."""
-        parts = [common.fingerprint(args.pretrained_model, hashes)]
-        parts += [common.fingerprint(ref, hashes) for _, ref in method["parts"]]
+    def models_of(method):  # the paths (shown) and a digest of the files (compared; None while not downloaded)
+        parts = [common.fingerprint(ref, hashes) for ref in [args.pretrained_model, *(r for _, r in method["parts"])]]
         known = not any("not downloaded" in (part or {}).values() for part in parts)
         hashes.save()
         return {"pretrained_model": args.pretrained_model, "spec": method["spec"],
                 "model_content": common.digest_of(parts) if known else None}
 
-    # Generate what is missing, one method at a time.
     manifest = []
     for method in methods:
         name = method["name"]
@@ -828,54 +632,47 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         state.wait_for_everyone()  # stale images are deleted before anyone lists what is missing
         manifest += [{"image": image_relpath(name, s, i), "method": name, "seed": s, "index": i,
                       "prompt": prompts[i]} for s, i in method_items]
-        # Every process lists the missing images before any of them starts
-        # writing (the barrier below), so all split the same list.
+        # every process lists the missing images before any starts writing, so all split the same list
         todo = [(s, i) for s, i in method_items if not (out_dir / image_relpath(name, s, i)).is_file()]
         if not todo:
             logger.info("%s: all %d images exist in %s", name, len(method_items), out_dir)
             continue
-        if state.is_main_process:
-            drop_scores(out_dir, [image_relpath(name, s, i) for s, i in todo])
+        if state.is_main_process:  # a score belongs to the image it was computed on
+            rewrite_scores(out_dir, drop={image_relpath(name, s, i) for s, i in todo})
         state.wait_for_everyone()
         logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(method_items),
                     steps, guidance)
         adapters = apply_method(backbone, method, device)
         if state.is_main_process and models["model_content"] is None:  # a hub model just downloaded: its revision
-            common.atomic_write_text(out_dir / name / "generation.json",
-                                     json.dumps({**settings, **models_of(method)}, indent=2) + "\n")
+            write_json(out_dir / name / "generation.json", {**settings, **models_of(method)})
         try:
             with state.split_between_processes(todo) as mine, autocast:
                 generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
                                 args.batch_size, device, state.is_main_process)
-        finally:
-            restore_base(backbone, base_net, adapters)
+        finally:  # the base pipeline back
+            if adapters:
+                pipe.unload_lora_weights()
+            if backbone.net is not base_net:
+                setattr(pipe, backbone.net_name, base_net)
+                backbone.net = base_net
+                free_memory()
         state.wait_for_everyone()
     del pipe, backbone, base_net
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return manifest, generation
 
-
-# =============================================================================
-# The per-image score table
-# =============================================================================
-# scores.jsonl holds one line {"image", "metric", "value"} per scored image;
-# value null means the scorer ran but produced no score (an unparseable
-# UnifiedReward answer, say): it is counted as missing, never as 0 (README 'Method: evaluation').
-# Lines are appended after every batch, so a killed run loses at most one
-# batch. Under several processes each writes scores.part-RANK.jsonl and the
-# main process folds them into scores.jsonl.
+# ---------------------------------------------------------------- the per-image score table
+# scores.jsonl: one line {"image", "metric", "value"} per scored image; null means the scorer ran but gave
+# no score (an unparseable UnifiedReward answer): counted as missing, never as 0. Lines are appended after
+# every batch (a killed run loses at most one); several processes each write scores.part-RANK.jsonl, which
+# the main process folds into scores.jsonl.
 
 
 def read_score_table(out_dir):
-    """{(image, metric): value} from scores.jsonl and any part files; a later
-    line wins; a truncated last line (killed run) is ignored."""
+    """{(image, metric): value}; a later line wins, a truncated last line (killed run) is ignored."""
     table = {}
     for path in [out_dir / SCORES] + sorted(out_dir.glob("scores.part-*.jsonl")):
-        if not path.is_file():
-            continue
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
             try:
                 record = json.loads(line)
                 table[(record["image"], record["metric"])] = record["value"]
@@ -886,147 +683,121 @@ def read_score_table(out_dir):
 
 def append_scores(path, records):
     with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.writelines(json.dumps(record) + "\n" for record in records)
         f.flush()
         os.fsync(f.fileno())
 
 
-def merge_score_parts(out_dir):
-    """Fold the per-process part files into scores.jsonl (main process)."""
-    parts = sorted(out_dir.glob("scores.part-*.jsonl"))
-    if not parts:
-        return
-    table = read_score_table(out_dir)
-    lines = "".join(json.dumps({"image": image, "metric": metric, "value": value}) + "\n"
-                    for (image, metric), value in table.items())
-    common.atomic_write_text(out_dir / SCORES, lines)
-    for part in parts:
-        part.unlink()
+def rewrite_scores(out_dir, drop=frozenset()):
+    """Fold the part files into scores.jsonl and forget the scores of `drop` (images about to be made again)."""
+    parts, table = sorted(out_dir.glob("scores.part-*.jsonl")), read_score_table(out_dir)
+    if parts or any(image in drop for image, _ in table):
+        write_jsonl(out_dir / SCORES, [{"image": image, "metric": metric, "value": value}
+                                       for (image, metric), value in table.items() if image not in drop])
+        for part in parts:
+            part.unlink()
 
-
-def drop_scores(out_dir, images):
-    """Forget the scores of images about to be (re)generated: a score belongs
-    to the image it was computed on."""
-    images = set(images)
-    path = out_dir / SCORES
-    if not images or not path.is_file():
-        return
-    table = read_score_table(out_dir)
-    if not any(image in images for image, _ in table):
-        return
-    lines = "".join(json.dumps({"image": image, "metric": metric, "value": value}) + "\n"
-                    for (image, metric), value in table.items() if image not in images)
-    common.atomic_write_text(path, lines)
-
-
-# =============================================================================
-# Scorers (README 'Method: evaluation'). Each is built once, scores a batch of (image, prompt)
-# and returns one float per image, or None where it produced no score.
-# =============================================================================
+# ---------------------------------------------------------------- scorers (README 'Method: evaluation')
+# Each loads in __init__(args, device) and maps `__call__(images, prompts)` to one float per image, or None
+# where it gives no score; a scorer whose package or weights are missing raises ScorerUnavailable, which
+# says what to do, and its metric is "not run".
 
 
 class ScorerUnavailable(Exception):
     """A scorer's package or weights are missing; the message says what to do."""
 
 
-def _first_line(err):
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+def loaded(what, load, hint=""):
+    """load(), or ScorerUnavailable naming what did not load."""
+    try:
+        return load()
+    except ScorerUnavailable:
+        raise
+    except Exception as err:
+        raise ScorerUnavailable(f"could not load {what} ({_first_line(err)}){hint}") from None
+
+
+def need(module, hint):
+    """Import a scorer's own package, or ScorerUnavailable with the pip command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ScorerUnavailable(hint) from None
+
+
+def gpu_half(device):
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def _load_clip(model_id, device):
-    """A transformers CLIP model and processor, or ScorerUnavailable."""
+    """A transformers CLIP model and processor, fp32 on GPU too, as the public scorers (common.PickScorer)."""
     from transformers import AutoProcessor, CLIPModel
 
-    try:
-        processor = AutoProcessor.from_pretrained(model_id)
-        # fp32 on GPU too, as the public scorers (see common.PickScorer)
-        model = CLIPModel.from_pretrained(model_id, dtype=torch.float32).to(device).eval()
-    except Exception as err:
-        raise ScorerUnavailable(f"could not load the CLIP model '{model_id}' ({_first_line(err)}); download it or "
-                                "pass a local folder") from None
-    return model, processor
+    return loaded(f"the CLIP model '{model_id}'", lambda: (
+        CLIPModel.from_pretrained(model_id, dtype=torch.float32).to(device).eval(),
+        AutoProcessor.from_pretrained(model_id)), "; download it or pass a local folder")
 
 
-def _features(output):
-    # transformers 5 returns a model output from get_*_features, older ones a tensor
-    return getattr(output, "pooler_output", output)
-
-
-@torch.no_grad()
-def clip_image_embeds(model, processor, images):
-    inputs = processor(images=images, return_tensors="pt")
-    pixels = inputs["pixel_values"].to(model.device, model.dtype)
-    return F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
-
-
-@torch.no_grad()
-def clip_text_embeds(model, processor, texts):
-    inputs = processor(text=texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-    inputs = {key: value.to(model.device) for key, value in inputs.items()}
-    return F.normalize(_features(model.get_text_features(**inputs)).float(), dim=-1)
-
-
-# PickScore is shared by the 'pickscore' and 'sgp' metrics: one copy in memory.
-_PICKSCORERS = {}
-
-
-def _pickscorer(args, device):
-    key = (args.pickscore_model, args.pickscore_processor)
-    if key not in _PICKSCORERS:
-        try:
-            _PICKSCORERS[key] = common.PickScorer(args.pickscore_model, args.pickscore_processor, device=device)
-        except UserError as err:
-            raise ScorerUnavailable(f"{err}; download them or pass --pickscore_model/--pickscore_processor") from None
-    return _PICKSCORERS[key]
+_PICKSCORERS = {}  # PickScore serves 'pickscore' and 'sgp': one copy in memory
 
 
 class PickScoreMetric:
-    """Raw PickScore, exp(logit_scale) * cosine (README 'Method: data'): about 20-23, never /26."""
+    """Raw PickScore (yuvalkirstain/PickScore_v1), exp(logit_scale) * cosine: about 20-23, never /26."""
 
     def __init__(self, args, device):
-        self.scorer = _pickscorer(args, device)
+        key = (args.pickscore_model, args.pickscore_processor)
+        if key not in _PICKSCORERS:
+            try:
+                _PICKSCORERS[key] = common.PickScorer(*key, device=device)
+            except UserError as err:
+                raise ScorerUnavailable(f"{err}; download them or pass --pickscore_model/--pickscore_processor") \
+                    from None
+        self.scorer, self.prefixes = _PICKSCORERS[key], (args.sgp_real_prefix, args.sgp_cg_prefix)
 
     def __call__(self, images, prompts):
         return [float(v) for v in self.scorer(images, prompts, batch_size=len(images))]
 
 
-class RealismMetric:
-    """'SGP-PickScore' realism (Figure 2, README 'Method: evaluation'): the PickScore of the image
-    against "<real prefix><prompt>" minus that against "<cg prefix><prompt>",
-    by default "Realistic photo, {prompt}" and "CG render, {prompt}". Positive
-    when the image reads more like a photograph than a rendering."""
-
-    def __init__(self, args, device):
-        self.scorer = _pickscorer(args, device)
-        self.real_prefix, self.cg_prefix = args.sgp_real_prefix, args.sgp_cg_prefix
+class RealismMetric(PickScoreMetric):
+    """'SGP-PickScore' realism (paper Fig. 2): PickScore against "Realistic photo, {prompt}" minus that
+    against "CG render, {prompt}" (--sgp_*_prefix); positive when the image reads as a photograph."""
 
     def __call__(self, images, prompts):
-        real = self.scorer(images, [self.real_prefix + p for p in prompts], batch_size=len(images))
-        cg = self.scorer(images, [self.cg_prefix + p for p in prompts], batch_size=len(images))
+        real, cg = (self.scorer(images, [prefix + p for p in prompts], batch_size=len(images))
+                    for prefix in self.prefixes)
         return [float(v) for v in real - cg]
 
 
 class ClipScoreMetric:
-    """CLIP score = 100 * max(cosine(image, text), 0), text truncated to 77
-    tokens (the usual CLIPScore scale; not part of the paper's tables)."""
+    """CLIP score = 100 * max(cosine(image, text), 0), text cut at 77 tokens (openai/clip-vit-large-patch14;
+    the usual CLIPScore scale, not in the paper's tables)."""
 
-    def __init__(self, args, device):
-        self.model, self.processor = _load_clip(args.clip_model, device)
+    def __init__(self, args, device, model_id=None):
+        self.model, self.processor = _load_clip(model_id or args.clip_model, device)
+
+    @torch.no_grad()
+    def embed(self, images=None, texts=None):
+        if images is not None:
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            output = self.model.get_image_features(pixel_values=pixels.to(self.model.device, self.model.dtype))
+        else:
+            output = self.model.get_text_features(**self.processor(
+                text=texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(
+                self.model.device))
+        # transformers 5 returns a model output from get_*_features, older ones a tensor
+        return F.normalize(getattr(output, "pooler_output", output).float(), dim=-1)
 
     def __call__(self, images, prompts):
-        cosine = (clip_image_embeds(self.model, self.processor, images) *
-                  clip_text_embeds(self.model, self.processor, prompts)).sum(-1)
+        cosine = (self.embed(images=images) * self.embed(texts=prompts)).sum(-1)
         return [float(v) for v in 100 * cosine.clamp(min=0)]
 
 
 def build_aesthetic_mlp(state_dict):
-    """The LAION improved-aesthetic-predictor head (README 'Method: evaluation'): Linear layers
-    768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between the first four
-    and no activation anywhere. The layer indices match the released state
-    dict's keys (layers.0/2/4/6/7); the sizes are read from it, so a smaller
-    CLIP (the tests' tiny one) works with a matching small weights file."""
+    """The LAION improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor): Linear
+    768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first four, no activation; the layer indices
+    are the released keys (layers.0/2/4/6/7), the sizes read from it (the tests' tiny CLIP has its own)."""
     linear = [0, 2, 4, 6, 7]
     try:
         shapes = [state_dict[f"layers.{i}.weight"].shape for i in linear]
@@ -1035,18 +806,15 @@ def build_aesthetic_mlp(state_dict):
                                 "state dict") from None
     layers = []
     for i, shape in zip(linear, shapes):
-        while len(layers) < i:  # dropout slots (inactive in eval mode)
-            layers.append(torch.nn.Dropout(0.0))
-        layers.append(torch.nn.Linear(shape[1], shape[0]))
+        layers += [torch.nn.Dropout(0.0)] * (i - len(layers)) + [torch.nn.Linear(shape[1], shape[0])]
     mlp = torch.nn.Module()
     mlp.layers = torch.nn.Sequential(*layers)
     mlp.load_state_dict(state_dict)
     return mlp.eval()
 
 
-class AestheticMetric:
-    """LAION aesthetic score: the MLP above applied to the L2-normalised CLIP
-    ViT-L/14 image embedding (README 'Method: evaluation'), about 5-6 for SD images."""
+class AestheticMetric(ClipScoreMetric):
+    """LAION aesthetic score: the MLP above on the L2-normalised CLIP ViT-L/14 image embedding (about 5-6)."""
 
     def __init__(self, args, device):
         weights = args.aesthetic_weights
@@ -1055,74 +823,56 @@ class AestheticMetric:
             if not local.is_file():
                 try:
                     local.parent.mkdir(parents=True, exist_ok=True)
-                    torch.hub.download_url_to_file(weights, str(local), progress=False)
+                    download_url(weights, local)
                 except Exception as err:
                     raise ScorerUnavailable(f"could not download {weights} ({_first_line(err)}); download it and "
                                             "pass --aesthetic_weights FILE") from None
             weights = local
         if not Path(weights).is_file():
             raise ScorerUnavailable(f"aesthetic weights not found: {weights}")
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        self.mlp = build_aesthetic_mlp(state_dict).to(device)
-        self.model, self.processor = _load_clip(args.aesthetic_clip_model, device)
-        embed_dim = self.model.config.projection_dim
-        if self.mlp.layers[0].in_features != embed_dim:
-            raise ScorerUnavailable(f"the aesthetic MLP takes {self.mlp.layers[0].in_features}-d embeddings but "
-                                    f"{args.aesthetic_clip_model} gives {embed_dim}-d (use CLIP ViT-L/14)")
+        self.mlp = build_aesthetic_mlp(torch.load(weights, map_location="cpu", weights_only=True)).to(device)
+        super().__init__(args, device, args.aesthetic_clip_model)
+        embed_dim, takes = self.model.config.projection_dim, self.mlp.layers[0].in_features
+        if takes != embed_dim:
+            raise ScorerUnavailable(f"the aesthetic MLP takes {takes}-d embeddings but {args.aesthetic_clip_model} "
+                                    f"gives {embed_dim}-d (use CLIP ViT-L/14)")
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        embeds = clip_image_embeds(self.model, self.processor, images)
-        return [float(v) for v in self.mlp.layers(embeds).squeeze(-1)]
+        return [float(v) for v in self.mlp.layers(self.embed(images=images)).squeeze(-1)]
 
 
 def rgb_to_gray(image):
-    """Grayscale of an 8-bit RGB image exactly as OpenCV's
-    cv2.cvtColor(.., COLOR_RGB2GRAY) computes it on uint8: the BT.601 luma
-    weights 0.299 R + 0.587 G + 0.114 B in 15-bit fixed point, rounded,
-
-        gray = (9798 R + 19235 G + 3735 B + 16384) >> 15   (integers 0-255).
-
-    (Hand-written rather than imported so that OpenCV is not a dependency.)"""
+    """Grayscale of an 8-bit RGB image exactly as OpenCV's cv2.cvtColor(.., COLOR_RGB2GRAY) on uint8 (BT.601
+    luma in 15-bit fixed point, rounded; OpenCV is not a dependency): (9798 R + 19235 G + 3735 B + 16384) >> 15."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
     return (rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735 + 16384) >> 15
 
 
 def laplacian_variance(image):
-    """Texture detail (Figure 2, README 'Method: evaluation'): the variance of the Laplacian of the
-    grayscale image (rgb_to_gray, values 0-255).
-
-    Laplacian kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]] (4-neighbour), borders
-    mirrored without repeating the edge pixel (numpy 'reflect', OpenCV's
-    default BORDER_REFLECT_101), population variance over all pixels. Equal to
-    cv2.Laplacian(gray, cv2.CV_64F).var() for the same gray image."""
+    """Texture detail (paper Fig. 2), as cv2.Laplacian(gray, cv2.CV_64F).var(): kernel [[0, 1, 0], [1, -4, 1],
+    [0, 1, 0]], borders mirrored without the edge pixel (BORDER_REFLECT_101), population variance."""
     gray = rgb_to_gray(image).astype(np.float64)
     p = np.pad(gray, 1, mode="reflect")
-    laplacian = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * gray
-    return float(laplacian.var())
+    return float((p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * gray).var())
 
 
 class LaplacianMetric:
-    def __init__(self, args, device):
-        pass
+    """Texture detail (paper Fig. 2; the authors' detail_vs_realism notebook): laplacian_variance per image."""
+
+    def __init__(self, args, device): pass
 
     def __call__(self, images, prompts):
         return [laplacian_variance(image) for image in images]
 
 
 class ImageRewardMetric:
-    """ImageReward v1.0 (PyPI image-reward, README 'Method: evaluation')."""
+    """ImageReward v1.0 (PyPI image-reward, THUDM/ImageReward)."""
 
     def __init__(self, args, device):
-        try:
-            import ImageReward as RM
-        except ImportError:
-            raise ScorerUnavailable("pip install image-reward (it pins timm 0.6.13 and fairscale; use a separate "
-                                    "environment and `evaluate.py score` if that conflicts)") from None
-        try:
-            self.model = RM.load("ImageReward-v1.0", device=str(device)).eval()
-        except Exception as err:
-            raise ScorerUnavailable(f"could not load ImageReward-v1.0 ({_first_line(err)})") from None
+        rm = need("ImageReward", "pip install image-reward (it pins timm 0.6.13 and fairscale; use a separate "
+                                 "environment and `evaluate.py score` if that conflicts)")
+        self.model = loaded("ImageReward-v1.0", lambda: rm.load("ImageReward-v1.0", device=str(device)).eval())
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -1130,21 +880,13 @@ class ImageRewardMetric:
 
 
 class HPSv3Metric:
-    """HPSv3 (PyPI hpsv3): the mean mu of its (mu, sigma) output."""
-
-    wants_paths = True  # the package reads image files itself
+    """HPSv3 (PyPI hpsv3, MizzenAI/HPSv3): the mean mu of its (mu, sigma) output. Reads the files itself."""
+    wants_paths = True
 
     def __init__(self, args, device):
-        try:
-            from hpsv3 import HPSv3RewardInferencer
-        except ImportError:
-            raise ScorerUnavailable(
-                "pip install hpsv3 (it pins transformers 4.45.2: install it in its own environment and run "
-                "`python evaluate.py score --images OUT --metrics hpsv3` there)") from None
-        try:
-            self.inferencer = HPSv3RewardInferencer(device=str(device))
-        except Exception as err:
-            raise ScorerUnavailable(f"could not load HPSv3 ({_first_line(err)})") from None
+        hpsv3 = need("hpsv3", "pip install hpsv3 (it pins transformers 4.45.2: install it in its own environment "
+                              "and run `python evaluate.py score --images OUT --metrics hpsv3` there)")
+        self.inferencer = loaded("HPSv3", lambda: hpsv3.HPSv3RewardInferencer(device=str(device)))
 
     @torch.no_grad()
     def __call__(self, paths, prompts):
@@ -1153,35 +895,25 @@ class HPSv3Metric:
 
 
 class DeQAMetric:
-    """DeQA-Score (image only, 1-5 scale), loaded as the public evaluation
-    loads it: the pinned revision's remote code, fp16 on GPU (fp32 on CPU),
-    eager attention, scored by the model's own `score(images)` method."""
+    """DeQA-Score (zhiyuanyou/DeQA-Score-Mix3; image only, 1-5), loaded as the public evaluation loads it:
+    the pinned revision's remote code, fp16 on GPU, eager attention, the model's own `score(images)`."""
 
     def __init__(self, args, device):
         from transformers import AutoModelForCausalLM
 
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                args.deqa_model, revision=args.deqa_revision, trust_remote_code=True, attn_implementation="eager",
-                dtype=dtype).to(device).eval()
-        except Exception as err:
-            raise ScorerUnavailable(
-                f"could not load {args.deqa_model} ({_first_line(err)}); its remote code targets an older "
-                "transformers: if that is the cause, run `evaluate.py score --metrics deqa` in an environment with "
-                "the transformers version its model card names") from None
+        self.model = loaded(args.deqa_model, lambda: AutoModelForCausalLM.from_pretrained(
+            args.deqa_model, revision=args.deqa_revision, trust_remote_code=True, attn_implementation="eager",
+            dtype=gpu_half(device)).to(device).eval(), "; its remote code targets an older transformers: if that "
+            "is the cause, run `evaluate.py score --metrics deqa` with the transformers its model card names")
 
     @torch.no_grad()
     def __call__(self, images, prompts):
         return [float(v) for v in torch.as_tensor(self.model.score(images)).float().flatten()]
 
 
-# OneIG-Benchmark's layout (github.com/OneIG-Bench/OneIG-Benchmark, commit
-# 41b49831e79e6dde5323618c164da1c4cf0f699d): the prompts in OneIG-Bench.csv at
-# the clone's root (category,id,prompt_en,type,prompt_length,class), the
-# stylization ones in category Anime_Stylization (ids 000-244); the style of
-# each id in scripts/style/style.csv (,id,class), empty for the ids its style
-# scorer skips (scripts/style/style_score.py).
+# OneIG-Benchmark's layout (github.com/OneIG-Bench/OneIG-Benchmark, commit 41b49831e79e6dde5323618c164da1c4cf0f699d):
+# the prompts in OneIG-Bench.csv (category,id,prompt_en,type,prompt_length,class), the stylization ones in category
+# Anime_Stylization; each id's style in scripts/style/style.csv (,id,class), empty where style_score.py skips it.
 ONEIG_PROMPTS, ONEIG_STYLES, ONEIG_STYLE_CATEGORY = "OneIG-Bench.csv", "scripts/style/style.csv", "Anime_Stylization"
 
 
@@ -1190,8 +922,7 @@ def read_csv_columns(path, columns):
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
-            header = reader.fieldnames or []
+            rows, header = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise ScorerUnavailable(f"cannot read {path} ({_first_line(err)}); needs its column(s) "
                                 f"{', '.join(columns)}") from None
@@ -1202,36 +933,23 @@ def read_csv_columns(path, columns):
 
 
 def oneig_style_classes(root):
-    """{prompt: style} of OneIG-Bench's stylization prompts, as its
-    style_score.py names the styles ("Line Art" -> "line_art"): the
-    Anime_Stylization rows of OneIG-Bench.csv joined on id with
-    scripts/style/style.csv's class; prompts without a class are left out."""
-    root = Path(root)
-    prompts = read_csv_columns(root / ONEIG_PROMPTS, ["category", "id", "prompt_en"])
-    classes = read_csv_columns(root / ONEIG_STYLES, ["id", "class"])
-    style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_") for row in classes
+    """{prompt: style} of OneIG-Bench's stylization prompts, named as its style_score.py names them ("Line
+    Art" -> "line_art"); prompts without a class are left out."""
+    prompts = read_csv_columns(Path(root) / ONEIG_PROMPTS, ["category", "id", "prompt_en"])
+    style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_")
+                   for row in read_csv_columns(Path(root) / ONEIG_STYLES, ["id", "class"])
                    if (row["class"] or "").strip() not in ("", "nan")}
     return {(row["prompt_en"] or "").strip(): style_of_id[row["id"].strip()] for row in prompts
             if row["category"] == ONEIG_STYLE_CATEGORY and row["id"].strip() in style_of_id}
 
 
 class StylizationMetric:
-    """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score, computed by
-    OneIG-Bench's own style evaluator, imported from a clone of its
-    repository (--oneig_dir), in its own Python environment (run
-    `evaluate.py score --metrics stylization` there, as for HPSv3).
-
-    Images must come from OneIG-Bench's stylization prompts; each prompt's
-    style class is read from the clone (oneig_style_classes). Per image, as
-    OneIG-Bench's style_score does: the image's CSD and OneIG style
-    embeddings are compared (dot product) with the reference embeddings of
-    its class, and the score is the mean of the two best matches, each
-    clipped at 0. A prompt without a style class gets no score (missing), as
-    style_score.py skips it. style_score.py averages a prompt's images, then
-    the prompts: with the same number of seeds for every prompt, that is the
-    mean over images that results.json reports."""
-
-    wants_paths = True  # the style encoders read image files themselves
+    """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score by its own evaluator, imported from a clone
+    (--oneig_dir) in its own environment. Per image, as its style_score.py: the CSD and OneIG style embeddings
+    against the references of the prompt's style class (dot product), the mean of the two best matches, each
+    clipped at 0; a prompt without a class gets no score, as there. (It averages a prompt's images, then the
+    prompts: with as many seeds per prompt, the mean over images that results.json reports.)"""
+    wants_paths = True  # the style encoders read the files themselves
 
     def __init__(self, args, device):
         if not args.oneig_dir:
@@ -1242,16 +960,17 @@ class StylizationMetric:
         self.style_of = oneig_style_classes(root)  # the CSV files first: a wrong clone says so at once
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))  # its modules import each other as scripts.*
-        try:
+
+        def load():
             from scripts.utils.inference import CSDStyleEmbedding, SEStyleEmbedding
 
-            self.csd = CSDStyleEmbedding(model_path=str(style_dir / "models" / "checkpoint.pth"))
-            self.se = SEStyleEmbedding(pretrained_path="xingpng/OneIG-StyleEncoder")
-            self.csd_ref = torch.load(style_dir / "CSD_embed.pt", weights_only=False)
-            self.se_ref = torch.load(style_dir / "SE_embed.pt", weights_only=False)
-        except Exception as err:
-            raise ScorerUnavailable(f"OneIG-Bench's style evaluator did not load from {root} ({_first_line(err)}); "
-                                    "install its requirements and models as its README says") from None
+            return (CSDStyleEmbedding(model_path=str(style_dir / "models" / "checkpoint.pth")),
+                    SEStyleEmbedding(pretrained_path="xingpng/OneIG-StyleEncoder"),
+                    torch.load(style_dir / "CSD_embed.pt", weights_only=False),
+                    torch.load(style_dir / "SE_embed.pt", weights_only=False))
+        self.csd, self.se, self.csd_ref, self.se_ref = loaded(
+            f"OneIG-Bench's style evaluator from {root}", load, "; install its requirements and models as its README "
+                                                                "says")
 
     @torch.no_grad()
     def __call__(self, paths, prompts):
@@ -1261,31 +980,28 @@ class StylizationMetric:
             if style is None or style not in self.csd_ref or style not in self.se_ref:
                 scores.append(None)
                 continue
-            csd = self.csd.get_style_embedding(str(path)) @ self.csd_ref[style].T
-            se = self.se.get_style_embedding(str(path)) @ self.se_ref[style].T
-            scores.append((max(float(csd.max()), 0.0) + max(float(se.max()), 0.0)) / 2)
+            best = [float((encoder.get_style_embedding(str(path)) @ ref[style].T).max())
+                    for encoder, ref in ((self.csd, self.csd_ref), (self.se, self.se_ref))]
+            scores.append((max(best[0], 0.0) + max(best[1], 0.0)) / 2)
         return scores
 
 
-# The public parser (the authors' rewards.py, README 'Method: evaluation'):
-# case-sensitive, the first match, 1-5 only. A regex search, so, as there,
-# "Final Score: 10" reads as 1 and "Final Score: 7" as nothing.
+# The public parser (the authors' rewards.py): case-sensitive, the first match, 1-5 only; a regex search, so
+# "Final Score: 10" reads as 1 and "Final Score: 7" as nothing, as there.
 FINAL_SCORE = re.compile(r"Final Score:\s*([1-5](?:\.\d+)?)")
 
 
 def parse_final_score(answer):
-    """The score of a UnifiedReward answer as the public parser reads it, or
-    None when it reads none (counted as missing; the public code scores 0.0)."""
+    """A UnifiedReward answer's score, or None (counted as missing; the public code scores 0.0)."""
     match = FINAL_SCORE.search(answer) if isinstance(answer, str) else None
     return float(match.group(1)) if match else None
 
 
 class UnifiedRewardMetric:
-    """UnifiedReward-qwen-7b point score (README 'Method: evaluation'), asked
-    as the public evaluation asks it: the image, then the question with the
-    prompt; the image resized as qwen_vl_utils resizes it (PIL, sides to the
-    nearest multiple of 28 px); fp16 on GPU; generate() with max_new_tokens
-    and the model's own generation settings; one image per call."""
+    """UnifiedReward-qwen-7b point score (CodeGoat24/UnifiedReward-qwen-7b), asked as the public evaluation
+    asks: the image, then the question with the prompt; the image resized as qwen_vl_utils does (sides to
+    the nearest multiple of 28 px); fp16 on GPU; generate() with max_new_tokens and the model's own
+    generation settings; one image per call (--vlm_batch_size)."""
 
     def __init__(self, args, device):
         try:
@@ -1293,166 +1009,119 @@ class UnifiedRewardMetric:
         except ImportError:
             raise ScorerUnavailable("needs a transformers with Qwen2.5-VL: pip install -U transformers") from None
         self.question = unifiedreward_question(args)
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-        try:
-            self.processor = AutoProcessor.from_pretrained(args.unifiedreward_model)
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                args.unifiedreward_model, dtype=dtype).to(device).eval()
-        except Exception as err:
-            raise ScorerUnavailable(f"could not load {args.unifiedreward_model} ({_first_line(err)})") from None
+        self.processor, self.model = loaded(args.unifiedreward_model, lambda: (
+            AutoProcessor.from_pretrained(args.unifiedreward_model), Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                args.unifiedreward_model, dtype=gpu_half(device)).to(device).eval()))
         self.processor.tokenizer.padding_side = "left"  # only a batch (--vlm_batch_size > 1) is padded
-        self.max_new_tokens = args.unifiedreward_max_new_tokens
-        self.unparsed = 0
+        self.max_new_tokens, self.unparsed = args.unifiedreward_max_new_tokens, 0
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        texts = []
-        for prompt in prompts:
-            messages = [{"role": "user", "content": [
-                {"type": "image"}, {"type": "text", "text": self.question.replace("{prompt}", prompt)}]}]
-            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        texts = [self.processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": self.question.replace("{prompt}", prompt)}]}],
+            tokenize=False, add_generation_prompt=True) for prompt in prompts]
         side = lambda n: max(28, round(n / 28) * 28)
         images = [image.resize((side(image.width), side(image.height))) for image in images]
         inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
         answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)
-        scores = [parse_final_score(answer) for answer in answers]
-        for answer, score in zip(answers, scores):
-            if score is None:
-                self.unparsed += 1
-                if self.unparsed <= 5:  # show a few, the count goes to the report
-                    logger.warning("UnifiedReward answer without 'Final Score: x' (counted missing): %r", answer[-300:])
-        return scores
+        for answer in (a for a in answers if parse_final_score(a) is None):
+            self.unparsed += 1
+            if self.unparsed <= 5:  # a few shown; the count goes to the report
+                logger.warning("UnifiedReward answer without 'Final Score: x' (counted missing): %r", answer[-300:])
+        return [parse_final_score(answer) for answer in answers]
 
 
 SCORERS = {
     "pickscore": PickScoreMetric, "imagereward": ImageRewardMetric, "unifiedreward": UnifiedRewardMetric,
     "hpsv3": HPSv3Metric, "deqa": DeQAMetric, "aesthetic": AestheticMetric, "laplacian": LaplacianMetric,
-    "sgp": RealismMetric, "stylization": StylizationMetric, "clip": ClipScoreMetric,
-}
+    "sgp": RealismMetric, "stylization": StylizationMetric, "clip": ClipScoreMetric}
 
 
 def parse_metrics(text):
-    metrics = [m.strip().lower() for m in text.split(",") if m.strip()]
+    metrics = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
     unknown = [m for m in metrics if m not in SCORERS]
     if unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
-    return list(dict.fromkeys(metrics))
-
-
-def open_image(path):
-    """An image to score, as RGB; a damaged or missing file is one UserError
-    naming it (deleting it makes the next run generate it again)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as err:
-        raise UserError(f"cannot read the image {path} ({type(err).__name__}: {_first_line(err)}); it is damaged "
-                        "or missing: delete it and rerun to generate it again") from None
+    return metrics
 
 
 def score_images(out_dir, manifest, metrics, args, state):
-    """Score every manifest image that lacks a score, metric by metric.
-
-    Returns {metric: reason} for the metrics that did not run. A scorer is only
-    built when it has work, and freed before the next one is built."""
+    """Score every manifest image that lacks a score, metric by metric; returns {metric: reason} for the
+    metrics that did not run. A scorer is built only when it has work, and freed before the next one."""
     from tqdm.auto import tqdm
 
-    device = state.device
-    table = read_score_table(out_dir)
+    table, not_run = read_score_table(out_dir), {}
     target = out_dir / (SCORES if state.num_processes == 1 else f"scores.part-{state.process_index}.jsonl")
-    not_run = {}
     for metric in metrics:
         pending = [entry for entry in manifest if (entry["image"], metric) not in table]
         if not pending:
             continue
         try:
-            scorer = SCORERS[metric](args, device)
+            scorer = SCORERS[metric](args, state.device)
         except ScorerUnavailable as err:
             not_run[metric] = f"not run: {err}"
             logger.warning("%s: not run: %s", metric, err)
             continue
         logger.info("%s: scoring %d images", metric, len(pending))
+        # HPSv3 and UnifiedReward one image at a time by default, as the public evaluation scores them
+        size = args.vlm_batch_size if metric in ("hpsv3", "unifiedreward") else args.score_batch_size
         try:
             with state.split_between_processes(pending) as mine:
-                # HPSv3 and UnifiedReward one image at a time by default, as the public evaluation scores them
-                size = args.vlm_batch_size if metric in ("hpsv3", "unifiedreward") else args.score_batch_size
                 for start in tqdm(range(0, len(mine), size), desc=f"scoring {metric}",
                                   disable=not state.is_main_process):
                     batch = mine[start : start + size]
                     paths = [out_dir / entry["image"] for entry in batch]
-                    images = [open_image(path) for path in paths]
-                    inputs = paths if getattr(scorer, "wants_paths", False) else images
-                    values = scorer(inputs, [entry["prompt"] for entry in batch])
-                    values = [v if v is not None and math.isfinite(v) else None for v in values]
-                    append_scores(target, [{"image": entry["image"], "metric": metric, "value": value}
-                                           for entry, value in zip(batch, values)])
+                    images = [open_image(path) for path in paths]  # also checks the files of path-reading scorers
+                    values = scorer(paths if getattr(scorer, "wants_paths", False) else images,
+                                    [entry["prompt"] for entry in batch])
+                    append_scores(target, [{"image": entry["image"], "metric": metric,
+                                            "value": v if v is not None and math.isfinite(v) else None}
+                                           for entry, v in zip(batch, values)])
         except UserError:  # a damaged image: the user's to fix, not the scorer's failure
             raise
         except Exception as err:  # a broken scorer must not lose the others' work
             logger.exception("%s failed", metric)
             not_run[metric] = f"failed: {_first_line(err)}"
-        del scorer  # free it before the next scorer is built
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del scorer
+        free_memory()
     _PICKSCORERS.clear()
     gc.collect()
     return not_run
 
-
-# =============================================================================
-# Aggregation and report (pure functions first)
-# =============================================================================
+# ---------------------------------------------------------------- aggregation (README 'Method: evaluation')
 
 
 def aggregate(rows, methods, metrics):
-    """Table 1 statistics from per-image rows (README 'Method: evaluation').
-
-    rows: dicts with method, seed, metric and value (None = missing).
-    For every (method, metric): the mean over prompts within each seed
-    (missing values excluded), then the mean and the standard deviation
-    (population, ddof=0) of those per-seed means. n counts the scores used,
-    missing the ones excluded. A pair with no scores at all is left out."""
+    """Table 1's statistics from rows {method, seed, metric, value (None = missing)}: per (method, metric) the
+    mean over prompts per seed (missing excluded), then mean and population std of those per-seed means."""
     groups = {}
     for row in rows:
         groups.setdefault((row["method"], row["metric"]), {}).setdefault(row["seed"], []).append(row["value"])
     results = {}
     for method in methods:
         for metric in metrics:
-            per_seed_values = groups.get((method, metric))
-            if not per_seed_values:
+            by_seed = groups.get((method, metric))
+            if not by_seed:  # no scores at all: left out
                 continue
-            per_seed, n, missing = {}, 0, 0
-            for seed in sorted(per_seed_values):
-                valid = [v for v in per_seed_values[seed] if v is not None]
-                missing += len(per_seed_values[seed]) - len(valid)
-                n += len(valid)
-                if valid:
-                    per_seed[str(seed)] = float(np.mean(valid))
-            means = list(per_seed.values())
+            valid = {seed: [v for v in by_seed[seed] if v is not None] for seed in sorted(by_seed)}
+            per_seed = {str(seed): float(np.mean(values)) for seed, values in valid.items() if values}
+            n, means = sum(map(len, valid.values())), list(per_seed.values())
             results.setdefault(method, {})[metric] = {
-                "mean": float(np.mean(means)) if means else None,
-                "std": float(np.std(means)) if means else None,
-                "per_seed": per_seed,
-                "n": n,
-                "missing": missing,
-            }
+                "mean": float(np.mean(means)) if means else None, "std": float(np.std(means)) if means else None,
+                "per_seed": per_seed, "n": n, "missing": sum(map(len, by_seed.values())) - n}
     return results
 
 
 def minmax(values):
-    """{key: (v - min) / (max - min)} over the values given (0 when all are
-    equal), as the authors' figure notebooks normalise Fig. 2's axes."""
+    """{key: (v - min) / (max - min)} (0 when all are equal), as the authors' notebooks normalise Fig. 2."""
     lo, hi = min(values.values()), max(values.values())
     return {k: (v - lo) / (hi - lo) if hi > lo else 0.0 for k, v in values.items()}
 
 
 def human_preference(results, methods):
-    """Figure 2's human preference: ½·minmax(UnifiedReward) + ½·minmax(HPSv3),
-    min-max taken across `methods` (README 'Method: evaluation'). None unless
-    both metrics exist for every method."""
+    """Fig. 2's ½·minmax(UnifiedReward) + ½·minmax(HPSv3) across `methods`; None unless all have both."""
     columns = []
     for metric in ("unifiedreward", "hpsv3"):
         values = {m: results.get(m, {}).get(metric, {}).get("mean") for m in methods}
@@ -1463,44 +1132,31 @@ def human_preference(results, methods):
 
 
 def stylization_means(results, methods, other_results=None):
-    """Figure 2 (b)'s stylization per method: this folder's 'stylization'
-    means, or those of another evaluation folder's results.json (paper Fig.
-    2 (b) scores stylization on OneIG-Bench's style prompts and human
-    preference on DrawBench: two folders, matched by method name). None
-    unless every method has one."""
+    """Fig. 2 (b)'s stylization per method, from this folder or another one's results.json (the paper scores it
+    on OneIG-Bench's style prompts, human preference on DrawBench: matched by method name); None if any lacks."""
     if other_results:
-        path = Path(other_results)
         try:
-            results = json.loads(path.read_text())["results"]
+            results = json.loads(Path(other_results).read_text())["results"]
         except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"--stylization_results {path}: not an evaluate.py results.json ({_first_line(err)})") \
-                from None
+            raise UserError(f"--stylization_results {other_results}: not an evaluate.py results.json "
+                            f"({_first_line(err)})") from None
     values = {m: results.get(m, {}).get("stylization", {}).get("mean") for m in methods}
     return None if any(v is None for v in values.values()) else values
 
 
-def _rank_marks(values, spreads, higher_is_better):
-    """{index: "best" | "second"} by value. A mark goes only to a method ahead
-    of the next one by more than one standard deviation over seeds (the larger
-    of the two): a lead within the seeds' spread, or a tie at the shown
-    precision, is nobody's best, and nothing is second to an unmarked best."""
-    order = sorted((i for i, v in enumerate(values) if v is not None), key=lambda i: values[i],
-                   reverse=higher_is_better)
-    marks = {}
-    for i, after, label in zip(order, order[1:] + [None], ("best", "second")):
-        if after is not None and abs(values[i] - values[after]) <= max(spreads[i] or 0.0, spreads[after] or 0.0):
-            break
-        marks[i] = label
-    return marks
+def paper_values(report):
+    """{method: {metric: value}} of the paper for this report's rows it reports (the full named prompt set)."""
+    table = PAPER_RESULTS.get((report.get("backbone"), report.get("prompts")))
+    if table is None or report.get("n_prompts") != AUTHORS_PROMPT_FILES.get(report.get("prompts"), (0, None))[1]:
+        return {}
+    rows = {m["name"]: table.get(PAPER_ROW_ALIASES.get(m["name"], m["name"])) for m in report["methods"]}
+    return {name: row for name, row in rows.items() if row}
 
 
 def figure2_points(report):
-    """Paper Fig. 2's points as the authors' notebooks normalise them: {panel:
-    {"ours" | "paper": {method: (x, y)}, "over" | "paper_over": methods}}.
-    (a) x = realism, y = texture detail, both min-max; (b) x = human
-    preference, y = stylization. Ours are normalised over this report's rows,
-    the paper's (for our rows it reports) over its six methods, from its
-    numbers, so no row of ours moves them. A panel lacking metrics is absent."""
+    """Paper Fig. 2's points as the authors' notebooks normalise them: {panel: {"ours" | "paper": {method: (x, y)},
+    "over" | "paper_over": methods}}; (a) realism vs texture detail, both min-max; (b) human preference vs
+    stylization. Ours over this report's rows, the paper's over its six methods (no row of ours moves them)."""
     methods = [m["name"] for m in report["methods"]]
     mean = lambda m, metric: report["results"].get(m, {}).get(metric, {}).get("mean")
     points = {}
@@ -1524,87 +1180,66 @@ def figure2_points(report):
         points[panel].update(paper={m: (x[p], y[p]) for m, p in ours.items() if p in six}, paper_over=six)
     return points
 
-
-def paper_values(report):
-    """{method: {metric: value}} of the paper (PAPER_RESULTS) for the methods
-    of this report whose (backbone, prompt set, name) the paper reports: the
-    full named prompt set, not a subset. Empty when none is known."""
-    table = PAPER_RESULTS.get((report.get("backbone"), report.get("prompts")))
-    full = AUTHORS_PROMPT_FILES.get(report.get("prompts"), (None, None))[1]
-    if table is None or report.get("n_prompts") != full:
-        return {}
-    known = {}
-    for method in report["methods"]:
-        row = table.get(PAPER_ROW_ALIASES.get(method["name"], method["name"]))
-        if row:
-            known[method["name"]] = row
-    return known
+# ---------------------------------------------------------------- the report: results.md/json, figure2.png, grid.png
 
 
-def _plural(count, word):
-    return f"{count} {word}" + ("" if count == 1 else "s")
+def _rank_marks(values, spreads, higher_is_better):
+    """{index: "best" | "second"}, each only to a method ahead of the next by more than one std over seeds (the
+    larger): a lead within the spread or a tie is nobody's best, and nothing is second to an unmarked best."""
+    order = sorted((i for i, v in enumerate(values) if v is not None), key=lambda i: values[i],
+                   reverse=higher_is_better)
+    marks = {}
+    for i, after, label in zip(order, order[1:] + [None], ("best", "second")):
+        if after is not None and abs(values[i] - values[after]) <= max(spreads[i] or 0.0, spreads[after] or 0.0):
+            break
+        marks[i] = label
+    return marks
+
+
+def markdown_table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def results_markdown(report):
-    """Table 1 as markdown from a results.json dict.
-
-    Rows are methods, columns metrics. Each cell: mean ± std over seeds (the
-    mean alone for one seed), and, except on the baseline (first) row, the
-    relative gain over the baseline, (value - baseline) / |baseline|, in
-    percent. Per column the best value is bold and the second best
-    underlined, compared at the shown precision and in the direction of
-    HIGHER_IS_BETTER. Where the paper reports the same combination
-    (paper_values), the paper's value and our difference follow."""
-    methods = [m["name"] for m in report["methods"]]
-    metrics = report["metrics"]
-    results = report["results"]
-    baseline = methods[0]
-    paper = paper_values(report)
+    """Table 1: a cell is mean ± std over seeds (the mean alone for one seed), off the baseline (first) row the
+    gain (value - baseline) / |baseline| in %, and where the paper reports it its value and our difference;
+    per column the best bold, the second underlined (at the shown precision, HIGHER_IS_BETTER's way)."""
+    methods, metrics, results = [m["name"] for m in report["methods"]], report["metrics"], report["results"]
+    baseline, paper = methods[0], paper_values(report)
     lines = [f"# {report.get('title', 'Evaluation')}", ""]
     if report.get("note"):  # e.g. the smoke run's: tiny random models
         lines += [f"**{report['note']}**", ""]
-    lines.append("| Method | " + " | ".join(METRIC_TITLES.get(m, m) for m in metrics) + " |")
-    lines.append("|---|" + "---|" * len(metrics))
     cells = {m: [] for m in methods}
     for metric in metrics:
         decimals = METRIC_DECIMALS.get(metric, 2)
         means = [results.get(m, {}).get(metric, {}).get("mean") for m in methods]
-        shown = [None if v is None else round(v, decimals) for v in means]
         spreads = [results.get(m, {}).get(metric, {}).get("std") for m in methods]
-        marks = _rank_marks(shown, spreads, HIGHER_IS_BETTER.get(metric, True))
-        base = means[0]
+        marks = _rank_marks([None if v is None else round(v, decimals) for v in means], spreads,
+                            HIGHER_IS_BETTER.get(metric, True))
         for i, method in enumerate(methods):
-            entry = results.get(method, {}).get(metric)
-            reference = paper.get(method, {}).get(metric)
+            entry, reference = results.get(method, {}).get(metric), paper.get(method, {}).get(metric)
             if entry is None or entry["mean"] is None:
                 cells[method].append("—" + (f" · paper {reference:.{decimals}f}" if reference is not None else ""))
                 continue
             text = f"{entry['mean']:.{decimals}f}"
             if len(entry.get("per_seed") or {}) != 1:  # one seed has no spread to show
                 text += f" ± {entry['std']:.{decimals}f}"
-            if marks.get(i) == "best":
-                text = f"**{text}**"
-            elif marks.get(i) == "second":
-                text = f"<u>{text}</u>"
-            if method != baseline and base not in (None, 0):
-                gain = round(100 * (entry["mean"] - base) / abs(base), 1) + 0.0  # + 0.0 turns -0.0 into 0.0
+            text = {"best": f"**{text}**", "second": f"<u>{text}</u>"}.get(marks.get(i), text)
+            if method != baseline and means[0] not in (None, 0):
+                gain = round(100 * (entry["mean"] - means[0]) / abs(means[0]), 1) + 0.0  # + 0.0: no -0.0
                 text += f" ({gain:+.1f}%)"
             if reference is not None:
                 difference = round(entry["mean"] - reference, decimals) + 0.0
                 text += f" · paper {reference:.{decimals}f} (Δ {difference:+.{decimals}f})"
             cells[method].append(text)
-    for method in methods:
-        lines.append(f"| {method} | " + " | ".join(cells[method]) + " |")
-    seeds = report.get("seeds", [])
-    lines += [
-        "",
-        f"Mean over {report.get('n_prompts', '?')} prompts per seed, then mean ± std (population) over "
-        f"{_plural(len(seeds), 'seed')} ({', '.join(str(s) for s in seeds)}). Relative gains are over the first row "
-        f"({baseline}). **Bold**: best, <u>underlined</u>: second best, each only when ahead of the next row by more "
-        "than one std over seeds (a tie is neither). "
-        + ("All metrics are higher-is-better." if all(HIGHER_IS_BETTER.get(m, True) for m in metrics)
-           else "Lower is better for: " + ", ".join(m for m in metrics if not HIGHER_IS_BETTER.get(m, True)) + "."),
-    ]
+    lines += markdown_table(["Method"] + [METRIC_TITLES.get(m, m) for m in metrics],
+                            [[m] + cells[m] for m in methods])
+    seeds, lower = report.get("seeds", []), [m for m in metrics if not HIGHER_IS_BETTER.get(m, True)]
+    lines += ["", f"Mean over {report.get('n_prompts', '?')} prompts per seed, then mean ± std (population) over "
+                  f"{len(seeds)} seed{'' if len(seeds) == 1 else 's'} ({', '.join(map(str, seeds))}). Relative gains "
+                  f"are over the first row ({baseline}). **Bold**: best, <u>underlined</u>: second best, each only "
+                  "when ahead of the next row by more than one std over seeds (a tie is neither). "
+                  + (f"Lower is better for: {', '.join(lower)}." if lower else "All metrics are higher-is-better.")]
     if paper:
         lines += ["", f"'paper': the value of paper Table 1 / Fig. 2 (a) for {report.get('backbone')} on "
                       f"{report.get('prompts')}; Δ = ours − paper."]
@@ -1628,46 +1263,46 @@ def results_markdown(report):
                       "this table's rows (raw values above)" + ("; the paper's points over its six methods."
                                                                 if panel_a.get("paper") else ".")]
     if report.get("not_run"):
-        lines += ["", "Metrics not computed:"]
-        lines += [f"- {metric}: {reason}" for metric, reason in report["not_run"].items()]
-    lines += ["", "Methods:"]
-    lines += [f"- {m['name']}: {m['spec'] or '(base model)'}" for m in report["methods"]]
+        lines += ["", "Metrics not computed:"] + [f"- {m}: {reason}" for m, reason in report["not_run"].items()]
+    lines += ["", "Methods:"] + [f"- {m['name']}: {m['spec'] or '(base model)'}" for m in report["methods"]]
     return "\n".join(lines) + "\n"
 
 
-# Paper Fig. 2's axis names.
-AXIS_NAMES = {"laplacian": "Texture Detail (Laplacian variance)", "sgp": "Realism (SGP-PickScore)",
-              "human_preference": "Human Preference (½ minmax HPSv3 + ½ minmax UnifiedReward)",
-              "stylization": "Stylization (OneIG-Bench style score)"}
+def pyplot():
+    """matplotlib's pyplot on the Agg canvas (no display), imported only where a figure is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(figure, path, **kwargs):
+    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight", **kwargs))
+    pyplot().close(figure)
 
 
 def draw_figure2(report, path):
-    """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow in the
-    same colour, under each panel the methods each normalisation ran over; a
-    panel lacking metrics says why. False (nothing drawn) when neither can be."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow, under each panel the methods each
+    normalisation ran over; a panel lacking metrics says why. False when neither can be drawn."""
     points = figure2_points(report)
     if not points:
         return False
-    methods = [m["name"] for m in report["methods"]]
-    colours = plt.get_cmap("tab10").colors
+    plt = pyplot()
+    methods, colours = [m["name"] for m in report["methods"]], plt.get_cmap("tab10").colors
     figure, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
-    panels = {"a": ("(a) Texture detail vs realism", AXIS_NAMES["sgp"] + ", min-max",
-                    AXIS_NAMES["laplacian"] + ", min-max"),
-              "b": ("(b) Human preference vs stylization", AXIS_NAMES["human_preference"], AXIS_NAMES["stylization"])}
+    panels = {"a": ("(a) Texture detail vs realism", "Realism (SGP-PickScore), min-max",  # paper Fig. 2's axes
+                    "Texture Detail (Laplacian variance), min-max"),
+              "b": ("(b) Human preference vs stylization",
+                    "Human Preference (½ minmax HPSv3 + ½ minmax UnifiedReward)",
+                    "Stylization (OneIG-Bench style score)")}
     for ax, (panel, (title, xlabel, ylabel)) in zip(axes, panels.items()):
         ax.set_title(title)
         if panel not in points:
-            why = ["the laplacian and sgp metrics"] if panel == "a" else []
-            if panel == "b" and not report.get("human_preference"):
-                why.append("unifiedreward and hpsv3 (human preference)")
-            if panel == "b" and not report.get("stylization"):
-                why.append("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
-                           "(--metrics stylization\n--oneig_dir, or --stylization_results)")
+            why = ["the laplacian and sgp metrics"] if panel == "a" else [w for w, key in (
+                ("unifiedreward and hpsv3 (human preference)", "human_preference"),
+                ("stylization: OneIG-Bench's style score on its style\nprompts, in its own environment "
+                 "(--metrics stylization\n--oneig_dir, or --stylization_results)", "stylization"))
+                if not report.get(key)]
             ax.axis("off")
             ax.text(0.5, 0.5, "not drawn: needs\n" + "\n".join("• " + w for w in why), ha="center", va="center",
                     fontsize=9)
@@ -1679,8 +1314,7 @@ def draw_figure2(report, path):
             if m in drawn.get("paper", {}):
                 ax.scatter(*drawn["paper"][m], facecolors="none", edgecolors=colour, s=90, linewidths=1.5,
                            label=f"{m} (paper)", zorder=3)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title_fontsize=7, title="filled: this run, hollow: the paper,\neach normalised over "
                   "its own methods" if drawn.get("paper") else None)
@@ -1688,21 +1322,13 @@ def draw_figure2(report, path):
         if drawn.get("paper"):
             over += f"\nthe paper's points: min-max over its methods: {', '.join(drawn['paper_over'])}"
         ax.text(0.5, -0.16, over, transform=ax.transAxes, ha="center", va="top", fontsize=7)
-    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
     return True
 
 
 def draw_grid(out_dir, manifest, methods, num_prompts, path):
-    """The first prompts at the first seed, laid out as the paper's qualitative
-    panels (Figs. 6-7): one column per method, one row per prompt, the prompt
-    text beside its row. Drawn with matplotlib, which wraps and places text."""
+    """The first prompts at the first seed as the paper's qualitative panels (Figs. 6-7), a column per method."""
     import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     if not manifest:
         return False
@@ -1714,11 +1340,10 @@ def draw_grid(out_dir, manifest, methods, num_prompts, path):
     if not any(p is not None and p.is_file() for row in tiles for p in row):
         return False
     tile, text_width = 2.4, 2.6  # inches; at 100 dpi a tile is 240 px, tiny test images are enlarged
-    figure, axes = plt.subplots(
+    figure, axes = pyplot().subplots(
         len(indices), len(methods) + 1, squeeze=False, dpi=100,
         figsize=(text_width + tile * len(methods), 0.5 + tile * len(indices)),
-        gridspec_kw={"width_ratios": [text_width] + [tile] * len(methods), "wspace": 0.04, "hspace": 0.04},
-    )
+        gridspec_kw={"width_ratios": [text_width] + [tile] * len(methods), "wspace": 0.04, "hspace": 0.04})
     for row, index in enumerate(indices):
         lines = textwrap.wrap(prompts[index], 30)
         if len(lines) > 9:  # a long prompt is cut, not drawn over the next row
@@ -1728,90 +1353,67 @@ def draw_grid(out_dir, manifest, methods, num_prompts, path):
                           transform=axes[row][0].transAxes)
         for col, tile_path in enumerate(tiles[row], start=1):
             ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if row == 0:
                 ax.set_title(methods[col - 1], fontsize=11)
             if tile_path is not None and tile_path.is_file():
-                image = Image.open(tile_path).convert("RGB")
+                image = open_image(tile_path)
                 ax.imshow(np.asarray(image), interpolation="nearest" if image.width < 128 else "antialiased")
             else:
                 ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
     figure.suptitle(f"seed {seed}", fontsize=10)
-    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 
 def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_prompts):
-    """results.json, results.md, figure2.png and grid.png from the score table."""
+    """results.json, results.md, figure2.png and grid.png from the score table; returns them and the paths."""
     methods = [m["name"] for m in run_info["methods"]]
     table = read_score_table(out_dir)
-    rows, scored = [], set()
-    for entry in manifest:
-        for metric in ALL_METRICS:
-            if (entry["image"], metric) in table:
-                rows.append({"method": entry["method"], "seed": entry["seed"], "index": entry["index"],
-                             "metric": metric, "value": table[(entry["image"], metric)]})
-                scored.add(metric)
-    # columns: every requested metric and every metric scored earlier (e.g. by
-    # `evaluate.py score` in another environment), in Table 1's order
+    rows = [{"method": e["method"], "seed": e["seed"], "index": e["index"], "metric": metric,
+             "value": table[(e["image"], metric)]} for e in manifest for metric in ALL_METRICS
+            if (e["image"], metric) in table]
+    scored = {row["metric"] for row in rows}
+    # columns: every requested metric and every one scored earlier (e.g. by `evaluate.py score` in another
+    # environment), in Table 1's order
     metrics = [m for m in ALL_METRICS if m in scored or m in requested_metrics]
     results = aggregate(rows, methods, metrics)
-    report = dict(run_info)
-    report.update({
-        "title": run_info.get("title", "Evaluation"),
-        "metrics": metrics,
-        "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics},
-        "results": results,
-        "human_preference": human_preference(results, methods),
-        "stylization": stylization_means(results, methods, run_info.get("stylization_results")),
-        # a failure is always shown; "not run" only while the metric has no scores
-        "not_run": {m: r for m, r in not_run.items() if m in metrics and (m not in scored or r.startswith("failed"))},
-    })
-    common.atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
+    report = {**run_info, "title": run_info.get("title", "Evaluation"), "metrics": metrics,
+              "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics}, "results": results,
+              "human_preference": human_preference(results, methods),
+              "stylization": stylization_means(results, methods, run_info.get("stylization_results")),
+              # a failure is always shown; "not run" only while the metric has no scores
+              "not_run": {m: r for m, r in not_run.items()
+                          if m in metrics and (m not in scored or r.startswith("failed"))}}
+    write_json(out_dir / "results.json", report)
     common.atomic_write_text(out_dir / "results.md", results_markdown(report))
-    if not draw_figure2(report, out_dir / "figure2.png"):
+    written = [out_dir / "results.md"]
+    if draw_figure2(report, out_dir / "figure2.png"):
+        written.append(out_dir / "figure2.png")
+    else:
         logger.info("figure2.png not drawn: panel (a) needs laplacian and sgp, panel (b) unifiedreward, hpsv3 "
                     "and stylization")
-    draw_grid(out_dir, manifest, methods, grid_prompts, out_dir / "grid.png")
-    return report
+    if draw_grid(out_dir, manifest, methods, grid_prompts, out_dir / "grid.png"):
+        written.append(out_dir / "grid.png")
+    return report, written
 
-
-# =============================================================================
-# The two commands
-# =============================================================================
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path, records):
-    common.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+# ---------------------------------------------------------------- the two commands: generate and score
 
 
 def make_state():
-    """The process group of `accelerate launch` / torchrun (or a single process).
-    Without a GPU, accelerate only forms a multi-process group when asked for
-    CPU explicitly."""
+    """The process group of `accelerate launch` / torchrun (without a GPU, only when asked for CPU)."""
     from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available())
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.command == "score":
-        return score_main(args)
-    if args.command == "userstudy":
-        return userstudy_main(args)
-    if args.command == "userstudy-tally":
-        return userstudy_tally_main(args)
+    command = {"score": score_main, "userstudy": userstudy_main, "userstudy-tally": userstudy_tally_main}
+    if args.command in command:
+        return command[args.command](args)
 
-    # ---- 1. check every input before any heavy work --------------------------
-    metrics = parse_metrics(args.metrics)
-    methods = parse_methods(args.method)
+    # 1. every input checked before any heavy work
+    metrics, methods = parse_metrics(args.metrics), parse_methods(args.method)
     state = make_state()
     out_dir = Path(args.output_dir)
     with state.main_process_first():  # only the main process downloads a prompt set
@@ -1820,37 +1422,26 @@ def main(argv=None):
     logger.info("%d prompts x %d seeds x %d methods on %d process(es)", len(prompts), len(args.seeds),
                 len(methods), state.num_processes)
 
-    # ---- 2. generate what is missing, one method at a time -------------------
+    # 2. generate what is missing, one method at a time
     items = [(seed, index) for seed in args.seeds for index in range(len(prompts))]
     manifest, generation = generate_missing_images(args, methods, prompts, items, out_dir, state)
-
     run_info = {
         "title": f"{Path(args.pretrained_model).name}, {Path(args.prompts).name}",
         "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
-        "prompts": args.prompts,
-        "prompt_source": args.prompt_source if args.prompts in PROMPT_SETS else "file",
-        "backbone": generation["backbone"],
-        "n_prompts": len(prompts),
-        "seeds": list(args.seeds),
+        "prompts": args.prompts, "prompt_source": args.prompt_source if args.prompts in PROMPT_SETS else "file",
+        "backbone": generation["backbone"], "n_prompts": len(prompts), "seeds": list(args.seeds),
         "generation": {**{k: v for k, v in generation.items() if k != "backbone"}, "device": state.device.type},
     }
-    # what an earlier run recorded about its scores stays true of them
-    if (out_dir / RUN_INFO).is_file():
+    if (out_dir / RUN_INFO).is_file():  # what an earlier run recorded about its scores stays true of them
         previous = json.loads((out_dir / RUN_INFO).read_text())
         run_info.update({k: previous[k] for k in ("unifiedreward_question", "stylization_results", "note")
                          if k in previous})
-    if state.is_main_process:
-        write_jsonl(out_dir / MANIFEST, manifest)
-        common.atomic_write_text(out_dir / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
-
-    # ---- 3. score, then the report -------------------------------------------
+    # 3. score, then the report
     finish(out_dir, run_info, manifest, metrics, args, state)
 
 
 def scan_image_folder(folder, prompts, baseline=None):
-    """A manifest for a folder laid out as NAME/seed_S/00000.png that another
-    tool wrote: prompts[i] is the prompt of image i."""
-    manifest = []
+    """A manifest for a NAME/seed_S/00000.png folder another tool wrote: prompts[i] is image i's prompt."""
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("seed_*/*.png")))
     if not names:
         raise UserError(f"{folder} has no NAME/seed_S/00000.png images")
@@ -1859,20 +1450,23 @@ def scan_image_folder(folder, prompts, baseline=None):
             raise UserError(f"--baseline {baseline} is not a method folder of {folder} ({', '.join(names)})")
         names.remove(baseline)
         names.insert(0, baseline)
-    seeds = set()
+    manifest = []
     for name in names:
         for seed_dir in sorted((folder / name).glob("seed_*")):
             seed = int(seed_dir.name.split("_", 1)[1])
-            seeds.add(seed)
             for image in sorted(seed_dir.glob("*.png")):
                 index = int(image.stem)
                 if index >= len(prompts):
                     raise UserError(f"{image}: index {index} but only {len(prompts)} prompts")
                 manifest.append({"image": image_relpath(name, seed, index), "method": name, "seed": seed,
                                  "index": index, "prompt": prompts[index]})
-    run_info = {"title": folder.name, "methods": [{"name": n, "spec": ""} for n in names],
-                "n_prompts": len({e["index"] for e in manifest}), "seeds": sorted(seeds)}
-    return manifest, run_info
+    return manifest, manifest_run_info(manifest, names, folder.name)
+
+
+def manifest_run_info(manifest, names, title=None):
+    info = {"title": title} if title else {}
+    return {**info, "methods": [{"name": n, "spec": ""} for n in names],
+            "n_prompts": len({e["index"] for e in manifest}), "seeds": sorted({e["seed"] for e in manifest})}
 
 
 def score_main(args):
@@ -1884,20 +1478,13 @@ def score_main(args):
     state = make_state()
     if (out_dir / MANIFEST).is_file():
         manifest = read_jsonl(out_dir / MANIFEST)
-        run_info = json.loads((out_dir / RUN_INFO).read_text()) if (out_dir / RUN_INFO).is_file() else None
-        if run_info is None:
-            names = list(dict.fromkeys(e["method"] for e in manifest))
-            run_info = {"methods": [{"name": n, "spec": ""} for n in names],
-                        "n_prompts": len({e["index"] for e in manifest}),
-                        "seeds": sorted({e["seed"] for e in manifest})}
+        run_info = json.loads((out_dir / RUN_INFO).read_text()) if (out_dir / RUN_INFO).is_file() else \
+            manifest_run_info(manifest, list(dict.fromkeys(e["method"] for e in manifest)))
     else:
         if args.prompts is None:
             raise UserError(f"{out_dir} has no {MANIFEST}: pass --prompts (the prompts its images were made from)")
         prompts = load_prompts(args.prompts, args.cache_dir, source=args.prompt_source)
         manifest, run_info = scan_image_folder(out_dir, prompts, args.baseline)
-        if state.is_main_process:
-            write_jsonl(out_dir / MANIFEST, manifest)
-            common.atomic_write_text(out_dir / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
     missing = [e["image"] for e in manifest if not (out_dir / e["image"]).is_file()]
     if missing:
         raise UserError(f"{len(missing)} image(s) of {out_dir / MANIFEST} are missing, e.g. {missing[0]}; "
@@ -1906,7 +1493,7 @@ def score_main(args):
 
 
 def finish(out_dir, run_info, manifest, metrics, args, state):
-    """Score what is missing, merge the processes' scores, write the report."""
+    """Score what is missing, merge the processes' scores, write the report and log where it is."""
     if args.stylization_results:  # kept for later refreshes of the report
         stylization_means({}, [], args.stylization_results)  # readable? (before any scoring)
         run_info["stylization_results"] = args.stylization_results
@@ -1914,145 +1501,100 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
         run_info["note"] = args.note
     table = read_score_table(out_dir)
     if "unifiedreward" in metrics and any((e["image"], "unifiedreward") not in table for e in manifest):
-        # the question decides the scale of UnifiedReward's answers: one
-        # question per output folder, named in results.md
-        question = unifiedreward_question_name(args)
-        recorded = run_info.get("unifiedreward_question")
+        # the question sets the scale of the answers: one question per output folder, named in results.md
+        question, recorded = unifiedreward_question_name(args), run_info.get("unifiedreward_question")
         if recorded and recorded != question:
             raise UserError(f"{out_dir} holds UnifiedReward scores from another question ({recorded}); pass the "
                             "same --unifiedreward_question, or use another output folder")
         with state.main_process_first():  # fetched (or refused) before any scoring, by one process
             unifiedreward_question(args)
         run_info["unifiedreward_question"] = question
+    if state.is_main_process:
+        write_jsonl(out_dir / MANIFEST, manifest)
+        write_json(out_dir / RUN_INFO, run_info)
     not_run = score_images(out_dir, manifest, metrics, args, state)
     state.wait_for_everyone()
     if not state.is_main_process:
         return
-    merge_score_parts(out_dir)
+    rewrite_scores(out_dir)  # the processes' part files folded in
     # a metric reported "not run" earlier stays so until it gets scores
-    previous = run_info.get("not_run", {})
-    run_info["not_run"] = {**{m: r for m, r in previous.items() if m not in metrics}, **not_run}
-    common.atomic_write_text(out_dir / RUN_INFO, json.dumps(run_info, indent=2) + "\n")
+    run_info["not_run"] = {**{m: r for m, r in run_info.get("not_run", {}).items() if m not in metrics}, **not_run}
+    write_json(out_dir / RUN_INFO, run_info)
     # columns: this run's metrics, and earlier ones still waiting to be computed
     requested = metrics + [m for m in run_info["not_run"] if m not in metrics]
-    report = write_report(out_dir, run_info, manifest, requested, run_info["not_run"], args.grid_prompts)
-    logger.info("wrote %s and %s", out_dir / "results.json", out_dir / "results.md")
-    print(results_markdown(report))
+    _, written = write_report(out_dir, run_info, manifest, requested, run_info["not_run"], args.grid_prompts)
+    logger.info("report: %s (and results.json)", ", ".join(map(str, written)))
     failed = {m: r for m, r in not_run.items() if r.startswith("failed")}
     if failed:
         raise SystemExit(f"error: metric(s) failed while scoring: {failed} (the other results were written)")
 
+# ---------------------------------------------------------------- paper Fig. 4: the user study
+# `evaluate.py userstudy` writes STUDY_DIR/page/index.html (the blind page, opens from disk),
+# page/images/c017-1.png and -2.png (left and right image of comparison c017), and key.json (which method
+# is on which side), kept OUT of page/ so that sharing page/ keeps the study blind;
+# `evaluate.py userstudy-tally STUDY_DIR votes...` writes tally.md, tally.json and figure4.png there.
 
-# =============================================================================
-# Paper Fig. 4: the user study
-# =============================================================================
-# `evaluate.py userstudy` writes STUDY_DIR with
-#   page/index.html               the blind comparison page (opens from disk, no server)
-#   page/images/c017-1.png, -2.png  left and right image of comparison c017
-#   key.json                      which method is on which side: kept OUT of page/,
-#                                 so sharing page/ keeps the study blind
-# and `evaluate.py userstudy-tally STUDY_DIR votes...` writes tally.md,
-# tally.json and figure4.png there.
-
-STUDY_CHOICES = ("left", "tie", "right")
+STUDY_CHOICES, OTHER_SIDE = ("left", "tie", "right"), {"left": "right", "right": "left"}
 STUDY_QUESTION = ("Which image is better? Judge the overall quality: how realistic and detailed it looks, the "
                   "absence of artifacts, and how well it matches the text.")
 
-# The study page: plain HTML and JavaScript with no library, so that it opens
-# from disk (file://) in any browser. __STUDY__ is replaced by the page's data:
-# the study id, the question, and per comparison its id, prompt and the two
-# image files, left and right as key.json's sides (the page mirrors them for
-# some participants). Which side holds which method is not in it.
+# The page: plain HTML and JavaScript, no library, so it opens from disk (file://) in any browser. __STUDY__
+# becomes the page's data: the study id, the question, and per comparison its id, prompt and two image
+# files (key.json's sides; the page mirrors them for about half the participants), never the methods.
+# Each participant sees the pairs in an order of their own (seeded by study and participant id); answers
+# (keys 1/2/3, Backspace to go back) are kept in localStorage, so a reload continues where it stopped.
 STUDY_PAGE = r"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Image comparison study</title>
 <style>
-  body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; background: #f3f3f3; color: #222; }
-  main { max-width: 1120px; margin: 0 auto; padding: 18px 20px; }
-  [hidden] { display: none !important; }
-  h1 { font-size: 24px; margin: 8px 0 14px; }
-  p { line-height: 1.45; }
-  #progress { height: 10px; background: #dcdcdc; border-radius: 5px; overflow: hidden; }
-  #bar { height: 100%; width: 0; background: #3b7dd8; transition: width .15s; }
-  #count { font-size: 14px; color: #555; margin: 6px 0 10px; }
-  #question { color: #444; margin: 0 0 6px; }
-  #prompt { font-size: 19px; font-weight: 600; margin: 0 0 12px; }
-  .pair { display: flex; gap: 18px; justify-content: center; }
-  figure { margin: 0; text-align: center; }
-  /* both images and the answer buttons fit in the window, whatever its shape */
-  figure img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-ratio: 1 / 1;
-               object-fit: contain; background: #fff; border: 1px solid #ccc; }
-  figure img.small { image-rendering: pixelated; }
-  figcaption { font-size: 15px; color: #555; margin-top: 4px; }
-  .choices { display: flex; gap: 12px; justify-content: center; margin: 16px 0 10px; }
-  button { font-size: 16px; padding: 10px 18px; border-radius: 6px; border: 1px solid #999; background: #fff; cursor: pointer; }
-  button:hover { background: #eef3fb; }
-  button.chosen { background: #3b7dd8; color: #fff; border-color: #3b7dd8; }
-  button:disabled { opacity: .4; cursor: default; }
-  .nav { display: flex; justify-content: space-between; align-items: center; font-size: 14px; color: #666; }
-  input { font-size: 16px; padding: 8px; width: 16em; }
-  kbd { border: 1px solid #aaa; border-bottom-width: 2px; border-radius: 3px; padding: 0 5px; background: #fff; }
-</style>
-</head>
-<body>
-<main>
-  <section id="intro" hidden>
-    <h1>Which image is better?</h1>
-    <p>You will see <b id="total"></b> pairs of images. Both images of a pair were made from the text shown above
-      them. <span id="intro-question"></span></p>
-    <p>Answer with the buttons or the keys <kbd>1</kbd> left is better, <kbd>2</kbd> about the same,
-      <kbd>3</kbd> right is better; <kbd>Backspace</kbd> goes back. There are no right answers: go with your
-      impression. Your progress is kept in this browser, so you can close the page and continue later.</p>
-    <p><label>Your participant id: <input id="pid" autocomplete="off"></label>
-      <button id="start">Start</button></p>
-  </section>
-
-  <section id="study" hidden>
-    <div id="progress"><div id="bar"></div></div>
-    <div id="count"></div>
-    <p id="question"></p>
-    <p id="prompt"></p>
-    <div class="pair">
-      <figure><img id="left" alt="left image"><figcaption>left (1)</figcaption></figure>
-      <figure><img id="right" alt="right image"><figcaption>right (3)</figcaption></figure>
-    </div>
-    <div class="choices">
-      <button data-choice="left"><kbd>1</kbd> Left is better</button>
-      <button data-choice="tie"><kbd>2</kbd> About the same</button>
-      <button data-choice="right"><kbd>3</kbd> Right is better</button>
-    </div>
-    <div class="nav"><button id="back">&larr; Back</button><span id="who"></span></div>
-  </section>
-
-  <section id="done" hidden>
-    <h1>Thank you!</h1>
-    <p>All <b id="done-total"></b> comparisons are answered. Save your votes and send the file to the person who
-      runs the study.</p>
-    <p><button id="download">Save my votes (JSON)</button> <button id="review">&larr; Back to the last pair</button></p>
-    <p><button id="restart">Start again as another participant</button></p>
-  </section>
-</main>
+body { font-family: system-ui, sans-serif; margin: 0; background: #f3f3f3; color: #222; }
+main { max-width: 1120px; margin: 0 auto; padding: 18px 20px; }  [hidden] { display: none !important; }
+#progress { height: 10px; background: #ddd; border-radius: 5px; } #bar { height: 100%; width: 0; background: #3b7dd8; }
+#count, .nav { font-size: 14px; color: #666; margin: 6px 0; } #prompt { font-size: 19px; font-weight: 600; }
+.pair, .choices, .nav { display: flex; gap: 18px; justify-content: center; margin: 12px 0; } figure { margin: 0; }
+/* both images and the buttons fit in the window, whatever its shape; small images stay sharp */
+figure img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-ratio: 1; object-fit: contain;
+             background: #fff; border: 1px solid #ccc; }  figure img.small { image-rendering: pixelated; }
+button { font-size: 16px; padding: 10px 18px; border-radius: 6px; border: 1px solid #999; background: #fff; }
+button.chosen { background: #3b7dd8; color: #fff; }  button:disabled { opacity: .4; }
+kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #fff; }
+</style></head>
+<body><main>
+<section id="intro" hidden><h1>Which image is better?</h1>
+  <p>You will see <b id="total"></b> pairs of images, both made from the text shown above them.
+    <span id="intro-question"></span></p>
+  <p>Answer with the buttons or the keys <kbd>1</kbd> left is better, <kbd>2</kbd> about the same, <kbd>3</kbd>
+    right is better; <kbd>Backspace</kbd> goes back. There are no right answers: go with your impression. Your
+    progress is kept in this browser, so you can close the page and continue later.</p>
+  <p><label>Your participant id: <input id="pid" autocomplete="off"></label> <button id="start">Start</button></p>
+</section>
+<section id="study" hidden><div id="progress"><div id="bar"></div></div><div id="count"></div>
+  <p id="question"></p><p id="prompt"></p>
+  <div class="pair"><figure><img id="left" alt="left image"><figcaption>left (1)</figcaption></figure>
+    <figure><img id="right" alt="right image"><figcaption>right (3)</figcaption></figure></div>
+  <div class="choices"><button data-choice="left"><kbd>1</kbd> Left is better</button>
+    <button data-choice="tie"><kbd>2</kbd> About the same</button>
+    <button data-choice="right"><kbd>3</kbd> Right is better</button></div>
+  <div class="nav"><button id="back">&larr; Back</button><span id="who"></span></div>
+</section>
+<section id="done" hidden><h1>Thank you!</h1>
+  <p>All <b id="done-total"></b> comparisons are answered. Save your votes and send the file to the person who
+    runs the study.</p>
+  <p><button id="download">Save my votes (JSON)</button> <button id="review">&larr; Back to the last pair</button></p>
+  <p><button id="restart">Start again as another participant</button></p>
+</section></main>
 <script>
 "use strict";
-const STUDY = __STUDY__;
-const STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one running participant
-const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c]));
-const $ = id => document.getElementById(id);
-let state = JSON.parse(localStorage.getItem(STORE) || "null");
-let shownAt = 0;
-
-// A participant's own order of the comparisons, drawn from a generator seeded
-// by the study id and the participant id: reproducible, and every participant
-// sees the pairs in a different order (no order effect shared by all).
-function hash(text) {
-  let h = 2166136261;
-  for (const ch of text) { h ^= ch.codePointAt(0); h = Math.imul(h, 16777619); }
-  return h >>> 0;
-}
-function mulberry32(a) {
+const STUDY = __STUDY__, STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one participant at a time
+const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), $ = id => document.getElementById(id);
+const choices = document.querySelectorAll("[data-choice]");
+let state = JSON.parse(localStorage.getItem(STORE) || "null"), shownAt = 0;
+// Seeded draws (FNV-1a of a text, then mulberry32), reproducible per participant id: every participant sees the
+// pairs in their own order (no order effect shared by all), and about half see every pair mirrored (the votes
+// say so; the tally swaps the sides back).
+function random(text) {
+  let a = 2166136261;
+  for (const ch of text) a = Math.imul(a ^ ch.codePointAt(0), 16777619);
   return () => {
     a = (a + 0x6D2B79F5) | 0;
     let t = Math.imul(a ^ (a >>> 15), 1 | a);
@@ -2061,99 +1603,67 @@ function mulberry32(a) {
   };
 }
 function participantOrder(pid) {
-  const random = mulberry32(hash(STUDY.id + "/" + pid)), ids = STUDY.comparisons.map(c => c.id);
+  const draw = random(STUDY.id + "/" + pid), ids = STUDY.comparisons.map(c => c.id);
   for (let i = ids.length - 1; i > 0; i--) {
-    const j = Math.floor(random() * (i + 1));
+    const j = Math.floor(draw() * (i + 1));
     [ids[i], ids[j]] = [ids[j], ids[i]];
   }
   return ids;
 }
-
-// Counterbalancing: the pairs are shown mirrored (left and right swapped) to
-// the participants whose id draws it, about half, so each pair is seen both
-// ways round; the votes say so, and the tally swaps the sides back.
-function sidesMirrored(pid) { return mulberry32(hash(STUDY.id + "/sides/" + pid))() < 0.5; }
-
+function sidesMirrored(pid) { return random(STUDY.id + "/sides/" + pid)() < 0.5; }
 function save() { localStorage.setItem(STORE, JSON.stringify(state)); }
 function show(section) { for (const s of ["intro", "study", "done"]) $(s).hidden = s !== section; }
-
 function render() {
   if (!state) {
-    $("total").textContent = STUDY.comparisons.length;
-    $("intro-question").textContent = STUDY.question;
-    show("intro");
-    $("pid").focus();
-    return;
+    $("total").textContent = STUDY.comparisons.length; $("intro-question").textContent = STUDY.question;
+    show("intro"); $("pid").focus(); return;
   }
-  const n = state.order.length, answered = Object.keys(state.answers).length;
+  const n = state.order.length, answered = Object.keys(state.answers).length, c = byId[state.order[state.pos]];
   $("bar").style.width = (100 * answered / n) + "%";
   $("count").textContent = answered + " of " + n + " answered";
-  document.body.dataset.comparison = "";
-  if (state.pos >= n) { $("done-total").textContent = n; show("done"); return; }
-  const c = byId[state.order[state.pos]];
-  document.body.dataset.comparison = c.id;  // read by the browser test
+  document.body.dataset.comparison = c ? c.id : "";  // read by the browser test
+  if (!c) { $("done-total").textContent = n; show("done"); return; }
   $("question").textContent = STUDY.question;
   $("prompt").textContent = "\u201c" + c.prompt + "\u201d";
-  $("left").src = state.mirrored ? c.right : c.left;
-  $("right").src = state.mirrored ? c.left : c.right;
+  [$("left").src, $("right").src] = state.mirrored ? [c.right, c.left] : [c.left, c.right];
   $("who").textContent = "participant " + state.participant + " \u00b7 pair " + (state.pos + 1) + " of " + n;
-  const previous = state.answers[c.id];
-  for (const b of document.querySelectorAll("[data-choice]")) b.classList.toggle("chosen", !!previous && previous.choice === b.dataset.choice);
+  for (const b of choices) b.classList.toggle("chosen", state.answers[c.id]?.choice === b.dataset.choice);
   $("back").disabled = state.pos === 0;
   show("study");
   shownAt = performance.now();
   const next = byId[state.order[state.pos + 1]];  // preload the next pair
   if (next) { new Image().src = next.left; new Image().src = next.right; }
 }
-
 function start() {
   const pid = $("pid").value.trim();
-  if (!pid) { $("pid").focus(); return; }
+  if (!pid) return $("pid").focus();
   state = { participant: pid, order: participantOrder(pid), mirrored: sidesMirrored(pid), pos: 0, answers: {} };
-  save();
-  render();
+  save(); render();
 }
 function choose(choice) {
   if (!state || state.pos >= state.order.length) return;
   state.answers[state.order[state.pos]] = { choice: choice, time_ms: Math.round(performance.now() - shownAt) };
-  state.pos += 1;
-  save();
-  render();
+  state.pos += 1; save(); render();
 }
-function back() {
-  if (state && state.pos > 0) { state.pos -= 1; save(); render(); }
-}
-// The votes as the tally reads them; also callable from the console.
-function studyVotes() {
-  return {
-    study: STUDY.id, participant: state.participant, comparisons: state.order.length, mirrored: !!state.mirrored,
-    saved_at: new Date().toISOString(),
-    votes: state.order.filter(id => id in state.answers).map(id => ({
-      comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })),
-  };
-}
-window.studyVotes = studyVotes;
-function download() {
-  const blob = new Blob([JSON.stringify(studyVotes(), null, 1)], { type: "application/json" });
+function back() { if (state && state.pos > 0) { state.pos -= 1; save(); render(); } }
+window.studyVotes = () => ({  // the votes as the tally reads them; also callable from the console
+  study: STUDY.id, participant: state.participant, comparisons: state.order.length, mirrored: !!state.mirrored,
+  saved_at: new Date().toISOString(), votes: state.order.filter(id => id in state.answers).map(id => ({
+    comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })) });
+$("download").onclick = () => {
   const link = document.createElement("a");
-  link.href = URL.createObjectURL(blob);
+  link.href = URL.createObjectURL(new Blob([JSON.stringify(studyVotes(), null, 1)], { type: "application/json" }));
   link.download = "votes-" + state.participant.replace(/[^A-Za-z0-9._-]+/g, "_") + ".json";
-  document.body.appendChild(link);
-  link.click();
-  link.remove();
-}
-
-for (const img of [$("left"), $("right")]) img.addEventListener("load", () => img.classList.toggle("small", img.naturalWidth < 128));
-for (const b of document.querySelectorAll("[data-choice]")) b.addEventListener("click", () => choose(b.dataset.choice));
-$("start").addEventListener("click", start);
-$("back").addEventListener("click", back);
-$("review").addEventListener("click", back);
-$("download").addEventListener("click", download);
-$("restart").addEventListener("click", () => {
-  if (confirm("Start again as another participant? Save your votes first: the answers kept in this browser are cleared.")) {
-    localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
-  }
-});
+  document.body.appendChild(link); link.click(); link.remove();
+};
+for (const img of [$("left"), $("right")]) img.onload = () => img.classList.toggle("small", img.naturalWidth < 128);
+for (const b of choices) b.onclick = () => choose(b.dataset.choice);
+$("start").onclick = start; $("back").onclick = back; $("review").onclick = back;
+$("restart").onclick = () => {
+  if (!confirm("Start again as another participant? Save your votes first: the answers kept in this browser "
+               + "are cleared.")) return;
+  localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
+};
 document.addEventListener("keydown", event => {
   if (!$("intro").hidden) { if (event.key === "Enter") start(); return; }
   if ($("study").hidden) return;
@@ -2162,70 +1672,14 @@ document.addEventListener("keydown", event => {
   else if (event.key === "Backspace") { event.preventDefault(); back(); }
 });
 render();
-</script>
-</body>
-</html>
+</script></body></html>
 """
 
 
-def parse_userstudy_args(argv):
-    if argv[0] == "userstudy-tally":
-        parser = argparse.ArgumentParser(
-            prog="evaluate.py userstudy-tally", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-            description="Tally a user study (paper Fig. 4): win / tie / lose of the first method against each "
-                        "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png.",
-        )
-        parser.add_argument("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
-        parser.add_argument("votes", nargs="+", help="The participants' vote files, as the page saves them.")
-        parser.add_argument("--bootstrap_samples", type=common.positive_int, default=10000,
-                            help="Resamples of the participant-level bootstrap behind the 95%% intervals.")
-        parser.add_argument("--seed", type=common.seed_int, default=0, help="Seed of the bootstrap.")
-        args = parser.parse_args(argv[1:])
-        args.command = "userstudy-tally"
-        return args
-
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py userstudy", formatter_class=common.HelpFormatter,  # each default shown once
-        description="Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
-                    "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images "
-                    "come from the evaluation folder --output_dir; the missing ones are generated there first.",
-    )
-    # The generation flags are the main command's, so the study reuses the
-    # images an evaluation already made.
-    add_generation_args(parser)
-    parser.add_argument("--method", type=str, action="append", default=None, metavar="NAME=MODEL",
-                        help="Twice or more (no default). The first is the method under study ('ours'), each "
-                             "later one a baseline it is compared with. MODEL as in the main command (empty = the "
-                             "base model).")
-    parser.add_argument("--prompts", type=str, default="hpdv2",
-                        help="The prompt set or file the study's prompts are drawn from (the paper: HPDv2).")
-    parser.add_argument("--num_prompts", type=common.positive_int, default=60, help="Prompts drawn (the paper: 60).")
-    parser.add_argument("--seed", type=common.seed_int, default=0,
-                        help="Seed of the draws: which prompts, the image seed and the side of 'ours' in each "
-                             "comparison, their numbering.")
-    parser.add_argument("--image_seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
-                        help="Generation seeds of the images shown, at least one per baseline: the comparisons of a "
-                             "prompt each use another one, so no image is shown twice (the evaluation's seeds, so "
-                             "the images of an evaluation run on the same prompts are reused).")
-    parser.add_argument("--study_dir", type=str, default=None,
-                        help="Where the study goes (default: OUTPUT_DIR/userstudy).")
-    parser.add_argument("--question", type=str, default=STUDY_QUESTION, help="The question the page asks.")
-    parser.add_argument("--cache_dir", type=str, default=os.path.join(os.path.expanduser("~"), ".cache", "realalign"),
-                        help="Where fetched prompt sets are kept.")
-    args = parser.parse_args(argv[1:])
-    args.command = "userstudy"
-    return args
-
-
 def sample_study(prompts, methods, num_prompts, seed, image_seeds):
-    """The comparisons of a study, all drawn from one seeded generator:
-    num_prompts prompts, each compared once with every baseline.
-    - Blind: the comparisons of one prompt use different image seeds (drawn
-      from image_seeds), so no image appears twice on a page (one image of
-      ours met by every baseline could be recognised).
-    - Balanced: per baseline, 'ours' is on the left in half (±1) of its
-      comparisons; the page mirrors the sides for about half the participants.
-    - Numbered after a shuffle: an id says nothing about baseline or side."""
+    """num_prompts prompts, each compared once with every baseline, from one seeded generator. Blind: a prompt's
+    comparisons use different image seeds (an image of ours met by every baseline could be recognised).
+    Balanced: per baseline 'ours' is left in half (±1) of them. Numbered after a shuffle (ids say nothing)."""
     if num_prompts < 1 or num_prompts > len(prompts):
         raise UserError(f"--num_prompts {num_prompts}: the prompt set has {len(prompts)} prompts")
     baselines = [m["name"] for m in methods[1:]]
@@ -2239,10 +1693,8 @@ def sample_study(prompts, methods, num_prompts, seed, image_seeds):
     # per baseline, exactly floor or ceil of half its comparisons with ours on the left
     left = {b: rng.permutation(np.arange(num_prompts) < (num_prompts + rng.integers(2)) // 2) for b in baselines}
     pairs = [(j, index, k, b) for j, index in enumerate(indices) for k, b in enumerate(baselines)]
-    order = rng.permutation(len(pairs))
-    width = len(str(len(pairs)))
-    comparisons = {}
-    for number, p in enumerate(order):
+    width, comparisons = len(str(len(pairs))), {}
+    for number, p in enumerate(rng.permutation(len(pairs))):
         j, index, k, baseline = pairs[p]
         comparisons[f"c{number + 1:0{width}d}"] = {
             "prompt_index": index, "prompt": prompts[index], "ours": methods[0]["name"], "baseline": baseline,
@@ -2262,63 +1714,44 @@ def userstudy_main(args):
     with state.main_process_first():  # only the main process downloads a prompt set
         prompts = load_prompts(args.prompts, args.cache_dir)
     indices, comparisons = sample_study(prompts, methods, args.num_prompts, args.seed, args.image_seeds)
-    key = {
-        "ours": methods[0]["name"],
-        "baselines": [m["name"] for m in methods[1:]],
-        "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
-        "prompts": args.prompts, "num_prompts": args.num_prompts, "seed": args.seed,
-        "evaluation_folder": str(out_dir), "pretrained_model": args.pretrained_model,
-        "comparisons": comparisons,
-    }
-    # The id ties vote files to this study; it is a hash, so it names no method.
-    key = {"study_id": study_hash(key), **key}
+    key = {"ours": methods[0]["name"], "baselines": [m["name"] for m in methods[1:]],
+           "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
+           "prompts": args.prompts, "num_prompts": args.num_prompts, "seed": args.seed,
+           "evaluation_folder": str(out_dir), "pretrained_model": args.pretrained_model, "comparisons": comparisons}
+    # the id ties vote files to this study; a hash, so it names no method
+    key = {"study_id": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12], **key}
     key_path = study_dir / "key.json"
     if key_path.is_file() and json.loads(key_path.read_text())["study_id"] != key["study_id"]:
         raise UserError(f"{study_dir} holds another study (votes collected for it would no longer match its key); "
                         "use another --study_dir")
-
-    # the images of every comparison, from the evaluation folder (the missing ones generated there first)
-    needed = {m["name"]: set() for m in methods}
-    for c in comparisons.values():
-        for name in (c["ours"], c["baseline"]):
-            needed[name].add((c["image_seed"], c["prompt_index"]))
-    generate_missing_images(args, methods, prompts, {n: sorted(v) for n, v in needed.items()}, out_dir, state)
+    # every comparison's images, from the evaluation folder (the missing ones generated there first)
+    needed = {m["name"]: sorted({(c["image_seed"], c["prompt_index"]) for c in comparisons.values()
+                                 if m["name"] in (c["ours"], c["baseline"])}) for m in methods}
+    generate_missing_images(args, methods, prompts, needed, out_dir, state)
     if not state.is_main_process:
         return
-    page = study_dir / "page"
-    page_comparisons = []
+    page, page_comparisons = study_dir / "page", []
     for cid, c in comparisons.items():
-        sides = {c["ours_side"]: c["ours"], ("right" if c["ours_side"] == "left" else "left"): c["baseline"]}
-        files = {}
-        for side, number in (("left", 1), ("right", 2)):
-            files[side] = f"images/{cid}-{number}.png"
+        sides = {c["ours_side"]: c["ours"], OTHER_SIDE[c["ours_side"]]: c["baseline"]}
+        files = {side: f"images/{cid}-{number}.png" for side, number in (("left", 1), ("right", 2))}
+        for side, file in files.items():  # re-encoded, not copied: a PNG text chunk could name its maker
             source = out_dir / image_relpath(sides[side], c["image_seed"], c["prompt_index"])
-            # re-encoded rather than copied: a PNG text chunk could name its maker
-            with Image.open(source) as image:
-                common.atomic_save_image(image.convert("RGB"), page / files[side])
+            common.atomic_save_image(open_image(source), page / file)
         page_comparisons.append({"id": cid, "prompt": c["prompt"], **files})
     page_data = {"id": key["study_id"], "question": args.question, "comparisons": page_comparisons}
     # "</" is escaped so that no prompt can close the <script> element
     common.atomic_write_text(page / "index.html", STUDY_PAGE.replace(
         "__STUDY__", json.dumps(page_data, ensure_ascii=False).replace("</", "<\\/")))
-    common.atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
+    write_json(key_path, key)
     logger.info("user study %s: %d comparisons (%d prompts x %d baseline(s)) in %s", key["study_id"],
                 len(comparisons), len(indices), len(methods) - 1, page)
     print(f"Study page: {page / 'index.html'} (share the folder {page}; keep {key_path} to yourself)\n"
           f"Tally:      python evaluate.py userstudy-tally {study_dir} votes-*.json")
 
 
-def study_hash(record):
-    import hashlib
-
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def read_study_votes(paths, key):
-    """{participant: (mirrored, {comparison: choice})} from the pages' vote
-    files, checked against the key: same study, known comparisons, one file
-    per participant. `mirrored`: the page showed this participant every pair
-    the other way round from key.json's sides; the choices are as shown."""
+    """{participant: (mirrored, {comparison: choice as shown})} from the vote files, checked against the key
+    (same study, known comparisons, one file per participant); mirrored: shown the other way round."""
     participants, files = {}, {}
     for path in map(Path, paths):
         if not path.is_file():
@@ -2354,50 +1787,40 @@ def read_study_votes(paths, key):
 
 
 def tally_study(key, participants, bootstrap_samples, seed):
-    """Win / tie / lose percentages of 'ours' per baseline, pooled over votes.
-
-    The 95% intervals come from a participant-level percentile bootstrap:
-    one participant's votes are correlated (taste, attention), so whole
-    participants are resampled with replacement, not single votes. With one
-    participant there is nothing to resample and no interval is given.
-    As a check of side bias, the share of decided votes (not ties) that went
-    to the left image: about 50% when the side does not sway the judges."""
-    names = list(participants)
+    """Win / tie / lose % of 'ours' per baseline, pooled over votes, with 95% intervals of a participant-level
+    percentile bootstrap (one person's votes are correlated: whole participants are resampled); as a check
+    of side bias, the share of decided votes that went to the left image (about 50% without one)."""
+    names, outcomes = list(participants), ("win", "tie", "lose")
     counts = {b: np.zeros((len(names), 3), dtype=np.int64) for b in key["baselines"]}  # win, tie, lose
     sides = dict.fromkeys(STUDY_CHOICES, 0)
     for p, name in enumerate(names):
         mirrored, choices = participants[name]
         for cid, choice in choices.items():
             comparison = key["comparisons"][cid]
-            ours_side = comparison["ours_side"]
-            if mirrored:
-                ours_side = "right" if ours_side == "left" else "left"
-            outcome = 1 if choice == "tie" else 0 if choice == ours_side else 2
-            counts[comparison["baseline"]][p, outcome] += 1
+            ours_side = OTHER_SIDE[comparison["ours_side"]] if mirrored else comparison["ours_side"]
+            counts[comparison["baseline"]][p, 1 if choice == "tie" else 0 if choice == ours_side else 2] += 1
             sides[choice] += 1
     rng = np.random.default_rng(seed)
     rows = {}
     for baseline, matrix in counts.items():
         total = int(matrix.sum())
         row = {"votes": total, "participants": int((matrix.sum(1) > 0).sum())}
-        for j, outcome in enumerate(("win", "tie", "lose")):
+        for j, outcome in enumerate(outcomes):
             row[outcome] = 100.0 * matrix[:, j].sum() / total if total else None
             row[f"{outcome}_ci95"] = None
         if total and len(names) > 1:
-            draws = rng.integers(0, len(names), size=(bootstrap_samples, len(names)))
-            sums = matrix[draws].sum(axis=1)  # (samples, 3)
+            sums = matrix[rng.integers(0, len(names), size=(bootstrap_samples, len(names)))].sum(axis=1)
             n = sums.sum(axis=1)
-            shares = 100.0 * sums[n > 0] / n[n > 0, None]
-            low, high = np.percentile(shares, [2.5, 97.5], axis=0)
-            for j, outcome in enumerate(("win", "tie", "lose")):
+            low, high = np.percentile(100.0 * sums[n > 0] / n[n > 0, None], [2.5, 97.5], axis=0)
+            for j, outcome in enumerate(outcomes):
                 row[f"{outcome}_ci95"] = [float(low[j]), float(high[j])]
         rows[baseline] = row
-    answered = {name: len(choices) for name, (_, choices) in participants.items()}
     decided = sides["left"] + sides["right"]
     return {"study_id": key["study_id"], "ours": key["ours"], "participants": len(names),
             "mirrored_participants": sum(mirrored for mirrored, _ in participants.values()),
             "left_win": 100.0 * sides["left"] / decided if decided else None, "decided_votes": decided,
-            "comparisons": len(key["comparisons"]), "answered": answered, "baselines": rows,
+            "comparisons": len(key["comparisons"]),
+            "answered": {name: len(choices) for name, (_, choices) in participants.items()}, "baselines": rows,
             "interval": f"95% participant-level percentile bootstrap, {bootstrap_samples} resamples, seed {seed}"}
 
 
@@ -2405,59 +1828,47 @@ def tally_markdown(tally):
     ours = tally["ours"]
 
     def cell(row, outcome):
-        if row[outcome] is None:
-            return "—"
         ci = row[f"{outcome}_ci95"]
-        return f"{row[outcome]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+        return "—" if row[outcome] is None else f"{row[outcome]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
     lines = [f"# User study: {ours} vs each baseline (paper Fig. 4)", "",
              f"{tally['participants']} participant(s), {tally['comparisons']} comparisons in the study. "
              f"Win = the participant preferred {ours}'s image. Percentages pool all votes; brackets: "
              f"{tally['interval']} (whole participants are resampled: one person's votes are correlated)"
-             + ("." if tally["participants"] > 1 else "; none with a single participant."), "",
-             "| " + ours + " vs | Win % | Tie % | Lose % | Votes | Participants |", "|---|---|---|---|---|---|"]
-    for baseline, row in tally["baselines"].items():
-        lines.append(f"| {baseline} | {cell(row, 'win')} | {cell(row, 'tie')} | {cell(row, 'lose')} | "
-                     f"{row['votes']} | {row['participants']} |")
+             + ("." if tally["participants"] > 1 else "; none with a single participant."), ""]
+    lines += markdown_table([f"{ours} vs", "Win %", "Tie %", "Lose %", "Votes", "Participants"],
+                            [[baseline, cell(row, "win"), cell(row, "tie"), cell(row, "lose"), str(row["votes"]),
+                              str(row["participants"])] for baseline, row in tally["baselines"].items()])
     if tally["left_win"] is not None:
         lines += ["", f"Side check: the left image won {tally['left_win']:.1f}% of the {tally['decided_votes']} "
                       f"decided votes (about 50% without a side bias); {tally['mirrored_participants']} of "
                       f"{tally['participants']} participant(s) saw the pairs mirrored."]
     partial = {name: n for name, n in tally["answered"].items() if n < tally["comparisons"]}
     if partial:
-        lines += ["", "Incomplete vote files (answered of " + str(tally["comparisons"]) + "): "
+        lines += ["", f"Incomplete vote files (answered of {tally['comparisons']}): "
                   + ", ".join(f"{name}: {n}" for name, n in partial.items())]
     return "\n".join(lines) + "\n"
 
 
 def draw_figure4(tally, path):
     """Horizontal stacked bars, one per baseline: win | tie | lose, as in the paper's Fig. 4."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [(b, r) for b, r in tally["baselines"].items() if r["votes"]]
     if not rows:
         return False
-    figure, ax = plt.subplots(figsize=(7.5, 0.8 + 0.6 * len(rows)), dpi=120)
+    figure, ax = pyplot().subplots(figsize=(7.5, 0.8 + 0.6 * len(rows)), dpi=120)
     colours = {"win": "#3b7dd8", "tie": "#c8c8c8", "lose": "#e58b3a"}
     labels = {"win": f"{tally['ours']} wins", "tie": "tie", "lose": f"{tally['ours']} loses"}
-    y = np.arange(len(rows))[::-1]
-    left = np.zeros(len(rows))
+    y, left = np.arange(len(rows))[::-1], np.zeros(len(rows))
     for outcome in ("win", "tie", "lose"):
         values = np.array([r[outcome] for _, r in rows])
         bars = ax.barh(y, values, left=left, color=colours[outcome], label=labels[outcome], height=0.6)
         ax.bar_label(bars, labels=[f"{v:.0f}%" if v >= 6 else "" for v in values], label_type="center", fontsize=9)
         left += values
     ax.set_yticks(y, [f"{tally['ours']} vs {b}" for b, _ in rows])
-    ax.set_xlim(0, 100)
-    ax.set_xlabel(f"% of votes ({tally['participants']} participant(s))")
+    ax.set(xlim=(0, 100), xlabel=f"% of votes ({tally['participants']} participant(s))")
     ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=9)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
-    plt.close(figure)
+    ax.spines[["top", "right"]].set_visible(False)
+    save_figure(figure, path)
     return True
 
 
@@ -2469,7 +1880,7 @@ def userstudy_tally_main(args):
         raise UserError(f"{key_path} not found: STUDY_DIR is the folder `evaluate.py userstudy` wrote")
     key = json.loads(key_path.read_text())
     tally = tally_study(key, read_study_votes(args.votes, key), args.bootstrap_samples, args.seed)
-    common.atomic_write_text(study_dir / "tally.json", json.dumps(tally, indent=2) + "\n")
+    write_json(study_dir / "tally.json", tally)
     text = tally_markdown(tally)
     common.atomic_write_text(study_dir / "tally.md", text)
     draw_figure4(tally, study_dir / "figure4.png")
