@@ -523,12 +523,13 @@ def test_userstudy_vote_file_faults(tmp_path, capsys):
                  '{"study": "s1", "participant": {"id": 1}, "votes": []}'):
         votes.write_text(text)
         tally("is not a vote file of the study page")
-    votes.write_text('{"study": "s1", "participant": "p", "votes": [{"comparison": ["c1"], "choice": "left"}]}')
+    votes.write_text(json.dumps({"study": "s1", "participant": "p", "mirrored": False,
+                                 "votes": [{"comparison": ["c1"], "choice": "left"}]}))
     tally("does not belong to this study")
     conflicting = [{"comparison": "c1", "choice": "left"}, {"comparison": "c1", "choice": "right"}]
-    votes.write_text(json.dumps({"study": "s1", "participant": "p", "votes": conflicting}))
+    votes.write_text(json.dumps({"study": "s1", "participant": "p", "mirrored": False, "votes": conflicting}))
     tally("comparison c1 is answered twice, 'left' and 'right'")
-    votes.write_bytes("\ufeff".encode() + json.dumps({"study": "s1", "participant": "p", "votes": [
+    votes.write_bytes("\ufeff".encode() + json.dumps({"study": "s1", "participant": "p", "mirrored": False, "votes": [
         {"comparison": "c1", "choice": "left"}, {"comparison": "c1", "choice": "left"},
         {"comparison": "c2", "choice": "tie"}]}).encode())
     tally(code=0)  # a byte-order mark, and one answer given twice: read, counted once
