@@ -284,6 +284,23 @@ def test_mistyped_real_images_stops_before_anything_is_built(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_own_photos_masks_by_u2net_where_rembg_and_its_weights_are(tmp_path):
+    """SMOKE=1 REAL_IMAGES=...: the real run's U^2-Net when rembg is installed
+    and u2net.onnx is in $U2NET_HOME (a stand-in of each here), else the
+    spectral saliency; the log says which (a dry run: nothing is made)."""
+    (tmp_path / "rembg").mkdir()
+    (tmp_path / "rembg" / "__init__.py").write_text("")
+    (tmp_path / "u2net").mkdir()
+    for weights, saliency in ((False, "spectral"), (True, "u2net")):
+        if weights:
+            (tmp_path / "u2net" / "u2net.onnx").write_bytes(b"stand-in")
+        result = smoke(tmp_path / "out", "sd15", {"REAL_IMAGES": str(tmp_path), "DRY_RUN": "1", "U2NET_HOME":
+                       str(tmp_path / "u2net"), "PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 0, result.stderr
+        assert f"--saliency {saliency} --resolution 128" in result.stdout
+        assert ("your photos: masks by U^2-Net" in result.stdout) == weights
+
+
 def test_interrupted_stage_resumes(tmp_path):
     """A failed step stops the run with its name; the rerun continues it."""
     out = tmp_path / "smoke"
