@@ -23,7 +23,7 @@
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 bash run_all.sh   on node 0, and MACHINE_RANK=1 on node 1
 #   SMOKE=1 REAL_IMAGES=my_photos bash run_all.sh   the smoke run on your own captioned photos: curated at
 #                                        SMOKE_PHOTO_RESOLUTION=128 px (masks and fakes you can see in
-#                                        OUTPUT_DIR/pairs/preview.png; the training stays at 32 px)
+#                                        OUTPUT_DIR/pairs-<mask>-128px/preview.png; training stays at 32 px)
 #   RUN_LIKE_AUTHORS=1 BACKBONE=sd35m bash run_all.sh   Stage 1 as the authors' public SD-3.5-M trainer runs it
 #                                        (README "Differences from the public code"), in OUTPUT_DIR outputs/sd35m-authors
 #
@@ -115,7 +115,7 @@ die() { echo "[run_all] error: $*" >&2; exit 1; }
 # Your photos are read now, with curate.py's own reader, before anything is built or downloaded.
 if [ "$REAL_IMAGES" != hpdv3 ] && [ "$DRY_RUN" != 1 ]; then
   [ -e "$REAL_IMAGES" ] || die "REAL_IMAGES=$REAL_IMAGES does not exist (give a folder of captioned photos, or a CSV of prompt,image_path)"
-  python - "$REAL_IMAGES" "$OUTPUT_DIR/pairs" <<'PY' || exit 1
+  python - "$REAL_IMAGES" "$OUTPUT_DIR" <<'PY' || exit 1
 import logging, sys
 from accelerate import PartialState
 import common, curate
@@ -148,6 +148,8 @@ if [ "$SMOKE" = 1 ]; then
     then smoke_saliency=u2net; log "your photos: masks by U^2-Net (as the real run), at $smoke_resolution px"
     else log "your photos: masks by the spectral saliency (U^2-Net needs rembg and ${U2NET_HOME:-~/.u2net}/u2net.onnx), at $smoke_resolution px"
     fi
+    # fakes of another size or mask never share a folder (curate.py refuses to mix them): one per setting
+    smoke_pairs_dir=$OUTPUT_DIR/pairs-$smoke_saliency-${smoke_resolution}px
   fi
   CURATE_ARGS=(--real_images "$SMOKE_REAL" --saliency "$smoke_saliency" --resolution "$smoke_resolution"
                --no-drop_nonphoto --inpaint_model "$TINY/tiny-sd15-inpaint" --num_inference_steps 2 --top_k 6
@@ -200,7 +202,8 @@ if [ -n "$HUB_MODEL_ID" ]; then
     die "HUB_MODEL_ID is set but the hub does not know you (no network, or not logged in: hf auth login)"
   fi
 fi
-PAIRS=$OUTPUT_DIR/pairs/pairs.csv
+PAIRS_DIR=${smoke_pairs_dir:-$OUTPUT_DIR/pairs}  # curation's folder (SMOKE=1 with REAL_IMAGES: one per size and mask)
+PAIRS=$PAIRS_DIR/pairs.csv
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUTPUT_DIR"
 
 # Run one step unless it is done with the same settings and the same inputs;
@@ -263,7 +266,7 @@ fi
 
 # ------------------------------------------------------------------ 1-4
 [ "$RUN_LIKE_AUTHORS" = 1 ] && [ "$BACKBONE" = sd15 ] && log "RUN_LIKE_AUTHORS=1: on SD-1.5 every default already is the authors' choice"
-step curate "$OUTPUT_DIR/pairs" "${LAUNCH[@]}" curate.py --output_dir "$OUTPUT_DIR/pairs" "${CURATE_ARGS[@]}"
+step curate "$PAIRS_DIR" "${LAUNCH[@]}" curate.py --output_dir "$PAIRS_DIR" "${CURATE_ARGS[@]}"
 step stage1 "$OUTPUT_DIR/stage1" "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
   --output_dir "$OUTPUT_DIR/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
   "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT"
@@ -326,7 +329,7 @@ step "panel${EVAL_STEP#eval}" "$OUTPUT_DIR/panel" "${LAUNCH[@]}" evaluate.py --p
 # Table 1, once, at the very end (the evaluation steps only log where they wrote it)
 echo; cat "$OUTPUT_DIR/eval/results.md"; echo
 log "all steps done. Table 1 (above): $OUTPUT_DIR/eval/results.md"
-[ -f "$OUTPUT_DIR/pairs/summary.json" ] && log "curation: $OUTPUT_DIR/pairs/preview.png; $(python -c \
-  'import json, sys; print(json.load(open(sys.argv[1])).get("summary_line", ""))' "$OUTPUT_DIR/pairs/summary.json")"
+[ -f "$PAIRS_DIR/summary.json" ] && log "curation: $PAIRS_DIR/preview.png; $(python -c \
+  'import json, sys; print(json.load(open(sys.argv[1])).get("summary_line", ""))' "$PAIRS_DIR/summary.json")"
 [ -f "$OUTPUT_DIR/panel/grid.png" ] && log "qualitative panel: $OUTPUT_DIR/panel/grid.png"
 exit 0

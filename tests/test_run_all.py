@@ -177,6 +177,7 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     assert "stage1: its input --pairs changed since it was done" in user.stdout
     assert (out / "stage1.previous" / "checkpoint-4").is_dir()  # the run on the procedural photos, kept aside
     assert "base: all 6 images exist" in user.stderr and "realalign: its model changed" in user.stderr
+    assert f"curation: {out}/pairs-spectral-64px/preview.png; " in user.stdout
     check_user_pairs(out, photos)
     # one file edited: exactly the steps downstream of it run again. Here the unreadable photo, which
     # curation drops: curation runs again and ends with the same pairs, so nothing after it runs (the
@@ -186,7 +187,7 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     assert edited.returncode == 0, edited.stdout[-2000:] + edited.stderr[-3000:]
     assert steps(edited, "finished in") == ["curate"] and "curate: its input --real_images changed" in edited.stdout
     assert steps(edited, "done already, skipped") == [step for step in STEPS if step != "curate"]
-    summary = json.loads((out / "pairs" / "summary.json").read_text())
+    summary = json.loads((out / "pairs-spectral-64px" / "summary.json").read_text())
     assert summary["fakes_generated_this_run"] == 0 and summary["fakes_reused"] == 5
     check_user_pairs(out, photos)
 
@@ -235,10 +236,13 @@ def make_user_photos(folder):
 
 
 def check_user_pairs(out, photos):
-    """After `SMOKE=1 REAL_IMAGES=folder bash run_all.sh`: the pairs are made from the user's files."""
+    """After `SMOKE=1 REAL_IMAGES=folder bash run_all.sh`: the pairs are made from the user's files, in their
+    own folder (another size and mask than the procedural photos' pairs/: curate.py never mixes fakes)."""
     import curate
 
-    with open(out / "pairs" / "pairs.csv", newline="") as f:
+    pairs = out / "pairs-spectral-64px"
+
+    with open(pairs / "pairs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # every readable captioned photo became a pair, the grey one too: SMOKE=1 turns the colorfulness filter
     # off (the tiny model's fakes are colourful noise); no_caption was skipped, broken could not be read
@@ -252,22 +256,22 @@ def check_user_pairs(out, photos):
         with Image.open(photos[row["uid"]]) as source:
             expected = curate.common.center_crop_resize(source, 64)
         for image_path in (row["fake_image_path"], f"mask/{row['uid']}.png"):
-            with Image.open(out / "pairs" / image_path) as image:
+            with Image.open(pairs / image_path) as image:
                 assert image.size == (64, 64)
-        with Image.open(out / "pairs" / row["real_image_path"]) as real:
+        with Image.open(pairs / row["real_image_path"]) as real:
             assert real.size == (64, 64)
             assert list(real.convert("RGB").getdata()) == list(expected.convert("RGB").getdata())
-    with open(out / "pairs" / "scores.csv", newline="") as f:
+    with open(pairs / "scores.csv", newline="") as f:
         scores = {row["uid"]: row for row in csv.DictReader(f)}
     assert float(scores["old_photo"]["color_real"]) == 0.0 < float(scores["old_photo"]["color_fake"])
     assert scores["broken"]["removed_by"] == "unreadable_image" and "no_caption" not in scores
-    summary = json.loads((out / "pairs" / "summary.json").read_text())
+    summary = json.loads((pairs / "summary.json").read_text())
     assert summary["missing_caption"] == 1 and summary["kept_pairs"] == 5
     assert summary["summary_line"] == "kept 5 of 7 photos: 1 without a caption, 1 unreadable"
     # the rest of the pipeline ran on these pairs
     assert (out / "stage2" / "checkpoint-4").is_dir() and (out / "eval" / "results.md").is_file()
     assert json.loads((out / "stage2" / "inputs.json").read_text())["--pairs"] == common.fingerprint(
-        out / "pairs" / "pairs.csv", common.FileHashes())
+        pairs / "pairs.csv", common.FileHashes())
 
 
 def test_mistyped_real_images_stops_before_anything_is_built(tmp_path):
