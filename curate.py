@@ -12,7 +12,7 @@ filtered so that only pairs where the real photo is clearly better survive:
       -> inpainted "fake" (SD-1.5 inpainting,      fake/<uid>.png
          safety checker off as in the public code)
       -> colorfulness and PickScore of both images
-      -> filters: colorfulness(real) > colorfulness(fake),
+      -> filters: colorfulness(real) - colorfulness(fake) > 0,
                   PickScore(real) - PickScore(fake) > 0.02,
                   top 512 by PickScore(real)
       -> scores.csv (every candidate), pairs.csv (the kept pairs, read by
@@ -50,16 +50,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.logging import get_logger
-from accelerate.utils import gather_object
-from diffusers.training_utils import free_memory  # gc.collect() + the accelerator's cache, between model stages
 from PIL import Image
 from tqdm.auto import tqdm
 
 import common
 
-logger = get_logger(__name__, log_level="INFO")
+# accelerate, diffusers and transformers are imported where they are used, so
+# that `--help` and the input check of run_all.sh do not wait for them.
+
+
+class MultiProcessLogger:
+    """accelerate's logger (main_process_only=...), imported on first use."""
+
+    def __getattr__(self, name):
+        from accelerate.logging import get_logger
+
+        return getattr(get_logger(__name__, log_level="INFO"), name)
+
+
+logger = MultiProcessLogger()
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -170,6 +179,9 @@ def parse_args(argv=None):
                         help="Keep the generation pipeline's safety checker and drop the pairs whose fake it flags. "
                              "Off by default, as in the public inpainting script (which sets safety_checker=None): "
                              "with it, which pairs reach the top K changes.")
+    parser.add_argument("--min_colorfulness_gap", type=common.finite_float, default=0.0,
+                        help="Keep a pair only if colorfulness(real) - colorfulness(fake) is larger than this (0: the "
+                             "paper's colorfulness(real) > colorfulness(fake); -1000 turns the filter off).")
     parser.add_argument("--min_pickscore_gap", type=common.finite_float, default=0.02,
                         help="Keep a pair only if PickScore(real) - PickScore(fake) is larger than this (raw units).")
     parser.add_argument("--top_k", type=common.non_negative_int, default=512,
@@ -458,7 +470,7 @@ def uid_seed(seed, uid):
 # =============================================================================
 
 
-def filter_pairs(rows, min_pickscore_gap, top_k):
+def filter_pairs(rows, min_pickscore_gap, top_k, min_colorfulness_gap=0.0):
     """Apply the curation filters to a table of scored candidates.
 
     rows: dicts with uid, nonphoto (True / False / None = not asked),
@@ -468,7 +480,8 @@ def filter_pairs(rows, min_pickscore_gap, top_k):
     kept rows, best first. A missing (NaN) score fails its comparison.
 
       1. nonphoto       the VLM said "artwork or anime"
-      2. colorfulness   kept if color_real > color_fake
+      2. colorfulness   kept if color_real - color_fake > min_colorfulness_gap (0: the paper's
+                        color_real > color_fake)
       3. pickscore_gap  kept if pickscore_real - pickscore_fake > min_pickscore_gap
       4. top_k          the top_k rows by pickscore_real (0 keeps all); ties are
                         broken by uid so the kept set does not depend on the
@@ -481,7 +494,7 @@ def filter_pairs(rows, min_pickscore_gap, top_k):
             continue
         if row.get("nonphoto") is True:
             row["removed_by"] = "nonphoto"
-        elif not row["color_real"] > row["color_fake"]:
+        elif not row["color_real"] - row["color_fake"] > min_colorfulness_gap:
             row["removed_by"] = "colorfulness"
         elif not row["pickscore_real"] - row["pickscore_fake"] > min_pickscore_gap:
             row["removed_by"] = "pickscore_gap"
@@ -653,6 +666,31 @@ def write_preview(pairs, output_dir, with_mask=True):
     common.save_figure(preview_figure(pairs, images, with_mask), output_dir / "preview.png")
 
 
+def why_dropped(counts, removed, args):
+    """How many photos each step dropped and why (the summary's last line, and
+    the error of a curation that keeps no pair): "1 without a caption, 2 dropped
+    by --min_colorfulness_gap 0 (real not more colourful than its fake)"."""
+    colorful = ("real not more colourful than its fake" if args.min_colorfulness_gap == 0 else
+                f"colorfulness(real) - colorfulness(fake) not above {args.min_colorfulness_gap:g}")
+    reasons = {
+        "missing_caption": "without a caption",
+        "duplicate_uid": "with a uid listed before",
+        "max_images": f"left out by --max_images {args.max_images}",
+        "unreadable_image": "unreadable",
+        "nonphoto": f"dropped by --drop_nonphoto ({args.nonphoto_model} did not answer 'no': artwork or anime)",
+        "safety_checker": "dropped by --keep_safety_checker (the fake was flagged)",
+        "colorfulness": f"dropped by --min_colorfulness_gap {args.min_colorfulness_gap:g} ({colorful})",
+        "pickscore_gap": f"dropped by --min_pickscore_gap {args.min_pickscore_gap:g} "
+                         f"(PickScore(real) - PickScore(fake) not above it)",
+        "top_k": f"dropped by --top_k {args.top_k} (not among the best by PickScore(real))",
+    }
+    numbers = {**removed, "missing_caption": counts["missing_caption"], "duplicate_uid": counts["duplicate_uid"],
+               "max_images": counts["listed"] - counts["missing_caption"] - counts["duplicate_uid"]
+               - counts["candidates"]}
+    return ", ".join(f"{numbers[reason]} {text}" for reason, text in reasons.items() if numbers[reason]) or \
+        "none dropped"
+
+
 def check_generation_settings(output_dir, settings):
     """Refuse to mix fakes made with different settings in one folder. The
     model counts by its content (model_content), not by its path."""
@@ -673,6 +711,10 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     real_dir, mask_dir, fake_dir = output_dir / "real", output_dir / "mask", output_dir / "fake"
     nonphoto_dir = output_dir / "nonphoto_answers"
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from diffusers.training_utils import free_memory  # gc.collect() + the accelerator's cache, between model stages
 
     # One process per GPU under `accelerate launch` / torchrun. Without CUDA,
     # accelerate only sets up a (gloo) process group when told to use the CPU.
@@ -883,15 +925,22 @@ def main(argv=None):
         del scorer
         free_memory()
 
-    # ---- 6. Merge on the main process, filter, write. Rows without a fake and
-    # without an earlier reason (only possible if a file vanished) get NaN
-    # scores and fail the colorfulness filter.
+    # ---- 6. Filter (every process, on the gathered records: all of them stop
+    # together if nothing is kept), then write on the main process. Rows without
+    # a fake and without an earlier reason (only possible if a file vanished) get
+    # NaN scores and fail the colorfulness filter.
     all_records = gather_object(list(records.values()))
+    for record in all_records:
+        for key in ("color_real", "color_fake", "pickscore_real", "pickscore_fake", "pickscore_gap"):
+            record.setdefault(key, float("nan"))
+    rows, kept = filter_pairs(all_records, args.min_pickscore_gap, args.top_k, args.min_colorfulness_gap)
+    removed = {reason: sum(row["removed_by"] == reason for row in rows) for reason in REMOVAL_REASONS}
+    dropped = why_dropped(counts, removed, args)
+    if not kept:  # pairs.csv, scores.csv, summary.json and preview.png of an earlier run stay as they were
+        raise common.UserError(f"no pair kept of the {counts['listed']} photos in {args.real_images}: {dropped}. "
+                               "Loosen that filter or add photos (the fakes made are kept in "
+                               f"{fake_dir} for the rerun)")
     if state.is_main_process:
-        for record in all_records:
-            for key in ("color_real", "color_fake", "pickscore_real", "pickscore_fake", "pickscore_gap"):
-                record.setdefault(key, float("nan"))
-        rows, kept = filter_pairs(all_records, args.min_pickscore_gap, args.top_k)
         rows.sort(key=lambda row: row["uid"])
         common.atomic_write_text(output_dir / "scores.csv", csv_text(rows, SCORE_COLUMNS))
 
@@ -899,8 +948,6 @@ def main(argv=None):
         pairs = [dict(row, real_image_path=f"real/{row['uid']}.png", fake_image_path=f"fake/{row['uid']}.png")
                  for row in kept]
         common.atomic_write_text(output_dir / "pairs.csv", csv_text(pairs, PAIR_COLUMNS))
-        if not pairs:
-            logger.warning("no pair survived the filters: pairs.csv has no rows")
 
         # preview: real | mask | fake of the best few kept pairs
         preview_rows = pairs[: args.num_preview]
@@ -908,18 +955,20 @@ def main(argv=None):
             write_preview(preview_rows, output_dir, with_mask=args.fake_mode == "inpaint")
 
         # one-screen summary: how many images each step kept
-        removed = {reason: sum(row["removed_by"] == reason for row in rows) for reason in REMOVAL_REASONS}
+        summary_line = f"kept {len(pairs)} of {counts['listed']} photos: {dropped}"
         generated = sum(row["fake_generated_by_process"] is not None for row in rows)
         summary = {
             **counts,
             "removed_by": removed,
             "kept_pairs": len(pairs),
+            "summary_line": summary_line,
             "fakes_generated_this_run": generated,
             "fakes_reused": sum(1 for row in rows if row["fake_generated_by_process"] is None
                                 and (fake_dir / f"{row['uid']}.png").exists()),
             "nonphoto_filter": "on" if args.drop_nonphoto else "off",
             "num_processes": state.num_processes,
-            "settings": {**generation_settings, "min_pickscore_gap": args.min_pickscore_gap, "top_k": args.top_k,
+            "settings": {**generation_settings, "min_colorfulness_gap": args.min_colorfulness_gap,
+                         "min_pickscore_gap": args.min_pickscore_gap, "top_k": args.top_k,
                          "pickscore_model": args.pickscore_model, "max_images": args.max_images},
         }
         common.atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -936,7 +985,8 @@ def main(argv=None):
             lines.append(f"  {'- ' + reason:<22}{-removed[reason]:>6} ->{remaining:>8}")
         lines += [f"  {'kept pairs':<34}{len(pairs):>8}",
                   f"  fakes generated this run: {generated}, reused: {summary['fakes_reused']}; "
-                  f"nonphoto filter: {summary['nonphoto_filter']}"]
+                  f"nonphoto filter: {summary['nonphoto_filter']}",
+                  f"curation {summary_line}"]
         print("\n".join(lines))
     state.wait_for_everyone()
 

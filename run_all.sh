@@ -21,7 +21,9 @@
 #   SMOKE=1 BACKBONE=sd35m COMPLEMENTARITY=1 RELEASED=1 bash run_all.sh    every row, offline
 #   DRY_RUN=1 bash run_all.sh            print every command (launch lines included) instead of running it
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 bash run_all.sh   on node 0, and MACHINE_RANK=1 on node 1
-#   SMOKE=1 REAL_IMAGES=my_photos bash run_all.sh   the smoke run on your own captioned photos
+#   SMOKE=1 REAL_IMAGES=my_photos bash run_all.sh   the smoke run on your own captioned photos: curated at
+#                                        SMOKE_PHOTO_RESOLUTION=128 px (masks and fakes you can see in
+#                                        OUTPUT_DIR/pairs-<mask>-128px/preview.png; training stays at 32 px)
 #   RUN_LIKE_AUTHORS=1 BACKBONE=sd35m bash run_all.sh   Stage 1 as the authors' public SD-3.5-M trainer runs it
 #                                        (README "Differences from the public code"), in OUTPUT_DIR outputs/sd35m-authors
 #
@@ -82,6 +84,7 @@ RELEASED=${RELEASED:-0}                        # 1 = also evaluate the authors' 
 RELEASED_LORA=${RELEASED_LORA:-$d_released}    # that LoRA (hub id or folder)
 DATA_DIR=${DATA_DIR:-data}                     # downloads (HPDv3) go here
 REAL_IMAGES=${REAL_IMAGES:-hpdv3}              # hpdv3 (downloaded), or your folder / CSV of captioned photos
+SMOKE_PHOTO_RESOLUTION=${SMOKE_PHOTO_RESOLUTION:-128}  # SMOKE=1 with REAL_IMAGES: curation's crop size in pixels
 MAX_IMAGES=${MAX_IMAGES:-}                     # curate a random subset of this many images (empty = all)
 TOP_K=${TOP_K:-512}                            # pairs kept after the filters (paper: 512)
 SALIENCY=${SALIENCY:-u2net}                    # u2net (paper; pip install "rembg[gpu]") or spectral
@@ -109,18 +112,49 @@ log() { echo "[run_all] $*"; }
 die() { echo "[run_all] error: $*" >&2; exit 1; }
 
 # ------------------------------------------------------------------ settings
+# Your photos are read now, with curate.py's own reader, before anything is built or downloaded.
+if [ "$REAL_IMAGES" != hpdv3 ] && [ "$DRY_RUN" != 1 ]; then
+  [ -e "$REAL_IMAGES" ] || die "REAL_IMAGES=$REAL_IMAGES does not exist (give a folder of captioned photos, or a CSV of prompt,image_path)"
+  python - "$REAL_IMAGES" "$OUTPUT_DIR" <<'PY' || exit 1
+import logging, sys
+from accelerate import PartialState
+import common, curate
+PartialState()  # curate.py's logger needs it; its warnings (a photo without a caption) come again from curate.py
+logging.disable(logging.WARNING)
+try:
+    candidates, counts = curate.list_real_images(sys.argv[1], sys.argv[2])
+except common.UserError as err:
+    sys.exit(f"[run_all] error: REAL_IMAGES: {str(err).replace('--real_images ', '')}")
+print(f"[run_all] REAL_IMAGES: {len(candidates)} captioned photos in {sys.argv[1]} ({counts['input_kind']})")
+PY
+fi
 if [ "$SMOKE" = 1 ]; then
   # Everything offline and on CPU: tiny random-weight models built here, a
   # handful of procedural photos, a few steps of each stage.
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=""
   TINY=$OUTPUT_DIR/tiny-models
   LAUNCH=(python)
-  # --no-drop_nonphoto: the non-photo filter's VLM (Qwen3-VL-8B) is not available offline
-  # REAL_IMAGES=my_folder: your own captioned photos instead of the procedural ones
-  SMOKE_REAL=$OUTPUT_DIR/data/images; [ "$REAL_IMAGES" != hpdv3 ] && SMOKE_REAL=$REAL_IMAGES
-  CURATE_ARGS=(--real_images "$SMOKE_REAL" --saliency spectral --resolution 32 --no-drop_nonphoto
-               --inpaint_model "$TINY/tiny-sd15-inpaint" --num_inference_steps 2 --top_k 6
-               --min_pickscore_gap -1000 --pickscore_model "$TINY/tiny-clip" --pickscore_processor "$TINY/tiny-clip")
+  # --no-drop_nonphoto: the non-photo filter's VLM (Qwen3-VL-8B) is not available offline.
+  # --min_pickscore_gap / --min_colorfulness_gap -1000: both filters off. The tiny random models make them
+  # artefacts: the tiny CLIP's scores are noise, and the tiny inpainting model's fakes are colourful noise,
+  # so "real more colourful than fake" would drop most ordinary (muted) photos. The real run keeps both.
+  SMOKE_REAL=$OUTPUT_DIR/data/images smoke_resolution=32 smoke_saliency=spectral
+  if [ "$REAL_IMAGES" != hpdv3 ]; then
+    # REAL_IMAGES=my_folder: your own captioned photos instead of the procedural ones, at a size where the
+    # mask and the fake show something. The mask is the real run's U^2-Net where rembg and its weights are
+    # on disk (rembg keeps u2net.onnx in $U2NET_HOME, default ~/.u2net), else the weight-free spectral one.
+    SMOKE_REAL=$REAL_IMAGES smoke_resolution=$SMOKE_PHOTO_RESOLUTION
+    if [ -f "${U2NET_HOME:-$HOME/.u2net}/u2net.onnx" ] && python -c "import importlib.util as u; exit(not u.find_spec('rembg'))"
+    then smoke_saliency=u2net; log "your photos: masks by U^2-Net (as the real run), at $smoke_resolution px"
+    else log "your photos: masks by the spectral saliency (U^2-Net needs rembg and ${U2NET_HOME:-~/.u2net}/u2net.onnx), at $smoke_resolution px"
+    fi
+    # fakes of another size or mask never share a folder (curate.py refuses to mix them): one per setting
+    smoke_pairs_dir=$OUTPUT_DIR/pairs-$smoke_saliency-${smoke_resolution}px
+  fi
+  CURATE_ARGS=(--real_images "$SMOKE_REAL" --saliency "$smoke_saliency" --resolution "$smoke_resolution"
+               --no-drop_nonphoto --inpaint_model "$TINY/tiny-sd15-inpaint" --num_inference_steps 2 --top_k 6
+               --min_pickscore_gap -1000 --min_colorfulness_gap -1000
+               --pickscore_model "$TINY/tiny-clip" --pickscore_processor "$TINY/tiny-clip")
   [ -n "$MAX_IMAGES" ] && CURATE_ARGS+=(--max_images "$MAX_IMAGES")
   # --ema_every 1: SD-3's EMA updates every 8 steps, which a 4-step run never reaches
   TRAIN_ARGS=(--resolution 32 --effective_batch_size 4 --checkpoint_every "$CHECKPOINT_EVERY" --ema_every 1
@@ -168,7 +202,8 @@ if [ -n "$HUB_MODEL_ID" ]; then
     die "HUB_MODEL_ID is set but the hub does not know you (no network, or not logged in: hf auth login)"
   fi
 fi
-PAIRS=$OUTPUT_DIR/pairs/pairs.csv
+PAIRS_DIR=${smoke_pairs_dir:-$OUTPUT_DIR/pairs}  # curation's folder (SMOKE=1 with REAL_IMAGES: one per size and mask)
+PAIRS=$PAIRS_DIR/pairs.csv
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUTPUT_DIR"
 
 # Run one step unless it is done with the same settings and the same inputs;
@@ -231,7 +266,7 @@ fi
 
 # ------------------------------------------------------------------ 1-4
 [ "$RUN_LIKE_AUTHORS" = 1 ] && [ "$BACKBONE" = sd15 ] && log "RUN_LIKE_AUTHORS=1: on SD-1.5 every default already is the authors' choice"
-step curate "$OUTPUT_DIR/pairs" "${LAUNCH[@]}" curate.py --output_dir "$OUTPUT_DIR/pairs" "${CURATE_ARGS[@]}"
+step curate "$PAIRS_DIR" "${LAUNCH[@]}" curate.py --output_dir "$PAIRS_DIR" "${CURATE_ARGS[@]}"
 step stage1 "$OUTPUT_DIR/stage1" "${LAUNCH[@]}" train_dro.py --pretrained_model "$MODEL" --pairs "$PAIRS" \
   --output_dir "$OUTPUT_DIR/stage1" --max_train_steps "$STAGE1_STEPS" --train_batch_size "$STAGE1_BATCH" \
   "${TRAIN_ARGS[@]}" "${STAGE1_AUTHORS[@]}" --final_checkpoint "$STAGE1_CKPT"
@@ -291,7 +326,10 @@ step "panel${EVAL_STEP#eval}" "$OUTPUT_DIR/panel" "${LAUNCH[@]}" evaluate.py --p
   --metrics laplacian  # the panel needs no score: laplacian is the one metric that loads no model
 
 [ "$DRY_RUN" = 1 ] && { log "dry run: nothing was run"; exit 0; }
-log "all steps done. Table 1: $OUTPUT_DIR/eval/results.md"
+# Table 1, once, at the very end (the evaluation steps only log where they wrote it)
+echo; cat "$OUTPUT_DIR/eval/results.md"; echo
+log "all steps done. Table 1 (above): $OUTPUT_DIR/eval/results.md"
+[ -f "$PAIRS_DIR/summary.json" ] && log "curation: $PAIRS_DIR/preview.png; $(python -c \
+  'import json, sys; print(json.load(open(sys.argv[1])).get("summary_line", ""))' "$PAIRS_DIR/summary.json")"
 [ -f "$OUTPUT_DIR/panel/grid.png" ] && log "qualitative panel: $OUTPUT_DIR/panel/grid.png"
-[ -f "$OUTPUT_DIR/eval/results.md" ] && cat "$OUTPUT_DIR/eval/results.md"
 exit 0

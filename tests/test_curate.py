@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,13 @@ def test_filters_on_a_hand_made_table():
     # with the default gap 0.02, d_small_gap survives the gap filter
     rows, _ = curate.filter_pairs(table, min_pickscore_gap=0.02, top_k=0)
     assert {r["uid"]: r["removed_by"] for r in rows}["d_small_gap"] == ""
+    # --min_colorfulness_gap -1000 (the smoke run's) lets c_dull through to the PickScore filter, not j_nan_fake
+    rows, kept = curate.filter_pairs(table, min_pickscore_gap=0.5, top_k=0, min_colorfulness_gap=-1000)
+    assert {r["uid"]: r["removed_by"] for r in rows}["j_nan_fake"] == "colorfulness"
+    assert [r["uid"] for r in kept] == ["c_dull", "f_best", "g_tied", "h_tied", "i_last"]
+    # a gap above the real's lead drops every pair by colorfulness
+    rows, kept = curate.filter_pairs(table, min_pickscore_gap=0.5, top_k=0, min_colorfulness_gap=40)
+    assert not kept and sum(r["removed_by"] == "colorfulness" for r in rows) == 8
 
 
 def test_input_listers(tmp_path):
@@ -300,6 +308,33 @@ def test_output_schema(first_run, real_folder):
     assert summary["removed_by"]["unreadable_image"] == 1
     assert summary["kept_pairs"] == 3 and summary["fakes_generated_this_run"] == 5 and summary["num_processes"] == 1
     assert summary["nonphoto_filter"] == "off"
+    # the last line: how many photos each step dropped, and why (the colorfulness filter is on: the paper's 0)
+    dropped = {reason: sum(r["removed_by"] == reason for r in scores) for reason in ("colorfulness", "top_k")}
+    assert dropped["colorfulness"] + dropped["top_k"] == 2
+    expected = "kept 3 of 7 photos: 1 without a caption, 1 unreadable" + (
+        f", {dropped['colorfulness']} dropped by --min_colorfulness_gap 0 (real not more colourful than its fake)"
+        if dropped["colorfulness"] else "") + (
+        f", {dropped['top_k']} dropped by --top_k 3 (not among the best by PickScore(real))" if dropped["top_k"] else "")
+    assert summary["summary_line"] == expected
+
+
+def test_no_pair_kept_stops_with_the_filters_counts(first_run, tiny_models, real_folder, tmp_path, capsys):
+    """A curation whose filters drop every pair exits 2 naming each filter and
+    its count (a rerun of the fakes on disk: only scoring runs), and leaves the
+    earlier pairs.csv, scores.csv, summary.json and preview.png as they were."""
+    out = shutil.copytree(first_run, tmp_path / "pairs")
+    before = {name: (out / name).read_bytes() for name in ("pairs.csv", "scores.csv", "summary.json", "preview.png")}
+    colorless = sum(r["removed_by"] == "colorfulness" for r in read_csv(first_run / "scores.csv"))
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: curate.main(curate_args(tiny_models, real_folder, out, "--min_pickscore_gap", "1000")))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"no pair kept of the 7 photos in {real_folder}: 1 without a caption, 1 unreadable, " in err
+    assert f"{5 - colorless} dropped by --min_pickscore_gap 1000 (PickScore(real) - PickScore(fake) not above it)" in err
+    assert (f"{colorless} dropped by --min_colorfulness_gap 0 (real not more colourful than its fake)" in err) == (
+        colorless > 0)
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_determinism(first_run, tiny_models, real_folder, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 import common
 from conftest import ROOT
@@ -159,27 +159,36 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     moved = smoke(out, backbone, {"STAGE2_STEPS": "6"})
     assert moved.returncode == 0 and steps(moved, "done already, skipped") == STEPS, moved.stdout[-3000:]
     # SMOKE=1 REAL_IMAGES=my_photos into the same folder: curation's input changed, and so does every step
-    # downstream of it, which runs again (a training run afresh, the evaluation only for the changed rows)
+    # downstream of it, which runs again (a training run afresh, the evaluation only for the changed rows).
+    # Curated at 64 px here to keep the suite short (the default, 128 px, is the same code at 4x the pixels).
     photos = make_user_photos(tmp_path / "my photos")
-    mine = {"REAL_IMAGES": str(tmp_path / "my photos")}
+    mine = {"REAL_IMAGES": str(tmp_path / "my photos"), "SMOKE_PHOTO_RESOLUTION": "64"}
     user = smoke(out, backbone, mine)
     assert user.returncode == 0, user.stdout[-2000:] + user.stderr[-3000:]
+    assert "[run_all] REAL_IMAGES: 6 captioned photos in" in user.stdout
+    assert "your photos: masks by the spectral saliency" in user.stdout  # no rembg / U^2-Net weights here
+    # curation's last line, and again at the end of the run: what each step dropped (no filter: SMOKE=1
+    # turns off the two that the tiny models make arbitrary); Table 1 printed once, at the end, with its path
+    line = "kept 5 of 7 photos: 1 without a caption, 1 unreadable"
+    assert user.stdout.count(line) == 2 and user.stdout.rstrip().splitlines()[-2].endswith(line)
+    # (evaluate.py prints its table too until it only logs the path: the last table is the run's)
+    assert f"Table 1 (above): {out}/eval/results.md" in user.stdout.split("| Method")[-1]
     assert steps(user, "done already, skipped") == STEPS[:3] and steps(user, "finished in") == STEPS[3:]
     assert "stage1: its input --pairs changed since it was done" in user.stdout
     assert (out / "stage1.previous" / "checkpoint-4").is_dir()  # the run on the procedural photos, kept aside
     assert "base: all 6 images exist" in user.stderr and "realalign: its model changed" in user.stderr
+    assert f"curation: {out}/pairs-spectral-64px/preview.png; " in user.stdout
     check_user_pairs(out, photos)
-    # one photo edited: exactly the steps downstream of it run again. Here the grey photo, which the
-    # colorfulness filter drops: curation makes its fake again and ends with the same pairs, so nothing
-    # after it runs (the switch above showed a change that reaches every step)
-    with Image.open(tmp_path / "my photos" / "old_photo.jpg") as image:
-        ImageOps.mirror(image).save(tmp_path / "my photos" / "old_photo.jpg")
+    # one file edited: exactly the steps downstream of it run again. Here the unreadable photo, which
+    # curation drops: curation runs again and ends with the same pairs, so nothing after it runs (the
+    # switch above showed a change that reaches every step)
+    (tmp_path / "my photos" / "broken.jpg").write_bytes(b"still not a JPEG, but other bytes")
     edited = smoke(out, backbone, mine)
     assert edited.returncode == 0, edited.stdout[-2000:] + edited.stderr[-3000:]
     assert steps(edited, "finished in") == ["curate"] and "curate: its input --real_images changed" in edited.stdout
     assert steps(edited, "done already, skipped") == [step for step in STEPS if step != "curate"]
-    summary = json.loads((out / "pairs" / "summary.json").read_text())
-    assert summary["fakes_generated_this_run"] == 1 and summary["fakes_reused"] == 4  # old_photo's, the others'
+    summary = json.loads((out / "pairs-spectral-64px" / "summary.json").read_text())
+    assert summary["fakes_generated_this_run"] == 0 and summary["fakes_reused"] == 5
     check_user_pairs(out, photos)
 
 
@@ -193,8 +202,9 @@ def steps(result, outcome):
 
 def make_user_photos(folder):
     """A user's folder: photos of odd sizes and formats, captioned by .txt
-    files and by a metadata.jsonl; one grayscale photo (colorfulness 0, so
-    the colorfulness filter drops it) and one without a caption (skipped)."""
+    files and by a metadata.jsonl; one grayscale photo (colorfulness 0: the
+    paper's colorfulness filter would drop it), one without a caption
+    (skipped) and one that is no image (unreadable)."""
     import numpy as np
     from PIL import Image
 
@@ -219,37 +229,80 @@ def make_user_photos(folder):
         '{"file_name": "flowers.bmp", "text": "a bunch of flowers"}\n'
         '{"file_name": "old_photo.jpg", "text": "a grey old photograph"}\n')
     Image.fromarray(blocks(64, 64)).save(folder / "no_caption.png")
+    (folder / "broken.jpg").write_bytes(b"not a JPEG")
+    (folder / "broken.txt").write_text("a photo that cannot be read")
     return {"beach": folder / "beach.jpg", "Market Stall": folder / "Market Stall.PNG",
-            "kite": folder / "kite.webp", "flowers": folder / "flowers.bmp"}
+            "kite": folder / "kite.webp", "flowers": folder / "flowers.bmp", "old_photo": folder / "old_photo.jpg"}
 
 
 def check_user_pairs(out, photos):
-    """After `SMOKE=1 REAL_IMAGES=folder bash run_all.sh`: the pairs are made from the user's files."""
+    """After `SMOKE=1 REAL_IMAGES=folder bash run_all.sh`: the pairs are made from the user's files, in their
+    own folder (another size and mask than the procedural photos' pairs/: curate.py never mixes fakes)."""
     import curate
 
-    with open(out / "pairs" / "pairs.csv", newline="") as f:
+    pairs = out / "pairs-spectral-64px"
+
+    with open(pairs / "pairs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    # every colourful captioned photo became a pair; the grey one failed colorfulness, no_caption was skipped
+    # every readable captioned photo became a pair, the grey one too: SMOKE=1 turns the colorfulness filter
+    # off (the tiny model's fakes are colourful noise); no_caption was skipped, broken could not be read
     assert sorted(row["uid"] for row in rows) == sorted(photos)
     captions = {"beach": "a sunny beach with colourful umbrellas", "kite": "a kite in a blue sky"}
     for row in rows:
         if row["uid"] in captions:
             assert row["prompt"] == captions[row["uid"]]
-        # the real image of the pair is the user's photo, centre-cropped to the smoke run's 32 px
+        # the real image of the pair is the user's photo, centre-cropped to SMOKE_PHOTO_RESOLUTION (64 px
+        # here), the mask and the fake of the same size (the training resizes them to its 32 px)
         with Image.open(photos[row["uid"]]) as source:
-            expected = curate.common.center_crop_resize(source, 32)
-        with Image.open(out / "pairs" / row["real_image_path"]) as real:
-            assert real.size == (32, 32)
+            expected = curate.common.center_crop_resize(source, 64)
+        for image_path in (row["fake_image_path"], f"mask/{row['uid']}.png"):
+            with Image.open(pairs / image_path) as image:
+                assert image.size == (64, 64)
+        with Image.open(pairs / row["real_image_path"]) as real:
+            assert real.size == (64, 64)
             assert list(real.convert("RGB").getdata()) == list(expected.convert("RGB").getdata())
-    with open(out / "pairs" / "scores.csv", newline="") as f:
-        removed = {row["uid"]: row["removed_by"] for row in csv.DictReader(f)}
-    assert removed["old_photo"] == "colorfulness" and "no_caption" not in removed
-    summary = json.loads((out / "pairs" / "summary.json").read_text())
-    assert summary["missing_caption"] == 1 and summary["kept_pairs"] == 4
+    with open(pairs / "scores.csv", newline="") as f:
+        scores = {row["uid"]: row for row in csv.DictReader(f)}
+    assert float(scores["old_photo"]["color_real"]) == 0.0 < float(scores["old_photo"]["color_fake"])
+    assert scores["broken"]["removed_by"] == "unreadable_image" and "no_caption" not in scores
+    summary = json.loads((pairs / "summary.json").read_text())
+    assert summary["missing_caption"] == 1 and summary["kept_pairs"] == 5
+    assert summary["summary_line"] == "kept 5 of 7 photos: 1 without a caption, 1 unreadable"
     # the rest of the pipeline ran on these pairs
     assert (out / "stage2" / "checkpoint-4").is_dir() and (out / "eval" / "results.md").is_file()
     assert json.loads((out / "stage2" / "inputs.json").read_text())["--pairs"] == common.fingerprint(
-        out / "pairs" / "pairs.csv", common.FileHashes())
+        pairs / "pairs.csv", common.FileHashes())
+
+
+def test_mistyped_real_images_stops_before_anything_is_built(tmp_path):
+    """REAL_IMAGES is read with curate.py's own reader before the tiny models
+    are built: one line naming the problem, a non-zero exit, nothing made."""
+    (tmp_path / "uncaptioned").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "uncaptioned" / "a.png")
+    for photos, message in (("my fotos", "REAL_IMAGES=" + str(tmp_path / "my fotos") + " does not exist"),
+                            ("uncaptioned", "REAL_IMAGES: " + str(tmp_path / "uncaptioned")
+                             + " (folder) has no image with a caption")):
+        result = smoke(tmp_path / "out", "sd15", {"REAL_IMAGES": str(tmp_path / photos)})
+        assert result.returncode == 1 and result.stderr.startswith(f"[run_all] error: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1 and not result.stdout  # one line, and nothing else happened
+        assert not (tmp_path / "out").exists()
+
+
+def test_own_photos_masks_by_u2net_where_rembg_and_its_weights_are(tmp_path):
+    """SMOKE=1 REAL_IMAGES=...: the real run's U^2-Net when rembg is installed
+    and u2net.onnx is in $U2NET_HOME (a stand-in of each here), else the
+    spectral saliency; the log says which (a dry run: nothing is made)."""
+    (tmp_path / "rembg").mkdir()
+    (tmp_path / "rembg" / "__init__.py").write_text("")
+    (tmp_path / "u2net").mkdir()
+    for weights, saliency in ((False, "spectral"), (True, "u2net")):
+        if weights:
+            (tmp_path / "u2net" / "u2net.onnx").write_bytes(b"stand-in")
+        result = smoke(tmp_path / "out", "sd15", {"REAL_IMAGES": str(tmp_path), "DRY_RUN": "1", "U2NET_HOME":
+                       str(tmp_path / "u2net"), "PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 0, result.stderr
+        assert f"--saliency {saliency} --resolution 128" in result.stdout
+        assert ("your photos: masks by U^2-Net" in result.stdout) == weights
 
 
 def test_interrupted_stage_resumes(tmp_path):
