@@ -1651,6 +1651,12 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
     weights = ema.shadow if ema is not None else None
     with writing(final):
         save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
+        (tmp / ".mode").touch()  # diffusers writes its weights 0600: give them the mode a plain open() gets
+        mode = (tmp / ".mode").stat().st_mode & 0o777
+        (tmp / ".mode").unlink()
+        for file in tmp.iterdir():
+            if file.is_file():
+                file.chmod(mode)
         if args.sample_grid_steps > 0 and validation is not None:
             use_role(backbone.net, LEARNER)
             with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
