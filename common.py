@@ -8,12 +8,10 @@ Real Data", ICML 2026) trains a diffusion model in two stages:
   Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
            photo with its salient region inpainted (`diffusion_dpo_loss`).
 
-Read in order: 1. the losses, 2. the forward processes (`Backbone`, SD-1.5 and
-SD-3.5-M) and Stage 1's policy sampling, 3. the LoRA roles and their EMA,
-4. data and cache, 5. the step, 6. the loop; then the plumbing (flags, errors,
-safe writes, PickScore, figures, model card). Section 0, content
-fingerprints, comes first only because `python common.py fingerprint`
-(run_all.sh, before every step) runs it alone, without importing torch.
+Read in order: 1. losses, 2. forward processes (`Backbone`) and Stage 1's
+policy sampling, 3. LoRA roles and EMA, 4. data and cache, 5. the step, 6. the
+loop; then the plumbing. Section 0 (fingerprints) comes first only because
+`python common.py fingerprint` (run_all.sh) runs it alone, without torch.
 Comments cite the paper and the README's "Method" section, which restates it.
 """
 
@@ -445,21 +443,16 @@ class Backbone:
     # grid and its own last point. tests/reference_sampler.py runs diffusers'
     # scheduler per sample, and the tests compare the two point by point.
     def policy_request(self, cond, resolution, num_steps, generator, points_per_trajectory=1, key=None):
-        """Draw one micro-batch's policy trajectories (a PolicySampler runs
-        them): per entry of `cond` its initial noise and the K timesteps where
-        its points sit.
+        """Draw one micro-batch's policy trajectories, run by a PolicySampler:
+        per entry of `cond` its initial noise and the K timesteps of its points.
         SD-1.5: DPM-Solver++(2M) on t_i = offset + step_ratio * (num_steps - 1 - i),
-                a per-sample offset in [0, step_ratio) so every training
-                timestep can be drawn (Diffusion-DRO's "timestep offset");
-                points at K distinct random steps.
-        SD-3:   K timesteps from the training law (`sample_timesteps`);
-                flow-match Euler on the `num_steps` shifted grid down to each,
-                landing exactly on it (the grid points above the lowest t, plus
-                the drawn t's), so the policy side trains at the same
-                continuous timesteps as the real side (README "Differences
-                from the public code").
-        A trajectory stops at its last point. Every draw is made here, on the
-        CPU generator, so every stop is known on the host."""
+                a per-sample offset in [0, step_ratio) (Diffusion-DRO's
+                "timestep offset"); points at K distinct random steps.
+        SD-3:   K timesteps from the training law; flow-match Euler on the
+                shifted grid lands exactly on each (grid points above the lowest
+                t, plus the drawn t's): the policy side trains at the real
+                side's continuous timesteps (README "Differences from the public code").
+        A trajectory stops at its last point; every draw is on the CPU generator."""
         n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
         x = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         if self.is_flow:
@@ -1090,17 +1083,13 @@ CACHE_DTYPE = torch.bfloat16
 def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True,
                       part=(0, 1)):
     """Encode every image and prompt once (README 'Differences from the public
-    code') into one safetensors file, for N pairs and U unique prompts (index 0
-    = "", for caption dropout):
-      real_mean, real_std  [N, 2, C, h, w] VAE posterior, unflipped (0) and
-                           flipped (1; flipping a latent is not the latent of
-                           the flipped image); fake_* the same (Stage 2)
-      prompt_embeds        [U, L, D] (+ pooled_prompt_embeds [U, D] for SD-3;
-                           T5's 128 positions all kept: the MMDiT attends to
-                           the padding, which carries context)
-      prompt_index         [N] row -> prompt (global)
-    `part` = (i, k): only the i-th of k contiguous slices of the rows and
-    prompts (one shard of a multi-process build)."""
+    code') into a safetensors file; N pairs, U unique prompts (0 = ""):
+      real_mean, real_std  [N, 2, C, h, w] VAE posterior of the image and of its
+                           mirror (a flipped latent is not the flipped image's);
+                           fake_* the same (Stage 2)
+      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept:
+                           the MMDiT attends to it), prompt_index [N]
+    `part` = (i, k): the i-th of k slices of rows and prompts (one shard)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -1396,14 +1385,10 @@ def prepare_training(args, stage, need_fake):
 
 
 def compile_network(net, backend="inductor"):
-    """torch.compile the network's repeated blocks one by one (diffusers'
-    regional compilation: the UNet's transformer blocks, the MMDiT's joint
-    blocks): every block of a shape reuses one graph, seconds where the whole
-    network took minutes. `use_role` sets an attribute dynamo guards on; each
-    role, batch shape and grad mode is compiled once at its first use and
-    later switches pick the cached graph. Shapes are static (the sampler's
-    fixed slots, 2 x batch for the learner), and the cache limit is raised so
-    roles x shapes fit (the default, 8, would fall back to eager)."""
+    """torch.compile the repeated blocks one by one (diffusers' regional
+    compilation): one graph per block shape, seconds instead of minutes. Each
+    role (`use_role` sets an attribute dynamo guards on), shape and grad mode
+    compiles once; static shapes, and a cache limit that fits them all."""
     import torch._dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
@@ -1427,9 +1412,8 @@ def make_optimizer(args, params):
 
 
 def all_reduce_gradients(params, accelerator):
-    """Average the LoRA gradients over processes: one flat all-reduce of a few
-    MB (accelerate's reduce). Not DDP: that needs one module whose parameters
-    all train in every forward; here only one of three LoRA roles trains."""
+    """Average the LoRA gradients over processes in one flat all-reduce (not
+    DDP: only one of the network's three LoRA roles trains)."""
     if accelerator.num_processes == 1:
         return
     flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
@@ -1727,8 +1711,7 @@ def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_
 
 
 def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema):
-    """Restore OUTPUT_DIR/state; returns its step. A state saved by fewer
-    processes gives the extra ones rank 0's global RNG states."""
+    """Restore OUTPUT_DIR/state; returns its step (extra processes take rank 0's RNG states)."""
     state_dir = Path(args.output_dir) / "state"
     try:
         state = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=True)
