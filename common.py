@@ -1,4 +1,4 @@
-"""Shared helpers of the RealAlign reproduction.
+"""The method and training loop of the RealAlign reproduction.
 
 RealAlign ("When Preference Labels Fall Short: Aligning Diffusion Models from
 Real Data", ICML 2026) trains a diffusion model in two stages:
@@ -8,34 +8,10 @@ Real Data", ICML 2026) trains a diffusion model in two stages:
   Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
            photo with its salient region inpainted (`diffusion_dpo_loss`).
 
-This file holds everything the scripts share. Section 0 comes first because
-`python common.py fingerprint` (run_all.sh) runs it alone, without torch:
-
-  0. content fingerprints: whether an input changed, whatever its path;
-
-then the method's mechanics, in the order a reader needs them:
-
-  1. the losses (pure functions of per-sample errors: copy them anywhere),
-  2. `Backbone`: one interface over SD-1.5 (UNet, epsilon-prediction) and
-     SD-3.5-M (MMDiT, flow matching), detected from the loaded pipeline,
-  3. LoRA "roles" on one base network (learner / ref / policy) and their EMA,
-  4. the pairs CSV and the cache of VAE latents and prompt embeddings,
-  5. the training skeleton both trainers share (flags, micro-batches, state,
-     the loop, checkpoints);
-
-then the helpers around them:
-
-  6. small utilities (clear errors, flag domains, text files, Ctrl-C,
-     image cropping, seeding, devices),
-  7. PickScore (used by curation and evaluation),
-  8. safe outputs (I/O errors in words, atomic writes, folder swaps, locks),
-  9. --help formatting (each flag's default, per backbone where it differs),
- 10. figures (curves.png, checkpoint grids; matplotlib),
- 11. trackers, precision, model card, checkpoint limit, hub.
-
-The tiny random-weight models and procedural photos of the tests and the
-offline smoke run live in tests/tiny_models.py.
-
+Read in order: 1. losses, 2. forward processes (`Backbone`) and Stage 1's
+policy sampling, 3. LoRA roles and EMA, 4. data and cache, 5. the step, 6. the
+loop; then the plumbing. Section 0 (fingerprints) comes first only because
+`python common.py fingerprint` (run_all.sh) runs it alone, without torch.
 Comments cite the paper and the README's "Method" section, which restates it.
 """
 
@@ -57,47 +33,38 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 import typing
+import uuid
 import weakref
 from pathlib import Path
 
 # =============================================================================
 # 0. Same input, same result: content fingerprints (standard library only)
 # =============================================================================
-# Whether a step's earlier output still holds is decided by the CONTENT of
-# what it reads, never by a path or a command line: run_all.sh's step markers,
-# the input cache's key, --resume, curation's and the evaluation's reuse of
-# earlier images all ask `fingerprint`. A moved or copied folder has the same
-# fingerprint; an edited photo, CSV row or weight file gives a new one. This
-# section imports nothing heavy: run_all.sh runs `python common.py fingerprint`
-# before every step and pays ~0.1 s, not torch's import.
+# Whether an earlier output still holds is decided by the CONTENT of what it
+# read, never by a path: run_all.sh's step markers, the input cache's key,
+# --resume and the reuse of curated and evaluated images all ask `fingerprint`.
+# A moved folder keeps its fingerprint; an edited photo, row or weight does not.
 
 HASH_CACHE_FILE = "file-hashes.json"
-# a folder holding one of these is a model: only its config and weight files
-# count (a checkpoint's model card and grid may be rewritten, the weights not)
+# a folder holding one of these is a model: only its config and weight files count
 MODEL_MARKERS = ("model_index.json", "config.json", "adapter_config.json", "pytorch_lora_weights.safetensors")
 MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".txt", ".model", ".onnx")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# curate.py's scores beside each pair: shown, never read back by a step. Their
-# last digits differ with the GPU count; they must not make both stages retrain.
+# curate.py's score columns: shown, never read back; their last digits vary with the GPU count
 SCORE_COLUMNS = ("pickscore_real", "pickscore_fake", "color_real", "color_fake")
 
 
 class FileHashes:
-    """sha256 of files, remembered in CACHE_DIR/file-hashes.json under (name
-    inside its input, size, mtime): an unchanged file is not read again, so a
-    rerun costs stat() calls, not the photos' bytes; moving an input keeps the
-    names and (mv) the times. A file modified in the last 2 s is hashed every
-    time: file times are coarse, a rewrite within one tick keeps its time."""
+    """sha256 of files, remembered in CACHE_DIR/file-hashes.json under (name in
+    its input, size, mtime): a rerun costs stat() calls, not the bytes. A file
+    modified in the last 2 s is hashed every time (file times are coarse)."""
 
     def __init__(self, path=None):
         self.path, self.known, self.new = Path(path) if path else None, {}, False
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a damaged cache only costs hashing again
             self.known = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
-        except (OSError, ValueError):  # a damaged cache only costs hashing again
-            self.known = {}
 
     def digest(self, path, name):
         stat = os.stat(path)
@@ -111,55 +78,37 @@ class FileHashes:
         return self.known[key]
 
     def save(self):
-        """Write the cache (atomically; a failed write only costs hashing again)."""
-        if not (self.path and self.new):
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomically(self.path, self.known)
-        except OSError:
-            pass
+        if self.path and self.new:
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomically(self.path, self.known)
 
 
 def write_json_atomically(path, value):
-    """A JSON file written whole or not at all (a per-process temporary, then
-    a rename), with the mode an ordinary open() gives."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    """JSON written whole or not at all (a per-process temporary, then os.replace)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1)
     os.replace(tmp, path)
 
 
-def hub_revision(repo_id):
-    """The commit of a hub model in the local Hugging Face cache (refs/main);
-    None if it was never downloaded."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    try:
-        return Path(HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"), "refs", "main").read_text().strip()
-    except OSError:
-        return None
-
-
 def fingerprint(spec, hashes, exclude=None):
-    """What the input `spec` of a command line holds, as {name: sha256 or
-    revision}; None when `spec` names nothing on disk or on the hub (a setting,
-    not an input). Names are relative to the input, so moving it changes nothing.
-
-      a file        its bytes; a CSV its rows (SCORE_COLUMNS aside) and every
-                    file its cells name (paths relative to its folder, or
-                    absolute): the pairs CSV and its images, a photo list and
-                    its photos
-      a folder      every file under it (hidden ones and `exclude` aside); a
-                    model folder (MODEL_MARKERS) only its config and weight
-                    files; an HPDv3 root only its all.json (the dataset is
-                    downloaded, not edited, and has a million files)
-      a hub id      the revision of its local copy ("not downloaded" without one)
-    """
+    """What the input `spec` holds, as {name: sha256 or revision}; None when it
+    names nothing on disk or on the hub (a setting, not an input). Names are
+    relative to the input, so moving it changes nothing.
+      a file    its bytes; a CSV its rows (SCORE_COLUMNS aside) and every file
+                its cells name (relative to its folder, or absolute)
+      a folder  every file under it (hidden ones and `exclude` aside); a model
+                folder (MODEL_MARKERS) its config and weight files; an HPDv3
+                root its all.json (a million files, downloaded, not edited)
+      a hub id  the revision of its local copy ("not downloaded" without one)"""
     path = Path(spec).expanduser() if spec else None
-    if path is None or not os.path.exists(path):  # (os.path: False, not an error, for a name no file can have)
+    if path is None or not os.path.exists(path):  # os.path: False, not an error, for an impossible name
         if spec and HUB_ID.fullmatch(spec):
-            return {f"hub:{spec}": hub_revision(spec) or "not downloaded"}
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            refs = Path(HF_HUB_CACHE, "models--" + spec.replace("/", "--"), "refs", "main")
+            return {f"hub:{spec}": refs.read_text().strip() if refs.is_file() else "not downloaded"}
         return None
     if path.is_file() and path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -167,9 +116,8 @@ def fingerprint(spec, hashes, exclude=None):
         kept = [i for i, column in enumerate(rows[0] if rows else []) if column not in SCORE_COLUMNS]
         found = {path.name: digest_of([[row[i] for i in kept if i < len(row)] for row in rows])}
         for cell in {cell for row in rows for cell in row}:
-            named = path.parent / cell.strip()
-            if cell.strip() and Path(cell).suffix and os.path.isfile(named):
-                found[cell] = hashes.digest(named, f"{path.parent.name}/{cell}")
+            if cell.strip() and Path(cell).suffix and os.path.isfile(path.parent / cell.strip()):
+                found[cell] = hashes.digest(path.parent / cell.strip(), f"{path.parent.name}/{cell}")
         return found
     if path.is_file():
         return {path.name: hashes.digest(path, f"{path.parent.name}/{path.name}")}
@@ -179,13 +127,11 @@ def fingerprint(spec, hashes, exclude=None):
     exclude = Path(exclude).resolve() if exclude else None
     found = {}
     for directory, subdirs, files in os.walk(path):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")
-                            and Path(directory, d).resolve() != exclude)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and Path(directory, d).resolve() != exclude)
         for name in sorted(files):
             relative = os.path.relpath(os.path.join(directory, name), path)
-            if name.startswith(".") or is_model and not name.endswith(MODEL_SUFFIXES):
-                continue
-            found[relative] = hashes.digest(os.path.join(directory, name), f"{path.name}/{relative}")
+            if not (name.startswith(".") or is_model and not name.endswith(MODEL_SUFFIXES)):
+                found[relative] = hashes.digest(os.path.join(directory, name), f"{path.name}/{relative}")
     return found
 
 
@@ -195,8 +141,7 @@ def digest_of(value):
 
 
 def fingerprint_changes(old, new):
-    """What differs between two fingerprints, in words: 'pairs.csv, real/a.png
-    changed; real/b.png new; fake/c.png gone' (at most 3 names per kind)."""
+    """'pairs.csv, real/a.png changed; real/b.png new; fake/c.png gone' (at most 3 names per kind)."""
     old, new = old or {}, new or {}
     kinds = {"changed": [n for n in new if n in old and old[n] != new[n]],
              "new": [n for n in new if n not in old], "gone": [n for n in old if n not in new]}
@@ -205,23 +150,19 @@ def fingerprint_changes(old, new):
 
 
 def step_fingerprint(command, output, hashes):
-    """run_all.sh's record of a step: its settings (the command line, each
-    input replaced by a placeholder, the step's own output folder too) and the
-    fingerprint digest of each input, labelled by the flag that names it
-    ("--pairs", "--method stage1", "argument 3"). Program files (*.py) are
-    settings, not inputs: a new version of the code does not redo finished
-    steps. --resume is left out: it only says how a step continues."""
+    """run_all.sh's record of a step: its settings (the command line with each
+    input, and the step's own output, replaced by a placeholder) and the digest
+    of each input, labelled by its flag ("--pairs", "--method stage1",
+    "argument 3"). *.py files are settings: new code does not redo finished
+    steps. --resume only says how a step continues: left out."""
     output = Path(output).resolve() if output else None
     settings, inputs = [], {}
     for i, arg in enumerate(command):
         flag = command[i - 1] if i and command[i - 1].startswith("--") else f"argument {i}"
         if arg == "--resume":
             continue
-        if arg.startswith("-") or arg.endswith(".py"):
-            settings.append(arg)
-            continue
-        if output and Path(arg).resolve() == output:
-            settings.append("<output>")
+        if arg.startswith("-") or arg.endswith(".py") or output and Path(arg).resolve() == output:
+            settings.append("<output>" if output and Path(arg).resolve() == output else arg)
             continue
         # NAME=MODEL and NET+LORA (evaluate.py's --method) name inputs too
         name, value = arg.split("=", 1) if "=" in arg and not os.path.exists(arg) else ("", arg)
@@ -237,16 +178,14 @@ def step_fingerprint(command, output, hashes):
 
 def fingerprint_main(argv):
     """`python common.py fingerprint MARKER OUTPUT [--write started|done] -- COMMAND...`
-    (run_all.sh's `step`). Without --write: compare the step with its marker;
-    exit 0 if it is done with the same settings and inputs, else print why it
-    runs and exit 10, or 11 when an input changed (a training run there must
-    start afresh; any other status is a failure of this check). With
-    --write: record the step in MARKER."""
+    (run_all.sh's `step`). With --write: record the step in MARKER. Without:
+    exit 0 if it is done with the same settings and inputs, else say why it
+    runs and exit 10, or 11 when an input changed (a training run must then
+    start afresh)."""
     marker, output, rest = Path(argv[0]), argv[1], argv[2:]
     write = rest[1] if rest[:1] == ["--write"] else None
-    command = rest[rest.index("--") + 1:]
     hashes = FileHashes(marker.parent / "cache" / HASH_CACHE_FILE)  # beside the trainers' input cache
-    current = step_fingerprint(command, output, hashes)
+    current = step_fingerprint(rest[rest.index("--") + 1:], output, hashes)
     if marker.parent.is_dir():
         hashes.save()
     if write:
@@ -273,14 +212,12 @@ def fingerprint_main(argv):
     return 0
 
 
-if __name__ == "__main__":  # run_all.sh's step markers; see fingerprint_main
+if __name__ == "__main__":
     if sys.argv[1:2] != ["fingerprint"]:
         sys.exit("usage: python common.py fingerprint MARKER OUTPUT [--write started|done] -- COMMAND...")
     sys.exit(fingerprint_main(sys.argv[2:]))
 
-
-# the rest needs numpy, torch and PIL (imported after section 0, which `python common.py fingerprint` runs alone)
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (after section 0, which runs without them)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -288,44 +225,15 @@ from PIL import Image  # noqa: E402
 logger = logging.getLogger("realalign")
 
 
-class _DropMessages(logging.Filter):
-    """Drops the records of one library logger whose text contains a fragment."""
-
-    def __init__(self, *fragments):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record):
-        return not any(fragment in record.getMessage() for fragment in self.fragments)
-
-
-# Known-harmless library notices, silenced at their loggers and nowhere else
-# (every other message of these loggers still shows):
-# - transformers: without torchvision, CLIPImageProcessor falls back to its PIL
-#   version, the one PickScore and CLIP were trained with; nothing to fix.
-logging.getLogger("transformers.utils.import_utils").addFilter(
-    _DropMessages("requires torchvision (not installed)"))
-# - diffusers: saving a pipeline with an absent optional component (the
-#   pipelines' safety_checker=None, image_encoder=None) warns that None
-#   "cannot be saved".
-logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
-    _DropMessages("=None of type <class 'NoneType'> cannot be saved"))
-
-
 # =============================================================================
-# 1. Losses
+# 1. Losses: pure functions of per-sample errors (epsilon- or velocity-
+#    prediction alike); copy them anywhere
 # =============================================================================
-# The losses only see per-sample regression errors, so they work unchanged for
-# epsilon-prediction (SD-1.5) and velocity-prediction (SD-3.5-M) models.
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared error ||pred - target||^2 / numel, shape [B].
-
-    Mean over every non-batch dimension, computed in float32 whatever the input
-    dtype (bf16 errors are too coarse for the small differences the two losses
-    below take between model and reference).
-    """
+    """||pred - target||^2 / numel per sample, shape [B], in float32 whatever the
+    input dtype (bf16 is too coarse for the model-minus-reference gaps below)."""
     diff = pred.float() - target.float()
     return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
 
@@ -336,27 +244,15 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
         inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
         loss  = -mean log sigmoid( -beta/2 * inner )
 
-    `*_err_*` are per-sample errors [B] of the trainable model and the frozen
-    reference on the winner (w, the real photo) and loser (l, its inpainted
-    copy), both noised with the same noise and timestep. A model that lowers
-    its error on the winner relative to the reference (inner < 0) lowers the
-    loss.
-
-    Returns (loss, stats); stats are detached 0-dim tensors (no host sync
-    here; call float() to log):
-      implicit_acc  fraction of pairs with inner < 0 (the model prefers w)
-      reward_margin mean of -inner (> 0 when the model prefers w)
-    Note on signs: the implicit reward of a sample is minus its error gap, so
-    the reward margin is -inner; both stats rise as training succeeds.
-    """
+    Per-sample errors [B] of the trainable model and the frozen reference on the
+    winner (w, the real photo) and loser (l, its inpainted copy), noised with
+    the same noise and timestep. Returns (loss, stats), stats detached 0-dim
+    tensors: implicit_acc = share of pairs with inner < 0 (the model prefers w),
+    reward_margin = mean of -inner (the implicit reward is minus the error gap)."""
     inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
     loss = -F.logsigmoid(-0.5 * beta * inner).mean()
     with torch.no_grad():
-        stats = {
-            "implicit_acc": (inner < 0).float().mean(),
-            "reward_margin": (-inner).mean(),
-            "inner": inner.mean(),
-        }
+        stats = {"implicit_acc": (inner < 0).float().mean(), "reward_margin": (-inner).mean(), "inner": inner.mean()}
     return loss, stats
 
 
@@ -366,17 +262,11 @@ def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_p
         D    = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
         loss = mean( max(D + margin, 0) )
 
-    `model_err_real`: error of the trainable model on a real image noised with
-    fresh noise, `model_err_policy`: its error against the sampling snapshot's
-    own prediction on the snapshot's trajectory, `ref_*`: the same for the
-    frozen reference. Pushing D down makes the real images more likely and the
-    model's own samples less likely than under the reference.
-
-    Returns (loss, stats); stats are detached 0-dim tensors (no host sync
-    here; call float() to log):
-      D           mean of D
-      active_frac fraction of samples with D + margin > 0 (hinge not saturated)
-    """
+    `*_real`: errors on a real image noised with fresh noise; `*_policy`: errors
+    against the sampling snapshot's own prediction on its trajectory. Pushing D
+    down makes real images more likely and the model's own samples less likely
+    than under the reference. Returns (loss, stats): D (its mean) and
+    active_frac (share of samples with D + margin > 0), detached."""
     D = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
     loss = torch.clamp(D + margin, min=0).mean()
     with torch.no_grad():
@@ -385,22 +275,21 @@ def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_p
 
 
 # =============================================================================
-# 2. Backbone: one interface over SD-1.5 and SD-3.5-M
+# 2. The forward processes: one Backbone over SD-1.5 and SD-3.5-M, and
+#    Stage 1's policy sampling
 # =============================================================================
 
 
 def load_pipeline(model, dtype=torch.float32, inpainting=False):
-    """Load a diffusers pipeline from a hub id or a local folder. Any loading
-    failure becomes one UserError naming the model."""
+    """A diffusers pipeline from a hub id or a folder; any failure is one UserError naming it."""
     from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 
-    index_file = Path(model) / "model_index.json"
-    if Path(model).exists() and not index_file.exists():
+    quiet_libraries()
+    if Path(model).exists() and not (Path(model) / "model_index.json").exists():
         raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-    cls = StableDiffusionInpaintPipeline if inpainting else DiffusionPipeline
     try:
-        pipe = cls.from_pretrained(model, dtype=dtype)
-    except Exception as err:  # OSError, EnvironmentError, HF hub errors, ...
+        pipe = (StableDiffusionInpaintPipeline if inpainting else DiffusionPipeline).from_pretrained(model, dtype=dtype)
+    except Exception as err:  # OSError, HF hub errors, ...
         raise UserError(
             f"could not load the diffusers pipeline '{model}': {type(err).__name__}: {str(err).splitlines()[0]}"
             " (check the hub id or path; offline, use a local folder or SMOKE=1)"
@@ -410,22 +299,13 @@ def load_pipeline(model, dtype=torch.float32, inpainting=False):
 
 
 class Backbone:
-    """The model-specific half of training, for SD-1.5 and SD-3(.5) pipelines.
+    """The model-specific half of training: the trainers talk only to this
+    class, so they have one code path for SD-1.5 (UNet, epsilon-prediction,
+    DDPM) and SD-3(.5) (MMDiT, flow matching), detected from the pipeline.
 
-    The trainers only talk to this class, so they have one code path:
-
-      encode_prompts(prompts)      -> cond dict (prompt_embeds [+ pooled])
-      encode_images(pixels)        -> (mean, std) of the VAE latent posterior
-      latents_from_posterior(...)  -> a scaled latent x0 (fresh sample)
-      sample_timesteps(n, gen)     -> training timesteps t
-      add_noise(x0, noise, t)      -> x_t
-      target(x0, noise)            -> regression target (eps, or eps - x0)
-      predict(net, x_t, t, cond)   -> network output
-      policy_request(...)          -> one micro-batch's guidance-free policy
-                                      trajectories, run by a PolicySampler to
-                                      (x_t, t, prediction) at random steps
-      policy_endpoint_point(...)   -> SD-3: (x_t, t, prediction, eps), the
-                                      noised end of a guidance-free sample
+      encode_prompts / encode_images / latents_from_posterior   (the cache)
+      sample_timesteps, add_noise, target, predict              (the forward process)
+      policy_request + PolicySampler, policy_endpoint_point     (Stage 1's policy points)
     """
 
     def __init__(self, pipe, device=None, dtype=torch.float32):
@@ -434,8 +314,7 @@ class Backbone:
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
-        # SD-3 pipelines carry an MMDiT "transformer", SD-1.5 ones a "unet".
-        self.is_flow = getattr(pipe, "transformer", None) is not None
+        self.is_flow = getattr(pipe, "transformer", None) is not None  # SD-3 carries a "transformer"
         self.kind = "sd3" if self.is_flow else "sd15"
         self.net = pipe.transformer if self.is_flow else pipe.unet
         self.net_name = "transformer" if self.is_flow else "unet"
@@ -443,13 +322,10 @@ class Backbone:
         if self.is_flow:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
             self.shift = float(self.scheduler.config.shift)
-            # The 1000-entry table of shifted training timesteps, kept apart
-            # because set_timesteps (the policy sampler) overwrites the
-            # scheduler's own copy (diffusers' SD-3 examples keep a scheduler
-            # copy for the same reason).
+            # the 1000 shifted training timesteps, kept apart: the policy sampler's set_timesteps overwrites them
             self.train_timesteps = self.scheduler.timesteps.clone().float().cpu()
         else:
-            # Training noise follows DDPM whatever sampler the pipeline ships.
+            # training noise follows DDPM whatever sampler the pipeline ships
             self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
             self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
             # (alpha_t, sigma_t) per timestep, on the host: the policy sampler's step coefficients
@@ -459,11 +335,10 @@ class Backbone:
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
-    # ---- text and images (only used to build the cache and for sampling) ----
+    # ---- text and images (to build the cache, and for sampling) ----
     @torch.no_grad()
     def encode_prompts(self, prompts, batch_size=32, max_sequence_length=128):
-        """Prompt embeddings, batched. SD-3 also returns pooled embeddings
-        (T5 max length 128 as in README 'Method: Stage 1')."""
+        """Prompt embeddings, batched; SD-3 adds pooled ones (T5 length 128, README 'Method: Stage 1')."""
         out = {}
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
@@ -481,9 +356,8 @@ class Backbone:
         return {key: torch.cat(values) for key, values in out.items()}
 
     def encode_prompts_once(self, prompts):
-        """`encode_prompts` with the text encoders on the device for this one
-        pass only (T5-XXL alone is ~9.5 GB for SD-3.5-M): training reads the
-        cached embeddings, so the encoders live on the CPU otherwise."""
+        """`encode_prompts` with the text encoders on the device for this pass
+        only (T5-XXL alone is ~9.5 GB): training reads cached embeddings."""
         encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
         encoders = [encoder for encoder in encoders if encoder is not None]
         for encoder in encoders:
@@ -498,16 +372,13 @@ class Backbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor):
-        """VAE posterior (mean, std) of images in [-1, 1], in float32.
-
-        Storing the posterior rather than one sample lets every training step
-        draw a fresh latent for free (as re-encoding every step would)."""
+        """VAE posterior (mean, std) of images in [-1, 1], float32: stored
+        rather than one sample, so every step draws a fresh latent for free."""
         posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
     def latents_from_posterior(self, mean, std, generator=None):
-        """A fresh latent sample, shifted and scaled as the network expects
-        (SD-3: (z - shift) * scale; SD-1.5: z * scale)."""
+        """A fresh latent, shifted and scaled for the network ((z - shift) * scale)."""
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return (mean + std * noise - self.vae_shift) * self.vae_scale
 
@@ -518,14 +389,13 @@ class Backbone:
         images = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(image) for image in images]
 
-    # ---- the forward process -------------------------------------------------
+    # ---- the forward process ----
     def sample_timesteps(self, n, generator=None, device=None):
-        """SD-1.5: uniform over the 1000 DDPM steps (integers).
-        SD-3 (paper Sec. 3, as the public SD-3.5-M trainers do): u from
-        diffusers' logit-normal density (mean 0, std 1), then
-        t = scheduler.timesteps[floor(u * 1000)] over the 1000-step table,
-        which holds sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000, times 1000.
-        Drawn on the (CPU) generator, so the values are known on the host."""
+        """SD-1.5: uniform over the 1000 DDPM steps. SD-3 (paper Sec. 3, as the
+        public SD-3.5-M trainers): u from diffusers' logit-normal density
+        (mean 0, std 1), t = scheduler.timesteps[floor(u * 1000)], the table of
+        1000 * sigma, sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000. Drawn on the
+        (CPU) generator, so the values are known on the host."""
         device = device or self.device
         if self.is_flow:
             from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -541,7 +411,7 @@ class Backbone:
         return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
     def add_noise(self, x0, noise, t):
-        """SD-1.5: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM add_noise).
+        """SD-1.5: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM).
         SD-3:   x_t = (1 - sigma) x0 + sigma eps, sigma = t / 1000."""
         if self.is_flow:
             sigma = self._broadcast(t / self.num_train_timesteps, x0)
@@ -554,7 +424,7 @@ class Backbone:
         return noise - x0 if self.is_flow else noise
 
     def predict(self, net, x_t, t, cond):
-        """One network call; `net` may be the DDP-wrapped or the bare network."""
+        """One network call (`net`: the wrapped or the bare network)."""
         x_t = x_t.to(self.dtype)
         embeds = cond["prompt_embeds"].to(x_t.device, self.dtype)
         if self.is_flow:
@@ -568,34 +438,21 @@ class Backbone:
         return (self.net.config.in_channels, resolution // scale, resolution // scale)
 
     # ---- Stage-1 policy sampling (paper Sec. 3, Diffusion-DRO's policy term) ----
-    # Hand-written rather than diffusers' DPMSolverMultistepScheduler: that
-    # scheduler steps one timestep shared by the whole batch, while each
-    # trajectory here has its own timestep grid (per-sample offset) and its
-    # own last point. tests/reference_sampler.py runs diffusers' scheduler per
-    # sample, and the tests compare the two point by point.
+    # Hand-written rather than diffusers' DPMSolverMultistepScheduler, which
+    # steps one timestep shared by the batch: here each trajectory has its own
+    # grid and its own last point. tests/reference_sampler.py runs diffusers'
+    # scheduler per sample, and the tests compare the two point by point.
     def policy_request(self, cond, resolution, num_steps, generator, points_per_trajectory=1, key=None):
-        """Draw the policy trajectories of one micro-batch (nothing runs yet):
-        one per entry of `cond`, each with its initial noise and the K =
-        `points_per_trajectory` timesteps where its points sit; a
-        `PolicySampler` then makes the points.
-
-        SD-1.5: DPM-Solver++(2M), `num_steps` steps on the grid
-                t_i = offset + step_ratio * (num_steps - 1 - i), with a per-sample
-                integer offset in [0, step_ratio) so every training timestep can
-                be drawn (the Diffusion-DRO "timestep offset" trick); the points
-                sit at K distinct random steps of it.
-        SD-3:   the K timesteps are drawn from the training law (logit-normal
-                through the shift, `sample_timesteps`); flow-match Euler runs on
-                the scheduler's `num_steps`-step shifted grid down to each drawn
-                t, landing exactly on it (a per-sample grid: the grid points
-                above the sample's lowest t, plus its drawn t's). So the learner
-                trains at the same continuous timesteps on the policy side as on
-                the real side and in Stage 2 (README "Differences from the
-                public code").
-        A trajectory stops at its last point (truncation): about half the
-        steps on average for SD-1.5, 5-6 of 10 for SD-3. All draws are made
-        here, on the CPU generator, so every stop is known on the host.
-        """
+        """Draw one micro-batch's policy trajectories, run by a PolicySampler:
+        per entry of `cond` its initial noise and the K timesteps of its points.
+        SD-1.5: DPM-Solver++(2M) on t_i = offset + step_ratio * (num_steps - 1 - i),
+                a per-sample offset in [0, step_ratio) (Diffusion-DRO's
+                "timestep offset"); points at K distinct random steps.
+        SD-3:   K timesteps from the training law; flow-match Euler on the
+                shifted grid lands exactly on each (grid points above the lowest
+                t, plus the drawn t's): the policy side trains at the real
+                side's continuous timesteps (README "Differences from the public code").
+        A trajectory stops at its last point; every draw is on the CPU generator."""
         n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
         x = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         if self.is_flow:
@@ -620,15 +477,12 @@ class Backbone:
     @torch.no_grad()
     def policy_endpoint_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1,
                               with_prediction=True):
-        """SD-3 only: the public SD-3.5-M trainer's policy point (train_dro.py
-        --sd3_policy_point endpoint). `net` (the snapshot role) samples each
-        caption to its end x0 with the pipeline's own call (flow-match Euler,
-        `num_steps` steps, guidance 1, latents out), then x0 is noised at K
-        training timesteps t (`sample_timesteps`) with fresh noise eps:
-        x_t = (1 - sigma) x0 + sigma eps. Returns (x_t, t, prediction of `net`
-        at x_t, or None without `with_prediction`, eps), trajectory-major; the
-        caller noises the real latent with the SAME eps and t, as the public
-        trainer does."""
+        """SD-3 only, the public SD-3.5-M trainer's policy point (train_dro.py
+        --sd3_policy_point endpoint): `net` samples each caption to its end x0
+        with the pipeline (Euler, `num_steps`, guidance 1), then x0 is noised at
+        K drawn timesteps with fresh eps. Returns (x_t, t, prediction of `net`
+        or None, eps), trajectory-major; the caller noises the real latent with
+        the SAME eps and t, as the public trainer does."""
         n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
         latents = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         embeds = {key: value.to(self.device, self.dtype) for key, value in cond.items()}
@@ -645,13 +499,10 @@ class Backbone:
         return x_t, t, self.predict(net, x_t, t, cond).float(), noise
 
     def solver_step(self, t, t_next, h_prev):
-        """Host-side coefficients of one sampler step from t to t_next (t_next
-        = t: no step, a trajectory's last point), and the step's h.
-        SD-1.5, DPM-Solver++(2M) (x0-parameterised, lambda = log(alpha / sigma),
-        h = lambda(t_next) - lambda(t), r = h_prev / h; first order at the
-        first step):
-            x0 = (x - sigma_t eps) / alpha_t
-            d  = x0 + (1 / 2r) (x0 - x0_prev)          (d = x0 at the first step)
+        """Host-side coefficients of one step from t to t_next (= t: no step),
+        and its h. SD-1.5, DPM-Solver++(2M), lambda = log(alpha / sigma),
+        h = lambda(t_next) - lambda(t), r = h_prev / h (first order at first):
+            x0 = (x - sigma_t eps) / alpha_t,  d = x0 + (1 / 2r) (x0 - x0_prev)
             x' = (sigma_n / sigma_t) x - alpha_n expm1(-h) d
         SD-3, flow-match Euler: x' = x + (t_next - t) / 1000 * v."""
         if self.is_flow:
@@ -671,10 +522,9 @@ class Backbone:
 
 
 class PolicyRequest:
-    """The policy trajectories of one micro-batch: their initial noise `x`,
-    the cond of each, their stops (timesteps, descending) and their points
-    (the K timesteps recorded per trajectory), and, once a PolicySampler has
-    run them, the points' x_t and predictions."""
+    """One micro-batch's policy trajectories: initial noise, cond, stops
+    (descending timesteps) and points (K recorded per trajectory), then the
+    points' x_t and predictions once a PolicySampler has run them."""
 
     def __init__(self, key, x, cond, stops, points, device):
         self.key, self.x, self.cond, self.stops = key, x, cond, stops
@@ -693,17 +543,14 @@ class PolicyRequest:
 
 class PolicySampler:
     """Makes the Stage-1 policy points in a fixed number of slots (README
-    "Throughput"). Every network call evaluates exactly `slots` rows: one
-    graph, static shapes. When a trajectory reaches its last point its slot
-    takes the next trajectory in line, of the same micro-batch or of the next
-    ones of the snapshot window (theta is frozen for --snapshot_every
-    optimizer steps, and every trajectory's stops are drawn up front). So no
-    row idles while others finish, except at the end of the window, and no
-    finished row is evaluated again. A micro-batch's points are the same
-    whichever trajectories share its calls (up to float rounding): its draws
-    come from its own generator, so the result does not depend on the number
-    of processes. The plans are made on the host and copied with the call's
-    inputs; the loop never waits for the device."""
+    "Throughput"): every network call evaluates exactly `slots` rows (one
+    graph, static shapes). A finished trajectory's slot takes the next one in
+    line, of this micro-batch or of the next ones of the snapshot window
+    (theta is frozen for --snapshot_every steps; every stop is drawn up
+    front), so no row idles except at the window's end. A micro-batch's
+    points do not depend on who shares its calls (its draws come from its own
+    generator), hence not on the process count. Plans are made on the host;
+    the loop never waits for the device."""
 
     def __init__(self, backbone, net, slots):
         self.bb, self.net, self.slots = backbone, net, slots
@@ -718,9 +565,8 @@ class PolicySampler:
         return not self.waiting and not self.pending
 
     def start(self, micro_batches, make_request):
-        """A new window (theta fixed until its end): this process's
-        micro-batches up to its end, in order; `make_request(micro_batch)`
-        draws a micro-batch's request when the slots first need it."""
+        """A new window: this process's micro-batches up to its end, in order;
+        `make_request(micro_batch)` draws a request when the slots need it."""
         assert self.idle(), "a window starts when the last one is done"
         self.pending, self.make_request = collections.deque(micro_batches), make_request
 
@@ -808,21 +654,20 @@ class PolicySampler:
 
 
 # =============================================================================
-# 3. LoRA roles on one base network, and their EMA
+# 3. LoRA roles on one base network, their EMA, and the published LoRA formats
 # =============================================================================
 # Three views of one network (README 'Method: Stage 1'): the trainable
 # `learner`, the frozen reference `ref` and, in Stage 1, the frozen sampling
-# snapshot `policy`. Each is a LoRA adapter on the same frozen base weights; switching
-# role only changes which adapter is active, so only one network is in memory.
+# snapshot `policy`. Each is a LoRA adapter on the same frozen base; switching
+# role only changes the active adapter, so one network is in memory.
 
 LEARNER, REF, POLICY = "learner", "ref", "policy"
 
 LORA_TARGETS = {
     # SD-1.5: UNet attention projections (README 'Method: Stage 1')
     "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
-    # SD-3.5-M: the joint attention of each MMDiT block (image and text stream)
-    # only. The "attn." prefix keeps the second, image-only attention `attn2`
-    # of SD-3.5-M's dual-attention blocks un-adapted, as in the public code.
+    # SD-3.5-M: the joint attention of each MMDiT block only; "attn." keeps the
+    # image-only `attn2` of the dual-attention blocks un-adapted, as the public code
     "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
             "attn.add_v_proj", "attn.to_add_out"],
 }
@@ -839,28 +684,23 @@ def role_parameters(net, role):
     return [param for name, param in net.named_parameters() if f".{role}." in name]
 
 
-# use_role runs several times per micro-batch: the network's LoRA layers are
-# looked up once per network and set of adapters, not walked per call.
+# use_role runs several times per micro-batch: the LoRA layers are looked up
+# once per network and set of adapters, not walked per call.
 _ROLE_LOOKUP = weakref.WeakKeyDictionary()
-
-
-def _role_lookup(net):
-    adapters = tuple(getattr(net, "peft_config", {}))
-    cached = _ROLE_LOOKUP.get(net)
-    if cached is None or cached[0] != adapters:
-        cached = (adapters, _tuner_layers(net))
-        _ROLE_LOOKUP[net] = cached
-    return cached[1]
 
 
 def use_role(net, role):
     """Make `role` the active adapter of every LoRA layer. Only that flag
-    changes (peft's set_adapter also walks every adapter's parameters to
-    reset requires_grad, milliseconds of host time on the big networks):
-    requires_grad is set once by setup_lora_roles, the learner's alone."""
-    for layer in _role_lookup(net):
-        # the attribute peft's BaseTunerLayer.set_adapter sets (active_adapters reads it), written
-        # straight into the instance dict: nn.Module.__setattr__'s checks would be 95% of the time
+    changes (peft's set_adapter also resets requires_grad on every adapter,
+    milliseconds on the big networks); requires_grad is set once, by
+    setup_lora_roles."""
+    adapters = tuple(getattr(net, "peft_config", {}))
+    cached = _ROLE_LOOKUP.get(net)
+    if cached is None or cached[0] != adapters:
+        cached = _ROLE_LOOKUP[net] = (adapters, _tuner_layers(net))
+    for layer in cached[1]:
+        # the attribute peft's set_adapter sets, written straight into the instance
+        # dict: nn.Module.__setattr__'s checks would be 95% of the time
         vars(layer)["_active_adapter"] = role
 
 
@@ -872,21 +712,15 @@ def copy_role(net, source, dest):
 
 
 def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
-    """Add the LoRA roles to the backbone's network.
-
-    Without `init_lora` the learner starts as a fresh LoRA (B = 0, so it equals
-    the base network). With it, the learner is loaded from that checkpoint
-    (rank and alpha then come from the checkpoint's own metadata). Every other
-    role starts as a copy of the learner, so `ref` is "the model at the start
-    of the stage" in both cases.
-    """
+    """Add the LoRA roles to the backbone's network. The learner is a fresh
+    LoRA (B = 0: it equals the base network) or, with `init_lora`, that
+    checkpoint (rank and alpha from its own metadata); every other role starts
+    as a copy, so `ref` is "the model at the start of the stage"."""
     from peft import LoraConfig
 
     net = backbone.net
     net.requires_grad_(False)
-    # peft draws the LoRA A matrices from the global RNG: seed it, so runs are
-    # reproducible and every process starts from the same weights.
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # peft draws the A matrices from the global RNG: the same on every process
     if init_lora is not None:
         load_lora_into(backbone, init_lora, adapter_name=LEARNER)
         config = copy.deepcopy(net.peft_config[LEARNER])
@@ -897,11 +731,10 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     for role in roles:
         if role != LEARNER:
             net.add_adapter(copy.deepcopy(config), adapter_name=role)
-    # The learner's LoRA weights are fp32 master weights; autocast computes
-    # with their bf16 (--mixed_precision) casts. The frozen roles are kept in
-    # that compute dtype: the very values autocast would use, with no cast per
-    # call. No layer casts its input to the LoRA's dtype either (autocast
-    # does): the LoRA side path is two GEMMs, a scale and an add.
+    # The learner's weights are fp32 masters (autocast computes with their bf16
+    # casts); the frozen roles are kept in that compute dtype, the very values
+    # autocast would use, with no cast per call. No layer casts its input to
+    # the LoRA's dtype either (autocast does).
     for role in roles:
         for param in role_parameters(net, role):
             param.data = param.data.to(torch.float32 if role == LEARNER else backbone.dtype)
@@ -914,203 +747,17 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     return config
 
 
-# The published LoRA formats, recognised by their files (README 'What the real
-# run needs'):
-#  - diffusers' `save_lora_weights` file, pytorch_lora_weights.safetensors:
-#    our checkpoints, and the authors' SD-1.5 ones (Cwyxx/RealAlign,
-#    training_sd15/stage2_dpo/train-lora_init.py saves them so);
-#  - a PEFT adapter folder, as `PeftModel.save_pretrained` writes it:
-#    adapter_config.json (r, lora_alpha, target_modules) + adapter_model.safetensors
-#    with keys base_model.model.<module>.lora_A/B.weight. Flow-GRPO's released
-#    LoRA is one (yifan123/flow_grpo, scripts/train_sd3.py save_ckpt), and the
-#    authors' SD-3.5-M checkpoints keep theirs in <checkpoint>/lora/learner/
-#    (training_sd35m/scripts/train-sd-3-5-medium-irl.py save_ckpt).
-DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PeftModel's own prefix of every key
-
-
-def lora_files(folder):
-    """The LoRA files under a folder, as '/'-separated paths relative to it."""
-    folder = Path(folder)
-    return {path.relative_to(folder).as_posix() for pattern in (PEFT_CONFIG, PEFT_WEIGHTS, "*.safetensors")
-            for path in folder.rglob(pattern) if path.is_file()}
-
-
-def find_lora(files, where):
-    """Which LoRA a folder (or hub repository) holds, from its file list:
-    ("peft", folder) or ("diffusers", file), relative to it; None if none.
-    A LoRA at the root wins (a PEFT folder over a diffusers file: it carries
-    its whole config); otherwise the only one in a subfolder, or among
-    several the one in a folder named `learner` (the trained role)."""
-    found = {}
-    for name in files:
-        folder, _, base = name.rpartition("/")
-        if base == PEFT_CONFIG and (f"{folder}/{PEFT_WEIGHTS}" if folder else PEFT_WEIGHTS) in files:
-            found[folder] = ("peft", folder)
-        elif base == DIFFUSERS_LORA or (not folder and base.endswith(".safetensors") and "lora" in base.lower()):
-            found.setdefault(folder, ("diffusers", name))
-    if "" in found or len(found) == 1:
-        return found.get("", next(iter(found.values())))
-    learner = [folder for folder in found if folder.rsplit("/", 1)[-1] == LEARNER]
-    if len(learner) == 1:
-        return found[learner[0]]
-    if found:
-        raise UserError(f"'{where}' holds {len(found)} LoRAs (in {', '.join(sorted(found))}): name the folder of the "
-                        "one to load")
-    return None
-
-
-def resolve_lora(lora):
-    """(local path, format) of a LoRA given as a file, a folder or a hub id
-    (only its LoRA files are downloaded)."""
-    path = Path(lora).expanduser()
-    if path.is_file():
-        return path, "diffusers"  # a single .safetensors file, load_lora_weights format
-    if not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(lora), allow_patterns=[f"*{PEFT_CONFIG}", f"*{PEFT_WEIGHTS}",
-                                                                      "*lora*.safetensors"]))
-        except Exception as err:  # most often a mistyped local path: say so, not only the hub's complaint
-            raise UserError(f"the LoRA '{lora}' was not found: no such local file or folder (and as a hub id: "
-                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    found = find_lora(lora_files(path), lora)
-    if found is None:
-        raise UserError(f"'{lora}' holds no LoRA: neither {DIFFUSERS_LORA} nor a PEFT adapter folder ({PEFT_CONFIG} "
-                        f"+ {PEFT_WEIGHTS}), at its root or in a subfolder such as lora/learner/")
-    return path / found[1], found[0]
-
-
-def load_lora_into(backbone, lora, adapter_name):
-    """Load a LoRA (file, folder or hub id, in any format of resolve_lora)
-    into the backbone's network under `adapter_name`; checks that every
-    weight found its module."""
-    net = backbone.net
-    path, kind = resolve_lora(lora)
-    mismatch = (f"the LoRA '{lora}' does not fit this {backbone.kind} {backbone.net_name} (is it a LoRA of the "
-                "other backbone?)")
-    try:
-        if kind == "diffusers":
-            backbone.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-        else:
-            _load_peft_adapter(net, path, adapter_name, mismatch)
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"could not load the LoRA '{lora}' ({kind} format, {path}): {type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    if adapter_name not in getattr(net, "peft_config", {}) or not role_parameters(net, adapter_name):
-        raise UserError(f"{mismatch}: none of its weights loaded")
-
-
-def _load_peft_adapter(net, folder, adapter_name, mismatch):
-    """A PEFT adapter folder into a diffusers network, as PeftModel.from_pretrained
-    would: the adapter's own LoraConfig injected, then its weights (keys
-    without PeftModel's prefix) set with peft's set_peft_model_state_dict."""
-    from peft import PeftConfig
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    config = PeftConfig.from_pretrained(str(folder))
-    if config.peft_type != "LORA":
-        raise UserError(f"{folder} is a PEFT {config.peft_type} adapter, not a LoRA")
-    state = {key.removeprefix(PEFT_PREFIX): value
-             for key, value in load_peft_weights(str(folder), device="cpu").items()}
-    try:
-        net.add_adapter(config, adapter_name=adapter_name)
-    except ValueError as err:  # peft: "Target modules ... not found in the base model"
-        raise UserError(f"{mismatch}: {str(err).splitlines()[0]}") from None
-    result = set_peft_model_state_dict(net, state, adapter_name=adapter_name)
-    unused = [key for key in result.unexpected_keys if "lora_" in key]
-    unset = [key for key in result.missing_keys if f".{adapter_name}." in key]
-    if unused or unset:
-        raise UserError(f"{mismatch}: {len(unused)} of its weights match no module, {len(unset)} of its modules get "
-                        f"no weight (e.g. {(unused or unset)[0]})")
-
-
-@contextlib.contextmanager
-def weights_swapped(params, values):
-    """Temporarily give `params` the `values` (e.g. the EMA weights); restored
-    on exit. `values=None` leaves them as they are."""
-    if values is None:
-        yield
-        return
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, value in zip(params, values, strict=True):
-            p.copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value in zip(params, backup, strict=True):
-                p.copy_(value)
-
-
-def lora_state_dict(net, role, params=None):
-    """The role's LoRA weights, keyed as `load_lora_weights` expects. `params` (same order
-    as role_parameters) substitutes other values, e.g. the EMA weights."""
-    from peft.utils import get_peft_model_state_dict
-
-    with weights_swapped(role_parameters(net, role), params):
-        state = get_peft_model_state_dict(net, adapter_name=role)
-        state = {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
-    # PEFT key format ("...to_q.lora_A.weight"): what the SD-1.5 and SD-3
-    # loaders of diffusers read (the older "lora.down" format breaks SD-3).
-    return state
-
-
-def save_lora_checkpoint(backbone, state_dict, config, directory):
-    """Save LoRA weights so that both ecosystems read them:
-    - diffusers: a stock pipeline's `load_lora_weights(dir)`, with the adapter
-      config (rank, alpha, targets) as metadata: SD-3.5-M uses alpha != rank
-      and would otherwise load at the wrong scale;
-    - PEFT: adapter_config.json + adapter_model.safetensors, the files
-      `PeftModel.save_pretrained` writes, so `PeftModel.from_pretrained(net,
-      dir)` (flow_grpo's loader) and `load_adapter(dir)` read them; linked
-      again into lora/learner/, where the authors' SD-3.5-M evaluation
-      script looks (Cwyxx/RealAlign, training_sd35m/evaluation/
-      sd-3-5-medium/generate_image.py). Hard links: no second copy on disk."""
-    from safetensors.torch import save_file
-
-    metadata = config.to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"]) if metadata.get("target_modules") else None
-    kwargs = {f"{backbone.net_name}_lora_layers": state_dict,
-              f"{backbone.net_name}_lora_adapter_metadata": metadata}
-    type(backbone.pipe).save_lora_weights(str(directory), **kwargs)
-    directory = Path(directory)
-    peft_config = copy.deepcopy(config)
-    peft_config.inference_mode = True  # as PeftModel.save_pretrained records it
-    peft_config.save_pretrained(str(directory))
-    save_file({PEFT_PREFIX + key: value.contiguous() for key, value in state_dict.items()},
-              str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
-    learner = directory / "lora" / LEARNER
-    learner.mkdir(parents=True, exist_ok=True)
-    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
-        try:
-            os.link(directory / name, learner / name)
-        except OSError:  # a filesystem without hard links: a copy
-            shutil.copy2(directory / name, learner / name)
-
-
-# Hand-written rather than diffusers' EMAModel: EMAModel covers the SD-1.5
-# schedule, not flow_grpo's fixed decay every 8 steps, and it averages one
-# module's parameters, not one LoRA role among several adapters of a network.
+# Hand-written rather than diffusers' EMAModel: that covers the SD-1.5
+# schedule, not flow_grpo's fixed decay every 8 steps, and averages a whole
+# module, not one LoRA role among several adapters.
 class LoraEMA:
-    """Exponential moving average of the learner's LoRA weights (paper Sec. 3).
-    The shadow starts as a copy of the weights at the start of the stage
-    (the initial LoRA); checkpoints hold the shadow.
-
-    schedule "diffusers" (SD-1.5: diffusers' EMAModel defaults): one update
-        per `update_every` optimizer steps; at the n-th update (n = 0, 1, ...)
-        decay = 0 for n = 0, else min(max_decay, (1 + n) / (10 + n)).
-    schedule "flow_grpo" (SD-3.5-M: flow_grpo's EMA, decay 0.9, interval 8):
-        after optimizer step s (s = 1, 2, ...) the shadow is updated only when
-        (s + 1) % update_every == 0 (s = 7, 15, 23, ... for 8), with
-        decay = min(max_decay, (1 + s) / (10 + s)), s being the optimizer step.
-    Both update as shadow <- decay * shadow + (1 - decay) * weights.
-    """
+    """Exponential moving average of the learner's LoRA weights (paper Sec. 3),
+    starting from the weights at the start of the stage; checkpoints hold it.
+    shadow <- decay * shadow + (1 - decay) * weights, with
+      "diffusers" (SD-1.5, EMAModel's defaults): every `update_every` steps; at
+          the n-th update decay = 0 for n = 0, else min(max_decay, (1+n)/(10+n));
+      "flow_grpo" (SD-3.5-M, decay 0.9, interval 8): after optimizer step s
+          when (s + 1) % update_every == 0, decay = min(max_decay, (1+s)/(10+s))."""
 
     SCHEDULES = ("diffusers", "flow_grpo")
 
@@ -1134,12 +781,10 @@ class LoraEMA:
 
     @torch.no_grad()
     def step(self, params, optimizer_step):
-        """Call after optimizer step number `optimizer_step` (1-based)."""
-        if not self.is_update_step(optimizer_step):
-            return
-        # shadow + (1 - decay) (w - shadow): one multi-tensor kernel for all the tensors
-        torch._foreach_lerp_(self.shadow, [p.float() for p in params], 1 - self.decay(optimizer_step))
-        self.num_updates += 1
+        """After optimizer step `optimizer_step` (1-based); one multi-tensor lerp."""
+        if self.is_update_step(optimizer_step):
+            torch._foreach_lerp_(self.shadow, [p.float() for p in params], 1 - self.decay(optimizer_step))
+            self.num_updates += 1
 
     def state_dict(self):
         return {"shadow": self.shadow, "num_updates": self.num_updates}
@@ -1149,18 +794,182 @@ class LoraEMA:
         self.num_updates = int(state["num_updates"])
 
 
+# The published LoRA formats, recognised by their files (README 'What the real run needs'):
+#  - diffusers' `save_lora_weights` file, pytorch_lora_weights.safetensors: our
+#    checkpoints and the authors' SD-1.5 ones (Cwyxx/RealAlign,
+#    training_sd15/stage2_dpo/train-lora_init.py);
+#  - a PEFT adapter folder as `PeftModel.save_pretrained` writes it:
+#    adapter_config.json + adapter_model.safetensors, keys
+#    base_model.model.<module>.lora_A/B.weight. Flow-GRPO's released LoRA
+#    (yifan123/flow_grpo, scripts/train_sd3.py save_ckpt), and the authors'
+#    SD-3.5-M checkpoints in <checkpoint>/lora/learner/
+#    (training_sd35m/scripts/train-sd-3-5-medium-irl.py save_ckpt).
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel's own prefix of every key
+
+
+def lora_files(folder):
+    """The LoRA files under a folder, as '/'-separated paths relative to it."""
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix() for pattern in (PEFT_CONFIG, PEFT_WEIGHTS, "*.safetensors")
+            for path in folder.rglob(pattern) if path.is_file()}
+
+
+def find_lora(files, where):
+    """Which LoRA a folder (or hub repository) holds, from its file list:
+    ("peft", folder) or ("diffusers", file), or None. One at the root wins (a
+    PEFT folder over a diffusers file: it carries its config); else the only
+    one in a subfolder, or among several the one in a folder named `learner`."""
+    found = {}
+    for name in files:
+        folder, _, base = name.rpartition("/")
+        if base == PEFT_CONFIG and (f"{folder}/{PEFT_WEIGHTS}" if folder else PEFT_WEIGHTS) in files:
+            found[folder] = ("peft", folder)
+        elif base == DIFFUSERS_LORA or (not folder and base.endswith(".safetensors") and "lora" in base.lower()):
+            found.setdefault(folder, ("diffusers", name))
+    if "" in found or len(found) == 1:
+        return found.get("", next(iter(found.values())))
+    learner = [folder for folder in found if folder.rsplit("/", 1)[-1] == LEARNER]
+    if len(learner) == 1:
+        return found[learner[0]]
+    if found:
+        raise UserError(f"'{where}' holds {len(found)} LoRAs (in {', '.join(sorted(found))}): name the folder of the "
+                        "one to load")
+    return None
+
+
+def first_line(err):
+    """'TypeName: first line of the message', for one-line errors."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def load_lora_into(backbone, lora, adapter_name):
+    """Load a LoRA (a file, a folder or a hub id; either format) into the
+    network as `adapter_name`, checking that every weight found its module."""
+    net, path = backbone.net, Path(lora).expanduser()
+    if not path.exists():  # a hub id: only its LoRA files are downloaded
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(lora), allow_patterns=[f"*{PEFT_CONFIG}", f"*{PEFT_WEIGHTS}",
+                                                                      "*lora*.safetensors"]))
+        except Exception as err:  # most often a mistyped local path: say so, not only the hub's complaint
+            raise UserError(f"the LoRA '{lora}' was not found: no such local file or folder (and as a hub id: "
+                            f"{first_line(err)})") from None
+    found = ("diffusers", "") if path.is_file() else find_lora(lora_files(path), lora)
+    if found is None:
+        raise UserError(f"'{lora}' holds no LoRA: neither {DIFFUSERS_LORA} nor a PEFT adapter folder ({PEFT_CONFIG} "
+                        f"+ {PEFT_WEIGHTS}), at its root or in a subfolder such as lora/learner/")
+    kind, path = found[0], path / found[1]
+    mismatch = (f"the LoRA '{lora}' does not fit this {backbone.kind} {backbone.net_name} (is it a LoRA of the "
+                "other backbone?)")
+    try:
+        if kind == "diffusers":
+            backbone.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        else:
+            _load_peft_adapter(net, path, adapter_name, mismatch)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"could not load the LoRA '{lora}' ({kind} format, {path}): {first_line(err)}") from None
+    if adapter_name not in getattr(net, "peft_config", {}) or not role_parameters(net, adapter_name):
+        raise UserError(f"{mismatch}: none of its weights loaded")
+
+
+def _load_peft_adapter(net, folder, adapter_name, mismatch):
+    """A PEFT adapter folder into a diffusers network, as PeftModel.from_pretrained
+    would: its LoraConfig injected, then its weights (without PeftModel's prefix)."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if config.peft_type != "LORA":
+        raise UserError(f"{folder} is a PEFT {config.peft_type} adapter, not a LoRA")
+    state = {key.removeprefix(PEFT_PREFIX): value
+             for key, value in load_peft_weights(str(folder), device="cpu").items()}
+    try:
+        net.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise UserError(f"{mismatch}: {str(err).splitlines()[0]}") from None
+    result = set_peft_model_state_dict(net, state, adapter_name=adapter_name)
+    unused = [key for key in result.unexpected_keys if "lora_" in key]
+    unset = [key for key in result.missing_keys if f".{adapter_name}." in key]
+    if unused or unset:
+        raise UserError(f"{mismatch}: {len(unused)} of its weights match no module, {len(unset)} of its modules get "
+                        f"no weight (e.g. {(unused or unset)[0]})")
+
+
+@contextlib.contextmanager
+def weights_swapped(params, values):
+    """Temporarily give `params` the `values` (e.g. the EMA weights); None: unchanged."""
+    if values is None:
+        yield
+        return
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, value in zip(params, values, strict=True):
+            p.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, backup, strict=True):
+                p.copy_(value)
+
+
+def lora_state_dict(net, role, params=None):
+    """The role's LoRA weights in PEFT key format ("...to_q.lora_A.weight", what
+    diffusers' SD-1.5 and SD-3 loaders read); `params` substitutes other values
+    (the EMA weights, in role_parameters' order)."""
+    from peft.utils import get_peft_model_state_dict
+
+    with weights_swapped(role_parameters(net, role), params):
+        state = get_peft_model_state_dict(net, adapter_name=role)
+        return {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
+
+
+def save_lora_checkpoint(backbone, state_dict, config, directory):
+    """Save LoRA weights so that both ecosystems read them:
+    - diffusers' `load_lora_weights(dir)`, with the adapter config as metadata
+      (SD-3.5-M has alpha != rank and would otherwise load at the wrong scale);
+    - PEFT's adapter_config.json + adapter_model.safetensors, for
+      `PeftModel.from_pretrained` (flow_grpo's loader) and `load_adapter`,
+      hard-linked again into lora/learner/, where the authors' SD-3.5-M
+      evaluation looks (Cwyxx/RealAlign, training_sd35m/evaluation/
+      sd-3-5-medium/generate_image.py)."""
+    from safetensors.torch import save_file
+
+    metadata = config.to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"]) if metadata.get("target_modules") else None
+    type(backbone.pipe).save_lora_weights(str(directory), **{f"{backbone.net_name}_lora_layers": state_dict,
+                                                             f"{backbone.net_name}_lora_adapter_metadata": metadata})
+    directory = Path(directory)
+    peft_config = copy.deepcopy(config)
+    peft_config.inference_mode = True  # as PeftModel.save_pretrained records it
+    peft_config.save_pretrained(str(directory))
+    save_file({PEFT_PREFIX + key: value.contiguous() for key, value in state_dict.items()},
+              str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
+    learner = directory / "lora" / LEARNER
+    learner.mkdir(parents=True, exist_ok=True)
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+        try:
+            os.link(directory / name, learner / name)
+        except OSError:  # a filesystem without hard links: a copy
+            shutil.copy2(directory / name, learner / name)
+
+
 def load_network_override(backbone, path):
-    """Replace the base UNet/transformer with another one (a folder or hub id,
-    at its root or in a unet/transformer subfolder), for the complementarity
-    experiments (README 'Method: Stage 2', e.g. mhdang/dpo-sd1.5-text2image-v1)."""
-    cls = type(backbone.net)
-    errors = []
+    """Replace the base UNet/transformer by another (a folder or hub id, at its
+    root or in a unet/transformer subfolder), for the complementarity runs
+    (README 'Method: Stage 2', e.g. mhdang/dpo-sd1.5-text2image-v1)."""
+    cls, errors = type(backbone.net), []
     for subfolder in (None, backbone.net_name):
         try:
             net = cls.from_pretrained(path, subfolder=subfolder, dtype=backbone.net.dtype)
             break
         except Exception as err:
-            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+            errors.append(first_line(err))
     else:
         raise UserError(f"could not load a {cls.__name__} from '{path}' ({'; '.join(errors)})")
     if net.config.get("in_channels") != backbone.net.config.get("in_channels"):
@@ -1171,7 +980,8 @@ def load_network_override(backbone, path):
 
 
 # =============================================================================
-# 4. Pairs CSV and the input cache
+# 4. Data and cache: the pairs CSV, the photos, the cache of VAE latents and
+#    prompt embeddings (keyed on content: section 0)
 # =============================================================================
 
 PAIR_COLUMNS = ["uid", "prompt", "real_image_path", "fake_image_path"]
@@ -1180,10 +990,9 @@ PAIR_ALIASES = {"win_image_path": "real_image_path", "lose_image_path": "fake_im
 
 
 def read_pairs_csv(path, need_fake=True):
-    """Read a pairs CSV (curate.py's schema, README 'Method: data'; win/lose names accepted).
-
-    Image paths may be relative to the CSV's folder. Returns a list of dicts
-    with absolute paths; every problem is a UserError that names it."""
+    """The rows of a pairs CSV (curate.py's schema, README 'Method: data'; win/lose
+    names accepted) with absolute image paths (relative ones are to the CSV's
+    folder); every problem is a UserError that names it."""
     import io
 
     path = Path(path)
@@ -1228,65 +1037,71 @@ def read_pairs_csv(path, need_fake=True):
     return pairs
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled to 0..255 (PIL's
+    convert would clip it to white); transparency composited on WHITE, as a
+    browser shows it, never on whatever colour the hidden pixels hold."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round(array.clip(0, 65535) / 257.0).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a
+    centre crop of resolution x resolution (after `to_rgb`)."""
+    image = to_rgb(image)
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((new_w, new_h), Image.LANCZOS)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def cache_key(model_name, resolution, pairs_csv, need_fake, hashes=None):
-    """The cache's name: the model (a fingerprint digest, `prepare_training`),
-    the resolution, and the CONTENT of the pairs CSV and of every image it
-    names (`fingerprint`): new images under the same uids give a new cache."""
+    """The cache's name: the model (a fingerprint digest), the resolution, and
+    the CONTENT of the pairs CSV and of every image it names."""
     return digest_of([str(model_name), resolution, need_fake, fingerprint(pairs_csv, hashes or FileHashes())])
 
 
-# The cache is stored in bf16, halving its size (README "Throughput and
-# memory" gives it for all of HPDv3). Training reads bf16 and casts to fp32
-# (`sample_inputs`, `cond_from_cache`): bf16 keeps 8 significant bits, a
-# relative rounding of at most 2^-9 = 0.2% of each latent statistic and
-# embedding value. On the GPU the network's inputs are cast to bf16 anyway
-# (`Backbone.predict`), so the cache adds one rounding of the same size to
-# the one training already does; on the CPU (fp32 tests) it is the only one.
+# Stored in bf16, half the size (README "Throughput and memory"): at most a
+# 2^-9 relative rounding of each value, the same size as the one the network's
+# bf16 inputs (`Backbone.predict`) take on the GPU anyway. Read back in fp32.
 CACHE_DTYPE = torch.bfloat16
-
-
-def _shard_range(count, part):
-    """The contiguous slice [start, end) of `count` items that shard
-    `part` = (index, of) encodes: consecutive shards concatenate in order."""
-    index, of = part
-    return count * index // of, count * (index + 1) // of
 
 
 def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True,
                       part=(0, 1)):
-    """Encode every image and prompt once (README 'Differences from the public code') and save with safetensors.
-
-    Stored in bf16, for N pairs and the U unique prompts (index 0 = the empty
-    prompt, used for caption dropout):
-      real_mean, real_std  [N, 2, C, h, w] VAE posterior of the real image,
-                           unflipped (index 0) and horizontally flipped (1)
-      fake_mean, fake_std  the same for the inpainted image (Stage 2)
-      prompt_embeds        [U, L, D] (and pooled_prompt_embeds [U, D] for SD-3)
-      prompt_index         [N] row -> prompt (int64)
-    The flipped image is encoded separately: flipping a latent is not exactly
-    the latent of the flipped image.
-
-    `part` = (i, k) encodes only the i-th of k contiguous slices of the rows
-    and of the unique prompts (one shard of a multi-process build,
-    `load_or_build_cache`); prompt_index stays global.
-
-    SD-3's T5 embeddings keep all 128 positions: diffusers' encode_prompt
-    runs T5 without an attention mask and the MMDiT attends to every
-    position, so the padding positions carry context-dependent values that
-    are part of the model's input; trimming them would change it.
-    """
+    """Encode every image and prompt once (README 'Differences from the public
+    code') into a safetensors file; N pairs, U unique prompts (0 = ""):
+      real_mean, real_std  [N, 2, C, h, w] VAE posterior of the image and of its
+                           mirror (a flipped latent is not the flipped image's);
+                           fake_* the same (Stage 2)
+      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept:
+                           the MMDiT attends to it), prompt_index [N]
+    `part` = (i, k): the i-th of k slices of rows and prompts (one shard)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     all_prompts = [""] + sorted({pair["prompt"] for pair in pairs})
     prompt_id = {prompt: i for i, prompt in enumerate(all_prompts)}
-    prompts = all_prompts[slice(*_shard_range(len(all_prompts), part))]
-    row_start, row_end = _shard_range(len(pairs), part)
+    shard = lambda count: (count * part[0] // part[1], count * (part[0] + 1) // part[1])  # noqa: E731
+    prompts = all_prompts[slice(*shard(len(all_prompts)))]
+    row_start, row_end = shard(len(pairs))
     tensors = dict(backbone.encode_prompts_once(prompts)) if prompts else {}
     tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs[row_start:row_end]],
                                            dtype=torch.long)
-    sides = ["real"] + (["fake"] if need_fake else [])
-    for side in sides:
+    for side in ["real"] + (["fake"] if need_fake else []):
         means, stds = [], []
         for start in tqdm(range(row_start, row_end, batch_size), desc=f"encoding {side} images",
                           disable=not progress):
@@ -1310,15 +1125,11 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
 
 
 def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cache_dir, need_fake, accelerator):
-    """The cache for (model, resolution, pairs content), a folder
-    CACHE_DIR/inputs-KEY (a changed CSV, image or model gives a new key).
-
-    Built sharded: each of the k processes encodes its 1/k of the rows and
-    prompts into shard-i-of-k.safetensors (so no process idles at a barrier
-    while another encodes everything, and the build is k times faster); the
-    main process then writes manifest.json, which marks the cache complete.
-    A finished shard of an interrupted build is kept. Every process reads
-    all the shards, in order."""
+    """The cache folder CACHE_DIR/inputs-KEY of (model, resolution, pairs
+    content). Built sharded: each of k processes encodes its 1/k into
+    shard-i-of-k.safetensors (k times faster, no process idling at a barrier),
+    then the main process writes manifest.json, which marks it complete; a
+    finished shard of an interrupted build is kept."""
     hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)  # what the trainer just hashed (it saves them)
     folder = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake, hashes)}"
     manifest = folder / "manifest.json"
@@ -1338,12 +1149,10 @@ def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cach
 
 
 class ShardedRows:
-    """One cache tensor whose rows lie in several memory-mapped shards, read
-    as if they were concatenated: x[rows] or x[rows, per_row_index] returns
-    those rows only (a fresh tensor of the micro-batch's size). The shards
-    are never concatenated: at the full HPDv3 subset on SD-3.5-M a private
-    copy would be ~120-150 GiB per process; mapped, every process of a node
-    reads the same pages of the OS page cache."""
+    """One cache tensor whose rows lie in several memory-mapped shards, read as
+    if concatenated: x[rows] or x[rows, per_row_index] copies those rows only.
+    Never concatenated: for all of HPDv3 on SD-3.5-M a private copy would be
+    ~120-150 GiB per process; mapped, a node's processes share the page cache."""
 
     def __init__(self, parts):
         self.parts = parts  # views of the mapped files, in shard order
@@ -1363,8 +1172,7 @@ class ShardedRows:
             raise IndexError(f"row index out of range for {len(self)} rows")
         shard = torch.bucketize(flat, self.ends, right=True)  # global row -> (shard, row in the shard)
         local = flat - self.starts[shard]
-        # Copied row by row into one fresh tensor (not torch.stack: under CPU fp16 autocast, stack of
-        # bf16 rows raises "Unexpected floating ScalarType").
+        # row by row into one tensor (torch.stack of bf16 rows fails under CPU fp16 autocast)
         out = torch.empty(len(flat), *self.shape[1:], dtype=self.dtype)
         for i, (s, r) in enumerate(zip(shard.tolist(), local.tolist())):
             out[i] = self.parts[s][r]
@@ -1373,10 +1181,8 @@ class ShardedRows:
 
 
 def read_input_cache(folder):
-    """The cache in the folder's manifest, memory-mapped (safetensors maps
-    each shard; nothing is copied until a micro-batch reads its rows): the
-    bf16 tensors as ShardedRows, prompt_index (8 bytes a row) in memory.
-    Cast per micro-batch."""
+    """The cache of the folder's manifest, memory-mapped: the bf16 tensors as
+    ShardedRows, prompt_index (8 bytes a row) in memory."""
     from safetensors.torch import load_file
 
     names = json.loads((Path(folder) / "manifest.json").read_text())["shards"]
@@ -1388,10 +1194,8 @@ def read_input_cache(folder):
 
 def cond_from_cache(cache, prompt_ids, device):
     """Prompt embeddings of the given prompt indices, as a cond dict."""
-    cond = {"prompt_embeds": to_device(cache["prompt_embeds"][prompt_ids].float(), device)}
-    if "pooled_prompt_embeds" in cache:
-        cond["pooled_prompt_embeds"] = to_device(cache["pooled_prompt_embeds"][prompt_ids].float(), device)
-    return cond
+    return {key: to_device(cache[key][prompt_ids].float(), device)
+            for key in ("prompt_embeds", "pooled_prompt_embeds") if key in cache}
 
 
 def cat_cond(*conds):
@@ -1399,15 +1203,553 @@ def cat_cond(*conds):
 
 
 # =============================================================================
-# 5. The training skeleton shared by train_dro.py and train_dpo.py
+# 5. The step: micro-batches keyed on their position, their inputs, and the
+#    learner's and reference's errors
 # =============================================================================
-# Both stages are "compute per-sample errors of the learner and the reference
-# on a concatenated batch, take a loss, accumulate to an effective batch of
-# 256". What differs (the loss, and where the second half of the batch comes
-# from) lives in the two scripts; the rest is here, once.
+# Both stages compute per-sample errors of the learner and the reference on
+# one concatenated batch, take a loss and accumulate to an effective batch of
+# 256. What differs (the loss, and where the second half of the batch comes
+# from) lives in the two scripts.
 
-# The paper's defaults (README 'Method: Stage 1'; README 'Method: Stage 2'); a flag the user gives wins. What a
-# backbone keeps in both stages, then what each stage sets.
+
+def global_micro_batch_index(step, micro, grad_accum, rank, world):
+    """A micro-batch's position among all of the run's, over all processes:
+    step s (1-based) holds (s-1)*A*W ... s*A*W - 1. 1 process x accumulation 4
+    and 2 x 2 cover the same indices in every step."""
+    return ((step - 1) * grad_accum + micro) * world + rank
+
+
+def micro_batch_generator(seed, index, stream=""):
+    """The generator of every draw of one micro-batch (flips, latents, noise,
+    timesteps; its "policy" `stream`: Stage 1's caption dropout and policy
+    trajectories, drawn ahead of the micro-batch's turn). Keyed on (seed,
+    global index) alone: the same run on any number of processes, and a
+    resume needs no generator state."""
+    digest = hashlib.sha256(f"realalign/{seed}/{index}{'/' + stream if stream else ''}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
+
+
+class MicroBatch(typing.NamedTuple):
+    """Its optimizer step (1-based) and place in it, its global index, its
+    cache rows (None with --benchmark_steps) and its generator."""
+    step: int
+    micro: int
+    index: int
+    rows: torch.Tensor | None
+    generator: torch.Generator
+
+
+def micro_batches(args, accelerator, grad_accum, num_rows, first_step, last_step):
+    """This process's micro-batches of optimizer steps first_step ... last_step, in order."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for step in range(first_step, last_step + 1):
+        for micro in range(grad_accum):
+            index = global_micro_batch_index(step, micro, grad_accum, rank, world)
+            rows = micro_batch_rows(step, micro, grad_accum, rank, world, args.train_batch_size, num_rows,
+                                    args.seed) if num_rows else None
+            yield MicroBatch(step, micro, index, rows, micro_batch_generator(args.seed, index))
+
+
+def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
+    """Cache rows of one micro-batch: a seeded permutation per epoch, read at
+    the micro-batch's global position; no data-loader state to resume."""
+    start = global_micro_batch_index(step, micro, grad_accum, rank, world) * batch_size
+    rows = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_rows)
+        rows.append(int(_epoch_permutation(num_rows, seed, epoch)[offset]))
+    return torch.tensor(rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_rows, seed, epoch):
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, flip=True):
+    """Clean latents x0 per side ("real", "fake") of the rows, and their prompt
+    embeddings. Both sides of a pair share one flip (README 'Method: Stage 2':
+    the fake is pixel-aligned; the public code flips them independently); a
+    dropped caption (probability `caption_dropout`) becomes ""."""
+    n = len(rows)
+    flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
+    x0 = {}
+    for side in sides:
+        mean, std = cache[f"{side}_mean"][rows, flip_index].float(), cache[f"{side}_std"][rows, flip_index].float()
+        x0[side] = to_device(backbone.latents_from_posterior(mean, std, generator), backbone.device)
+    prompt_ids = cache["prompt_index"][rows].clone()
+    if caption_dropout > 0:
+        prompt_ids[torch.rand(n, generator=generator) < caption_dropout] = 0  # index 0 = ""
+    return x0, cond_from_cache(cache, prompt_ids, backbone.device)
+
+
+def random_inputs(backbone, n, resolution, generator, sides):
+    """Random latents and embeddings of the right shapes (--benchmark_steps)."""
+    shape = (n, *backbone.latent_shape(resolution))
+    x0 = {side: to_device(torch.randn(shape, generator=generator), backbone.device) for side in sides}
+    net_config = backbone.net.config
+    if backbone.is_flow:  # CLIP 77 + T5 128 tokens
+        cond = {"prompt_embeds": torch.randn(n, 77 + 128, net_config.joint_attention_dim, generator=generator),
+                "pooled_prompt_embeds": torch.randn(n, net_config.pooled_projection_dim, generator=generator)}
+    else:
+        cond = {"prompt_embeds": torch.randn(n, 77, net_config.cross_attention_dim, generator=generator)}
+    return x0, {key: to_device(value, backbone.device) for key, value in cond.items()}
+
+
+def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None):
+    """Per-sample errors of the learner (with grad) and the frozen reference (no
+    grad) on one concatenated batch, one forward each (README 'Differences
+    from the public code'). `own_target_from` = m (train_dro.py
+    --policy_target learner, a diagnostic): rows m: take the learner's own
+    detached prediction as target, as the public SD-3.5-M trainer does (error
+    and gradient exactly 0 there)."""
+    net = backbone.net
+    use_role(net, REF)
+    with torch.no_grad():
+        ref_pred = backbone.predict(net, x_t, t, cond)
+    use_role(net, LEARNER)
+    pred = backbone.predict(net, x_t, t, cond)
+    if own_target_from is not None:
+        target = torch.cat([target, pred[own_target_from:].detach().to(target.dtype)])
+    return per_sample_mse(pred, target), per_sample_mse(ref_pred, target)
+
+
+# =============================================================================
+# 6. The loop: set-up, the optimizer step, and what a run leaves behind
+# =============================================================================
+
+
+def prepare_training(args, stage, need_fake):
+    """Everything before the first step: checks, accelerator, models, defaults
+    and the input cache. Returns (accelerator, backbone, pairs, cache, grad_accum)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    check_training_args(args)  # before any model loads or folder is made
+    pairs = read_pairs_csv(args.pairs, need_fake=need_fake) if not args.benchmark_steps else None
+    use_cuda = torch.cuda.is_available()
+    if args.mixed_precision is None:  # CPU bf16 kernels are slow: fp32 there
+        args.mixed_precision = "bf16" if use_cuda else "no"
+    # cpu=True without GPUs: only then does accelerate join torchrun's gloo group
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, cpu=not use_cuda,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)))
+    if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
+    pipe = load_pipeline(args.pretrained_model, dtype=weight_dtype)
+    pipe.vae.to(torch.float32)  # latents are encoded once and decoded for grids only
+    backbone = Backbone(pipe, accelerator.device, weight_dtype)
+    apply_defaults(args, stage, backbone, pairs)
+    per_step = args.train_batch_size * accelerator.num_processes  # effective = batch x processes x accumulation
+    if args.effective_batch_size % per_step:
+        raise UserError(f"--effective_batch_size {args.effective_batch_size} is not a multiple of "
+                        f"--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes")
+    grad_accum = args.effective_batch_size // per_step
+    # what the run reads, by content (after loading: a hub model is now in the local cache)
+    cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
+    hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)
+    inputs = {flag: fingerprint(getattr(args, key), hashes) for key, flag in INPUT_FLAGS.items() if getattr(args, key)}
+    if args.resume:
+        check_resume(args, inputs)
+    if args.init_network:
+        load_network_override(backbone, args.init_network)
+    pipe.vae.to(accelerator.device)
+    backbone.net.to(accelerator.device)
+    if args.gradient_checkpointing:
+        backbone.net.enable_gradient_checkpointing()
+    if use_cuda and backbone.kind == "sd15":  # cuDNN's fastest convolutions want NHWC
+        backbone.net.to(memory_format=torch.channels_last)
+    args.compile = use_cuda if args.compile is None else args.compile
+    if args.compile:
+        compile_network(backbone.net)
+    cache = None
+    if pairs is not None:  # the latents and embeddings depend on the model's content, not its path
+        model_name = digest_of([inputs.get("--pretrained_model"), inputs.get("--init_unet"), backbone.kind])
+        hashes.save()
+        cache = load_or_build_cache(backbone, model_name, args.pairs, pairs, args.resolution, cache_dir,
+                                    need_fake, accelerator)
+    with writing(args.output_dir):
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    args.num_processes, args.gradient_accumulation_steps = accelerator.num_processes, grad_accum
+    log_world_size(accelerator.num_processes, f"stage {1 if stage == 'dro' else 2}", accelerator.is_main_process)
+    if accelerator.is_main_process:
+        atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(public_args(args), indent=2, default=str))
+        atomic_write_text(Path(args.output_dir) / "inputs.json", json.dumps(inputs, indent=1))
+        logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
+                    backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
+                    grad_accum, args.effective_batch_size)
+    return accelerator, backbone, pairs, cache, grad_accum
+
+
+def compile_network(net, backend="inductor"):
+    """torch.compile the repeated blocks one by one (diffusers' regional
+    compilation): one graph per block shape, seconds instead of minutes. Each
+    role (`use_role` sets an attribute dynamo guards on), shape and grad mode
+    compiles once; static shapes, and a cache limit that fits them all."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    blocks = getattr(net, "_repeated_blocks", None) or ["JointTransformerBlock"]  # diffusers names none for SD-3
+    for module in net.modules():
+        if type(module).__name__ in blocks:
+            module.compile(backend=backend, dynamic=False)
+    return net
+
+
+def make_optimizer(args, params):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon,
+                                  fused=torch.cuda.is_available())
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
+    return optimizer, lr_scheduler
+
+
+def all_reduce_gradients(params, accelerator):
+    """Average the LoRA gradients over processes in one flat all-reduce (not
+    DDP: only one of the network's three LoRA roles trains)."""
+    if accelerator.num_processes == 1:
+        return
+    flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def mixed_precision_autocast(args, backbone):
+    """Autocast in the --mixed_precision dtype. Ours rather than
+    accelerator.autocast(): accelerate does not autocast fp16 on CPU, and the
+    fp16 path (with its gradient scaler) is tested on CPU."""
+    if args.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(backbone.device.type, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
+
+
+def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss,
+             after_optimizer_step=None):
+    """The training loop of both stages (paper Sec. 3): per optimizer step,
+    accumulate `micro_batch_loss(micro_batch)` -> (loss, stats) over the
+    effective batch, average the gradients over processes, clip, step AdamW
+    and the EMA; `after_optimizer_step(step)` follows (Stage 1 refreshes its
+    sampling snapshot there). What the run leaves behind (metrics, trackers,
+    checkpoints, state, hub) is `RunRecord`'s."""
+    from tqdm.auto import tqdm
+
+    params = role_parameters(backbone.net, LEARNER)
+    optimizer, lr_scheduler = make_optimizer(args, params)
+    ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_schedule) if args.use_ema else None
+    seed_everything(args.seed)  # alike on every process; training itself draws from `micro_batch_generator`
+    start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema) if args.resume else 0
+    if accelerator.num_processes > 1:  # every process must hold the same LoRA weights
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(backbone.device)
+        if not torch.allclose(accelerator.gather(checksum), checksum):
+            raise RuntimeError("the processes start from different LoRA weights")
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(backbone.device.type, enabled=args.mixed_precision == "fp16")
+    record = RunRecord(args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema,
+                       start_step)
+    num_rows = len(cache["prompt_index"]) if cache is not None else 0
+    max_steps = args.benchmark_steps or args.max_train_steps
+    # the bar moves per micro-batch: on few devices one optimizer step is many
+    progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
+                    desc="training", disable=not accelerator.is_main_process)
+    if backbone.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backbone.device)
+    records = []
+    for step in range(start_step + 1, max_steps + 1):
+        step_start = time.perf_counter()
+        totals = {}
+        for micro_batch in micro_batches(args, accelerator, grad_accum, num_rows, step, step):
+            with mixed_precision_autocast(args, backbone):
+                loss, stats = micro_batch_loss(micro_batch)
+            scaler.scale(loss / grad_accum).backward()
+            for key, value in {**stats, "loss": loss.detach()}.items():
+                totals[key] = totals.get(key, 0.0) + value / grad_accum
+            progress.update(1)
+            if step == start_step + 1 and micro_batch.micro == 0 and grad_accum > 1:
+                record.announce_run_time(grad_accum, max_steps - start_step, step_start)
+        all_reduce_gradients(params, accelerator)
+        # unscaled after the all-reduce: every process finds the same inf/NaN and skips the same fp16 steps
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+        scaler.update()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params, step)
+        extra = after_optimizer_step(step) if after_optimizer_step else {}
+        records.append(record.log_step(step, totals, grad_norm, scaler, lr_scheduler, step_start, extra))
+        progress.set_postfix(step=f"{step}/{max_steps}", loss=f"{records[-1]['loss']:.4g}")
+        if step % args.checkpoint_every == 0 or step == max_steps:
+            record.checkpoint(step, params)
+        check_interrupted()  # a Ctrl-C that a finalizer swallowed stops the run here
+    record.push_to_hub()
+    progress.close()
+    return records
+
+
+class RunRecord:
+    """What a run leaves behind: OUTPUT_DIR/metrics.jsonl and the trackers each
+    step, checkpoint-STEP and state/ every --checkpoint_every steps, the final
+    checkpoint on the hub (--push_to_hub). --benchmark_steps times the loop
+    and leaves nothing (its records are returned)."""
+
+    def __init__(self, args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema,
+                 start_step):
+        self.args, self.accelerator, self.backbone, self.roles, self.lora_config = (args, accelerator, backbone,
+                                                                                   roles, lora_config)
+        self.cache, self.optimizer, self.lr_scheduler, self.ema = cache, optimizer, lr_scheduler, ema
+        self.enabled, self.last_saved = not args.benchmark_steps, start_step
+        main = accelerator.is_main_process and self.enabled
+        if start_step:
+            logger.info("resumed from step %d", start_step)
+        if start_step >= (args.benchmark_steps or args.max_train_steps):
+            logger.info("already finished (%d steps)", start_step)
+        if self.enabled:
+            init_trackers(args, accelerator, start_step)
+        self.metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step, main)
+        self.validation = None
+        if cache is not None and args.sample_grid_steps > 0 and main and args.validation_prompts:
+            # embeddings of ["", *prompts], encoded once (the text encoders visit the device for this pass only)
+            self.validation = backbone.encode_prompts_once(["", *args.validation_prompts])
+
+    def announce_run_time(self, grad_accum, steps_left, step_start):
+        """After the first micro-batch: a rough estimate of the run's time (errs
+        high: it includes warm-up), so a CPU run at the paper's batch of 256
+        says at once that it would take days."""
+        if not self.enabled:
+            return
+        if self.backbone.device.type == "cuda":
+            torch.cuda.synchronize(self.backbone.device)
+        seconds = time.perf_counter() - step_start
+        if self.accelerator.is_main_process:
+            logger.info("one optimizer step = %d micro-batches of %d per process; the first took %.1f s: about %s "
+                        "per step, %s for the %d steps left (a smaller --effective_batch_size means fewer "
+                        "micro-batches)", grad_accum, self.args.train_batch_size, seconds,
+                        format_duration(seconds * grad_accum), format_duration(seconds * grad_accum * steps_left),
+                        steps_left)
+
+    def log_step(self, step, totals, grad_norm, scaler, lr_scheduler, step_start, extra):
+        """One host sync per step: the stats averaged over processes and the
+        gradient norm; a non-finite one stops the run before anything of the
+        step is logged or saved (all processes see the same values)."""
+        args, accelerator, device = self.args, self.accelerator, self.backbone.device
+        keys = sorted(totals)
+        means = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=device) for k in keys])
+        means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
+        values = torch.cat([means, grad_norm.detach().float().view(1).to(means.device)]).tolist()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - step_start
+        checked = dict(zip(keys, values))
+        if not scaler.is_enabled():  # fp16: an overflowing gradient is expected now and then, the scaler skips it
+            checked["grad_norm"] = values[-1]
+        self.check_finite(step, checked)
+        record = {"step": step, **{k: float(v) for k, v in zip(keys, values)},
+                  "grad_norm": values[-1], "lr": lr_scheduler.get_last_lr()[0],
+                  "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
+                  "peak_memory_gb": peak_memory_gb(device), **(extra or {})}
+        if scaler.is_enabled():
+            record["grad_scale"] = scaler.get_scale()
+        self.metrics.write(record)
+        accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step)
+        return record
+
+    def check_finite(self, step, values):
+        """A diverged run stops with a UserError naming the step and every
+        non-finite quantity; state/ keeps the last good step."""
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            kept = (f"the last good state is {Path(self.args.output_dir) / 'state'} (step {self.last_saved})"
+                    if self.last_saved else "nothing was saved")
+            raise UserError(f"step {step}: non-finite {', '.join(bad)} (the run diverged); training stopped and "
+                            f"this step was not saved; {kept}. A lower --learning_rate (in a new --output_dir) "
+                            "may help")
+
+    def checkpoint(self, step, params):
+        """checkpoint-STEP and state/ (weights can overflow while the loss that
+        moved them was finite: checked first, one more host sync)."""
+        if not self.enabled:
+            return
+        ema = self.ema
+        saved = params + (ema.shadow if ema is not None else [])
+        finite = bool(torch.stack([p.detach().isfinite().all() for p in saved]).all())
+        self.check_finite(step, {"LoRA weights": 0.0 if finite else math.nan})
+        save_checkpoint(self.args, self.accelerator, step, self.backbone, self.lora_config, params, ema, self.cache,
+                        self.validation)
+        save_training_state(self.args, self.accelerator, step, self.backbone, self.roles, self.optimizer,
+                            self.lr_scheduler, ema)
+        self.last_saved = step
+
+    def push_to_hub(self):
+        if self.enabled and self.args.push_to_hub:
+            push_final_checkpoint(self.args, self.accelerator, self.backbone, self.cache)
+
+
+def format_duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl, one line per optimizer step (main process). On
+    resume, lines past the resumed step are dropped: it always matches the weights."""
+
+    def __init__(self, path, resume_step, enabled):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            kept = []
+            if resume_step and self.path.exists():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line)
+                    except ValueError:  # a line cut short by a kill or a full disk: dropped
+                        continue
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record):
+        if self.enabled:
+            with writing(self.path), open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation):
+    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in both published formats, a
+    model card and a grid of the validation prompts x seeds 0, 1 (also sent to
+    the trackers); curves.png is redrawn beside it."""
+    if not accelerator.is_main_process:
+        return
+    final = Path(args.output_dir) / f"checkpoint-{step}"
+    tmp = make_temp_dir(final)
+    weights = ema.shadow if ema is not None else None
+    with writing(final):
+        save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
+        (tmp / ".mode").touch()  # diffusers writes its weights 0600: give them the mode a plain open() gets
+        mode = (tmp / ".mode").stat().st_mode & 0o777
+        (tmp / ".mode").unlink()
+        for file in tmp.iterdir():
+            if file.is_file():
+                file.chmod(mode)
+        if args.sample_grid_steps > 0 and validation is not None:
+            use_role(backbone.net, LEARNER)
+            with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
+                images = generate_grid_images(backbone, validation, args, seeds=(0, 1))
+            save_sample_grid(images, args.validation_prompts, (0, 1), tmp / "grid.png",
+                             title=f"{final.name}{' (EMA weights)' if ema is not None else ''}: "
+                                   f"{args.sample_grid_steps} steps, guidance {args.guidance_scale}")
+            with Image.open(tmp / "grid.png") as grid:
+                log_grid(accelerator, grid.convert("RGB"), step)
+        write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
+        replace_dir(tmp, final)
+        prune_checkpoints(args)
+        metrics_path = Path(args.output_dir) / "metrics.jsonl"
+        if metrics_path.exists():
+            plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
+    logger.info("saved %s", final)
+
+
+def generate_grid_images(backbone, validation, args, seeds):
+    """Images of the validation prompts (embeddings of ["", *prompts]) with CFG, one row per seed."""
+    n = len(validation["prompt_embeds"]) - 1
+    cond = cond_from_cache(validation, torch.arange(1, n + 1), backbone.device)
+    uncond = cond_from_cache(validation, torch.zeros(n, dtype=torch.long), backbone.device)
+    kwargs = {"prompt_embeds": cond["prompt_embeds"], "negative_prompt_embeds": uncond["prompt_embeds"]}
+    if backbone.is_flow:
+        kwargs.update(pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                      negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"])
+    kwargs = {key: value.to(backbone.dtype) for key, value in kwargs.items()}
+    images = []
+    for seed in seeds:
+        generator = [torch.Generator().manual_seed(seed) for _ in range(n)]
+        with mixed_precision_autocast(args, backbone):
+            images += backbone.pipe(**kwargs, num_inference_steps=args.sample_grid_steps,
+                                    guidance_scale=args.guidance_scale, height=args.resolution,
+                                    width=args.resolution, generator=generator).images
+    return images
+
+
+def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema):
+    """OUTPUT_DIR/state: everything --resume needs, written atomically, tensors,
+    numbers and strings only (it loads with weights_only=True: a state file
+    cannot run code, whoever wrote it). Each rank adds its global RNG states
+    (training draws from per-micro-batch generators; these are for a library
+    drawing from the global RNG)."""
+    from accelerate.utils import broadcast_object_list
+
+    state_dir = Path(args.output_dir) / "state"
+    tmp = make_temp_dir(state_dir) if accelerator.is_main_process else None
+    tmp = broadcast_object_list([tmp])[0] if accelerator.num_processes > 1 else tmp
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                     "gauss": float(gauss)},
+           "python": [version, list(internal), py_gauss]}
+    atomic_save_torch(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(),
+                           "lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                           "num_processes": accelerator.num_processes,
+                           "roles": {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)]
+                                     for role in roles}},
+                          tmp / "training_state.pt")
+        replace_dir(tmp, state_dir)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema):
+    """Restore OUTPUT_DIR/state; returns its step (extra processes take rank 0's RNG states)."""
+    state_dir = Path(args.output_dir) / "state"
+    try:
+        state = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=True)
+        rank_file = state_dir / f"rng_rank{accelerator.process_index}.pt"
+        rng = torch.load(rank_file if rank_file.exists() else state_dir / "rng_rank0.pt", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read the saved state in {state_dir} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0]}); it was written by an older version or is damaged") from None
+    if state["num_processes"] != accelerator.num_processes:
+        logger.info("the state was saved by %d processes, this run has %d: the same run continues (every "
+                    "random draw is keyed on the global sample position)", state["num_processes"],
+                    accelerator.num_processes)
+    with torch.no_grad():
+        for role in roles:
+            for p, value in zip(role_parameters(backbone.net, role), state["roles"][role], strict=True):
+                p.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, py_gauss = rng["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    return int(state["step"])
+
+
+# =============================================================================
+# Plumbing: flags, errors, devices, safe writes, PickScore, --help, figures,
+# trackers, model card, hub
+# =============================================================================
+
+# ---- the trainers' flags ----
+# The paper's defaults (README 'Method: Stage 1' and 'Stage 2'); a flag the user
+# gives wins. What a backbone keeps in both stages, then what each stage sets.
 BACKBONE_DEFAULTS = {
     "sd15": dict(lora_rank=4, lora_alpha=4, weight_decay=0.01, train_batch_size=4, ema_decay=0.9999, ema_every=1,
                  ema_schedule="diffusers", guidance_scale=7.5),
@@ -1422,12 +1764,16 @@ STAGE_DEFAULTS = {
             # Table 1's step-450 checkpoint holds EMA weights
             "sd3": dict(learning_rate=2.56e-6, lr_warmup_steps=0, max_train_steps=1000, use_ema=True, beta=100.0)},
 }
+STAGE_NAMES = {"dro": "stage1", "dpo": "stage2"}
+STAGE_TITLES = {"stage1": "Stage 1, Diffusion-DRO on real images",
+                "stage2": "Stage 2, Diffusion-DPO on real vs inpainted pairs"}
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SECRET_ARGS = ("hub_token",)  # never written to args.json, the trackers or a model card
 
 
 def add_training_args(parser, stage):
-    """Flags both trainers share (`stage`: "dro" or "dpo", for the stated
-    defaults). Those whose default depends on the backbone default to None
-    and are filled in by `apply_backbone_defaults`."""
+    """Flags both trainers share (`stage`: "dro" or "dpo"); those whose default
+    depends on the backbone default to None, filled in by `apply_defaults`."""
     parser.formatter_class = HelpFormatter
 
     def paper(key):  # the paper's per-backbone default, for the help text
@@ -1498,9 +1844,8 @@ def add_training_args(parser, stage):
                         "costs more than it saves at test sizes); see README 'Throughput and memory'")
     g.add_argument("--benchmark_steps", type=non_negative_int, default=0,
                    help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
-    # The handles of diffusers' training examples (README "Trackers, the hub,
-    # precision"). There is no --dataloader_num_workers: the trainers read a
-    # tensor cache in memory, there is no data loader to give workers to.
+    # diffusers' training examples' handles (README "Trackers, the hub, precision"); no
+    # --dataloader_num_workers: the trainers read a tensor cache, there is no data loader
     g = parser.add_argument_group("precision")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="compute precision of the frozen base network (the LoRA weights stay fp32); fp16 trains "
@@ -1536,63 +1881,101 @@ def add_training_args(parser, stage):
 
 
 class _ResumeLatest(argparse.Action):
-    """`--resume_from_checkpoint latest` sets --resume: the state in OUTPUT_DIR
-    is always the latest one, so 'latest' is the only value there is."""
+    """`--resume_from_checkpoint latest` sets --resume: OUTPUT_DIR/state is always the latest."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, True)
 
 
-# The flags that may differ between a run and its --resume (README
-# "Resuming"): how long the run goes, what it saves, where the cache lives and
-# how it computes, never what a step computes. Any other difference from the
-# run's args.json is refused, naming the flags.
+# What may differ between a run and its --resume (README "Resuming"): how long
+# it goes, what it saves, where the cache lives, how it computes; never what a
+# step computes. LAUNCH_FLAGS are recorded but set by the launch: every draw is
+# keyed on the global sample position, so any process count trains the same
+# run. INPUT_FLAGS are compared by content (OUTPUT_DIR/inputs.json), not path.
 RESUME_SAFE_FLAGS = ("max_train_steps", "checkpoint_every", "sample_grid_steps", "guidance_scale", "resume",
                      "gradient_checkpointing", "cache_dir", "output_dir", "benchmark_steps", "compile", "allow_tf32",
                      "checkpoints_total_limit", "final_checkpoint", "validation_prompts", "report_to", "logging_dir",
                      "tracker_project_name", "push_to_hub", "hub_model_id", "sampler_slots", "allow_unusual")
-# Recorded in args.json, but set by the launch: every random draw is keyed on
-# the global sample position (`micro_batch_generator`), so any number of
-# processes at the same per-device and effective batch trains the same run.
 LAUNCH_FLAGS = ("num_processes", "gradient_accumulation_steps")
 NOT_FLAGS = ("resume", "output_dir", "benchmark_steps", "allow_unusual")  # safe, not worth naming in a message
-# What a run reads, compared by content (`fingerprint`, OUTPUT_DIR/inputs.json),
-# not by path: a moved folder resumes, an edited one is refused.
 INPUT_FLAGS = {"pairs": "--pairs", "pretrained_model": "--pretrained_model", "init_lora": "--init_lora",
                "init_network": "--init_unet"}
 
 
-def check_resume_settings(args):
-    """--resume: refuse when a flag outside RESUME_SAFE_FLAGS differs from the
-    run's args.json (LoRA rank, batch sizes, seed, ...). The inputs are
-    compared by content, in `check_resume_inputs`."""
-    path = Path(args.output_dir) / "args.json"
+def public_args(args):
+    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
+
+
+def check_training_args(args):
+    """Refuse what would start training on bad ground, before any model loads:
+    trackers not installed, hub flags without --push_to_hub, an output folder
+    in use (locked by the main process) or holding another run."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available(), "wandb": bool(is_wandb_available())}
+    if args.report_to in installed and not installed[args.report_to]:
+        raise UserError(f"--report_to {args.report_to}: {args.report_to} is not installed "
+                        f"(pip install {args.report_to}), or pass --report_to none")
+    if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
+        raise UserError("--hub_model_id and --hub_token only make sense with --push_to_hub")
+    output_dir, state = Path(args.output_dir), Path(args.output_dir) / "state"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process
+        lock_output_dir(output_dir, "training run")
+        for leftover in output_dir.glob(".*.tmp-*"):  # temporaries of a run that was stopped (we hold the lock)
+            shutil.rmtree(leftover, ignore_errors=True)
+    recover_dir(state)
+    if args.resume and not (state / "training_state.pt").exists():
+        raise UserError(f"--resume: no saved state in {state}")
+    if not args.resume and state.exists():
+        raise UserError(f"{args.output_dir} already holds a run (state/); pass --resume or use another --output_dir")
+    if not args.pairs and not args.benchmark_steps:
+        raise UserError("--pairs is required (the pairs CSV written by curate.py)")
+
+
+def apply_defaults(args, stage, backbone, pairs):
+    """The paper's per-backbone values of the flags left unset, and the defaults
+    and checks that need the loaded model or the pairs."""
+    for key, value in {**BACKBONE_DEFAULTS[backbone.kind], **STAGE_DEFAULTS[stage][backbone.kind]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    check_resolution(backbone, args.resolution)
+    if pairs is not None and args.train_batch_size > len(pairs) and not args.allow_unusual:
+        raise UserError(f"--train_batch_size {args.train_batch_size} is larger than the {len(pairs)} pairs of "
+                        f"{args.pairs}: every micro-batch would repeat pairs. Pass --allow_unusual if you mean it")
+    args.stage = STAGE_NAMES[stage]
+    if args.tracker_project_name is None:
+        args.tracker_project_name = f"realalign-{args.stage}"
+    if args.validation_prompts is None:  # the first four distinct prompts of the pairs
+        args.validation_prompts = list(dict.fromkeys(pair["prompt"] for pair in pairs or []))[:4]
+    final, last = args.final_checkpoint, args.max_train_steps
+    if final is not None and not args.benchmark_steps and (
+            final > last or final % args.checkpoint_every and final != last):
+        raise UserError(f"--final_checkpoint {final} is not a step that gets a checkpoint "
+                        f"(multiples of --checkpoint_every {args.checkpoint_every}, or --max_train_steps {last})")
+
+
+def check_resume(args, inputs):
+    """--resume: refuse a flag outside RESUME_SAFE_FLAGS that differs from the
+    run's args.json, or an input whose content changed since it started
+    (inputs.json): that would train one run on two datasets or models."""
     try:
-        previous = json.loads(path.read_text())
+        previous = json.loads((Path(args.output_dir) / "args.json").read_text())
     except (OSError, ValueError):
-        return  # no record to compare with (a run stopped before its first write)
+        previous = None  # no record to compare with (a run stopped before its first write)
     current = json.loads(json.dumps(public_args(args), default=str))
     changed = [f"--{key} {previous.get(key)!r} -> {value!r}" for key, value in current.items()
-               if key not in RESUME_SAFE_FLAGS + LAUNCH_FLAGS + tuple(INPUT_FLAGS) and previous.get(key) != value]
+               if key not in RESUME_SAFE_FLAGS + LAUNCH_FLAGS + tuple(INPUT_FLAGS) and previous.get(key) != value
+               ] if previous is not None else []
     if changed:
         raise UserError(f"--resume with other settings than the run in {args.output_dir} ({'; '.join(changed)}). "
                         f"Only these may change on resume: {', '.join('--' + f for f in RESUME_SAFE_FLAGS if f not in NOT_FLAGS)}; "
                         "start a new run in another --output_dir for the rest")
-
-
-def input_fingerprints(args, hashes):
-    """{flag: fingerprint} of every input the run reads (INPUT_FLAGS)."""
-    return {flag: fingerprint(getattr(args, key), hashes) for key, flag in INPUT_FLAGS.items() if getattr(args, key)}
-
-
-def check_resume_inputs(args, inputs):
-    """--resume: refuse when what the run reads changed since it started
-    (OUTPUT_DIR/inputs.json), naming the input and the files: resuming would
-    train one run on two datasets or models."""
     try:
         previous = json.loads((Path(args.output_dir) / "inputs.json").read_text())
     except (OSError, ValueError):
-        return  # a run stopped before its first write
+        return
     changed = [f"{flag} ({fingerprint_changes(previous.get(flag), inputs.get(flag)) or 'given or dropped'})"
                for flag in dict.fromkeys([*previous, *inputs]) if previous.get(flag) != inputs.get(flag)]
     if changed:
@@ -1600,603 +1983,14 @@ def check_resume_inputs(args, inputs):
                         f"{'; '.join(changed)}. Start afresh in another --output_dir (or delete this one)")
 
 
-def apply_backbone_defaults(args, stage, kind):
-    for key, value in {**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
-
-
-def check_run_dir(args):
-    """Refuse what would start training on bad ground, before loading models."""
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
-    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process
-        lock_output_dir(output_dir, "training run")
-        for leftover in output_dir.glob(".*.tmp-*"):  # temporaries of a run that was stopped (we hold the lock)
-            shutil.rmtree(leftover, ignore_errors=True)
-    state = output_dir / "state"
-    recover_dir(state)
-    if args.resume and not (state / "training_state.pt").exists():
-        raise UserError(f"--resume: no saved state in {state}")
-    if not args.resume and state.exists():
-        raise UserError(f"{args.output_dir} already holds a run (state/); pass --resume or use another --output_dir")
-
-
-def gradient_accumulation(args, num_processes):
-    """Effective batch = per-device batch x processes x accumulation (README 'Method: Stage 1')."""
-    per_step = args.train_batch_size * num_processes
-    if args.effective_batch_size % per_step:
-        raise UserError(f"--effective_batch_size {args.effective_batch_size} is not a multiple of "
-                        f"--train_batch_size {args.train_batch_size} x {num_processes} processes")
-    return args.effective_batch_size // per_step
-
-
-def prepare_training(args, stage, need_fake):
-    """Everything before the first step: checks, accelerator, models, defaults,
-    LoRA start point and the input cache. Returns (accelerator, backbone,
-    pairs, cache, grad_accum)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    check_ecosystem_args(args)  # trackers installed, hub flags: before any model loads or folder is made
-    check_run_dir(args)
-    if not args.pairs and not args.benchmark_steps:
-        raise UserError("--pairs is required (the pairs CSV written by curate.py)")
-    pairs = read_pairs_csv(args.pairs, need_fake=need_fake) if not args.benchmark_steps else None
-    use_cuda = torch.cuda.is_available()
-    if args.mixed_precision is None:  # bf16 on GPU; CPU bf16 kernels are slow, so fp32 there
-        args.mixed_precision = "bf16" if use_cuda else "no"
-    # cpu=True without GPUs: only then does accelerate join the gloo group that
-    # torchrun sets up (otherwise every process would train on its own)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, cpu=not use_cuda,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)))
-    if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
-        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
-        torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
-    pipe = load_pipeline(args.pretrained_model, dtype=weight_dtype)
-    pipe.vae.to(torch.float32)
-    backbone = Backbone(pipe, accelerator.device, weight_dtype)
-    apply_backbone_defaults(args, stage, backbone.kind)
-    check_resolution(backbone, args.resolution)
-    if pairs is not None and args.train_batch_size > len(pairs) and not args.allow_unusual:
-        raise UserError(f"--train_batch_size {args.train_batch_size} is larger than the {len(pairs)} pairs of "
-                        f"{args.pairs}: every micro-batch would repeat pairs. Pass --allow_unusual if you mean it")
-    grad_accum = gradient_accumulation(args, accelerator.num_processes)
-    apply_ecosystem_defaults(args, stage, pairs)
-    # what the run reads, by content (after loading: a hub model is now in the local cache)
-    cache_dir = args.cache_dir or str(Path(args.output_dir).resolve().parent / "cache")
-    hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)
-    inputs = input_fingerprints(args, hashes)
-    if args.resume:
-        check_resume_settings(args)
-        check_resume_inputs(args, inputs)
-    if args.init_network:
-        load_network_override(backbone, args.init_network)
-    # the VAE stays in fp32: latents are encoded once and decoded for grids only
-    pipe.vae.to(accelerator.device)
-    backbone.net.to(accelerator.device)
-    if args.gradient_checkpointing:
-        backbone.net.enable_gradient_checkpointing()
-    if use_cuda and backbone.kind == "sd15":  # cuDNN's fastest convolutions want NHWC
-        backbone.net.to(memory_format=torch.channels_last)
-    args.compile = use_cuda if args.compile is None else args.compile
-    if args.compile:
-        compile_network(backbone.net)
-    cache = None
-    if pairs is not None:  # the latents and embeddings depend on the model's content, not its path
-        model_name = digest_of([inputs.get("--pretrained_model"), inputs.get("--init_unet"), backbone.kind])
-        hashes.save()
-        cache = load_or_build_cache(backbone, model_name, args.pairs, pairs, args.resolution, cache_dir,
-                                    need_fake, accelerator)
-    with writing(args.output_dir):
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    args.num_processes, args.gradient_accumulation_steps = accelerator.num_processes, grad_accum
-    log_world_size(accelerator.num_processes, f"stage {1 if stage == 'dro' else 2}",
-                   accelerator.is_main_process)
-    if accelerator.is_main_process:
-        atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(public_args(args), indent=2, default=str))
-        atomic_write_text(Path(args.output_dir) / "inputs.json", json.dumps(inputs, indent=1))
-        logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
-                    backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
-                    grad_accum, args.effective_batch_size)
-    return accelerator, backbone, pairs, cache, grad_accum
-
-
-def compile_network(net, backend="inductor"):
-    """torch.compile the network's repeated blocks in place, one by one
-    (regional compilation, diffusers' compile_repeated_blocks: the SD-1.5
-    UNet's transformer blocks, the SD-3 MMDiT's joint blocks). Every block of
-    a shape runs the same code, so its graph is built once and reused by the
-    others: seconds to compile where the whole network took minutes.
-
-    The LoRA role switch (`use_role`) sets each LoRA layer's active adapter,
-    an attribute dynamo guards on. We keep those guards rather than switch
-    roles by swapping weights or scaling adapters (either would touch the
-    learner's parameters or run every adapter on every call): each role, at
-    each batch shape and grad mode, is compiled ONCE at its first use, and
-    later switches select the cached graph (a guard check, no recompile).
-    Shapes are static (dynamic=False): every call has the same rows (the
-    policy sampler's fixed slots, the learner and reference's 2 x batch), and
-    static shapes get the fastest kernels; the cache limit is raised so that
-    roles x shapes fit (the default, 8, would fall back to eager with a
-    warning)."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    blocks = getattr(net, "_repeated_blocks", None) or ["JointTransformerBlock"]  # diffusers names none for SD-3
-    for module in net.modules():
-        if type(module).__name__ in blocks:
-            module.compile(backend=backend, dynamic=False)
-    return net
-
-
-def global_micro_batch_index(step, micro, grad_accum, rank, world):
-    """The position of a micro-batch among all micro-batches of the run, over
-    all processes: step s (1-based) holds the indices (s-1)*A*W ... s*A*W - 1
-    for A accumulation steps on W processes. 1 process x accumulation 4 and
-    2 processes x accumulation 2 cover the same indices in every step."""
-    return ((step - 1) * grad_accum + micro) * world + rank
-
-
-def micro_batch_generator(seed, index, stream=""):
-    """The random generator of one micro-batch: every draw of the micro-batch
-    (flips, latent samples, noise, timesteps) comes from it, and from its
-    "policy" `stream` Stage 1's caption dropout and policy trajectories,
-    which the policy sampler draws ahead of the micro-batch's turn. Keyed on
-    (seed, global micro-batch index) alone, so the run is the same on any
-    number of processes (for the same per-device batch), and a resume needs
-    no saved generator state."""
-    digest = hashlib.sha256(f"realalign/{seed}/{index}{'/' + stream if stream else ''}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
-
-
-class MicroBatch(typing.NamedTuple):
-    """One micro-batch: its optimizer step (1-based) and position in the
-    step, its global index, its cache rows (None with --benchmark_steps) and
-    its generator."""
-    step: int
-    micro: int
-    index: int
-    rows: torch.Tensor | None
-    generator: torch.Generator
-
-
-def micro_batches(args, accelerator, grad_accum, num_rows, first_step, last_step):
-    """This process's micro-batches of optimizer steps first_step ...
-    last_step, in order."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    for step in range(first_step, last_step + 1):
-        for micro in range(grad_accum):
-            index = global_micro_batch_index(step, micro, grad_accum, rank, world)
-            rows = micro_batch_rows(step, micro, grad_accum, rank, world, args.train_batch_size, num_rows,
-                                    args.seed) if num_rows else None
-            yield MicroBatch(step, micro, index, rows, micro_batch_generator(args.seed, index))
-
-
-def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
-    """Rows of the cache for one micro-batch: a seeded permutation per epoch,
-    read in order at the micro-batch's global position. A function of that
-    position alone, so resuming needs no data-loader state, every process
-    reads different rows, and the number of processes does not matter."""
-    start = global_micro_batch_index(step, micro, grad_accum, rank, world) * batch_size
-    rows = []
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, num_rows)
-        rows.append(int(_epoch_permutation(num_rows, seed, epoch)[offset]))
-    return torch.tensor(rows)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_rows, seed, epoch):
-    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-
-
-def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, flip=True):
-    """Clean latents x0 for each side ("real", "fake") of the given rows and
-    their prompt embeddings. The two sides of a pair share one flip (README
-    'Method: Stage 2': the fake is pixel-aligned with the real image; the
-    public code flips them independently). A dropped caption (probability `caption_dropout`) becomes the empty prompt."""
-    n = len(rows)
-    flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
-    x0 = {}
-    for side in sides:
-        # the cache stores bf16; the latent sample is drawn in fp32
-        mean, std = cache[f"{side}_mean"][rows, flip_index].float(), cache[f"{side}_std"][rows, flip_index].float()
-        x0[side] = to_device(backbone.latents_from_posterior(mean, std, generator), backbone.device)
-    prompt_ids = cache["prompt_index"][rows].clone()
-    if caption_dropout > 0:
-        prompt_ids[torch.rand(n, generator=generator) < caption_dropout] = 0  # index 0 = ""
-    return x0, cond_from_cache(cache, prompt_ids, backbone.device)
-
-
-def random_inputs(backbone, n, resolution, generator, sides):
-    """Random latents and embeddings of the right shapes (--benchmark_steps)."""
-    shape = (n, *backbone.latent_shape(resolution))
-    x0 = {side: to_device(torch.randn(shape, generator=generator), backbone.device) for side in sides}
-    net_config = backbone.net.config
-    if backbone.is_flow:
-        cond = {"prompt_embeds": torch.randn(n, 77 + 128, net_config.joint_attention_dim, generator=generator),
-                "pooled_prompt_embeds": torch.randn(n, net_config.pooled_projection_dim, generator=generator)}
-    else:
-        cond = {"prompt_embeds": torch.randn(n, 77, net_config.cross_attention_dim, generator=generator)}
-    return x0, {key: to_device(value, backbone.device) for key, value in cond.items()}
-
-
-def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None):
-    """Per-sample errors of the learner (with grad) and of the frozen reference
-    (no grad) on one concatenated batch: one forward each (README 'Differences from the public code').
-
-    `own_target_from` = m (train_dro.py --policy_target learner, a diagnostic):
-    `target` holds rows [:m] only, and rows m: take the learner's own
-    prediction, detached, as their target, as the public SD-3.5-M trainer
-    does; the learner's error there is exactly 0 with exactly zero gradient."""
-    net = backbone.net
-    use_role(net, REF)
-    with torch.no_grad():
-        ref_pred = backbone.predict(net, x_t, t, cond)
-    use_role(net, LEARNER)
-    pred = backbone.predict(net, x_t, t, cond)
-    if own_target_from is not None:
-        target = torch.cat([target, pred[own_target_from:].detach().to(target.dtype)])
-    return per_sample_mse(pred, target), per_sample_mse(ref_pred, target)
-
-
-def make_optimizer(args, params):
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay, eps=args.adam_epsilon,
-                                  fused=torch.cuda.is_available())
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
-    return optimizer, lr_scheduler
-
-
-def all_reduce_gradients(params, accelerator):
-    """Average the LoRA gradients over processes: one flat all-reduce of a few
-    MB, instead of wrapping the whole network in DDP. Hand-written: DDP (what
-    accelerator.prepare would add) needs one module whose parameters all
-    train in every forward, and here the network runs as three LoRA roles of
-    which only the learner trains; accelerate's reduce() does the transport."""
-    if accelerator.num_processes == 1:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
-def rng_states():
-    """This process's global RNG states as tensors and plain numbers, so that
-    the state loads with torch.load(weights_only=True). Training draws from
-    the per-micro-batch generators; these are kept so that anything else
-    (a library drawing from the global RNG) also resumes exactly."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "gauss": float(gauss)},
-            "python": [version, list(internal), py_gauss]}
-
-
-def set_rng_states(rng):
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, py_gauss = rng["python"]
-    random.setstate((version, tuple(internal), py_gauss))
-
-
-def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema):
-    """OUTPUT_DIR/state: everything `--resume` needs, written atomically
-    (tensors, numbers and strings only: it loads with weights_only=True)."""
-    state_dir = Path(args.output_dir) / "state"
-    tmp = make_temp_dir(state_dir) if accelerator.is_main_process else None
-    tmp = broadcast_object(tmp, accelerator)
-    atomic_save_torch(rng_states(), tmp / f"rng_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(),
-                           "lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                           "num_processes": accelerator.num_processes,
-                           "roles": {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)]
-                                     for role in roles}},
-                          tmp / "training_state.pt")
-        replace_dir(tmp, state_dir)
-    accelerator.wait_for_everyone()
-
-
-def broadcast_object(obj, accelerator):
-    """The main process's `obj` on every process."""
-    if accelerator.num_processes == 1:
-        return obj
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([obj])[0]
-
-
-def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema):
-    """Restore OUTPUT_DIR/state; returns the step it was saved at. Loaded with
-    weights_only=True: a state file cannot run code, whoever wrote it."""
-    state_dir = Path(args.output_dir) / "state"
-    try:
-        state = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=True)
-        rank_file = state_dir / f"rng_rank{accelerator.process_index}.pt"
-        # a state saved by fewer processes: the extra processes take rank 0's
-        # global RNG states (every process seeds them alike)
-        rng = torch.load(rank_file if rank_file.exists() else state_dir / "rng_rank0.pt", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read the saved state in {state_dir} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0]}); it was written by an older version or is damaged") from None
-    if state["num_processes"] != accelerator.num_processes:
-        logger.info("the state was saved by %d processes, this run has %d: the same run continues (every "
-                    "random draw is keyed on the global sample position)", state["num_processes"],
-                    accelerator.num_processes)
-    with torch.no_grad():
-        for role in roles:
-            for p, value in zip(role_parameters(backbone.net, role), state["roles"][role], strict=True):
-                p.copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    set_rng_states(rng)
-    return int(state["step"])
-
-
-class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl, one line per optimizer step (main process).
-    On resume, lines past the resumed step are dropped, so the file always
-    matches the weights."""
-
-    def __init__(self, path, resume_step, enabled):
-        self.path, self.enabled = Path(path), enabled
-        if enabled:
-            kept = []
-            if resume_step and self.path.exists():
-                for line in self.path.read_text().splitlines():
-                    try:
-                        record = json.loads(line)
-                    except ValueError:  # a line cut short by a kill or a full disk: dropped
-                        continue
-                    if record["step"] <= resume_step:
-                        kept.append(line)
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record):
-        if self.enabled:
-            with writing(self.path), open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-@torch.no_grad()
-def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation):
-    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in load_lora_weights format,
-    a model card (README.md) and, unless disabled, a grid of the validation
-    prompts x seeds made with it (also sent to the trackers)."""
-    if not accelerator.is_main_process:
-        return
-    final = Path(args.output_dir) / f"checkpoint-{step}"
-    tmp = make_temp_dir(final)
-    weights = ema.shadow if ema is not None else None
-    with writing(final):
-        save_lora_checkpoint(backbone, lora_state_dict(backbone.net, LEARNER, weights), lora_config, tmp)
-        for file in tmp.iterdir():  # diffusers writes through mkstemp too: give the files the umask's mode
-            if file.is_file():
-                follow_umask(file)
-        if args.sample_grid_steps > 0 and validation is not None:
-            use_role(backbone.net, LEARNER)
-            seeds = (0, 1)
-            with weights_swapped(params, weights):  # the grid shows the checkpoint's (EMA) weights
-                images = generate_grid_images(backbone, validation, args, seeds=seeds)
-            save_sample_grid(images, args.validation_prompts, seeds, tmp / "grid.png",
-                             title=f"{final.name}{' (EMA weights)' if ema is not None else ''}: "
-                                   f"{args.sample_grid_steps} steps, guidance {args.guidance_scale}")
-            with Image.open(tmp / "grid.png") as grid:
-                log_grid(accelerator, grid.convert("RGB"), step)
-        write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
-        replace_dir(tmp, final)
-        prune_checkpoints(args)
-        metrics_path = Path(args.output_dir) / "metrics.jsonl"
-        if metrics_path.exists():
-            plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
-    logger.info("saved %s", final)
-
-
-def generate_grid_images(backbone, validation, args, seeds):
-    """Images of the validation prompts (embeddings of ["", *prompts] from
-    encode_validation_prompts), one row per seed, with CFG."""
-    n = len(validation["prompt_embeds"]) - 1
-    cond = cond_from_cache(validation, torch.arange(1, n + 1), backbone.device)
-    uncond = cond_from_cache(validation, torch.zeros(n, dtype=torch.long), backbone.device)
-    kwargs = {"prompt_embeds": cond["prompt_embeds"], "negative_prompt_embeds": uncond["prompt_embeds"]}
-    if backbone.is_flow:
-        kwargs.update(pooled_prompt_embeds=cond["pooled_prompt_embeds"],
-                      negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"])
-    kwargs = {key: value.to(backbone.dtype) for key, value in kwargs.items()}
-    images = []
-    for seed in seeds:
-        generator = [torch.Generator().manual_seed(seed) for _ in range(n)]
-        with mixed_precision_autocast(args, backbone):
-            images += backbone.pipe(**kwargs, num_inference_steps=args.sample_grid_steps, guidance_scale=args.guidance_scale,
-                                    height=args.resolution, width=args.resolution, generator=generator).images
-    return images
-
-
-def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss,
-             after_optimizer_step=None):
-    """The training loop both stages share.
-
-    `micro_batch_loss(micro_batch)` returns (loss, stats dict of floats or
-    detached 0-dim tensors) for one MicroBatch (its cache rows, generator
-    and position); this function accumulates it to the effective batch,
-    averages gradients over processes, clips, steps AdamW, updates the EMA,
-    logs, checkpoints, and resumes. `after_optimizer_step(step)` runs after
-    each optimizer step (Stage 1 refreshes its sampling snapshot there).
-    """
-    from tqdm.auto import tqdm
-
-    net = backbone.net
-    params = role_parameters(net, LEARNER)
-    optimizer, lr_scheduler = make_optimizer(args, params)
-    ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_schedule) if args.use_ema else None
-    # Every random choice of a micro-batch (flips, noise, timesteps, caption
-    # dropout, policy samples) comes from its own generator, keyed on (seed,
-    # global micro-batch index): a resumed run draws exactly what an
-    # uninterrupted one would, on any number of processes.
-    seed_everything(args.seed)  # alike on every process, like the draws
-    start_step = 0
-    if args.resume:
-        start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema)
-        logger.info("resumed from step %d", start_step)
-    init_trackers(args, accelerator, start_step)
-    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(backbone.device.type, enabled=args.mixed_precision == "fp16")
-    if accelerator.num_processes > 1:  # every process must hold the same LoRA weights
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(backbone.device)
-        if not torch.allclose(accelerator.gather(checksum), checksum):
-            raise RuntimeError("the processes start from different LoRA weights")
-    metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step,
-                         accelerator.is_main_process and not args.benchmark_steps)
-    num_rows = len(cache["prompt_index"]) if cache is not None else 0
-    validation = None
-    if cache is not None and args.sample_grid_steps > 0 and not args.benchmark_steps and accelerator.is_main_process:
-        validation = encode_validation_prompts(backbone, args.validation_prompts)
-    max_steps = args.benchmark_steps or args.max_train_steps
-    if start_step >= max_steps:
-        logger.info("already finished (%d steps)", start_step)
-    # the bar moves per micro-batch: with a large effective batch on few
-    # devices one optimizer step is many micro-batches (the step is in the postfix)
-    progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
-                    desc="training", disable=not accelerator.is_main_process)
-    if backbone.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(backbone.device)
-    records = []
-    last_saved = start_step
-    for step in range(start_step + 1, max_steps + 1):
-        step_start = time.perf_counter()
-        totals = {}
-        for micro_batch in micro_batches(args, accelerator, grad_accum, num_rows, step, step):
-            with mixed_precision_autocast(args, backbone):
-                loss, stats = micro_batch_loss(micro_batch)
-            scaler.scale(loss / grad_accum).backward()
-            stats["loss"] = loss.detach()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value / grad_accum
-            progress.update(1)
-            if step == start_step + 1 and micro_batch.micro == 0 and grad_accum > 1 and not args.benchmark_steps:
-                announce_run_time(args, accelerator, backbone, grad_accum, max_steps - start_step, step_start)
-        all_reduce_gradients(params, accelerator)
-        # unscaled after the all-reduce: every process then sees the same
-        # gradients, finds the same inf/NaN and skips the same fp16 steps
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
-        scaler.update()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(params, step)
-        extra = after_optimizer_step(step) if after_optimizer_step else {}
-        # one host sync per optimizer step, for the log: stats averaged over
-        # processes, and the gradient norm (the same on every process)
-        keys = sorted(totals)
-        means = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=backbone.device) for k in keys])
-        means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
-        values = torch.cat([means, grad_norm.detach().float().view(1).to(means.device)]).tolist()
-        if backbone.device.type == "cuda":
-            torch.cuda.synchronize(backbone.device)
-        seconds = time.perf_counter() - step_start
-        # a diverged step stops the run here, before it is logged or saved:
-        # every process sees the same values, so all of them stop
-        checked = dict(zip(keys, values))
-        if not scaler.is_enabled():  # fp16: an overflowing gradient is expected now and then, the scaler skips it
-            checked["grad_norm"] = values[-1]
-        check_finite(step, checked, args.output_dir, last_saved)
-        record = {"step": step, **{k: float(v) for k, v in zip(keys, values)},
-                  "grad_norm": values[-1], "lr": lr_scheduler.get_last_lr()[0],
-                  "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
-                  "peak_memory_gb": peak_memory_gb(backbone.device), **(extra or {})}
-        if scaler.is_enabled():
-            record["grad_scale"] = scaler.get_scale()
-        metrics.write(record)
-        # the trackers get the same numbers (a no-op without one)
-        accelerator.log({key: value for key, value in record.items() if key != "step"}, step=step)
-        records.append(record)
-        progress.set_postfix(step=f"{step}/{max_steps}", loss=f"{record['loss']:.4g}")
-        if not args.benchmark_steps and (step % args.checkpoint_every == 0 or step == max_steps):
-            # weights can overflow while the loss that moved them was finite:
-            # never save them (one more host sync, per checkpoint only)
-            saved = params + (ema.shadow if ema is not None else [])
-            weights_finite = bool(torch.stack([p.detach().isfinite().all() for p in saved]).all())
-            check_finite(step, {"LoRA weights": 0.0 if weights_finite else math.nan}, args.output_dir, last_saved)
-            save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation)
-            save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema)
-            last_saved = step
-        check_interrupted()  # a Ctrl-C that a finalizer swallowed stops the run here, its state saved or not
-    if args.push_to_hub and not args.benchmark_steps:
-        push_final_checkpoint(args, accelerator, backbone, cache)
-    progress.close()
-    return records
-
-
-def check_finite(step, values, output_dir, last_saved):
-    """Stop a diverged run: a UserError naming the step and every quantity
-    that is NaN or infinite. Nothing of the step is saved; state/ keeps the
-    last good step."""
-    bad = [name for name, value in values.items() if not math.isfinite(value)]
-    if bad:
-        kept = (f"the last good state is {Path(output_dir) / 'state'} (step {last_saved})" if last_saved
-                else "nothing was saved")
-        raise UserError(f"step {step}: non-finite {', '.join(bad)} (the run diverged); training stopped and this "
-                        f"step was not saved; {kept}. A lower --learning_rate (in a new --output_dir) may help")
-
-
-def format_duration(seconds):
-    if seconds < 120:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def announce_run_time(args, accelerator, backbone, grad_accum, steps_left, step_start):
-    """After the first micro-batch: how many micro-batches one optimizer step
-    takes and a rough estimate of the run's time, so that a CPU run with the
-    paper's batch of 256 says at once that it would take days. The first
-    micro-batch includes warm-up, so the estimate errs high."""
-    if backbone.device.type == "cuda":
-        torch.cuda.synchronize(backbone.device)
-    seconds = time.perf_counter() - step_start
-    if accelerator.is_main_process:
-        logger.info("one optimizer step = %d micro-batches of %d per process; the first took %.1f s: about %s per "
-                    "step, %s for the %d steps left (a smaller --effective_batch_size means fewer micro-batches)",
-                    grad_accum, args.train_batch_size, seconds, format_duration(seconds * grad_accum),
-                    format_duration(seconds * grad_accum * steps_left), steps_left)
-
-
-# =============================================================================
-# 6. Utilities: user errors, images, seeding, devices, process count
-# =============================================================================
-
+# ---- errors: one line and exit 2, never a traceback ----
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
-# Flag domains, as argparse types: a value outside its domain stops the
-# script before anything loads, with one line naming the flag and the range
-# ("argument --beta: must be a finite number > 0 (got 0)", exit status 2).
 def flag_type(convert, allowed, test):
+    """An argparse type: a value outside its domain stops the script before
+    anything loads ("argument --beta: must be a finite number > 0 (got 0)")."""
     def parse(text):
         try:
             value = convert(text)
@@ -2222,8 +2016,8 @@ resolution_int = flag_type(int, "a multiple of 8, at least 8", lambda v: v >= 8 
 
 
 def check_resolution(backbone, resolution):
-    """The resolution must give whole latent patches: a multiple of the VAE's
-    factor (8; the tiny test models 2) times the transformer's patch (SD-3: 2)."""
+    """Whole latent patches: a multiple of the VAE factor (8; the tiny test
+    models 2) times the transformer's patch (SD-3: 2)."""
     vae, patch = backbone.pipe.vae_scale_factor, backbone.net.config.get("patch_size", 1)
     if resolution % (vae * patch):
         raise UserError(f"--resolution {resolution} must be a multiple of {vae * patch} for this model (its VAE "
@@ -2231,9 +2025,8 @@ def check_resolution(backbone, resolution):
 
 
 def read_text(path):
-    """A user's text file: UTF-8, with or without the byte-order mark some
-    editors write first (never part of the first column or prompt), line
-    ends kept. Anything else is one UserError naming the file."""
+    """A user's text file: UTF-8, with or without a byte-order mark (never part
+    of the first column or prompt); anything else is one UserError."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -2246,12 +2039,9 @@ def read_text(path):
                         "save it as UTF-8 (with or without a byte-order mark)") from None
 
 
-# Ctrl-C (SIGINT) is recorded before it is raised: Python runs a signal's
-# handler between any two bytecodes, also inside a finalizer (a __del__, a
-# generator closed by the garbage collector, a weakref callback), and an
-# exception raised there is printed as "Exception ignored in ..." and dropped:
-# the run went on (seen while a checkpoint's model card was written, where the
-# libraries create and free many objects). The record survives:
+# Ctrl-C is recorded before it is raised: Python runs a signal handler between
+# any two bytecodes, also inside a finalizer, where an exception is printed as
+# "Exception ignored in ..." and dropped (seen while a model card was written).
 # `check_interrupted` re-raises it at the next safe point, run_main at the latest.
 INTERRUPTS = []
 
@@ -2262,8 +2052,7 @@ def _on_interrupt(signum, frame):
 
 
 def _on_unraisable(unraisable):
-    """Python's report of an exception a finalizer dropped, but silent for a
-    Ctrl-C: that one is not lost (INTERRUPTS) and ends as "interrupted"."""
+    """Python's report of an exception a finalizer dropped, silent for a Ctrl-C (kept in INTERRUPTS)."""
     if not isinstance(unraisable.exc_value, KeyboardInterrupt):
         sys.__unraisablehook__(unraisable)
 
@@ -2274,23 +2063,49 @@ def check_interrupted():
         raise KeyboardInterrupt
 
 
+def quiet_libraries():
+    """Keep the console to our own messages: the libraries' loading chatter and
+    progress bars. Called where they are first used, so --help loads neither."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+class _DropMessages(logging.Filter):
+    """Drops a library logger's records that contain one of the fragments."""
+
+    def __init__(self, *fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record):
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+# Known-harmless notices, silenced at their loggers only: without torchvision,
+# CLIPImageProcessor uses its PIL version (the one PickScore was trained with);
+# saving a pipeline with an absent optional component (safety_checker=None).
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision (not installed)"))
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
+    _DropMessages("=None of type <class 'NoneType'> cannot be saved"))
+
+
 def run_main(main):
-    """Run `main()`; a UserError ends with one clear message and exit 2,
-    Ctrl-C with "interrupted" and exit 130 (never lost: see INTERRUPTS)."""
+    """Run `main()`: a UserError or an unhandled file error ends with one line
+    and exit 2, Ctrl-C with "interrupted" and exit 130 (never lost)."""
     import signal
     import threading
     import warnings
 
-    import diffusers
-    import transformers
-
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
-    # keep the console to our own messages: the libraries' loading chatter and
-    # peft's "several adapters" note (intended: one adapter per role) are noise
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    for library in ("DIFFUSERS", "TRANSFORMERS"):  # read when the library is imported (after the flags)
+        os.environ.setdefault(f"{library}_VERBOSITY", "error")
+    if "diffusers" in sys.modules or "transformers" in sys.modules:
+        quiet_libraries()
+    # peft's "several adapters" note is intended here (one adapter per role)
     warnings.filterwarnings("ignore", message=".*peft_config.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     main_thread = threading.current_thread() is threading.main_thread()
@@ -2299,11 +2114,8 @@ def run_main(main):
     try:
         main()
         check_interrupted()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # a file problem no writer below caught: still one line, naming the file
-        print(f"error: {io_error_message(err)}", file=sys.stderr)
+    except (UserError, OSError) as err:  # an OSError no writer caught: still one line, naming the file
+        print(f"error: {err if isinstance(err, UserError) else io_error_message(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -2315,42 +2127,7 @@ def run_main(main):
             signal.signal(signal.SIGINT, previous_handler)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB.
-
-    16-bit greyscale (PNG modes I;16 and I) is scaled from 0..65535 to 0..255
-    (PIL's convert("RGB") would clip it to white). Images with transparency
-    (RGBA, LA, P with a transparent colour) are composited on a WHITE
-    background, as a browser shows them, so a transparent area is white,
-    never black or whatever colour its hidden pixels hold."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.round(array.clip(0, 65535) / 257.0).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
-
-
-def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
-    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a
-    centre crop of resolution x resolution. 16-bit and transparent images are
-    first made 8-bit RGB on white (`to_rgb`)."""
-    image = to_rgb(image)
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((new_w, new_h), Image.LANCZOS)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
+# ---- devices and processes ----
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -2367,9 +2144,8 @@ def default_dtype(device) -> torch.dtype:
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """Host -> device copy of a freshly drawn tensor (noise, latents,
-    timesteps). On CUDA it goes through pinned memory without blocking, so the
-    host can queue the next kernels while it travels; elsewhere a plain .to()."""
+    """Host -> device copy of a freshly drawn tensor; on CUDA through pinned
+    memory without blocking, so the host queues the next kernels meanwhile."""
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
@@ -2386,10 +2162,9 @@ def peak_memory_gb(device) -> float:
 
 
 def requested_num_processes(environ=None, launcher_cmdline=None):
-    """How many processes the user asked the launcher for: WORLD_SIZE (torchrun,
-    and accelerate when it starts several), else the `--num_processes N` of an
-    `accelerate launch` parent (which with --cpu starts ONE process and says
-    nothing). None when unknown."""
+    """How many processes the launcher was asked for: WORLD_SIZE, else the
+    `--num_processes N` of an `accelerate launch` parent (which with --cpu
+    starts ONE process and says nothing); None when unknown."""
     environ = os.environ if environ is None else environ
     if environ.get("WORLD_SIZE"):
         return int(environ["WORLD_SIZE"])
@@ -2410,8 +2185,7 @@ def requested_num_processes(environ=None, launcher_cmdline=None):
 
 
 def log_world_size(num_processes, what, is_main_process=True):
-    """Log the number of processes a stage runs on, and warn when the launcher
-    was asked for another number (README "Several processes")."""
+    """Log a stage's process count; warn when the launcher was asked for another (README "Several processes")."""
     requested = requested_num_processes()
     if not is_main_process:
         return
@@ -2422,32 +2196,187 @@ def log_world_size(num_processes, what, is_main_process=True):
                        num_processes)
 
 
-# =============================================================================
-# 7. PickScore (README 'Method: data'): curation filter and evaluation metric
-# =============================================================================
+# ---- safe writes: one message per failed write, whole files, one run per folder ----
+IO_HINTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EACCES: "no permission", errno.EPERM: "no permission", errno.EROFS: "the file system is read-only",
+            errno.EEXIST: "a file is in the way", errno.ENOTDIR: "a file is in the way of a folder",
+            errno.EISDIR: "it is a folder"}
 
 
+def io_error_message(err, path=None):
+    """'cannot write PATH: cause (hint)' for an OSError or a library's wrapper of one."""
+    path = path or getattr(err, "filename", None)
+    cause = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    hint = IO_HINTS.get(getattr(err, "errno", None))
+    return f"cannot write {path or 'a file'}: {cause}" + (f" ({hint})" if hint and hint not in cause else "")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """A failed write under `path` (full disk, no permission, read-only, a file
+    where a folder should be) becomes one UserError naming it and the cause;
+    also the I/O errors safetensors ('(os error 28)') and torch.save ('file
+    write failed') raise as other types. Earlier outputs stay as they are."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if not (isinstance(err, OSError) or "(os error" in str(err) or "file write failed" in str(err)):
+            raise
+        raise UserError(io_error_message(err, path)) from None
+
+
+def atomic_write(path, write_fn, suffix=None):
+    """Write through `write_fn(tmp)` to a uniquely named temporary beside `path`,
+    then os.replace: a killed run never leaves half a file. write_fn's own
+    open() makes the file, so its mode follows the umask."""
+    path = Path(path)
+    with writing(path):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix or path.suffix}")
+        try:
+            write_fn(str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_save_image(image: Image.Image, path):
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def atomic_write_text(path, text: str):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_save_torch(obj, path):
+    """torch.save, atomically; serialised in memory first (torch.save to a full
+    disk fails with an opaque C++ error, a plain write with ENOSPC)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+
+
+def make_temp_dir(final_dir):
+    """A fresh, uniquely named folder beside `final_dir` (a plain mkdir: the umask's mode)."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
+    with writing(final_dir):
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    return tmp
+
+
+def replace_dir(tmp_dir, final_dir):
+    """Move a fully written folder into place (os.replace); an old one is moved
+    to FINAL.old first and removed after. A run killed between the two renames
+    leaves FINAL.old, which `recover_dir` puts back."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    with writing(final_dir):
+        if final_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final_dir):
+    """FINAL.old without FINAL (a `replace_dir` cut short) becomes FINAL again."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.is_dir() and not final_dir.exists():
+        with writing(final_dir):
+            os.replace(old, final_dir)
+        logger.warning("recovered %s from %s (an earlier run was stopped while replacing it)", final_dir, old)
+
+
+LOCK_FILE = ".lock"
+_HELD_LOCKS = {}  # folder -> its FileLock, held until the process ends
+
+
+def lock_output_dir(directory, what):
+    """Hold DIRECTORY until the process ends, so that two runs never write one
+    folder: filelock's lock on .lock.flock (the OS drops it when its holder
+    dies, however it dies), and in .lock the holder (pid, host, what, since),
+    which a run refused names. A holder named there that is alive on this host
+    holds the folder too; a dead one's lock is taken over."""
+    import atexit
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a folder")
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+    path, host = directory / LOCK_FILE, socket.gethostname()
+    if directory.resolve() in _HELD_LOCKS:  # this process holds it already (several stages in one process)
+        return path
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        holder = {}
+    pid = holder.get("pid") if holder.get("host") == host else None
+    lock = FileLock(directory / f"{LOCK_FILE}.flock")
+    try:
+        if isinstance(pid, int) and pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 0)  # alive (PermissionError: alive, someone else's)
+                raise Timeout(str(path))
+        lock.acquire(timeout=0)
+    except (Timeout, PermissionError):
+        raise UserError(f"{directory} is in use by another run (pid {holder.get('pid', '?')} on host "
+                        f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since "
+                        f"{holder.get('since', '?')}); wait for it to end or use another folder. If that run "
+                        f"is gone, delete {path}") from None
+    _HELD_LOCKS[directory.resolve()] = lock
+    with writing(path):
+        path.write_text(json.dumps({"pid": os.getpid(), "host": host, "what": what,
+                                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    atexit.register(lambda: [p.unlink(missing_ok=True) for p in (path, Path(lock.lock_file))])
+    return path
+
+
+def check_same_settings(path, settings, what):
+    """Refuse to mix outputs of different settings in one folder: a JSON at
+    `path` (an earlier run's) that differs from `settings` stops with a message
+    naming every changed key. An absent or unreadable file passes."""
+    try:
+        previous = json.loads(Path(path).read_text()) if Path(path).is_file() else None
+    except ValueError:
+        previous = None
+    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if previous.get(key) != value] if previous is not None else []
+    if changed:
+        raise UserError(f"{what} was made with other settings ({'; '.join(changed)}); use another output folder, "
+                        "the same settings to resume, or delete it")
+
+
+# ---- PickScore (README 'Method: data'): curation filter and evaluation metric ----
 class PickScorer:
-    """Raw PickScore: exp(logit_scale) * cos(image embedding, text embedding),
-    both L2-normalised, text truncated to 77 tokens (README 'Method: data'). Raw units
-    (about 20-23 for SD images); never divided by 26.
-
-    fp32 by default, on GPU too, as the public scorers run: in bf16 the
-    embeddings carry ~3 significant digits, which at logit scale 100 moves a
-    score by ~0.1, as much as some gaps of paper Table 1 and more than
-    curation's PickScore-gap filter (0.02) tolerates."""
+    """Raw PickScore: exp(logit_scale) * cos(image, text embedding), text cut to
+    77 tokens, in raw units (about 20-23 for SD images; never divided by 26).
+    fp32 by default, on GPU too, as the public scorers: bf16 embeddings move a
+    score by ~0.1 at logit scale 100, as much as some gaps of paper Table 1."""
 
     def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                  device=None, dtype=torch.float32):
         from transformers import AutoProcessor, CLIPModel
 
+        quiet_libraries()
         self.device = torch.device(device) if device else default_device()
         try:
             self.processor = AutoProcessor.from_pretrained(processor)
             self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(self.device).eval()
         except Exception as err:
-            raise UserError(f"could not load PickScore ({model}, {processor}): {type(err).__name__}: "
-                            f"{str(err).splitlines()[0]}") from None
+            raise UserError(f"could not load PickScore ({model}, {processor}): {first_line(err)}") from None
 
     @torch.no_grad()
     def __call__(self, images, prompts, batch_size=32):
@@ -2467,248 +2396,7 @@ class PickScorer:
         return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
 
 
-# =============================================================================
-# 8. Safe outputs: clear write errors, atomic writes, folder swaps, locks
-# =============================================================================
-
-# Why an OS error happened, in words a user can act on (errno -> hint).
-IO_HINTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-            errno.EACCES: "no permission", errno.EPERM: "no permission", errno.EROFS: "the file system is read-only",
-            errno.EEXIST: "a file is in the way", errno.ENOTDIR: "a file is in the way of a folder",
-            errno.EISDIR: "it is a folder"}
-
-
-def io_error_message(err, path=None):
-    """'cannot write PATH: cause (hint)' for an OSError, or for the I/O errors
-    that torch and safetensors report as RuntimeError / SafetensorError."""
-    path = path or getattr(err, "filename", None)
-    cause = getattr(err, "strerror", None) or str(err).splitlines()[0]
-    hint = IO_HINTS.get(getattr(err, "errno", None))
-    return f"cannot write {path or 'a file'}: {cause}" + (f" ({hint})" if hint and hint not in cause else "")
-
-
-def is_io_error(err):
-    """OSError, or a library's wrapper of one (safetensors: '... (os error 28)',
-    torch.save: 'file write failed')."""
-    text = str(err)
-    return isinstance(err, OSError) or "(os error" in text or "file write failed" in text
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Turn a failed write under `path` (full disk, no permission, read-only
-    folder, a file where a folder should be) into one UserError naming the
-    path and the cause; earlier outputs are left as they are."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as err:
-        if not is_io_error(err):
-            raise
-        raise UserError(io_error_message(err, path)) from None
-
-
-def _umask():
-    """The process umask, read without changing it where Linux allows (setting
-    it, even for an instant, would race with other threads' writes)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # elsewhere, the only way to read it is to set it: set it back at once
-    os.umask(mask)
-    return mask
-
-
-def follow_umask(path, mode=0o666):
-    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode an
-    ordinary open() or mkdir() would have given it under the process umask."""
-    os.chmod(path, mode & ~_umask())
-
-
-def atomic_write(path, write_fn, suffix=None):
-    """Write a file through `write_fn(tmp_path)` then rename, so a killed run
-    never leaves a half-written file behind (os.replace is atomic on POSIX).
-    The temporary name is unique (mkstemp), the file's mode follows the
-    umask, and a failed write is a UserError naming the path."""
-    path = Path(path)
-    with writing(path):
-        if path.parent.exists() and not path.parent.is_dir():
-            raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
-        os.close(fd)
-        try:
-            write_fn(tmp)
-            follow_umask(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def atomic_save_image(image: Image.Image, path):
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def atomic_write_text(path, text: str):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_save_torch(obj, path):
-    """torch.save, atomically. Serialised in memory first: torch.save writing
-    to a full disk fails with an opaque C++ error, a plain write with ENOSPC."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
-
-
-def make_temp_dir(final_dir):
-    """A fresh, uniquely named folder next to `final_dir` (a run's own
-    temporary; two runs never share one), with the umask's mode."""
-    final_dir = Path(final_dir)
-    with writing(final_dir):
-        final_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.tmp-")
-        follow_umask(tmp, 0o777)
-    return Path(tmp)
-
-
-def _exchange(a, b):
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE; the
-    standard library has no such call). False where the system lacks it."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def replace_dir(tmp_dir, final_dir):
-    """Move a fully written folder into place; the old one is removed after.
-
-    Where the system can swap two folders atomically, `final_dir` exists at
-    every moment. Elsewhere it is renamed to FINAL.old first; a run killed
-    between the two renames leaves FINAL.old, which `recover_dir` puts back."""
-    final_dir, tmp_dir = Path(final_dir), Path(tmp_dir)
-    old = final_dir.with_name(final_dir.name + ".old")
-    with writing(final_dir):
-        if final_dir.exists() and _exchange(tmp_dir, final_dir):
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # now holds the old folder
-            return
-        if final_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_dir, old)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-
-
-def recover_dir(final_dir):
-    """Undo a `replace_dir` cut short between its two renames: FINAL.old
-    without FINAL becomes FINAL again."""
-    final_dir = Path(final_dir)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if old.is_dir() and not final_dir.exists():
-        with writing(final_dir):
-            os.replace(old, final_dir)
-        logger.warning("recovered %s from %s (an earlier run was stopped while replacing it)", final_dir, old)
-
-
-LOCK_FILE = ".lock"
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def lock_output_dir(directory, what):
-    """Hold DIRECTORY/.lock (pid and host of this process) until the process
-    ends, so that two runs never write one folder. Created with O_EXCL: of two
-    runs starting together exactly one gets it. A live holder makes this a
-    UserError naming it; a lock left by a dead process on this host is taken
-    over. (filelock or fcntl locks would do it too, but a lock that names its
-    holder tells the user which run to wait for, on any file system.)"""
-    import atexit
-    import socket
-
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"{directory} is a file, not a folder")
-    with writing(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-    path, host = directory / LOCK_FILE, socket.gethostname()
-    me = json.dumps({"pid": os.getpid(), "host": host, "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for _ in range(3):
-        try:
-            with writing(path):
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except UserError:
-            if not path.exists():
-                raise
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):  # being written right now, or damaged
-                holder = {}
-            if holder.get("pid") == os.getpid() and holder.get("host") == host:
-                return path  # this process holds it already (several stages in one process)
-            if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
-                logger.warning("taking over %s from pid %s, which is gone", path, holder["pid"])
-                path.unlink(missing_ok=True)
-                continue
-            if not holder and time.time() - path.stat().st_mtime < 10:
-                time.sleep(0.5)  # another run is writing its lock this instant
-                continue
-            raise UserError(f"{directory} is in use by another run (pid {holder.get('pid', '?')} on host "
-                            f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since "
-                            f"{holder.get('since', '?')}); wait for it to end or use another folder. If that run "
-                            f"is gone, delete {path}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        atexit.register(lambda: path.unlink(missing_ok=True))
-        return path
-    raise UserError(f"could not take the lock {path}; delete it if no run uses {directory}")
-
-
-def check_same_settings(path, settings, what):
-    """Refuse to mix outputs made with different settings in one folder: if
-    the JSON at `path` (written by an earlier run) differs from `settings`,
-    stop with a message naming every changed key. An absent or unreadable
-    file passes (the caller writes it)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    try:
-        previous = json.loads(path.read_text())
-    except ValueError:
-        return
-    changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
-               if previous.get(key) != value]
-    if changed:
-        raise UserError(f"{what} was made with other settings ({'; '.join(changed)}); use another output folder, "
-                        "the same settings to resume, or delete it")
-
-
-# =============================================================================
-# 9. --help formatting: defaults shown once, per backbone where they differ
-# =============================================================================
-
+# ---- --help: every flag's default once, per backbone where they differ ----
 BACKBONE_NAMES = {"sd15": "SD-1.5", "sd3": "SD-3.5-M"}
 
 
@@ -2722,9 +2410,8 @@ def _show_default(value):
 
 
 def backbone_default_help(key, stage):
-    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4' for a flag that defaults to
-    None and is filled in per backbone by `apply_backbone_defaults`; read from
-    BACKBONE_DEFAULTS / STAGE_DEFAULTS so --help cannot drift from the code."""
+    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4', read from BACKBONE_DEFAULTS /
+    STAGE_DEFAULTS so --help cannot drift from the code."""
     shown = {kind: _show_default({**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}[key])
              for kind in BACKBONE_NAMES}
     if len(set(shown.values())) == 1:
@@ -2733,10 +2420,8 @@ def backbone_default_help(key, stage):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help that shows every flag's default exactly once: argparse's
-    "(default: X)", unless the help text already states its default (the
-    backbone-dependent ones state both values), and "(required)" for a
-    required flag, whose None default means nothing."""
+    """argparse's "(default: X)" unless the help already states its default,
+    and "(required)" for a required flag."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -2747,12 +2432,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-# =============================================================================
-# 10. Figures: curves.png and the checkpoint grids
-# =============================================================================
-
-# Figures are drawn with matplotlib's object API on the Agg canvas: no display
-# needed, and no pyplot global state shared between runs in one process.
+# ---- figures (matplotlib's object API on the Agg canvas: no display, no pyplot state) ----
 def new_figure(width, height, dpi=100):
     """An empty matplotlib Figure of width x height inches on the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -2778,8 +2458,7 @@ def wrap_text(text, width, max_lines=None):
     return "\n".join(lines)
 
 
-# What each quantity of metrics.jsonl is: the panel titles of curves.png, in
-# panel order. Keys a run does not log (Stage 2 has no D) get no panel.
+# The panel titles of curves.png, in panel order; keys a run does not log get no panel.
 CURVE_TITLES = {
     "loss": "training loss (mean over the effective batch)",
     "D": "DRO margin term D: learner − ref gap, real vs policy (below 0: real favoured)",
@@ -2803,10 +2482,8 @@ CURVE_SMOOTHING = 0.9
 
 
 def smooth_curve(values, weight=CURVE_SMOOTHING):
-    """Exponential moving average with bias correction (TensorBoard's
-    smoothing): s_t = weight * s_(t-1) + (1 - weight) * x_t, s_0 = 0, shown as
-    s_t / (1 - weight^t), so the first points are not pulled toward 0.
-    Written out because numpy has no EMA and pandas is not a dependency."""
+    """TensorBoard's smoothing: s_t = weight * s_(t-1) + (1 - weight) * x_t,
+    s_0 = 0, shown bias-corrected as s_t / (1 - weight^t)."""
     smoothed, running = [], 0.0
     for t, value in enumerate(values, start=1):
         running = weight * running + (1 - weight) * value
@@ -2821,9 +2498,8 @@ def curve_panels(records, keys=CURVE_KEYS):
 
 
 def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
-    """OUTPUT_DIR/curves.png: one panel per logged quantity against the
-    optimizer step, the per-step value (thin) under its smoothed curve (thick,
-    `smooth_curve`). Returns the panels drawn, as `curve_panels`."""
+    """OUTPUT_DIR/curves.png: per logged quantity, each step (thin) under its
+    smoothed curve (thick) against the optimizer step; returns the panels."""
     from matplotlib.ticker import MaxNLocator
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
@@ -2860,10 +2536,8 @@ def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
 
 
 def save_sample_grid(images, prompts, seeds, path, title=None):
-    """A grid.png of sampled images: one column per prompt, its text above,
-    and one row per seed, named at the left. `images` are row-major (all
-    prompts of the first seed, then the next seed), as `generate_grid_images`
-    returns them. Small images are shown enlarged to about 260 px."""
+    """grid.png: one column per prompt (its text above), one row per seed;
+    `images` row-major, as `generate_grid_images` returns them."""
     cell = 2.6  # inches per image: the prompt text stays legible at 8 pt
     width_px = images[0].size[0]
     # height: the images, the prompts above the first row (up to 4 lines), the title
@@ -2885,67 +2559,13 @@ def save_sample_grid(images, prompts, seeds, path, title=None):
     save_figure(figure, path)
 
 
-# =============================================================================
-# 11. Trackers, precision, model card, checkpoint limit, hub
-# =============================================================================
-
-# The handles of diffusers' training examples, kept out of the loop above:
-# the loop only calls these.
-
-STAGE_NAMES = {"dro": "stage1", "dpo": "stage2"}
-STAGE_TITLES = {"stage1": "Stage 1, Diffusion-DRO on real images",
-                "stage2": "Stage 2, Diffusion-DPO on real vs inpainted pairs"}
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SECRET_ARGS = ("hub_token",)  # never written to args.json, the trackers or a model card
-
-
-def public_args(args):
-    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
-
-
-def check_ecosystem_args(args):
-    """The tracker and hub flags, checked before any model loads."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    installed = {"tensorboard": is_tensorboard_available(), "wandb": bool(is_wandb_available())}
-    if args.report_to in installed and not installed[args.report_to]:
-        raise UserError(f"--report_to {args.report_to}: {args.report_to} is not installed "
-                        f"(pip install {args.report_to}), or pass --report_to none")
-    if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
-        raise UserError("--hub_model_id and --hub_token only make sense with --push_to_hub")
-
-
-def apply_ecosystem_defaults(args, stage, pairs):
-    """Defaults that need the stage, the pairs or the backbone's step count."""
-    args.stage = STAGE_NAMES[stage]
-    if args.tracker_project_name is None:
-        args.tracker_project_name = f"realalign-{args.stage}"
-    if args.validation_prompts is None:  # four fixed prompts of the pairs: the first four distinct ones
-        args.validation_prompts = list(dict.fromkeys(pair["prompt"] for pair in pairs or []))[:4]
-    final, last = args.final_checkpoint, args.max_train_steps
-    if final is not None and not args.benchmark_steps and (
-            final > last or final % args.checkpoint_every and final != last):
-        raise UserError(f"--final_checkpoint {final} is not a step that gets a checkpoint "
-                        f"(multiples of --checkpoint_every {args.checkpoint_every}, or --max_train_steps {last})")
-
-
-def mixed_precision_autocast(args, backbone):
-    """Autocast in the --mixed_precision dtype (nothing to do for "no"). Ours
-    rather than accelerator.autocast(): accelerate does not autocast fp16 on
-    CPU, and the fp16 path (with its gradient scaler) is tested on CPU."""
-    if args.mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(backbone.device.type, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
-
-
+# ---- trackers, model card, checkpoint limit, hub (diffusers' training examples' handles) ----
 def init_trackers(args, accelerator, start_step):
-    """Start the --report_to trackers (main process; accelerate does nothing
-    on the others). TensorBoard's purge_step hides what an interrupted run
-    logged after the state it resumes from, as metrics.jsonl drops it.
-    --benchmark_steps, which writes no metrics.jsonl either, starts none."""
+    """Start the --report_to trackers (accelerate: main process only), with the
+    run's arguments as scalars and strings; TensorBoard's purge_step hides
+    what an interrupted run logged after the state it resumes from."""
     if args.report_to == "none" or args.benchmark_steps:
         return
-    # trackers take scalars and strings only (TensorBoard's hparams)
     config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
               for key, value in public_args(args).items()}
     accelerator.init_trackers(args.tracker_project_name, config=config,
@@ -2961,23 +2581,14 @@ def log_grid(accelerator, grid, step):
             tracker.log_images({"validation": [grid]}, step)
 
 
-def encode_validation_prompts(backbone, prompts):
-    """Embeddings of ["", *prompts] for the checkpoint grids, encoded once at
-    the start: the text encoders visit the device only for this pass, as for
-    the input cache."""
-    if not prompts:
-        return None
-    return backbone.encode_prompts_once(["", *prompts])
-
-
 def _markdown_cell(value):
     return f"`{value}`".replace("|", "\\|").replace("\n", " ")
 
 
 def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
     """README.md of a checkpoint folder, with diffusers' model-card helpers:
-    base model, stage, warm start, data, every hyperparameter, the grid and
-    how to load it. `repo_id`: where it is uploaded (default: its folder)."""
+    base model, stage, warm start, data, every argument, the grid, how to load
+    it. `repo_id`: where it is uploaded (default: its folder)."""
     import huggingface_hub.constants
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
@@ -3028,9 +2639,8 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
     ])
     hyperparameters = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
                                  *(f"| {key} | {_markdown_cell(value)} |" for key, value in public_args(args).items())])
-    # The helper first looks for a card already on the hub; this card describes
-    # this checkpoint only, so the lookup is skipped (it would also wait ~30 s
-    # for retries without a network): the card comes from diffusers' template.
+    # the helper would first look for a card on the hub (~30 s of retries offline): this card
+    # describes this checkpoint only, so it comes from diffusers' template
     offline = huggingface_hub.constants.HF_HUB_OFFLINE
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
@@ -3057,9 +2667,7 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
 
 def prune_checkpoints(args):
     """--checkpoints_total_limit N: delete the oldest checkpoint folders beyond
-    the newest N; --final_checkpoint (the one Stage 2 or the evaluation
-    reads) is never deleted. OUTPUT_DIR/state, which --resume reads, is not a
-    checkpoint folder and is never touched."""
+    the newest N, never --final_checkpoint (nor state/, not a checkpoint)."""
     if not args.checkpoints_total_limit:
         return
     steps = sorted(int(path.name.split("-")[1]) for path in Path(args.output_dir).glob("checkpoint-*")
@@ -3071,9 +2679,9 @@ def prune_checkpoints(args):
 
 
 def push_final_checkpoint(args, accelerator, backbone, cache):
-    """--push_to_hub: upload the final checkpoint folder (LoRA weights, grid,
-    model card naming the repository) with huggingface_hub, as diffusers'
-    examples do (create_repo, then upload_folder)."""
+    """--push_to_hub: the final checkpoint folder (LoRA, grid, a model card
+    naming the repository) to the hub, as diffusers' examples (create_repo,
+    upload_folder)."""
     from huggingface_hub import create_repo, upload_folder
 
     if accelerator.is_main_process:

@@ -459,12 +459,11 @@ def test_written_files_follow_the_umask(tmp_path):
 
 def test_write_errors_become_one_message(tmp_path, monkeypatch):
     import errno
-    import tempfile
 
     def no_permission(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", no_permission)
+    monkeypatch.setattr(os, "replace", no_permission)
     with pytest.raises(common.UserError, match=r"cannot write .*out\.txt: Permission denied \(no permission\)"):
         common.atomic_write_text(tmp_path / "out.txt", "x")
     monkeypatch.undo()
