@@ -279,13 +279,15 @@ def test_real_run_without_gpu_fails_fast_and_points_to_smoke(tmp_path):
     assert "no GPU found" in result.stderr and "SMOKE=1 bash run_all.sh" in result.stderr
 
 
-def test_benchmark_runs_on_the_tiny_config(tmp_path):
+def test_benchmark_runs_on_the_tiny_config(tmp_path, tiny_models):
     """tests/benchmark.py end to end on the tiny model: every row timed, with
     its spread, the FLOPs it ran and (no CPU peak) MFU omitted with a note.
     The FLOPs follow the rows each side's network calls evaluated (counted
     with a hook, idle sampler slots included): ours' Stage-1 steps are whole
     snapshot windows in fixed slots, the baseline runs every row of the
     micro-batch at every call; where ours ran less work the table says so."""
+    # its tiny model is tiny_models.build_tiny_model("sd15"), the session's: placed where it would build it
+    shutil.copytree(tiny_models["sd15"], tmp_path / "model-tiny")
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmark.py"), "--arch", "tiny", "--batch", "2",
                              "--warmup", "1", "--steps", "1", "--sampler_slots", "1", "--workdir", str(tmp_path),
                              "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
