@@ -7,6 +7,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch thread here and in every subprocess (set before torch loads): the tiny models' kernels are too
+# small to gain from a second thread, and with the test process, torchrun's pairs and the smoke runs sharing
+# two cores, thread contention made them several times slower (test_curate.py measured ~10x).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -14,9 +18,24 @@ from tiny_models import build_tiny_models, draw_disc_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
+def tiny_models_build(tmp_path_factory):
+    """The tiny models, built once per test run by the command the smoke run's
+    first step runs (`python tests/tiny_models.py tiny-models DIR`): (folder,
+    its stderr). tests/test_figures.py reads that stderr; the smoke runs copy
+    the folder instead of building it again."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_models.py"), "tiny-models", str(folder)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, result.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_models_build):
     """{"sd15", "sd15-inpaint", "sd3", "clip"} -> folder of a tiny random model."""
-    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+    return build_tiny_models(tiny_models_build[0])  # built already: only the paths
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@ the console of a training run (progress per micro-batch, a time estimate, no
 known-harmless library notices)."""
 import json
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from PIL import Image
 import common
 import curate
 import train_dro
-from conftest import ROOT, make_pairs
+from conftest import make_pairs
 
 
 def test_smooth_curve_is_a_bias_corrected_ema():
@@ -127,15 +125,14 @@ def test_training_console_counts_micro_batches_and_estimates_time(tiny_models, t
     assert (tmp_path / "out" / "curves.png").is_file() and (tmp_path / "out" / "checkpoint-2" / "grid.png").is_file()
 
 
-def test_known_harmless_library_notices_are_silenced(tmp_path):
+def test_known_harmless_library_notices_are_silenced(tiny_models_build):
     """Building the tiny models (the smoke run's first step) used to print the
     torchvision notice of the CLIP image processor and 'text_encoder_3=None ...
-    cannot be saved'; other messages of those loggers still pass."""
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_models.py"), "tiny-models", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "torchvision" not in result.stderr and "cannot be saved" not in result.stderr
-    assert "Writing model shards" not in result.stderr
+    cannot be saved'; other messages of those loggers still pass. (The session's
+    tiny models are built by that same command: conftest.py tiny_models_build.)"""
+    _, stderr = tiny_models_build
+    assert "torchvision" not in stderr and "cannot be saved" not in stderr
+    assert "Writing model shards" not in stderr
     record = logging.LogRecord("diffusers.pipelines.pipeline_utils", logging.WARNING, "", 0,
                                "self.unet=<object> of type <class 'Foo'> cannot be saved.", None, None)
     assert logging.getLogger("diffusers.pipelines.pipeline_utils").filter(record)

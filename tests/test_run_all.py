@@ -59,10 +59,21 @@ def check_table(out, rows):
 
 
 @pytest.mark.parametrize("backbone,tiny", [("sd15", "tiny-sd15"), ("sd35m", "tiny-sd3")])
-def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
-    """SD-1.5: the default rows, then a rerun that adds the opt-in rows.
+def test_smoke_run_end_to_end(backbone, tiny, tmp_path, tiny_models_build):
+    """SD-1.5: a run that fails in Stage 1 and its rerun, which continues it;
+    then reruns that add the opt-in rows, change settings and inputs.
     SD-3.5-M: every row in one run."""
     out = tmp_path / "smoke"
+    # the session's tiny models, built by the command of the first step (conftest.py tiny_models_build):
+    # that step then finds them and only lists them
+    shutil.copytree(tiny_models_build[0], out / "tiny-models", ignore=shutil.ignore_patterns("released"))
+    if backbone == "sd15":
+        # A failed step stops the run with its name; the rerun continues it. STAGE1_BATCH=0 makes
+        # stage1 fail (a value out of range) after curation.
+        first = smoke(out, backbone, {"STAGE1_BATCH": "0"})
+        assert first.returncode != 0 and "step 'stage1' failed" in first.stderr, first.stderr[-3000:]
+        marked = {step: json.loads((out / f".done-{step}").read_text())["done"] for step in ("curate", "stage1")}
+        assert marked == {"curate": True, "stage1": False}  # stage1 started, not done
     result = smoke(out, backbone, None if backbone == "sd15" else ALL_ROWS)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
@@ -119,6 +130,8 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path):
     assert (out / "panel" / "prompts.txt").read_text().splitlines() == evaluate.FIGURE_PROMPT_SETS[figure]
     assert (out / "panel" / "grid.png").read_bytes() != (out / "eval" / "grid.png").read_bytes()
     assert "qualitative panel:" in result.stdout
+    if backbone == "sd15":
+        assert steps(result, "done already, skipped") == STEPS[:4]  # the failed run's finished steps
     # the "+ RealAlign" stages start from the baseline: SD-3.5-M continues
     # the stand-in Flow-GRPO LoRA in Stage 1 and Stage 1's LoRA in Stage 2
     if backbone == "sd35m":
@@ -305,19 +318,6 @@ def test_own_photos_masks_by_u2net_where_rembg_and_its_weights_are(tmp_path):
         assert ("your photos: masks by U^2-Net" in result.stdout) == weights
 
 
-def test_interrupted_stage_resumes(tmp_path):
-    """A failed step stops the run with its name; the rerun continues it."""
-    out = tmp_path / "smoke"
-    # a pairs CSV that cannot be read makes stage1 fail after curation
-    first = smoke(out, "sd15", {"STAGE1_BATCH": "0"})
-    assert first.returncode != 0 and "step 'stage1' failed" in first.stderr
-    marked = {step: json.loads((out / f".done-{step}").read_text())["done"] for step in ("curate", "stage1")}
-    assert marked == {"curate": True, "stage1": False}  # stage1 started, not done
-    second = smoke(out, "sd15")
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "curate: done already, skipped" in second.stdout
-
-
 def test_real_run_without_gpu_fails_fast_and_points_to_smoke(tmp_path):
     bin_dir = tmp_path / "bin"  # a PATH without nvidia-smi
     bin_dir.mkdir()
@@ -332,13 +332,15 @@ def test_real_run_without_gpu_fails_fast_and_points_to_smoke(tmp_path):
     assert "no GPU found" in result.stderr and "SMOKE=1 bash run_all.sh" in result.stderr
 
 
-def test_benchmark_runs_on_the_tiny_config(tmp_path):
+def test_benchmark_runs_on_the_tiny_config(tmp_path, tiny_models):
     """tests/benchmark.py end to end on the tiny model: every row timed, with
     its spread, the FLOPs it ran and (no CPU peak) MFU omitted with a note.
     The FLOPs follow the rows each side's network calls evaluated (counted
     with a hook, idle sampler slots included): ours' Stage-1 steps are whole
     snapshot windows in fixed slots, the baseline runs every row of the
     micro-batch at every call; where ours ran less work the table says so."""
+    # its tiny model is tiny_models.build_tiny_model("sd15"), the session's: placed where it would build it
+    shutil.copytree(tiny_models["sd15"], tmp_path / "model-tiny")
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmark.py"), "--arch", "tiny", "--batch", "2",
                              "--warmup", "1", "--steps", "1", "--sampler_slots", "1", "--workdir", str(tmp_path),
                              "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)

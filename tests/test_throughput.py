@@ -363,14 +363,16 @@ print(json.dumps({{"same": same, "views": views, "before": before, "after": afte
 
 
 def test_cache_is_memory_mapped_not_copied(tmp_path):
-    """A 2.1 GB cache in 2 shards: a process reading an epoch of random rows
+    """A 1.1 GB cache in 2 shards: a process reading an epoch of random rows
     keeps them in the shared page cache (mapped file pages), not in a private
-    copy, and reads the rows that were written."""
+    copy, and reads the rows that were written. (A copy adds the cache's size
+    to private memory; reading 2.1 GB through the mapping added 10-19 MB, so
+    the 10% bound keeps a 5x margin at 1.1 GB.)"""
     import inspect
 
     from safetensors.torch import save_file
 
-    folder, rows_per_shard, prompts_per_shard = tmp_path / "inputs-synthetic", 1024, 32
+    folder, rows_per_shard, prompts_per_shard = tmp_path / "inputs-synthetic", 512, 32
     for shard in range(2):
         ids = torch.arange(shard * rows_per_shard, (shard + 1) * rows_per_shard)
         prompt_ids = torch.arange(shard * prompts_per_shard, (shard + 1) * prompts_per_shard)
@@ -382,13 +384,13 @@ def test_cache_is_memory_mapped_not_copied(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"shards": [f"shard-{i:03d}-of-002.safetensors" for i in range(2)],
                                                       "rows": 2 * rows_per_shard}))
     size = sum(path.stat().st_size for path in folder.iterdir())
-    assert size > 2e9
+    assert size > 1e9
     script = READ_RANDOM_ROWS.format(root=str(ROOT), folder=str(folder), synthetic=inspect.getsource(synthetic_cache_rows))
     try:
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
-        shutil.rmtree(folder)  # 2 GB: not left to pytest's kept temporary folders
+        shutil.rmtree(folder)  # 1 GB: not left to pytest's kept temporary folders
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     print(f"cache {size / 1e9:.2f} GB; resident growth reading an epoch:",
