@@ -17,6 +17,12 @@ sys.path.insert(0, str(ROOT))
 from tiny_models import build_tiny_models, draw_disc_image  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end smoke runs are about a third of the suite: they start first, each on its own worker
+    (pytest.ini runs pytest-xdist), while the other worker works through the rest."""
+    items.sort(key=lambda item: "test_smoke_run_end_to_end" not in item.nodeid)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_build(tmp_path_factory):
     """The tiny models, built once per test run by the command the smoke run's
