@@ -184,7 +184,7 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path, tiny_models_build):
     # turns off the two that the tiny models make arbitrary); Table 1 printed once, at the end, with its path
     line = "kept 5 of 7 photos: 1 without a caption, 1 unreadable"
     assert user.stdout.count(line) == 2 and user.stdout.rstrip().splitlines()[-2].endswith(line)
-    # (evaluate.py prints its table too until it only logs the path: the last table is the run's)
+    assert user.stdout.count("| Method") == 1  # evaluate.py logs the path only; the panel prints no table
     assert f"Table 1 (above): {out}/eval/results.md" in user.stdout.split("| Method")[-1]
     assert steps(user, "done already, skipped") == STEPS[:3] and steps(user, "finished in") == STEPS[3:]
     assert "stage1: its input --pairs changed since it was done" in user.stdout
