@@ -2039,6 +2039,34 @@ def read_text(path):
                         "save it as UTF-8 (with or without a byte-order mark)") from None
 
 
+
+# The authors' public repository (Cwyxx/RealAlign) at the commit this reproduction was checked against. Their
+# instruments (the question asked to a VLM, the prompt files) are read from it at run time, never copied here.
+AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
+AUTHORS_REPO = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
+
+
+def download_url(url, path):  # the tests replace it to serve local files
+    torch.hub.download_url_to_file(url, str(path), progress=False)
+
+
+def fetch_authors_file(relpath, cache_dir, what, offline_alternative=""):
+    """RELPATH of the authors' repository at AUTHORS_COMMIT, fetched once into
+    CACHE_DIR/authors/COMMIT/RELPATH; offline, one UserError that names the URL
+    and where to place the file."""
+    url, cached = f"{AUTHORS_REPO}/{relpath}", Path(cache_dir) / "authors" / AUTHORS_COMMIT / relpath
+    if not cached.is_file():
+        tmp = cached.with_name(cached.name + ".download")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            download_url(url, tmp)
+        except Exception as err:
+            cause = (str(err).strip().splitlines() or [""])[0]
+            raise UserError(f"could not fetch {what} from {url} ({type(err).__name__}: {cause}); offline, download "
+                            f"that file and place it at {cached}{offline_alternative}") from None
+        os.replace(tmp, cached)
+    return cached
+
 # Ctrl-C is recorded before it is raised: Python runs a signal handler between
 # any two bytecodes, also inside a finalizer, where an exception is printed as
 # "Exception ignored in ..." and dropped (seen while a model card was written).

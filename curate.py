@@ -45,7 +45,6 @@ import json
 import math
 import os
 import random
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +82,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # greedy flag, so the model's own generation config applies (Qwen3-VL samples);
 # each image is asked alone, seeded per uid, so an answer depends on neither
 # the batch nor the process count.
-AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
-AUTHORS_RAW = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
 AUTHORS_NONPHOTO_SCRIPT = "data_curation/score/anime.py"
 NONPHOTO_SETTINGS_FILE = "nonphoto_settings.json"
 
@@ -167,7 +164,8 @@ def parse_args(argv=None):
                         help="Pairs per PickScore batch (real and fake scored together).")
     parser.add_argument("--drop_nonphoto", action=argparse.BooleanOptionalAction, default=True,
                         help="First filter, part of the paper's data: ask --nonphoto_model the authors' question "
-                             "(read from their " + AUTHORS_NONPHOTO_SCRIPT + " at commit " + AUTHORS_COMMIT[:12] +
+                             "(read from their " + AUTHORS_NONPHOTO_SCRIPT + " at commit " +
+                             common.AUTHORS_COMMIT[:12] +
                              ") about each real image and keep it only if the answer is 'no'. If the script or the "
                              "model cannot be loaded, curation stops with an error; --no-drop_nonphoto curates "
                              "without this filter (offline smoke runs).")
@@ -512,26 +510,12 @@ def filter_pairs(rows, min_pickscore_gap, top_k, min_colorfulness_gap=0.0):
 # =============================================================================
 
 
-def download_text(url):
-    """A text file by plain URL (the tests replace this function)."""
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read().decode("utf-8")
-
-
 def authors_nonphoto_call(cache_dir):
     """(question, generate kwargs) of the authors' non-photo filter script at
     AUTHORS_COMMIT: its module-level `prompt` string and the literal keyword
     arguments of its `model.generate(...)` call, parsed (never run)."""
-    cached = Path(cache_dir) / f"Cwyxx-RealAlign-{AUTHORS_COMMIT}" / AUTHORS_NONPHOTO_SCRIPT
-    if not cached.is_file():
-        url = f"{AUTHORS_RAW}/{AUTHORS_NONPHOTO_SCRIPT}"
-        try:
-            text = download_text(url)
-        except Exception as err:
-            raise common.UserError(f"the non-photo filter asks the authors' question, and {url} could not be "
-                                   f"downloaded ({type(err).__name__}: {err}); offline, download that file and place "
-                                   f"it at {cached}, or pass --no-drop_nonphoto") from None
-        common.atomic_write_text(cached, text)
+    cached = common.fetch_authors_file(AUTHORS_NONPHOTO_SCRIPT, cache_dir, "the authors' non-photo question",
+                                       ", or pass --no-drop_nonphoto")
     try:
         tree = ast.parse(cached.read_text(encoding="utf-8"))
         question = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)

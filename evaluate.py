@@ -57,8 +57,6 @@ HIGHER_IS_BETTER = {metric: True for metric in ALL_METRICS}
 # Table 1's prompt sets: the authors' files at the pinned commit, one prompt per line read with line.strip()
 # (13 of the 500 Pick-a-Pic prompts hold double spaces, which T5 and UnifiedReward see); a file without the
 # stated count is refused (moved or edited).
-AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
-AUTHORS_REPO = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
 AUTHORS_PROMPT_FILES = {  # name: (path in the authors' repository, number of prompts)
     "pickapic_v2": ("training_sd35m/dataset/pick_a_pic_v2/test.txt", 500),
     "partiprompts": ("training_sd35m/dataset/partiprompts/test.txt", 1632),
@@ -268,9 +266,6 @@ def open_image(path):
                         "or missing: delete it and rerun to generate it again") from None
 
 
-def download_url(url, path):  # the tests replace it to serve local files
-    torch.hub.download_url_to_file(url, str(path), progress=False)
-
 # ---------------------------------------------------------------- prompts (README 'What the real run needs')
 
 
@@ -321,25 +316,10 @@ def read_prompt_file(path):
     return [line.strip() for line in common.read_text(path).splitlines() if line.strip()]
 
 
-def fetch_authors_file(relpath, cache_dir, what):
-    """A file of the authors' repository at the pinned commit, fetched once into --cache_dir."""
-    url, cached = f"{AUTHORS_REPO}/{relpath}", Path(cache_dir) / "authors" / AUTHORS_COMMIT / relpath
-    if not cached.is_file():
-        tmp = cached.with_name(cached.name + ".download")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            download_url(url, tmp)
-        except Exception as err:
-            raise UserError(f"could not fetch {what} from {url} ({_first_line(err)}); offline, download that file "
-                            f"and place it at {cached}") from None
-        os.replace(tmp, cached)
-    return cached
-
-
 def unifiedreward_question_name(args):
     if args.unifiedreward_question:
         return f"{args.unifiedreward_question} (user file)"
-    return f"the authors' (prompt_template of unifiedreward_score in {AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
+    return f"the authors' (prompt_template of unifiedreward_score in {common.AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
 
 
 def unifiedreward_question(args):
@@ -352,7 +332,7 @@ def unifiedreward_question(args):
             raise UserError(f"--unifiedreward_question {args.unifiedreward_question}: no such file")
         question = common.read_text(args.unifiedreward_question)
     else:
-        path = fetch_authors_file(AUTHORS_REWARDS_FILE, args.cache_dir, "the authors' UnifiedReward question")
+        path = common.fetch_authors_file(AUTHORS_REWARDS_FILE, args.cache_dir, "the authors' UnifiedReward question")
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError) as err:
@@ -377,13 +357,13 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
     elif spec in PROMPT_SETS:
         if source == "authors" and spec in AUTHORS_PROMPT_FILES:
             relpath, expected = AUTHORS_PROMPT_FILES[spec]
-            cached = fetch_authors_file(relpath, cache_dir, f"the prompt set '{spec}'")
+            cached = common.fetch_authors_file(relpath, cache_dir, f"the prompt set '{spec}'")
             count = len(read_prompt_file(cached))
             if count != expected:
                 cached.unlink()
-                raise UserError(f"{AUTHORS_REPO}/{relpath} holds {count} prompts, not the {expected} of paper "
-                                f"Table 1's set '{spec}'; refusing it (pass --prompt_source hub, or a prompt file)")
-            source_text = f"{AUTHORS_REPO}/{relpath}"
+                raise UserError(f"{common.AUTHORS_REPO}/{relpath} holds {count} prompts, not the {expected} of "
+                                f"paper Table 1's set '{spec}'; refusing it (pass --prompt_source hub, or a prompt file)")
+            source_text = f"{common.AUTHORS_REPO}/{relpath}"
         else:
             cached, source_text = Path(cache_dir) / "prompts" / f"{spec}.hub.txt", PROMPT_SETS[spec]
             if not cached.is_file():
@@ -823,7 +803,7 @@ class AestheticMetric(ClipScoreMetric):
             if not local.is_file():
                 try:
                     local.parent.mkdir(parents=True, exist_ok=True)
-                    download_url(weights, local)
+                    common.download_url(weights, local)
                 except Exception as err:
                     raise ScorerUnavailable(f"could not download {weights} ({_first_line(err)}); download it and "
                                             "pass --aesthetic_weights FILE") from None

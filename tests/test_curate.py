@@ -423,7 +423,7 @@ def classify(image_path):
 
 
 def place_stand_in_script(cache_dir, text=STAND_IN_SCRIPT):
-    path = Path(cache_dir) / f"Cwyxx-RealAlign-{curate.AUTHORS_COMMIT}" / curate.AUTHORS_NONPHOTO_SCRIPT
+    path = Path(cache_dir) / "authors" / common.AUTHORS_COMMIT / curate.AUTHORS_NONPHOTO_SCRIPT
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
@@ -433,20 +433,21 @@ def test_authors_nonphoto_call_is_read_from_their_script(tmp_path, monkeypatch):
     """The question and the generation call come from the authors' script at
     the pinned commit, cached in --cache_dir; offline without it, or with a
     file of another shape there, curation stops with one clear message."""
-    assert len(curate.AUTHORS_COMMIT) == 40 and curate.AUTHORS_COMMIT in curate.AUTHORS_RAW
+    assert len(common.AUTHORS_COMMIT) == 40 and common.AUTHORS_COMMIT in common.AUTHORS_REPO
     downloaded = []
 
-    def offline(url):
+    def offline(url, path):
         downloaded.append(url)
         raise OSError("no network")
 
-    monkeypatch.setattr(curate, "download_text", offline)
+    monkeypatch.setattr(common, "download_url", offline)
     with pytest.raises(common.UserError) as err:
         curate.authors_nonphoto_call(tmp_path)
-    cached = tmp_path / f"Cwyxx-RealAlign-{curate.AUTHORS_COMMIT}" / "data_curation/score/anime.py"
-    assert downloaded == [f"{curate.AUTHORS_RAW}/data_curation/score/anime.py"]
+    cached = tmp_path / "authors" / common.AUTHORS_COMMIT / "data_curation/score/anime.py"
+    assert downloaded == [f"{common.AUTHORS_REPO}/data_curation/score/anime.py"]
     assert downloaded[0] in str(err.value) and str(cached) in str(err.value) and "--no-drop_nonphoto" in str(err.value)
-    monkeypatch.setattr(curate, "download_text", lambda url: STAND_IN_SCRIPT)  # downloaded once, then cached
+    # downloaded once, then cached
+    monkeypatch.setattr(common, "download_url", lambda url, path: Path(path).write_text(STAND_IN_SCRIPT))
     assert curate.authors_nonphoto_call(tmp_path) == (STAND_IN_QUESTION, {"max_new_tokens": 5})
     assert cached.read_text() == STAND_IN_SCRIPT
     place_stand_in_script(tmp_path, "prompt = 3\n")

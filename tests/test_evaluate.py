@@ -434,7 +434,7 @@ def test_unifiedreward_asks_the_authors_question_one_image_at_a_time(tmp_path, m
     import transformers
 
     served = {}
-    monkeypatch.setattr(evaluate, "download_url", lambda url, path: Path(path).write_text(served[url]))
+    monkeypatch.setattr(common, "download_url", lambda url, path: Path(path).write_text(served[url]))
     url = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{'158ce2826b51566f58131235911e313a9313c91c'}/" \
           "training_sd35m/flow_grpo/rewards.py"
     args = evaluate.parse_args(["--cache_dir", str(tmp_path / "cache"), "--metrics", "unifiedreward"])
@@ -736,7 +736,7 @@ def test_authors_prompt_sets_by_url(tmp_path, monkeypatch):
     def fake_download(url, path):
         Path(path).write_text(served[url], encoding="utf-8")
 
-    monkeypatch.setattr(evaluate, "download_url", fake_download)
+    monkeypatch.setattr(common, "download_url", fake_download)
     for name, (relpath, count) in evaluate.AUTHORS_PROMPT_FILES.items():
         url = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/158ce2826b51566f58131235911e313a9313c91c/{relpath}"
         lines = [f"  prompt {i} of {name}  with  double spaces " for i in range(count)]
@@ -750,7 +750,7 @@ def test_authors_prompt_sets_by_url(tmp_path, monkeypatch):
     assert {name: n for name, (_, n) in evaluate.AUTHORS_PROMPT_FILES.items()} == \
         {"pickapic_v2": 500, "partiprompts": 1632, "drawbench": 200}
     # a file with another number of prompts is refused and not cached
-    served[f"{evaluate.AUTHORS_REPO}/training_sd35m/dataset/drawbench-unique/test.txt"] = "only one\n"
+    served[f"{common.AUTHORS_REPO}/training_sd35m/dataset/drawbench-unique/test.txt"] = "only one\n"
     with pytest.raises(common.UserError, match="holds 1 prompts, not the 200"):
         evaluate.load_prompts("drawbench", tmp_path / "other_cache")
     assert not list((tmp_path / "other_cache").rglob("*.txt"))
