@@ -59,7 +59,7 @@ d_steps1=3200; d_steps2=1000; d_every=50; d_out=outputs/$BACKBONE; d_seeds="42 1
 d_metrics=pickscore,imagereward,unifiedreward,hpsv3,deqa,aesthetic,laplacian,sgp
 if [ "$SMOKE" = 1 ]; then
   d_out=outputs/smoke; [ "$BACKBONE" = sd35m ] && d_out=outputs/smoke-sd35m
-  d_steps1=4; d_steps2=4; d_ckpt1=4; d_ckpt2=4; d_every=2; d_batch=2; d_seeds="42 123"
+  d_steps1=4; d_steps2=4; d_ckpt1=4; d_ckpt2=4; d_every=4; d_batch=2; d_seeds="42 123"
   d_metrics=pickscore,sgp,laplacian,clip
 fi
 STAGE1_AUTHORS=()  # the Stage-1 flags of RUN_LIKE_AUTHORS=1 (both Stage-1 runs: ours and the complementarity one)

@@ -44,6 +44,17 @@ def tiny_models(tiny_models_build):
     return build_tiny_models(tiny_models_build[0])  # built already: only the paths
 
 
+@pytest.fixture(autouse=True)
+def no_training_curves(request, monkeypatch):
+    """curves.png costs 2-3 s of matplotlib per checkpoint on this CPU, most of a tiny training run: the
+    in-process tests of training do without it. tests/test_figures.py draws and checks it, and the smoke
+    runs (subprocesses: run_all.sh) draw it at every checkpoint."""
+    if request.module.__name__ != "test_figures":
+        import common
+
+        monkeypatch.setattr(common, "plot_training_curves", lambda *args, **kwargs: [])
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return ROOT

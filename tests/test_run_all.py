@@ -142,32 +142,24 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path, tiny_models_build):
         assert results["methods"][4]["spec"] == str(out / "complementarity" / "stage2" / "checkpoint-4")
         return
 
-    # a rerun skips every finished step
-    again = smoke(out, backbone)
-    assert again.returncode == 0
-    assert again.stdout.count("done already, skipped") == 8  # 3 input steps, curate, 2 stages, eval, panel
-    # a rerun with the opt-in rows trains only the complementarity stages and
-    # evaluates only the new rows; SD-1.5 trains them on the stand-in DPO UNet
-    more = smoke(out, backbone, ALL_ROWS)
+    # A rerun with the opt-in rows and two more Stage-2 steps. A step whose settings changed is not skipped:
+    # Stage 2 resumes from its state; the complementarity stages train (SD-1.5: on the stand-in DPO UNet);
+    # the evaluation adds only the new rows; every other step keeps its marker.
+    more = smoke(out, backbone, {**ALL_ROWS, "STAGE2_STEPS": "6"})
     assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-3000:]
-    assert more.stdout.count("done already, skipped") == 6  # every step but the eval and the panel
+    assert steps(more, "done already, skipped") == STEPS[:5]  # the input steps, curate and stage1
+    assert "stage2: its settings changed since it was done" in more.stdout
+    log = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (out / "stage2" / "checkpoint-6").is_dir()
     assert "base: all 6 images exist" in more.stderr + more.stdout
     results = check_table(out, ROWS[backbone] + EXTRA_ROWS[backbone])
     dpo_unet = str(out / "tiny-models" / "released" / "dpo-unet-sd15")
     for stage in ("stage1", "stage2"):
         assert json.loads((out / "complementarity" / stage / "args.json").read_text())["init_network"] == dpo_unet
     assert results["methods"][4]["spec"] == f"{dpo_unet}+{out}/complementarity/stage2/checkpoint-4"
-    # a step whose settings changed is not skipped: more Stage-2 steps resume
-    # Stage 2 from its state; every other step keeps its marker
-    longer = smoke(out, backbone, {"STAGE2_STEPS": "6"})
-    assert longer.returncode == 0, longer.stderr[-3000:]
-    assert "stage2: its settings changed since it was done" in longer.stdout
-    assert longer.stdout.count("done already, skipped") == 7
-    log = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and (out / "stage2" / "checkpoint-6").is_dir()
 
     # Steps are keyed on content, not on paths (README "Running reliably"). The whole folder moved: every
-    # step is still done.
+    # step of the run without the opt-in rows is still done (a rerun skips every finished step).
     out = Path(shutil.move(out, tmp_path / "moved"))
     moved = smoke(out, backbone, {"STAGE2_STEPS": "6"})
     assert moved.returncode == 0 and steps(moved, "done already, skipped") == STEPS, moved.stdout[-3000:]

@@ -340,14 +340,15 @@ def logit_normal_shift_cdf(t, shift=3.0):
 def test_sd3_stage1_timesteps_follow_the_logit_normal_shift_law(tiny_models, data, tmp_path, monkeypatch):
     """The learner's Stage-1 timesteps, recorded from the real training code
     path (train_dro.main -> common.learner_and_ref_errors), must follow the
-    logit-normal law through the shift 3, not sit on the 10 sampler-grid
-    points.
+    logit-normal law through the shift 3, not sit on the points of the
+    sampler's grid (2 steps here: sampling is most of this test's time, and the
+    law of the learner's timesteps does not depend on it).
 
-    Threshold 0.07: the Kolmogorov-Smirnov critical value at alpha = 0.001 for
-    n = 1024 draws is 1.95 / sqrt(n) = 0.061, plus 0.001 for drawing t from
+    Threshold 0.095: the Kolmogorov-Smirnov critical value at alpha = 0.001 for
+    n = 512 draws is 1.95 / sqrt(n) = 0.086, plus 0.001 for drawing t from
     the scheduler's 1000-point timestep table (floor(u * 1000)) instead of the
-    continuous law, plus a small margin. A 10-point grid is off by ~0.1 or
-    more at its jumps."""
+    continuous law, plus a small margin. On a grid of 2 points the
+    empirical CDF jumps by 0.5 at each: off by 0.25 at least."""
     recorded = []
     original = common.learner_and_ref_errors
 
@@ -357,13 +358,13 @@ def test_sd3_stage1_timesteps_follow_the_logit_normal_shift_law(tiny_models, dat
 
     monkeypatch.setattr(common, "learner_and_ref_errors", recording)
     run("dro", tmp_path, tiny_models["sd3"], data["train"], "--train_batch_size", "256",
-        "--effective_batch_size", "1024", "--max_train_steps", "1", "--no-use_ema", "--checkpoint_every", "100",
-        "--allow_unusual")  # 256 timesteps per micro-batch from 8 pairs
+        "--effective_batch_size", "512", "--max_train_steps", "1", "--no-use_ema", "--checkpoint_every", "100",
+        "--sampler_steps", "2", "--allow_unusual")  # 256 timesteps per micro-batch from 8 pairs
     t = torch.cat(recorded)
-    assert len(t) == 1024
+    assert len(t) == 512
     ks = ks_distance(t)
     print(f"KS distance of {len(t)} Stage-1 timesteps to the logit-normal (shift 3) law: {ks:.4f}")
-    assert ks < 0.07
+    assert ks < 0.095
 
 
 def ks_distance(t):
