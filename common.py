@@ -1,18 +1,13 @@
-"""The method and training loop of the RealAlign reproduction.
+"""The method and training loop of RealAlign ("When Preference Labels Fall Short:
+Aligning Diffusion Models from Real Data", ICML 2026): Stage 1, Diffusion-DRO
+(train_dro.py, `diffusion_dro_loss`): toward real photos, away from the model's
+own samples; Stage 2, Diffusion-DPO (train_dpo.py, `diffusion_dpo_loss`): each
+real photo preferred over its copy with the salient region inpainted.
 
-RealAlign ("When Preference Labels Fall Short: Aligning Diffusion Models from
-Real Data", ICML 2026) trains a diffusion model in two stages:
-
-  Stage 1, Diffusion-DRO (train_dro.py): pull the model toward real photos and
-           away from its own samples (hinge loss, `diffusion_dro_loss`).
-  Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
-           photo with its salient region inpainted (`diffusion_dpo_loss`).
-
-Read in order: 1. losses, 2. forward processes (`Backbone`) and Stage 1's
-policy sampling, 3. LoRA roles and EMA, 4. data and cache, 5. the step, 6. the
-loop; then the plumbing. Section 0 (fingerprints) comes first only because
-`python common.py fingerprint` (run_all.sh) runs it alone, without torch.
-Comments cite the paper and the README's "Method" section, which restates it.
+Read in order: 1. losses, 2. forward processes and policy sampling, 3. LoRA
+roles and EMA, 4. data and cache, 5. the step, 6. the loop; then the plumbing.
+Section 0 comes first only because `python common.py fingerprint` (run_all.sh)
+runs it alone, without torch. Comments cite the paper and the README's "Method".
 """
 
 from __future__ import annotations
@@ -57,9 +52,8 @@ SCORE_COLUMNS = ("pickscore_real", "pickscore_fake", "color_real", "color_fake")
 
 
 class FileHashes:
-    """sha256 of files, remembered in CACHE_DIR/file-hashes.json under (name in
-    its input, size, mtime): a rerun costs stat() calls, not the bytes. A file
-    modified in the last 2 s is hashed every time (file times are coarse)."""
+    """sha256 of files, remembered under (name, size, mtime) in CACHE_DIR/file-hashes.json;
+    a file modified in the last 2 s is hashed every time (file times are coarse)."""
 
     def __init__(self, path=None):
         self.path, self.known, self.new = Path(path) if path else None, {}, False
@@ -85,7 +79,7 @@ class FileHashes:
 
 
 def write_json_atomically(path, value):
-    """JSON written whole or not at all (a per-process temporary, then os.replace)."""
+    """Standard library only (section 0 runs without the plumbing's `atomic_write`)."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1)
@@ -93,15 +87,11 @@ def write_json_atomically(path, value):
 
 
 def fingerprint(spec, hashes, exclude=None):
-    """What the input `spec` holds, as {name: sha256 or revision}; None when it
-    names nothing on disk or on the hub (a setting, not an input). Names are
-    relative to the input, so moving it changes nothing.
-      a file    its bytes; a CSV its rows (SCORE_COLUMNS aside) and every file
-                its cells name (relative to its folder, or absolute)
-      a folder  every file under it (hidden ones and `exclude` aside); a model
-                folder (MODEL_MARKERS) its config and weight files; an HPDv3
-                root its all.json (a million files, downloaded, not edited)
-      a hub id  the revision of its local copy ("not downloaded" without one)"""
+    """What the input `spec` holds, as {relative name: sha256 or revision}; None for
+    a setting. A file: its bytes; a CSV: its rows (SCORE_COLUMNS aside) and every
+    file its cells name; a folder: every file (hidden ones and `exclude` aside; a
+    model folder only its config and weights; an HPDv3 root its all.json); a hub
+    id: the revision of its local copy."""
     path = Path(spec).expanduser() if spec else None
     if path is None or not os.path.exists(path):  # os.path: False, not an error, for an impossible name
         if spec and HUB_ID.fullmatch(spec):
@@ -150,11 +140,9 @@ def fingerprint_changes(old, new):
 
 
 def step_fingerprint(command, output, hashes):
-    """run_all.sh's record of a step: its settings (the command line with each
-    input, and the step's own output, replaced by a placeholder) and the digest
-    of each input, labelled by its flag ("--pairs", "--method stage1",
-    "argument 3"). *.py files are settings: new code does not redo finished
-    steps. --resume only says how a step continues: left out."""
+    """run_all.sh's record of a step: its settings (the command line, inputs and
+    output replaced by placeholders; *.py files are settings, --resume is left out)
+    and the digest of each input, labelled by its flag ("--pairs", "argument 3")."""
     output = Path(output).resolve() if output else None
     settings, inputs = [], {}
     for i, arg in enumerate(command):
@@ -178,10 +166,8 @@ def step_fingerprint(command, output, hashes):
 
 def fingerprint_main(argv):
     """`python common.py fingerprint MARKER OUTPUT [--write started|done] -- COMMAND...`
-    (run_all.sh's `step`). With --write: record the step in MARKER. Without:
-    exit 0 if it is done with the same settings and inputs, else say why it
-    runs and exit 10, or 11 when an input changed (a training run must then
-    start afresh)."""
+    (run_all.sh's `step`): --write records the step; else exit 0 if it is done with
+    the same settings and inputs, 10 if it must run, 11 if an input changed."""
     marker, output, rest = Path(argv[0]), argv[1], argv[2:]
     write = rest[1] if rest[:1] == ["--write"] else None
     hashes = FileHashes(marker.parent / "cache" / HASH_CACHE_FILE)  # beside the trainers' input cache
@@ -232,8 +218,7 @@ logger = logging.getLogger("realalign")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||^2 / numel per sample, shape [B], in float32 whatever the
-    input dtype (bf16 is too coarse for the model-minus-reference gaps below)."""
+    """||pred - target||^2 / numel per sample, [B], in float32 (bf16 is too coarse for the gaps below)."""
     diff = pred.float() - target.float()
     return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
 
@@ -244,11 +229,9 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
         inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
         loss  = -mean log sigmoid( -beta/2 * inner )
 
-    Per-sample errors [B] of the trainable model and the frozen reference on the
-    winner (w, the real photo) and loser (l, its inpainted copy), noised with
-    the same noise and timestep. Returns (loss, stats), stats detached 0-dim
-    tensors: implicit_acc = share of pairs with inner < 0 (the model prefers w),
-    reward_margin = mean of -inner (the implicit reward is minus the error gap)."""
+    Per-sample errors [B] of the model and the frozen reference on the winner w (the
+    real photo) and loser l (its inpainted copy), same noise and timestep. Stats:
+    implicit_acc = share with inner < 0 (w preferred), reward_margin = mean(-inner)."""
     inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
     loss = -F.logsigmoid(-0.5 * beta * inner).mean()
     with torch.no_grad():
@@ -262,11 +245,9 @@ def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_p
         D    = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
         loss = mean( max(D + margin, 0) )
 
-    `*_real`: errors on a real image noised with fresh noise; `*_policy`: errors
-    against the sampling snapshot's own prediction on its trajectory. Pushing D
-    down makes real images more likely and the model's own samples less likely
-    than under the reference. Returns (loss, stats): D (its mean) and
-    active_frac (share of samples with D + margin > 0), detached."""
+    `*_real`: errors on a noised real image; `*_policy`: errors against the sampling
+    snapshot's own prediction on its trajectory. Lower D: real images more likely,
+    own samples less likely than under the reference. Stats: mean D, active_frac."""
     D = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
     loss = torch.clamp(D + margin, min=0).mean()
     with torch.no_grad():
@@ -299,26 +280,19 @@ def load_pipeline(model, dtype=torch.float32, inpainting=False):
 
 
 class Backbone:
-    """The model-specific half of training: the trainers talk only to this
-    class, so they have one code path for SD-1.5 (UNet, epsilon-prediction,
-    DDPM) and SD-3(.5) (MMDiT, flow matching), detected from the pipeline.
-
-      encode_prompts / encode_images / latents_from_posterior   (the cache)
-      sample_timesteps, add_noise, target, predict              (the forward process)
-      policy_request + PolicySampler, policy_endpoint_point     (Stage 1's policy points)
-    """
+    """The model-specific half of training, so the trainers have one code path for
+    SD-1.5 (UNet, epsilon, DDPM) and SD-3(.5) (MMDiT, flow matching): the cache's
+    encoders, the forward process (sample_timesteps, add_noise, target, predict)
+    and Stage 1's policy points (policy_request + PolicySampler, policy_endpoint_point)."""
 
     def __init__(self, pipe, device=None, dtype=torch.float32):
         from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-        self.pipe = pipe
+        self.pipe, self.vae, self.dtype = pipe, pipe.vae, dtype
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype
         self.is_flow = getattr(pipe, "transformer", None) is not None  # SD-3 carries a "transformer"
-        self.kind = "sd3" if self.is_flow else "sd15"
-        self.net = pipe.transformer if self.is_flow else pipe.unet
-        self.net_name = "transformer" if self.is_flow else "unet"
-        self.vae = pipe.vae
+        self.kind, self.net_name = ("sd3", "transformer") if self.is_flow else ("sd15", "unet")
+        self.net = getattr(pipe, self.net_name)
         if self.is_flow:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
             self.shift = float(self.scheduler.config.shift)
@@ -356,9 +330,8 @@ class Backbone:
         return {key: torch.cat(values) for key, values in out.items()}
 
     def encode_prompts_once(self, prompts):
-        """`encode_prompts` with the text encoders on the device for this pass
-        only (T5-XXL alone is ~9.5 GB): training reads cached embeddings."""
-        encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        """`encode_prompts` with the text encoders on the device for this pass only (T5-XXL is ~9.5 GB)."""
+        encoders = [getattr(self.pipe, f"text_encoder{suffix}", None) for suffix in ("", "_2", "_3")]
         encoders = [encoder for encoder in encoders if encoder is not None]
         for encoder in encoders:
             encoder.to(self.device)
@@ -372,8 +345,7 @@ class Backbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor):
-        """VAE posterior (mean, std) of images in [-1, 1], float32: stored
-        rather than one sample, so every step draws a fresh latent for free."""
+        """VAE posterior (mean, std) of images in [-1, 1]: every step draws a fresh latent for free."""
         posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
@@ -391,11 +363,9 @@ class Backbone:
 
     # ---- the forward process ----
     def sample_timesteps(self, n, generator=None, device=None):
-        """SD-1.5: uniform over the 1000 DDPM steps. SD-3 (paper Sec. 3, as the
-        public SD-3.5-M trainers): u from diffusers' logit-normal density
-        (mean 0, std 1), t = scheduler.timesteps[floor(u * 1000)], the table of
-        1000 * sigma, sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000. Drawn on the
-        (CPU) generator, so the values are known on the host."""
+        """SD-1.5: uniform over the 1000 DDPM steps. SD-3 (paper Sec. 3, as the public
+        SD-3.5-M trainers): u logit-normal (0, 1), t = scheduler.timesteps[floor(u *
+        1000)] = 1000 sigma, sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000. On the host."""
         device = device or self.device
         if self.is_flow:
             from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -443,16 +413,14 @@ class Backbone:
     # grid and its own last point. tests/reference_sampler.py runs diffusers'
     # scheduler per sample, and the tests compare the two point by point.
     def policy_request(self, cond, resolution, num_steps, generator, points_per_trajectory=1, key=None):
-        """Draw one micro-batch's policy trajectories, run by a PolicySampler:
-        per entry of `cond` its initial noise and the K timesteps of its points.
+        """One micro-batch's policy trajectories for a PolicySampler: per entry of
+        `cond` its initial noise and the K timesteps of its points (CPU draws).
         SD-1.5: DPM-Solver++(2M) on t_i = offset + step_ratio * (num_steps - 1 - i),
-                a per-sample offset in [0, step_ratio) (Diffusion-DRO's
-                "timestep offset"); points at K distinct random steps.
-        SD-3:   K timesteps from the training law; flow-match Euler on the
-                shifted grid lands exactly on each (grid points above the lowest
-                t, plus the drawn t's): the policy side trains at the real
-                side's continuous timesteps (README "Differences from the public code").
-        A trajectory stops at its last point; every draw is on the CPU generator."""
+                a per-sample offset in [0, step_ratio) (Diffusion-DRO's "timestep
+                offset"); points at K distinct random steps.
+        SD-3:   K timesteps from the training law; flow-match Euler on the shifted
+                grid lands exactly on each (README "Differences from the public code").
+        A trajectory stops at its last point."""
         n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
         x = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         if self.is_flow:
@@ -477,12 +445,10 @@ class Backbone:
     @torch.no_grad()
     def policy_endpoint_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1,
                               with_prediction=True):
-        """SD-3 only, the public SD-3.5-M trainer's policy point (train_dro.py
-        --sd3_policy_point endpoint): `net` samples each caption to its end x0
-        with the pipeline (Euler, `num_steps`, guidance 1), then x0 is noised at
-        K drawn timesteps with fresh eps. Returns (x_t, t, prediction of `net`
-        or None, eps), trajectory-major; the caller noises the real latent with
-        the SAME eps and t, as the public trainer does."""
+        """SD-3, the public SD-3.5-M trainer's policy point (--sd3_policy_point endpoint):
+        `net` samples each caption to x0 (Euler, guidance 1), noised at K drawn t with
+        fresh eps. Returns (x_t, t, prediction or None, eps), trajectory-major; the
+        caller noises the real latent with the SAME eps and t, as the public trainer."""
         n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
         latents = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         embeds = {key: value.to(self.device, self.dtype) for key, value in cond.items()}
@@ -499,9 +465,9 @@ class Backbone:
         return x_t, t, self.predict(net, x_t, t, cond).float(), noise
 
     def solver_step(self, t, t_next, h_prev):
-        """Host-side coefficients of one step from t to t_next (= t: no step),
-        and its h. SD-1.5, DPM-Solver++(2M), lambda = log(alpha / sigma),
-        h = lambda(t_next) - lambda(t), r = h_prev / h (first order at first):
+        """Host-side coefficients of one step t -> t_next (= t: none), and its h.
+        SD-1.5, DPM-Solver++(2M), lambda = log(alpha / sigma), h = lambda(t_next) -
+        lambda(t), r = h_prev / h (first order at first):
             x0 = (x - sigma_t eps) / alpha_t,  d = x0 + (1 / 2r) (x0 - x0_prev)
             x' = (sigma_n / sigma_t) x - alpha_n expm1(-h) d
         SD-3, flow-match Euler: x' = x + (t_next - t) / 1000 * v."""
@@ -522,9 +488,8 @@ class Backbone:
 
 
 class PolicyRequest:
-    """One micro-batch's policy trajectories: initial noise, cond, stops
-    (descending timesteps) and points (K recorded per trajectory), then the
-    points' x_t and predictions once a PolicySampler has run them."""
+    """One micro-batch's trajectories (noise, cond, descending stops, K points each),
+    then the points' x_t and predictions once a PolicySampler has run them."""
 
     def __init__(self, key, x, cond, stops, points, device):
         self.key, self.x, self.cond, self.stops = key, x, cond, stops
@@ -543,14 +508,12 @@ class PolicyRequest:
 
 class PolicySampler:
     """Makes the Stage-1 policy points in a fixed number of slots (README
-    "Throughput"): every network call evaluates exactly `slots` rows (one
-    graph, static shapes). A finished trajectory's slot takes the next one in
-    line, of this micro-batch or of the next ones of the snapshot window
-    (theta is frozen for --snapshot_every steps; every stop is drawn up
-    front), so no row idles except at the window's end. A micro-batch's
-    points do not depend on who shares its calls (its draws come from its own
-    generator), hence not on the process count. Plans are made on the host;
-    the loop never waits for the device."""
+    "Throughput"): every network call evaluates exactly `slots` rows (static
+    shapes); a finished trajectory's slot takes the next in line, of this or a
+    later micro-batch of the snapshot window (theta is frozen for --snapshot_every
+    steps), so no row idles but at the window's end. A micro-batch's points come
+    from its own generator: they do not depend on the process count. Plans are
+    made on the host; the loop never waits for the device."""
 
     def __init__(self, backbone, net, slots):
         self.bb, self.net, self.slots = backbone, net, slots
@@ -561,12 +524,10 @@ class PolicySampler:
         self.state = None  # x, x0_prev and cond of the slots, on the device
 
     def idle(self):
-        """True when every request of the window has been handed out."""
-        return not self.waiting and not self.pending
+        return not self.waiting and not self.pending  # every request of the window handed out
 
     def start(self, micro_batches, make_request):
-        """A new window: this process's micro-batches up to its end, in order;
-        `make_request(micro_batch)` draws a request when the slots need it."""
+        """A window: this process's micro-batches to its end; `make_request(mb)` draws one's request."""
         assert self.idle(), "a window starts when the last one is done"
         self.pending, self.make_request = collections.deque(micro_batches), make_request
 
@@ -584,9 +545,8 @@ class PolicySampler:
         return self.waiting.popleft()
 
     def _plan_call(self):
-        """Host side of one call: fill the free slots, then per slot its t and
-        step coefficients; which slots start a trajectory (request -> (slots,
-        its rows)) and which reach a point (request -> (slots, output rows))."""
+        """Host side of one call: fill the free slots; per slot its t and step
+        coefficients; which slots start a trajectory and which reach a point."""
         starts, records, t_now, coef = {}, {}, [], []
         for slot in range(self.slots):
             if self.running[slot] is None:
@@ -1772,111 +1732,78 @@ SECRET_ARGS = ("hub_token",)  # never written to args.json, the trackers or a mo
 
 
 def add_training_args(parser, stage):
-    """Flags both trainers share (`stage`: "dro" or "dpo"); those whose default
-    depends on the backbone default to None, filled in by `apply_defaults`."""
+    """Flags both trainers share (`stage`: "dro" or "dpo"); a per-backbone default is None, set by `apply_defaults`."""
     parser.formatter_class = HelpFormatter
-
-    def paper(key):  # the paper's per-backbone default, for the help text
-        return f"({backbone_default_help(key, stage)})"
-
+    paper = lambda key: f"({backbone_default_help(key, stage)})"  # noqa: E731
     g = parser.add_argument_group("model and data")
     g.add_argument("--pretrained_model", "--pretrained_model_name_or_path",
                    default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
-                        "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
-    g.add_argument("--pairs", default=None,
-                   help="pairs CSV written by curate.py (win/lose column names accepted); needed unless "
-                        "--benchmark_steps (default: none)")
-    g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json go here")
-    g.add_argument("--init_lora", default=None,
-                   help="start from this LoRA (file, folder or hub id: diffusers' load_lora_weights format, a PEFT "
-                        "adapter folder, or a checkpoint with lora/learner/); it is also the reference "
-                        "(default: none, a fresh LoRA on the base model)")
-    g.add_argument("--init_unet", "--init_transformer", dest="init_network", default=None,
-                   help="replace the pipeline's UNet/transformer by this one first (complementarity runs, "
-                        "e.g. mhdang/dpo-sd1.5-text2image-v1) (default: none, the pipeline's own)")
+                   help="hub id or folder of an SD-1.5- or SD-3-style diffusers pipeline")
+    g.add_argument("--pairs", help="pairs CSV of curate.py; needed unless --benchmark_steps (default: none)")
+    g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json")
+    g.add_argument("--init_lora", help="start from this LoRA (file, folder or hub id, diffusers or PEFT format); "
+                                       "it is also the reference (default: none, a fresh LoRA)")
+    g.add_argument("--init_unet", "--init_transformer", dest="init_network",
+                   help="replace the pipeline's UNet/transformer first, e.g. mhdang/dpo-sd1.5-text2image-v1 "
+                        "(default: none)")
     g.add_argument("--resolution", type=resolution_int, default=512, help="training resolution in pixels")
-    g.add_argument("--cache_dir", default=None, help="input cache folder (default: OUTPUT_DIR/../cache)")
+    g.add_argument("--cache_dir", help="input cache folder (default: OUTPUT_DIR/../cache)")
     g = parser.add_argument_group("optimisation (unset = the paper's value for the backbone)")
-    g.add_argument("--train_batch_size", type=positive_int, default=None,
-                   help=f"per-device micro-batch {paper('train_batch_size')}")
+    g.add_argument("--train_batch_size", type=positive_int, help=f"per-device micro-batch {paper('train_batch_size')}")
     g.add_argument("--effective_batch_size", type=positive_int, default=256,
-                   help="samples per optimizer step over all processes; accumulation = this / (batch x processes)")
-    g.add_argument("--max_train_steps", type=positive_int, default=None,
-                   help=f"optimizer steps {paper('max_train_steps')}")
-    g.add_argument("--learning_rate", type=positive_float, default=None,
-                   help=f"AdamW learning rate, constant after the warm-up {paper('learning_rate')}")
-    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=None,
+                   help="samples per optimizer step over all processes (accumulation = this / batch / processes)")
+    g.add_argument("--max_train_steps", type=positive_int, help=f"optimizer steps {paper('max_train_steps')}")
+    g.add_argument("--learning_rate", type=positive_float, help=f"AdamW learning rate {paper('learning_rate')}")
+    g.add_argument("--lr_warmup_steps", type=non_negative_int,
                    help=f"linear warm-up, then constant {paper('lr_warmup_steps')}")
-    g.add_argument("--weight_decay", type=non_negative_float, default=None,
-                   help=f"AdamW weight decay {paper('weight_decay')}")
+    g.add_argument("--weight_decay", type=non_negative_float, help=f"AdamW weight decay {paper('weight_decay')}")
     g.add_argument("--adam_beta1", type=decay, default=0.9, help="AdamW beta1")
     g.add_argument("--adam_beta2", type=decay, default=0.999, help="AdamW beta2")
     g.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--lora_rank", type=positive_int, default=None,
-                   help=f"LoRA rank; ignored with --init_lora {paper('lora_rank')}")
-    g.add_argument("--lora_alpha", type=positive_int, default=None, help=f"LoRA alpha {paper('lora_alpha')}")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--lora_rank", type=positive_int, help=f"LoRA rank; ignored with --init_lora {paper('lora_rank')}")
+    g.add_argument("--lora_alpha", type=positive_int, help=f"LoRA alpha {paper('lora_alpha')}")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction,
                    help=f"checkpoints hold an EMA of the LoRA weights {paper('use_ema')}")
-    g.add_argument("--ema_decay", type=decay, default=None,
-                   help=f"largest EMA decay; SD-1.5 follows diffusers' warm-up, SD-3.5-M flow_grpo's "
-                        f"schedule {paper('ema_decay')}")
-    g.add_argument("--ema_every", type=positive_int, default=None,
-                   help=f"EMA update interval in optimizer steps {paper('ema_every')}")
+    g.add_argument("--ema_decay", type=decay, help=f"largest EMA decay {paper('ema_decay')}")
+    g.add_argument("--ema_every", type=positive_int, help=f"EMA update interval in steps {paper('ema_every')}")
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
-    g.add_argument("--seed", type=seed_int, default=0, help="seeds the LoRA init and every random draw of training")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds the LoRA init and every random draw")
     g = parser.add_argument_group("run")
     g.add_argument("--checkpoint_every", "--checkpointing_steps", type=positive_int, default=100,
                    help="save a checkpoint and the state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
-    g.add_argument("--allow_unusual", action="store_true",
-                   help="accept values that are legal but almost surely a mistake, refused otherwise: a "
-                        "--train_batch_size larger than the pairs CSV (micro-batches repeat pairs), "
-                        "--caption_dropout 1 (every caption dropped)")
+    g.add_argument("--allow_unusual", action="store_true", help="accept a --train_batch_size larger than the pairs "
+                   "CSV and --caption_dropout 1 (legal, almost surely a mistake)")
     g.add_argument("--sample_grid_steps", type=non_negative_int, default=25,
-                   help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
-    g.add_argument("--guidance_scale", type=non_negative_float, default=None,
-                   help=f"CFG of the checkpoint grids {paper('guidance_scale')}")
+                   help="sampling steps of each checkpoint's image grid; 0: no grid")
+    g.add_argument("--guidance_scale", type=non_negative_float, help=f"CFG of the grids {paper('guidance_scale')}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU, where compiling "
-                        "costs more than it saves at test sizes); see README 'Throughput and memory'")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU)")
     g.add_argument("--benchmark_steps", type=non_negative_int, default=0,
-                   help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
-    # diffusers' training examples' handles (README "Trackers, the hub, precision"); no
-    # --dataloader_num_workers: the trainers read a tensor cache, there is no data loader
-    g = parser.add_argument_group("precision")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="compute precision of the frozen base network (the LoRA weights stay fp32); fp16 trains "
-                        "with a gradient scaler. Default: bf16 on a GPU, no (fp32) on CPU")
+                   help="time N optimizer steps on random inputs (no CSV, nothing saved)")
+    # diffusers' training examples' handles; no --dataloader_num_workers: there is no data loader
+    g = parser.add_argument_group("precision, logging and hub")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="compute precision of the frozen "
+                   "network; LoRA weights stay fp32, fp16 uses a gradient scaler (default: bf16 on GPU, no on CPU)")
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on Ampere or newer GPUs for what runs in fp32 (default: on)")
-    g = parser.add_argument_group("logging and hub")
+                   help="TF32 matmuls on Ampere or newer GPUs")
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"], default="tensorboard",
-                   help="tracker that receives every metric of metrics.jsonl and the checkpoint grids, through "
-                        "accelerate; 'all' = every installed one (default: tensorboard)")
-    g.add_argument("--logging_dir", default="logs",
-                   help="tracker folder, relative to OUTPUT_DIR (default: logs)")
-    g.add_argument("--tracker_project_name", default=None,
-                   help="tracker project / run name (default: realalign-stage1 or realalign-stage2)")
-    g.add_argument("--validation_prompts", nargs="+", default=None,
-                   help="prompts of the checkpoint grids (default: the first four distinct prompts of the pairs CSV)")
-    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
-                   help="keep only the newest N checkpoint folders, plus --final_checkpoint (default: keep all)")
-    g.add_argument("--final_checkpoint", type=positive_int, default=None,
-                   help="the step whose checkpoint this run delivers: never deleted by --checkpoints_total_limit, "
-                        "uploaded by --push_to_hub (default: the last step; run_all.sh: STAGE1_CKPT / STAGE2_CKPT)")
+                   help="tracker of every metric and grid, through accelerate")
+    g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to OUTPUT_DIR")
+    g.add_argument("--tracker_project_name", help="tracker run name (default: realalign-stage1/-stage2)")
+    g.add_argument("--validation_prompts", nargs="+",
+                   help="prompts of the grids (default: the first four distinct prompts of the pairs)")
+    g.add_argument("--checkpoints_total_limit", type=positive_int,
+                   help="keep the newest N checkpoints and --final_checkpoint (default: keep all)")
+    g.add_argument("--final_checkpoint", type=positive_int, help="the step this run delivers: kept by "
+                   "--checkpoints_total_limit, uploaded by --push_to_hub (default: the last)")
     g.add_argument("--resume_from_checkpoint", choices=["latest"], action=_ResumeLatest, dest="resume",
-                   default=argparse.SUPPRESS,
-                   help="diffusers' name of --resume: continue from OUTPUT_DIR/state, the latest state saved "
-                        "(default: off)")
-    g.add_argument("--push_to_hub", action="store_true",
-                   help="upload the final checkpoint (LoRA, model card, grid) to the Hugging Face hub (default: off)")
-    g.add_argument("--hub_model_id", default=None,
-                   help="hub repository, e.g. you/realalign-sd15 (default: the name of OUTPUT_DIR)")
-    g.add_argument("--hub_token", default=None,
-                   help="hub token (default: the token of `hf auth login`, which is safer than a flag)")
+                   default=argparse.SUPPRESS, help="diffusers' name of --resume (default: off)")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the final checkpoint to the hub")
+    g.add_argument("--hub_model_id", help="hub repository (default: the name of OUTPUT_DIR)")
+    g.add_argument("--hub_token", help="hub token (default: the one of `hf auth login`, safer than a flag)")
     return parser
 
 
