@@ -2168,10 +2168,8 @@ def io_error_message(err, path=None):
 
 @contextlib.contextmanager
 def writing(path):
-    """A failed write under `path` (full disk, no permission, read-only, a file
-    where a folder should be) becomes one UserError naming it and the cause;
-    also the I/O errors safetensors ('(os error 28)') and torch.save ('file
-    write failed') raise as other types. Earlier outputs stay as they are."""
+    """A failed write under `path` becomes one UserError naming it and the cause,
+    also safetensors' '(os error 28)' and torch.save's 'file write failed'."""
     try:
         yield
     except UserError:
@@ -2183,9 +2181,8 @@ def writing(path):
 
 
 def atomic_write(path, write_fn, suffix=None):
-    """Write through `write_fn(tmp)` to a uniquely named temporary beside `path`,
-    then os.replace: a killed run never leaves half a file. write_fn's own
-    open() makes the file, so its mode follows the umask."""
+    """`write_fn(tmp)` writes a unique temporary beside `path` (its own open(): the
+    umask's mode), then os.replace: a killed run never leaves half a file."""
     path = Path(path)
     with writing(path):
         if path.parent.exists() and not path.parent.is_dir():
@@ -2208,8 +2205,7 @@ def atomic_write_text(path, text: str):
 
 
 def atomic_save_torch(obj, path):
-    """torch.save, atomically; serialised in memory first (torch.save to a full
-    disk fails with an opaque C++ error, a plain write with ENOSPC)."""
+    """Serialised in memory first: torch.save to a full disk fails with an opaque C++ error."""
     import io
 
     buffer = io.BytesIO()
@@ -2218,19 +2214,17 @@ def atomic_save_torch(obj, path):
 
 
 def make_temp_dir(final_dir):
-    """A fresh, uniquely named folder beside `final_dir` (a plain mkdir: the umask's mode)."""
+    """A fresh folder beside `final_dir`, to fill and then `replace_dir` into place."""
     final_dir = Path(final_dir)
-    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
     with writing(final_dir):
         final_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        (tmp := final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}")).mkdir()
     return tmp
 
 
 def replace_dir(tmp_dir, final_dir):
-    """Move a fully written folder into place (os.replace); an old one is moved
-    to FINAL.old first and removed after. A run killed between the two renames
-    leaves FINAL.old, which `recover_dir` puts back."""
+    """os.replace a written folder into place; an old one goes to FINAL.old first
+    (a run killed between the two renames leaves it: `recover_dir`)."""
     final_dir = Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
     with writing(final_dir):
@@ -2257,10 +2251,9 @@ _HELD_LOCKS = {}  # folder -> its FileLock, held until the process ends
 
 def lock_output_dir(directory, what):
     """Hold DIRECTORY until the process ends, so that two runs never write one
-    folder: filelock's lock on .lock.flock (the OS drops it when its holder
-    dies, however it dies), and in .lock the holder (pid, host, what, since),
-    which a run refused names. A holder named there that is alive on this host
-    holds the folder too; a dead one's lock is taken over."""
+    folder: filelock's lock on .lock.flock (the OS drops it when its holder dies),
+    and in .lock the holder (pid, host, what, since), which a refused run names; a
+    holder named there that is alive on this host holds it too."""
     import atexit
     import socket
 
@@ -2272,14 +2265,13 @@ def lock_output_dir(directory, what):
     with writing(directory):
         directory.mkdir(parents=True, exist_ok=True)
     path, host = directory / LOCK_FILE, socket.gethostname()
-    if directory.resolve() in _HELD_LOCKS:  # this process holds it already (several stages in one process)
+    if directory.resolve() in _HELD_LOCKS:  # held by this process already (several stages in one process)
         return path
     try:
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
         holder = {}
-    pid = holder.get("pid") if holder.get("host") == host else None
-    lock = FileLock(directory / f"{LOCK_FILE}.flock")
+    pid, lock = holder.get("pid") if holder.get("host") == host else None, FileLock(directory / f"{LOCK_FILE}.flock")
     try:
         if isinstance(pid, int) and pid != os.getpid():
             with contextlib.suppress(ProcessLookupError):
@@ -2288,9 +2280,8 @@ def lock_output_dir(directory, what):
         lock.acquire(timeout=0)
     except (Timeout, PermissionError):
         raise UserError(f"{directory} is in use by another run (pid {holder.get('pid', '?')} on host "
-                        f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since "
-                        f"{holder.get('since', '?')}); wait for it to end or use another folder. If that run "
-                        f"is gone, delete {path}") from None
+                        f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since {holder.get('since', '?')}); "
+                        f"wait for it to end or use another folder. If that run is gone, delete {path}") from None
     _HELD_LOCKS[directory.resolve()] = lock
     with writing(path):
         path.write_text(json.dumps({"pid": os.getpid(), "host": host, "what": what,
@@ -2365,8 +2356,7 @@ def _show_default(value):
 
 
 def backbone_default_help(key, stage):
-    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4', read from BACKBONE_DEFAULTS /
-    STAGE_DEFAULTS so --help cannot drift from the code."""
+    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4', read from the tables: --help cannot drift from the code."""
     shown = {kind: _show_default({**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}[key])
              for kind in BACKBONE_NAMES}
     if len(set(shown.values())) == 1:
@@ -2375,27 +2365,21 @@ def backbone_default_help(key, stage):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" unless the help already states its default,
-    and "(required)" for a required flag."""
+    """argparse's "(default: X)" unless the help states its default; "(required)" for a required flag."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if action.required:
             return text if "required" in text else f"{text} (required)".strip()
-        if "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
+        return text if "default" in text.lower() else super()._get_help_string(action)
 
 
 # ---- figures (matplotlib's object API on the Agg canvas: no display, no pyplot state) ----
 def new_figure(width, height, dpi=100):
-    """An empty matplotlib Figure of width x height inches on the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
+    return FigureCanvasAgg(Figure(figsize=(width, height), dpi=dpi, layout="constrained")).figure
 
 
 def save_figure(figure, path):
@@ -2406,11 +2390,7 @@ def wrap_text(text, width, max_lines=None):
     """`text` wrapped to lines of `width` characters, cut to `max_lines` with an ellipsis."""
     import textwrap
 
-    lines = textwrap.wrap(" ".join(str(text).split()), width) or [""]
-    if max_lines and len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: width - 1] + "…"
-    return "\n".join(lines)
+    return textwrap.fill(" ".join(str(text).split()), width, max_lines=max_lines, placeholder="…")
 
 
 # The panel titles of curves.png, in panel order; keys a run does not log get no panel.
@@ -2432,13 +2412,11 @@ CURVE_TITLES = {
     "lr": "learning rate",
     "samples_per_s": "throughput: samples per second",
 }
-CURVE_KEYS = tuple(CURVE_TITLES)
 CURVE_SMOOTHING = 0.9
 
 
 def smooth_curve(values, weight=CURVE_SMOOTHING):
-    """TensorBoard's smoothing: s_t = weight * s_(t-1) + (1 - weight) * x_t,
-    s_0 = 0, shown bias-corrected as s_t / (1 - weight^t)."""
+    """TensorBoard's smoothing: s_t = weight * s_(t-1) + (1 - weight) * x_t, s_0 = 0, shown as s_t / (1 - weight^t)."""
     smoothed, running = [], 0.0
     for t, value in enumerate(values, start=1):
         running = weight * running + (1 - weight) * value
@@ -2446,19 +2424,14 @@ def smooth_curve(values, weight=CURVE_SMOOTHING):
     return smoothed
 
 
-def curve_panels(records, keys=CURVE_KEYS):
-    """(key, title) of each panel curves.png draws for these metrics.jsonl records."""
-    return [(key, CURVE_TITLES.get(key, key)) for key in keys
-            if records and all(isinstance(r.get(key), (int, float)) for r in records)]
-
-
-def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
-    """OUTPUT_DIR/curves.png: per logged quantity, each step (thin) under its
-    smoothed curve (thick) against the optimizer step; returns the panels."""
+def plot_training_curves(metrics_path, path, keys=tuple(CURVE_TITLES)):
+    """OUTPUT_DIR/curves.png: per logged quantity, each step (thin) and its smoothed
+    curve (thick) against the optimizer step; returns the panels [(key, title)]."""
     from matplotlib.ticker import MaxNLocator
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    panels = curve_panels(records, keys)
+    panels = [(key, CURVE_TITLES.get(key, key)) for key in keys
+              if records and all(isinstance(r.get(key), (int, float)) for r in records)]
     if not panels:
         return panels
     columns = min(3, len(panels))
@@ -2475,13 +2448,12 @@ def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
         ax.plot(steps, smooth_curve(values), color="tab:blue", linewidth=2, label="EMA")
         low, high = min(values), max(values)
         scale = max(abs(low), abs(high))
-        if high - low <= 1e-9 * scale or high == low:  # a constant series: pad the range, or ticks repeat
+        if high - low <= 1e-9 * scale:  # a constant series: pad the range, or ticks repeat
             pad = 0.1 * scale if scale > 0 else 1.0
             ax.set_ylim(low - pad, high + pad)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # 1e-4, not 0.0001000
-        ax.set_title(wrap_text(title, 52), fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key)
+        ax.set(title=wrap_text(title, 52), xlabel="optimizer step", ylabel=key)
+        ax.title.set_fontsize(10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if i == 0:
@@ -2491,20 +2463,17 @@ def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
 
 
 def save_sample_grid(images, prompts, seeds, path, title=None):
-    """grid.png: one column per prompt (its text above), one row per seed;
-    `images` row-major, as `generate_grid_images` returns them."""
-    cell = 2.6  # inches per image: the prompt text stays legible at 8 pt
-    width_px = images[0].size[0]
-    # height: the images, the prompts above the first row (up to 4 lines), the title
+    """grid.png: one column per prompt (its text above), one row per seed; `images` row-major."""
+    cell, width_px = 2.6, images[0].size[0]  # inches per image: the prompt text stays legible at 8 pt
+    # height: the images, the prompts above the first row (up to 4 lines), the title; dpi: the images' own
     figure = new_figure(cell * len(prompts) + 0.5, (cell + 0.1) * len(seeds) + 0.7 + (0.3 if title else 0),
-                        dpi=max(100, round(width_px / cell)))  # never below the images' own resolution
+                        dpi=max(100, round(width_px / cell)))
     if title:
         figure.suptitle(title, fontsize=10)
     for row, seed in enumerate(seeds):
         for column, prompt in enumerate(prompts):
             ax = figure.add_subplot(len(seeds), len(prompts), row * len(prompts) + column + 1)
-            image = images[row * len(prompts) + column]
-            ax.imshow(image, interpolation="nearest" if width_px < 128 else "antialiased")
+            ax.imshow(images[row * len(prompts) + column], interpolation="nearest" if width_px < 128 else "antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -2536,86 +2505,63 @@ def log_grid(accelerator, grid, step):
             tracker.log_images({"validation": [grid]}, step)
 
 
-def _markdown_cell(value):
-    return f"`{value}`".replace("|", "\\|").replace("\n", " ")
-
-
 def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
-    """README.md of a checkpoint folder, with diffusers' model-card helpers:
-    base model, stage, warm start, data, every argument, the grid, how to load
-    it. `repo_id`: where it is uploaded (default: its folder)."""
+    """README.md of a checkpoint folder from diffusers' training template: base model,
+    stage, warm start, data, every argument, the grid, how to load it."""
     import huggingface_hub.constants
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
     location = repo_id or str((Path(args.output_dir) / f"checkpoint-{step}").resolve())
-    weights = (f"an EMA of the LoRA weights (decay {args.ema_decay}, updated every {args.ema_every} steps)"
-               if args.use_ema else "the LoRA weights")
-    warm_start = (f"`{args.init_lora}` (the Stage-1 LoRA; a frozen copy of it is the reference)" if args.init_lora
-                  else "none: a fresh LoRA on the base model, which is also the reference")
-    base = f"`{args.pretrained_model}`" + (f", its {'transformer' if kind == 'sd3' else 'UNet'} replaced by "
-                                           f"`{args.init_network}`" if args.init_network else "")
+    net = "transformer" if kind == "sd3" else "unet"
+    weights = f"an EMA (decay {args.ema_decay}, every {args.ema_every} steps) of" if args.use_ema else ""
     data = f"`{args.pairs}`: {num_pairs} (real, inpainted) pairs" if num_pairs is not None else "random inputs"
-    if args.stage == "stage1" and num_pairs is not None:
-        data += " (Stage 1 trains on their real photos only)"
-    summary_path = Path(args.pairs or "").parent / "summary.json"
-    if args.pairs and summary_path.is_file():  # written by curate.py next to its pairs.csv
-        summary = json.loads(summary_path.read_text())
+    data += " (Stage 1 trains on their real photos only)" if args.stage == "stage1" and num_pairs is not None else ""
+    summary = Path(args.pairs or "").parent / "summary.json"  # curate.py's, beside its pairs.csv
+    if args.pairs and summary.is_file():
+        summary = json.loads(summary.read_text())
         settings = summary.get("settings", {})
-        data += (f", curated by curate.py from {summary.get('listed')} listed images ({summary.get('input_kind')}); "
-                 f"fakes: {settings.get('fake_mode')} with `{settings.get('model')}`, saliency "
-                 f"{settings.get('saliency')}, top_k {settings.get('top_k')}")
-    elif args.pairs:
-        data += " (no curate.py summary.json beside it: a CSV made elsewhere)"
-    description = "\n".join([
-        f"# RealAlign {STAGE_TITLES[args.stage]}: LoRA for {args.pretrained_model}, step {step}",
-        "",
-        "LoRA weights trained with RealAlign (\"When Preference Labels Fall Short: Aligning Diffusion Models "
-        f"from Real Data\", ICML 2026), {STAGE_TITLES[args.stage]}. They hold {weights} at optimizer step "
-        f"{step} of {args.max_train_steps}.",
-        "",
-        f"- **Base model:** {base}",
-        f"- **Stage:** {STAGE_TITLES[args.stage]}",
-        f"- **Warm start:** {warm_start}",
-        f"- **Data:** {data}",
-        f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`, or with PEFT "
-        f"`PeftModel.from_pretrained(pipe.{'transformer' if kind == 'sd3' else 'unet'}, \"{location}\")`",
-    ])
+        data += (f", curated from {summary.get('listed')} listed images ({summary.get('input_kind')}); fakes: "
+                 f"{settings.get('fake_mode')} with `{settings.get('model')}`, saliency {settings.get('saliency')}")
+    lines = [f"# RealAlign {STAGE_TITLES[args.stage]}: LoRA for {args.pretrained_model}, step {step}", "",
+             "LoRA trained with RealAlign (\"When Preference Labels Fall Short: Aligning Diffusion Models from Real "
+             f"Data\", ICML 2026): {weights} the LoRA weights at optimizer step {step} of {args.max_train_steps}.", "",
+             f"- **Base model:** `{args.pretrained_model}`" + (f", its {net} replaced by `{args.init_network}`"
+                                                               if args.init_network else ""),
+             f"- **Stage:** {STAGE_TITLES[args.stage]}",
+             "- **Warm start:** " + (f"`{args.init_lora}` (a frozen copy of it is the reference)" if args.init_lora
+                                     else "none: a fresh LoRA on the base model, which is also the reference"),
+             f"- **Data:** {data}",
+             f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`, or `PeftModel.from_pretrained(pipe.{net}, "
+             f"\"{location}\")`"]
     if (Path(directory) / "grid.png").is_file():
-        description += ("\n\n![checkpoint grid](./grid.png)\n\nColumns: "
-                        + "; ".join(f"\"{prompt}\"" for prompt in args.validation_prompts)
-                        + f". Rows: seeds 0 and 1; {args.sample_grid_steps} steps, guidance {args.guidance_scale}.")
-    example_prompt = (args.validation_prompts or ["a photo"])[0]
-    usage = "\n".join([
-        "import torch", "from diffusers import DiffusionPipeline", "",
-        f"pipe = DiffusionPipeline.from_pretrained(\"{args.pretrained_model}\", torch_dtype=torch.bfloat16)",
-        "pipe.to(\"cuda\")",
-        f"pipe.load_lora_weights(\"{location}\")",
-        f"image = pipe({example_prompt!r}, guidance_scale={args.guidance_scale}).images[0]",
-    ])
-    hyperparameters = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
-                                 *(f"| {key} | {_markdown_cell(value)} |" for key, value in public_args(args).items())])
-    # the helper would first look for a card on the hub (~30 s of retries offline): this card
-    # describes this checkpoint only, so it comes from diffusers' template
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
+        lines += ["", "![checkpoint grid](./grid.png)", "", "Columns: " + "; ".join(
+            f"\"{prompt}\"" for prompt in args.validation_prompts) + f". Rows: seeds 0 and 1; {args.sample_grid_steps} "
+            f"steps, guidance {args.guidance_scale}."]
+    usage = (f"import torch\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
+             f"\"{args.pretrained_model}\", torch_dtype=torch.bfloat16).to(\"cuda\")\npipe.load_lora_weights("
+             f"\"{location}\")\nimage = pipe({(args.validation_prompts or ['a photo'])[0]!r}, "
+             f"guidance_scale={args.guidance_scale}).images[0]")
+    table = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
+                       *(f"| {key} | " + f"`{value}`".replace("|", "\\|").replace("\n", " ") + " |"
+                         for key, value in public_args(args).items())])
+    # offline: the helper would first look for this card on the hub (~30 s of retries)
+    offline, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
     try:
-        card = load_or_create_model_card(
-            repo_id_or_path=repo_id or f"realalign-{args.stage}", from_training=True, model_description=description,
-            base_model=args.pretrained_model, inference=True,
-            license="creativeml-openrail-m" if kind == "sd15" else "other")  # SD-3.5: Stability AI community licence
+        card = load_or_create_model_card(repo_id or f"realalign-{args.stage}", from_training=True,
+                                         model_description="\n".join(lines), base_model=args.pretrained_model,
+                                         inference=True,  # SD-3.5: Stability AI's community licence
+                                         license="creativeml-openrail-m" if kind == "sd15" else "other")
     finally:
         huggingface_hub.constants.HF_HUB_OFFLINE = offline
     card = populate_model_card(card, tags=["text-to-image", "diffusers", "lora", "diffusers-training", "realalign",
                                             "stable-diffusion" if kind == "sd15" else "sd3",
                                             "diffusion-dro" if args.stage == "stage1" else "diffusion-dpo"])
-    # diffusers' training template leaves three TODO slots; we know what goes there
-    card.text = (card.text
-                 .replace("# TODO: add an example code snippet for running this diffusion pipeline", usage)
+    # the template's three TODO slots
+    card.text = (card.text.replace("# TODO: add an example code snippet for running this diffusion pipeline", usage)
                  .replace("[TODO: provide examples of latent issues and potential remediations]",
-                          f"Trained on {num_pairs} photos (Stage 2: and their inpainted copies), a small set: the "
-                          "paper's Table 1 measures what it changes. The base model's licence and limitations "
-                          "apply.")
-                 .replace("[TODO: describe the data used to train the model]", hyperparameters))
+                          f"Trained on {num_pairs} photos (Stage 2: and their inpainted copies); the base model's "
+                          "licence and limitations apply.")
+                 .replace("[TODO: describe the data used to train the model]", table))
     card.save(str(Path(directory) / "README.md"))
     return card
 
