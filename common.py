@@ -1280,8 +1280,8 @@ def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None)
 
 
 def prepare_training(args, stage, need_fake):
-    """Everything before the first step: checks, accelerator, models, defaults
-    and the input cache. Returns (accelerator, backbone, pairs, cache, grad_accum)."""
+    """Everything before the first step: checks, accelerator, models, defaults and
+    the input cache. Returns (accelerator, backbone, pairs, cache, grad_accum)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -1291,11 +1291,10 @@ def prepare_training(args, stage, need_fake):
     if args.mixed_precision is None:  # CPU bf16 kernels are slow: fp32 there
         args.mixed_precision = "bf16" if use_cuda else "no"
     # cpu=True without GPUs: only then does accelerate join torchrun's gloo group
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, cpu=not use_cuda,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not use_cuda,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(
+                                  Path(args.output_dir) / args.logging_dir)))
     if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
@@ -1338,17 +1337,16 @@ def prepare_training(args, stage, need_fake):
     if accelerator.is_main_process:
         atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(public_args(args), indent=2, default=str))
         atomic_write_text(Path(args.output_dir) / "inputs.json", json.dumps(inputs, indent=1))
-        logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
-                    backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
-                    grad_accum, args.effective_batch_size)
+        logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step", backbone.kind,
+                    accelerator.device, accelerator.num_processes, args.train_batch_size, grad_accum,
+                    args.effective_batch_size)
     return accelerator, backbone, pairs, cache, grad_accum
 
 
 def compile_network(net, backend="inductor"):
-    """torch.compile the repeated blocks one by one (diffusers' regional
-    compilation): one graph per block shape, seconds instead of minutes. Each
-    role (`use_role` sets an attribute dynamo guards on), shape and grad mode
-    compiles once; static shapes, and a cache limit that fits them all."""
+    """torch.compile the repeated blocks one by one (diffusers' regional compilation):
+    seconds instead of minutes. Each role (`use_role` sets an attribute dynamo guards
+    on), shape and grad mode compiles once: static shapes, a cache limit that fits."""
     import torch._dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
@@ -1367,26 +1365,21 @@ def make_optimizer(args, params):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon,
                                   fused=torch.cuda.is_available())
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
-    return optimizer, lr_scheduler
+    return optimizer, get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
 
 
 def all_reduce_gradients(params, accelerator):
-    """Average the LoRA gradients over processes in one flat all-reduce (not
-    DDP: only one of the network's three LoRA roles trains)."""
+    """Average the LoRA gradients over processes in one flat all-reduce (not DDP:
+    only one of the network's LoRA roles trains)."""
     if accelerator.num_processes == 1:
         return
     flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    for p, value in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(value.view_as(p))
 
 
 def mixed_precision_autocast(args, backbone):
-    """Autocast in the --mixed_precision dtype. Ours rather than
-    accelerator.autocast(): accelerate does not autocast fp16 on CPU, and the
-    fp16 path (with its gradient scaler) is tested on CPU."""
+    """Ours, not accelerator.autocast(): accelerate does not autocast fp16 on CPU, where the fp16 path is tested."""
     if args.mixed_precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(backbone.device.type, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
@@ -1395,11 +1388,10 @@ def mixed_precision_autocast(args, backbone):
 def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss,
              after_optimizer_step=None):
     """The training loop of both stages (paper Sec. 3): per optimizer step,
-    accumulate `micro_batch_loss(micro_batch)` -> (loss, stats) over the
-    effective batch, average the gradients over processes, clip, step AdamW
-    and the EMA; `after_optimizer_step(step)` follows (Stage 1 refreshes its
-    sampling snapshot there). What the run leaves behind (metrics, trackers,
-    checkpoints, state, hub) is `RunRecord`'s."""
+    accumulate `micro_batch_loss(micro_batch)` -> (loss, stats) over the effective
+    batch, average the gradients over processes, clip, step AdamW and the EMA;
+    then `after_optimizer_step(step)` (Stage 1 refreshes its sampling snapshot).
+    What the run leaves behind (metrics, checkpoints, state, hub) is `RunRecord`'s."""
     from tqdm.auto import tqdm
 
     params = role_parameters(backbone.net, LEARNER)
@@ -1417,15 +1409,13 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
                        start_step)
     num_rows = len(cache["prompt_index"]) if cache is not None else 0
     max_steps = args.benchmark_steps or args.max_train_steps
-    # the bar moves per micro-batch: on few devices one optimizer step is many
     progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
-                    desc="training", disable=not accelerator.is_main_process)
+                    desc="training", disable=not accelerator.is_main_process)  # one step may be many micro-batches
     if backbone.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backbone.device)
     records = []
     for step in range(start_step + 1, max_steps + 1):
-        step_start = time.perf_counter()
-        totals = {}
+        step_start, totals = time.perf_counter(), {}
         for micro_batch in micro_batches(args, accelerator, grad_accum, num_rows, step, step):
             with mixed_precision_autocast(args, backbone):
                 loss, stats = micro_batch_loss(micro_batch)
@@ -1451,16 +1441,16 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
         if step % args.checkpoint_every == 0 or step == max_steps:
             record.checkpoint(step, params)
         check_interrupted()  # a Ctrl-C that a finalizer swallowed stops the run here
-    record.push_to_hub()
+    if record.enabled and args.push_to_hub:
+        push_final_checkpoint(args, accelerator, backbone, cache)
     progress.close()
     return records
 
 
 class RunRecord:
     """What a run leaves behind: OUTPUT_DIR/metrics.jsonl and the trackers each
-    step, checkpoint-STEP and state/ every --checkpoint_every steps, the final
-    checkpoint on the hub (--push_to_hub). --benchmark_steps times the loop
-    and leaves nothing (its records are returned)."""
+    step, checkpoint-STEP and state/ every --checkpoint_every steps. With
+    --benchmark_steps nothing (the loop returns its records)."""
 
     def __init__(self, args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema,
                  start_step):
@@ -1478,13 +1468,12 @@ class RunRecord:
         self.metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step, main)
         self.validation = None
         if cache is not None and args.sample_grid_steps > 0 and main and args.validation_prompts:
-            # embeddings of ["", *prompts], encoded once (the text encoders visit the device for this pass only)
+            # embeddings of ["", *prompts], encoded once
             self.validation = backbone.encode_prompts_once(["", *args.validation_prompts])
 
     def announce_run_time(self, grad_accum, steps_left, step_start):
-        """After the first micro-batch: a rough estimate of the run's time (errs
-        high: it includes warm-up), so a CPU run at the paper's batch of 256
-        says at once that it would take days."""
+        """After the first micro-batch, a rough (high) estimate of the run's time: a
+        CPU run at the paper's batch of 256 says at once that it would take days."""
         if not self.enabled:
             return
         if self.backbone.device.type == "cuda":
@@ -1498,9 +1487,8 @@ class RunRecord:
                         steps_left)
 
     def log_step(self, step, totals, grad_norm, scaler, lr_scheduler, step_start, extra):
-        """One host sync per step: the stats averaged over processes and the
-        gradient norm; a non-finite one stops the run before anything of the
-        step is logged or saved (all processes see the same values)."""
+        """One host sync per step: the stats averaged over processes and the gradient
+        norm; a non-finite one stops the run before the step is logged or saved."""
         args, accelerator, device = self.args, self.accelerator, self.backbone.device
         keys = sorted(totals)
         means = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=device) for k in keys])
@@ -1513,10 +1501,9 @@ class RunRecord:
         if not scaler.is_enabled():  # fp16: an overflowing gradient is expected now and then, the scaler skips it
             checked["grad_norm"] = values[-1]
         self.check_finite(step, checked)
-        record = {"step": step, **{k: float(v) for k, v in zip(keys, values)},
-                  "grad_norm": values[-1], "lr": lr_scheduler.get_last_lr()[0],
-                  "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
-                  "peak_memory_gb": peak_memory_gb(device), **(extra or {})}
+        record = {"step": step, **{k: float(v) for k, v in zip(keys, values)}, "grad_norm": values[-1],
+                  "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": args.effective_batch_size / seconds,
+                  "step_seconds": seconds, "peak_memory_gb": peak_memory_gb(device), **(extra or {})}
         if scaler.is_enabled():
             record["grad_scale"] = scaler.get_scale()
         self.metrics.write(record)
@@ -1524,8 +1511,7 @@ class RunRecord:
         return record
 
     def check_finite(self, step, values):
-        """A diverged run stops with a UserError naming the step and every
-        non-finite quantity; state/ keeps the last good step."""
+        """A diverged run stops with a UserError naming the step and every non-finite quantity."""
         bad = [name for name, value in values.items() if not math.isfinite(value)]
         if bad:
             kept = (f"the last good state is {Path(self.args.output_dir) / 'state'} (step {self.last_saved})"
@@ -1535,23 +1521,17 @@ class RunRecord:
                             "may help")
 
     def checkpoint(self, step, params):
-        """checkpoint-STEP and state/ (weights can overflow while the loss that
-        moved them was finite: checked first, one more host sync)."""
+        """checkpoint-STEP and state/ (weights can overflow while the loss that moved them was finite: checked)."""
         if not self.enabled:
             return
-        ema = self.ema
-        saved = params + (ema.shadow if ema is not None else [])
+        saved = params + (self.ema.shadow if self.ema is not None else [])
         finite = bool(torch.stack([p.detach().isfinite().all() for p in saved]).all())
         self.check_finite(step, {"LoRA weights": 0.0 if finite else math.nan})
-        save_checkpoint(self.args, self.accelerator, step, self.backbone, self.lora_config, params, ema, self.cache,
-                        self.validation)
+        save_checkpoint(self.args, self.accelerator, step, self.backbone, self.lora_config, params, self.ema,
+                        self.cache, self.validation)
         save_training_state(self.args, self.accelerator, step, self.backbone, self.roles, self.optimizer,
-                            self.lr_scheduler, ema)
+                            self.lr_scheduler, self.ema)
         self.last_saved = step
-
-    def push_to_hub(self):
-        if self.enabled and self.args.push_to_hub:
-            push_final_checkpoint(self.args, self.accelerator, self.backbone, self.cache)
 
 
 def format_duration(seconds):
@@ -1561,20 +1541,17 @@ def format_duration(seconds):
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl, one line per optimizer step (main process). On
+    """OUTPUT_DIR/metrics.jsonl, one line per optimizer step (main process); on
     resume, lines past the resumed step are dropped: it always matches the weights."""
 
     def __init__(self, path, resume_step, enabled):
         self.path, self.enabled = Path(path), enabled
         if enabled:
             kept = []
-            if resume_step and self.path.exists():
-                for line in self.path.read_text().splitlines():
-                    try:
-                        if json.loads(line)["step"] <= resume_step:
-                            kept.append(line)
-                    except ValueError:  # a line cut short by a kill or a full disk: dropped
-                        continue
+            for line in self.path.read_text().splitlines() if resume_step and self.path.exists() else []:
+                with contextlib.suppress(ValueError):  # a line cut short by a kill or a full disk: dropped
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record):
@@ -1585,9 +1562,8 @@ class MetricsLog:
 
 @torch.no_grad()
 def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation):
-    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in both published formats, a
-    model card and a grid of the validation prompts x seeds 0, 1 (also sent to
-    the trackers); curves.png is redrawn beside it."""
+    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in both published formats, a model
+    card and a grid of the validation prompts x seeds 0, 1; curves.png beside it."""
     if not accelerator.is_main_process:
         return
     final = Path(args.output_dir) / f"checkpoint-{step}"
@@ -1613,14 +1589,13 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
         write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
         replace_dir(tmp, final)
         prune_checkpoints(args)
-        metrics_path = Path(args.output_dir) / "metrics.jsonl"
-        if metrics_path.exists():
-            plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
+        if (Path(args.output_dir) / "metrics.jsonl").exists():
+            plot_training_curves(Path(args.output_dir) / "metrics.jsonl", Path(args.output_dir) / "curves.png")
     logger.info("saved %s", final)
 
 
 def generate_grid_images(backbone, validation, args, seeds):
-    """Images of the validation prompts (embeddings of ["", *prompts]) with CFG, one row per seed."""
+    """The validation prompts (embeddings of ["", *prompts]) with CFG, one row per seed."""
     n = len(validation["prompt_embeds"]) - 1
     cond = cond_from_cache(validation, torch.arange(1, n + 1), backbone.device)
     uncond = cond_from_cache(validation, torch.zeros(n, dtype=torch.long), backbone.device)
@@ -1631,20 +1606,17 @@ def generate_grid_images(backbone, validation, args, seeds):
     kwargs = {key: value.to(backbone.dtype) for key, value in kwargs.items()}
     images = []
     for seed in seeds:
-        generator = [torch.Generator().manual_seed(seed) for _ in range(n)]
         with mixed_precision_autocast(args, backbone):
             images += backbone.pipe(**kwargs, num_inference_steps=args.sample_grid_steps,
-                                    guidance_scale=args.guidance_scale, height=args.resolution,
-                                    width=args.resolution, generator=generator).images
+                                    guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+                                    generator=[torch.Generator().manual_seed(seed) for _ in range(n)]).images
     return images
 
 
 def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema):
-    """OUTPUT_DIR/state: everything --resume needs, written atomically, tensors,
-    numbers and strings only (it loads with weights_only=True: a state file
-    cannot run code, whoever wrote it). Each rank adds its global RNG states
-    (training draws from per-micro-batch generators; these are for a library
-    drawing from the global RNG)."""
+    """OUTPUT_DIR/state: what --resume needs, atomically, in tensors, numbers and
+    strings only (loaded with weights_only=True: a state file cannot run code);
+    each rank adds its global RNG states, for a library drawing from them."""
     from accelerate.utils import broadcast_object_list
 
     state_dir = Path(args.output_dir) / "state"
@@ -1660,12 +1632,10 @@ def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_
     atomic_save_torch(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(),
-                           "lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                           "num_processes": accelerator.num_processes,
-                           "roles": {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)]
-                                     for role in roles}},
-                          tmp / "training_state.pt")
+        roles = {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)] for role in roles}
+        atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                           "ema": ema.state_dict() if ema else None, "num_processes": accelerator.num_processes,
+                           "roles": roles}, tmp / "training_state.pt")
         replace_dir(tmp, state_dir)
     accelerator.wait_for_everyone()
 
@@ -1678,12 +1648,11 @@ def load_training_state(args, accelerator, backbone, roles, optimizer, lr_schedu
         rank_file = state_dir / f"rng_rank{accelerator.process_index}.pt"
         rng = torch.load(rank_file if rank_file.exists() else state_dir / "rng_rank0.pt", weights_only=True)
     except Exception as err:
-        raise UserError(f"cannot read the saved state in {state_dir} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0]}); it was written by an older version or is damaged") from None
+        raise UserError(f"cannot read the saved state in {state_dir} ({first_line(err)}); it was written by an "
+                        "older version or is damaged") from None
     if state["num_processes"] != accelerator.num_processes:
-        logger.info("the state was saved by %d processes, this run has %d: the same run continues (every "
-                    "random draw is keyed on the global sample position)", state["num_processes"],
-                    accelerator.num_processes)
+        logger.info("the state was saved by %d processes, this run has %d: the same run continues (every random "
+                    "draw is keyed on the global sample position)", state["num_processes"], accelerator.num_processes)
     with torch.no_grad():
         for role in roles:
             for p, value in zip(role_parameters(backbone.net, role), state["roles"][role], strict=True):
