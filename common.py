@@ -295,7 +295,6 @@ class Backbone:
         self.net = getattr(pipe, self.net_name)
         if self.is_flow:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-            self.shift = float(self.scheduler.config.shift)
             # the 1000 shifted training timesteps, kept apart: the policy sampler's set_timesteps overwrites them
             self.train_timesteps = self.scheduler.timesteps.clone().float().cpu()
         else:
@@ -317,10 +316,9 @@ class Backbone:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             if self.is_flow:
-                embeds, _, pooled, _ = self.pipe.encode_prompt(
-                    chunk, chunk, chunk, device=self.device, do_classifier_free_guidance=False,
-                    max_sequence_length=max_sequence_length,
-                )
+                embeds, _, pooled, _ = self.pipe.encode_prompt(chunk, chunk, chunk, device=self.device,
+                                                               do_classifier_free_guidance=False,
+                                                               max_sequence_length=max_sequence_length)
                 parts = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
             else:
                 embeds, _ = self.pipe.encode_prompt(chunk, self.device, 1, False)
@@ -353,13 +351,6 @@ class Backbone:
         """A fresh latent, shifted and scaled for the network ((z - shift) * scale)."""
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return (mean + std * noise - self.vae_shift) * self.vae_scale
-
-    @torch.no_grad()
-    def decode(self, latents):
-        latents = latents.to(self.vae.dtype) / self.vae_scale + self.vae_shift
-        images = self.vae.decode(latents).sample.float().clamp(-1, 1)
-        images = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(image) for image in images]
 
     # ---- the forward process ----
     def sample_timesteps(self, n, generator=None, device=None):
@@ -616,10 +607,9 @@ class PolicySampler:
 # =============================================================================
 # 3. LoRA roles on one base network, their EMA, and the published LoRA formats
 # =============================================================================
-# Three views of one network (README 'Method: Stage 1'): the trainable
-# `learner`, the frozen reference `ref` and, in Stage 1, the frozen sampling
-# snapshot `policy`. Each is a LoRA adapter on the same frozen base; switching
-# role only changes the active adapter, so one network is in memory.
+# Three LoRA adapters on one frozen base network (README 'Method: Stage 1'): the
+# trainable `learner`, the frozen reference `ref` and, in Stage 1, the frozen
+# sampling snapshot `policy`; switching role only changes the active adapter.
 
 LEARNER, REF, POLICY = "learner", "ref", "policy"
 
@@ -644,23 +634,19 @@ def role_parameters(net, role):
     return [param for name, param in net.named_parameters() if f".{role}." in name]
 
 
-# use_role runs several times per micro-batch: the LoRA layers are looked up
-# once per network and set of adapters, not walked per call.
-_ROLE_LOOKUP = weakref.WeakKeyDictionary()
+_ROLE_LOOKUP = weakref.WeakKeyDictionary()  # net -> (its adapters, its LoRA layers): found once, not per call
 
 
 def use_role(net, role):
-    """Make `role` the active adapter of every LoRA layer. Only that flag
-    changes (peft's set_adapter also resets requires_grad on every adapter,
-    milliseconds on the big networks); requires_grad is set once, by
-    setup_lora_roles."""
+    """Make `role` the active adapter of every LoRA layer. Only that flag changes
+    (peft's set_adapter also resets requires_grad on every adapter, milliseconds on
+    the big networks); requires_grad is set once, by setup_lora_roles."""
     adapters = tuple(getattr(net, "peft_config", {}))
     cached = _ROLE_LOOKUP.get(net)
     if cached is None or cached[0] != adapters:
         cached = _ROLE_LOOKUP[net] = (adapters, _tuner_layers(net))
     for layer in cached[1]:
-        # the attribute peft's set_adapter sets, written straight into the instance
-        # dict: nn.Module.__setattr__'s checks would be 95% of the time
+        # the attribute set_adapter sets, into the instance dict: nn.Module.__setattr__'s checks cost 95%
         vars(layer)["_active_adapter"] = role
 
 
@@ -672,10 +658,9 @@ def copy_role(net, source, dest):
 
 
 def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
-    """Add the LoRA roles to the backbone's network. The learner is a fresh
-    LoRA (B = 0: it equals the base network) or, with `init_lora`, that
-    checkpoint (rank and alpha from its own metadata); every other role starts
-    as a copy, so `ref` is "the model at the start of the stage"."""
+    """Add the LoRA roles: the learner a fresh LoRA (B = 0: the base network) or
+    `init_lora` (its own rank and alpha); every other role starts as its copy, so
+    `ref` is "the model at the start of the stage"."""
     from peft import LoraConfig
 
     net = backbone.net
@@ -691,10 +676,9 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     for role in roles:
         if role != LEARNER:
             net.add_adapter(copy.deepcopy(config), adapter_name=role)
-    # The learner's weights are fp32 masters (autocast computes with their bf16
-    # casts); the frozen roles are kept in that compute dtype, the very values
-    # autocast would use, with no cast per call. No layer casts its input to
-    # the LoRA's dtype either (autocast does).
+    # The learner's weights are fp32 masters (autocast computes with bf16 casts);
+    # the frozen roles are kept in that compute dtype, with no cast per call, and
+    # no layer casts its input to the LoRA's dtype (autocast does).
     for role in roles:
         for param in role_parameters(net, role):
             param.data = param.data.to(torch.float32 if role == LEARNER else backbone.dtype)
@@ -707,13 +691,11 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     return config
 
 
-# Hand-written rather than diffusers' EMAModel: that covers the SD-1.5
-# schedule, not flow_grpo's fixed decay every 8 steps, and averages a whole
-# module, not one LoRA role among several adapters.
+# Not diffusers' EMAModel: that has the SD-1.5 schedule, not flow_grpo's, and
+# averages a whole module, not one LoRA role among several adapters.
 class LoraEMA:
-    """Exponential moving average of the learner's LoRA weights (paper Sec. 3),
-    starting from the weights at the start of the stage; checkpoints hold it.
-    shadow <- decay * shadow + (1 - decay) * weights, with
+    """EMA of the learner's LoRA weights (paper Sec. 3) from the stage's start;
+    checkpoints hold it. shadow <- decay * shadow + (1 - decay) * weights, with
       "diffusers" (SD-1.5, EMAModel's defaults): every `update_every` steps; at
           the n-th update decay = 0 for n = 0, else min(max_decay, (1+n)/(10+n));
       "flow_grpo" (SD-3.5-M, decay 0.9, interval 8): after optimizer step s
@@ -734,15 +716,10 @@ class LoraEMA:
         n = self.num_updates
         return 0.0 if n == 0 else min(self.max_decay, (1 + n) / (10 + n))
 
-    def is_update_step(self, optimizer_step):
-        if self.schedule == "flow_grpo":
-            return (optimizer_step + 1) % self.update_every == 0
-        return optimizer_step % self.update_every == 0
-
     @torch.no_grad()
     def step(self, params, optimizer_step):
         """After optimizer step `optimizer_step` (1-based); one multi-tensor lerp."""
-        if self.is_update_step(optimizer_step):
+        if (optimizer_step + (self.schedule == "flow_grpo")) % self.update_every == 0:
             torch._foreach_lerp_(self.shadow, [p.float() for p in params], 1 - self.decay(optimizer_step))
             self.num_updates += 1
 
@@ -755,15 +732,12 @@ class LoraEMA:
 
 
 # The published LoRA formats, recognised by their files (README 'What the real run needs'):
-#  - diffusers' `save_lora_weights` file, pytorch_lora_weights.safetensors: our
-#    checkpoints and the authors' SD-1.5 ones (Cwyxx/RealAlign,
-#    training_sd15/stage2_dpo/train-lora_init.py);
-#  - a PEFT adapter folder as `PeftModel.save_pretrained` writes it:
-#    adapter_config.json + adapter_model.safetensors, keys
-#    base_model.model.<module>.lora_A/B.weight. Flow-GRPO's released LoRA
-#    (yifan123/flow_grpo, scripts/train_sd3.py save_ckpt), and the authors'
-#    SD-3.5-M checkpoints in <checkpoint>/lora/learner/
-#    (training_sd35m/scripts/train-sd-3-5-medium-irl.py save_ckpt).
+#  - diffusers' `save_lora_weights` file, pytorch_lora_weights.safetensors: ours and the
+#    authors' SD-1.5 ones (Cwyxx/RealAlign, training_sd15/stage2_dpo/train-lora_init.py);
+#  - a PEFT adapter folder (`PeftModel.save_pretrained`: adapter_config.json +
+#    adapter_model.safetensors, keys base_model.model.<module>.lora_A/B.weight): Flow-GRPO's
+#    (yifan123/flow_grpo, scripts/train_sd3.py save_ckpt) and the authors' SD-3.5-M ones in
+#    <checkpoint>/lora/learner/ (training_sd35m/scripts/train-sd-3-5-medium-irl.py save_ckpt).
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel's own prefix of every key
@@ -777,10 +751,9 @@ def lora_files(folder):
 
 
 def find_lora(files, where):
-    """Which LoRA a folder (or hub repository) holds, from its file list:
-    ("peft", folder) or ("diffusers", file), or None. One at the root wins (a
-    PEFT folder over a diffusers file: it carries its config); else the only
-    one in a subfolder, or among several the one in a folder named `learner`."""
+    """Which LoRA a file list holds: ("peft", folder), ("diffusers", file) or None.
+    One at the root wins (PEFT over diffusers: it carries its config), else the
+    only one, else the one in a folder named `learner`."""
     found = {}
     for name in files:
         folder, _, base = name.rpartition("/")
@@ -805,8 +778,7 @@ def first_line(err):
 
 
 def load_lora_into(backbone, lora, adapter_name):
-    """Load a LoRA (a file, a folder or a hub id; either format) into the
-    network as `adapter_name`, checking that every weight found its module."""
+    """Load a LoRA (file, folder or hub id; either format) as `adapter_name`; every weight must find its module."""
     net, path = backbone.net, Path(lora).expanduser()
     if not path.exists():  # a hub id: only its LoRA files are downloaded
         try:
@@ -838,8 +810,7 @@ def load_lora_into(backbone, lora, adapter_name):
 
 
 def _load_peft_adapter(net, folder, adapter_name, mismatch):
-    """A PEFT adapter folder into a diffusers network, as PeftModel.from_pretrained
-    would: its LoraConfig injected, then its weights (without PeftModel's prefix)."""
+    """A PEFT adapter folder into a diffusers network, as PeftModel.from_pretrained would."""
     from peft import PeftConfig
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
@@ -868,20 +839,17 @@ def weights_swapped(params, values):
         return
     backup = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p, value in zip(params, values, strict=True):
-            p.copy_(value)
+        torch._foreach_copy_(params, list(values))
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, value in zip(params, backup, strict=True):
-                p.copy_(value)
+            torch._foreach_copy_(params, backup)
 
 
 def lora_state_dict(net, role, params=None):
-    """The role's LoRA weights in PEFT key format ("...to_q.lora_A.weight", what
-    diffusers' SD-1.5 and SD-3 loaders read); `params` substitutes other values
-    (the EMA weights, in role_parameters' order)."""
+    """The role's LoRA weights in PEFT key format ("...to_q.lora_A.weight", what diffusers'
+    loaders read); `params`: other values in role_parameters' order (the EMA weights)."""
     from peft.utils import get_peft_model_state_dict
 
     with weights_swapped(role_parameters(net, role), params):
@@ -890,14 +858,11 @@ def lora_state_dict(net, role, params=None):
 
 
 def save_lora_checkpoint(backbone, state_dict, config, directory):
-    """Save LoRA weights so that both ecosystems read them:
-    - diffusers' `load_lora_weights(dir)`, with the adapter config as metadata
-      (SD-3.5-M has alpha != rank and would otherwise load at the wrong scale);
-    - PEFT's adapter_config.json + adapter_model.safetensors, for
-      `PeftModel.from_pretrained` (flow_grpo's loader) and `load_adapter`,
-      hard-linked again into lora/learner/, where the authors' SD-3.5-M
-      evaluation looks (Cwyxx/RealAlign, training_sd35m/evaluation/
-      sd-3-5-medium/generate_image.py)."""
+    """LoRA weights in both formats: diffusers' `load_lora_weights(dir)` with the
+    adapter config as metadata (SD-3.5-M's alpha != rank), and a PEFT adapter
+    (flow_grpo's `PeftModel.from_pretrained`), hard-linked into lora/learner/ where
+    the authors' SD-3.5-M evaluation looks (Cwyxx/RealAlign,
+    training_sd35m/evaluation/sd-3-5-medium/generate_image.py)."""
     from safetensors.torch import save_file
 
     metadata = config.to_dict()
@@ -920,9 +885,8 @@ def save_lora_checkpoint(backbone, state_dict, config, directory):
 
 
 def load_network_override(backbone, path):
-    """Replace the base UNet/transformer by another (a folder or hub id, at its
-    root or in a unet/transformer subfolder), for the complementarity runs
-    (README 'Method: Stage 2', e.g. mhdang/dpo-sd1.5-text2image-v1)."""
+    """Replace the UNet/transformer (folder or hub id, root or subfolder) for the
+    complementarity runs (README 'Method: Stage 2', e.g. mhdang/dpo-sd1.5-text2image-v1)."""
     cls, errors = type(backbone.net), []
     for subfolder in (None, backbone.net_name):
         try:
@@ -950,9 +914,8 @@ PAIR_ALIASES = {"win_image_path": "real_image_path", "lose_image_path": "fake_im
 
 
 def read_pairs_csv(path, need_fake=True):
-    """The rows of a pairs CSV (curate.py's schema, README 'Method: data'; win/lose
-    names accepted) with absolute image paths (relative ones are to the CSV's
-    folder); every problem is a UserError that names it."""
+    """The rows of a pairs CSV (curate.py's schema, README 'Method: data'; win/lose names
+    accepted), image paths made absolute; every problem is a UserError naming it."""
     import io
 
     path = Path(path)
@@ -998,9 +961,8 @@ def read_pairs_csv(path, need_fake=True):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled to 0..255 (PIL's
-    convert would clip it to white); transparency composited on WHITE, as a
-    browser shows it, never on whatever colour the hidden pixels hold."""
+    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled (PIL's convert clips it to
+    white); transparency on WHITE, as a browser shows it, not on the hidden pixels."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.round(array.clip(0, 65535) / 257.0).astype(np.uint8), mode="L")
@@ -1011,8 +973,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
-    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a
-    centre crop of resolution x resolution (after `to_rgb`)."""
+    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a centre crop."""
     image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
@@ -1029,26 +990,22 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def cache_key(model_name, resolution, pairs_csv, need_fake, hashes=None):
-    """The cache's name: the model (a fingerprint digest), the resolution, and
-    the CONTENT of the pairs CSV and of every image it names."""
+    """The cache's name: the model's fingerprint, the resolution, and the CONTENT of the CSV and its images."""
     return digest_of([str(model_name), resolution, need_fake, fingerprint(pairs_csv, hashes or FileHashes())])
 
 
-# Stored in bf16, half the size (README "Throughput and memory"): at most a
-# 2^-9 relative rounding of each value, the same size as the one the network's
-# bf16 inputs (`Backbone.predict`) take on the GPU anyway. Read back in fp32.
+# Stored in bf16, half the size (README "Throughput and memory"): a 2^-9 relative
+# rounding at most, as the network's bf16 inputs take on the GPU anyway.
 CACHE_DTYPE = torch.bfloat16
 
 
 def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True,
                       part=(0, 1)):
-    """Encode every image and prompt once (README 'Differences from the public
-    code') into a safetensors file; N pairs, U unique prompts (0 = ""):
-      real_mean, real_std  [N, 2, C, h, w] VAE posterior of the image and of its
-                           mirror (a flipped latent is not the flipped image's);
-                           fake_* the same (Stage 2)
-      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept:
-                           the MMDiT attends to it), prompt_index [N]
+    """Encode every image and prompt once (README 'Differences from the public code')
+    into a safetensors file; N pairs, U unique prompts (0 = ""):
+      real_mean, real_std  [N, 2, C, h, w] posterior of the image and of its mirror
+                           (a flipped latent is not the flipped image's); fake_* alike
+      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept), prompt_index [N]
     `part` = (i, k): the i-th of k slices of rows and prompts (one shard)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -1085,11 +1042,9 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
 
 
 def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cache_dir, need_fake, accelerator):
-    """The cache folder CACHE_DIR/inputs-KEY of (model, resolution, pairs
-    content). Built sharded: each of k processes encodes its 1/k into
-    shard-i-of-k.safetensors (k times faster, no process idling at a barrier),
-    then the main process writes manifest.json, which marks it complete; a
-    finished shard of an interrupted build is kept."""
+    """CACHE_DIR/inputs-KEY, built sharded: each of k processes encodes its 1/k
+    (shard-i-of-k.safetensors, kept if a build is interrupted), then the main
+    process writes manifest.json, which marks it complete."""
     hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)  # what the trainer just hashed (it saves them)
     folder = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake, hashes)}"
     manifest = folder / "manifest.json"
@@ -1109,10 +1064,9 @@ def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cach
 
 
 class ShardedRows:
-    """One cache tensor whose rows lie in several memory-mapped shards, read as
-    if concatenated: x[rows] or x[rows, per_row_index] copies those rows only.
-    Never concatenated: for all of HPDv3 on SD-3.5-M a private copy would be
-    ~120-150 GiB per process; mapped, a node's processes share the page cache."""
+    """A cache tensor whose rows lie in memory-mapped shards, read as if concatenated
+    (x[rows], x[rows, per_row_index]). Never concatenated: all of HPDv3 on SD-3.5-M
+    would be ~120-150 GiB per process; mapped, a node's processes share the page cache."""
 
     def __init__(self, parts):
         self.parts = parts  # views of the mapped files, in shard order
@@ -1141,8 +1095,7 @@ class ShardedRows:
 
 
 def read_input_cache(folder):
-    """The cache of the folder's manifest, memory-mapped: the bf16 tensors as
-    ShardedRows, prompt_index (8 bytes a row) in memory."""
+    """The cache of the folder's manifest: ShardedRows, and prompt_index in memory."""
     from safetensors.torch import load_file
 
     names = json.loads((Path(folder) / "manifest.json").read_text())["shards"]
@@ -1164,34 +1117,27 @@ def cat_cond(*conds):
 
 # =============================================================================
 # 5. The step: micro-batches keyed on their position, their inputs, and the
-#    learner's and reference's errors
+#    learner's and reference's errors (the loss and the second half of the batch
+#    are the scripts')
 # =============================================================================
-# Both stages compute per-sample errors of the learner and the reference on
-# one concatenated batch, take a loss and accumulate to an effective batch of
-# 256. What differs (the loss, and where the second half of the batch comes
-# from) lives in the two scripts.
 
 
 def global_micro_batch_index(step, micro, grad_accum, rank, world):
-    """A micro-batch's position among all of the run's, over all processes:
-    step s (1-based) holds (s-1)*A*W ... s*A*W - 1. 1 process x accumulation 4
-    and 2 x 2 cover the same indices in every step."""
+    """A micro-batch's position over all processes: step s (1-based) holds (s-1)*A*W ...
+    s*A*W - 1, so 1 process x accumulation 4 and 2 x 2 cover the same indices."""
     return ((step - 1) * grad_accum + micro) * world + rank
 
 
 def micro_batch_generator(seed, index, stream=""):
-    """The generator of every draw of one micro-batch (flips, latents, noise,
-    timesteps; its "policy" `stream`: Stage 1's caption dropout and policy
-    trajectories, drawn ahead of the micro-batch's turn). Keyed on (seed,
-    global index) alone: the same run on any number of processes, and a
-    resume needs no generator state."""
+    """The generator of every draw of one micro-batch ("policy" `stream`: Stage 1's
+    trajectories, drawn ahead of its turn), keyed on (seed, global index) alone: the
+    same run on any number of processes, and a resume needs no generator state."""
     digest = hashlib.sha256(f"realalign/{seed}/{index}{'/' + stream if stream else ''}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
 
 
 class MicroBatch(typing.NamedTuple):
-    """Its optimizer step (1-based) and place in it, its global index, its
-    cache rows (None with --benchmark_steps) and its generator."""
+    """Its step (1-based), place in it, global index, cache rows (None: --benchmark_steps), generator."""
     step: int
     micro: int
     index: int
@@ -1211,8 +1157,7 @@ def micro_batches(args, accelerator, grad_accum, num_rows, first_step, last_step
 
 
 def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
-    """Cache rows of one micro-batch: a seeded permutation per epoch, read at
-    the micro-batch's global position; no data-loader state to resume."""
+    """Cache rows of one micro-batch: a seeded permutation per epoch at its global position (nothing to resume)."""
     start = global_micro_batch_index(step, micro, grad_accum, rank, world) * batch_size
     rows = []
     for position in range(start, start + batch_size):
@@ -1227,10 +1172,9 @@ def _epoch_permutation(num_rows, seed, epoch):
 
 
 def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, flip=True):
-    """Clean latents x0 per side ("real", "fake") of the rows, and their prompt
-    embeddings. Both sides of a pair share one flip (README 'Method: Stage 2':
-    the fake is pixel-aligned; the public code flips them independently); a
-    dropped caption (probability `caption_dropout`) becomes ""."""
+    """Clean latents x0 per side ("real", "fake") and prompt embeddings of the rows. A
+    pair's sides share one flip (README 'Method: Stage 2': the fake is pixel-aligned;
+    the public code flips them independently); a dropped caption becomes ""."""
     n = len(rows)
     flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
     x0 = {}
@@ -1257,12 +1201,10 @@ def random_inputs(backbone, n, resolution, generator, sides):
 
 
 def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None):
-    """Per-sample errors of the learner (with grad) and the frozen reference (no
-    grad) on one concatenated batch, one forward each (README 'Differences
-    from the public code'). `own_target_from` = m (train_dro.py
-    --policy_target learner, a diagnostic): rows m: take the learner's own
-    detached prediction as target, as the public SD-3.5-M trainer does (error
-    and gradient exactly 0 there)."""
+    """Per-sample errors of the learner (grad) and the reference (no grad), one forward
+    each over the batch. `own_target_from` = m (--policy_target learner, a diagnostic):
+    rows m: the learner's own detached prediction is the target, as in the public
+    SD-3.5-M trainer (error and gradient exactly 0 there)."""
     net = backbone.net
     use_role(net, REF)
     with torch.no_grad():
@@ -1783,11 +1725,9 @@ class _ResumeLatest(argparse.Action):
         setattr(namespace, self.dest, True)
 
 
-# What may differ between a run and its --resume (README "Resuming"): how long
-# it goes, what it saves, where the cache lives, how it computes; never what a
-# step computes. LAUNCH_FLAGS are recorded but set by the launch: every draw is
-# keyed on the global sample position, so any process count trains the same
-# run. INPUT_FLAGS are compared by content (OUTPUT_DIR/inputs.json), not path.
+# What may differ on --resume (README "Resuming"): how long a run goes, what it
+# saves, how it computes; never what a step computes. LAUNCH_FLAGS are set by the
+# launch (any process count trains the same run); INPUT_FLAGS are compared by content.
 RESUME_SAFE_FLAGS = ("max_train_steps", "checkpoint_every", "sample_grid_steps", "guidance_scale", "resume",
                      "gradient_checkpointing", "cache_dir", "output_dir", "benchmark_steps", "compile", "allow_tf32",
                      "checkpoints_total_limit", "final_checkpoint", "validation_prompts", "report_to", "logging_dir",
@@ -1803,9 +1743,8 @@ def public_args(args):
 
 
 def check_training_args(args):
-    """Refuse what would start training on bad ground, before any model loads:
-    trackers not installed, hub flags without --push_to_hub, an output folder
-    in use (locked by the main process) or holding another run."""
+    """Before any model loads: refuse a missing tracker, hub flags without
+    --push_to_hub, an output folder in use or holding another run."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     installed = {"tensorboard": is_tensorboard_available(), "wandb": bool(is_wandb_available())}
@@ -1831,8 +1770,7 @@ def check_training_args(args):
 
 
 def apply_defaults(args, stage, backbone, pairs):
-    """The paper's per-backbone values of the flags left unset, and the defaults
-    and checks that need the loaded model or the pairs."""
+    """The paper's per-backbone values of unset flags; the checks that need the model or the pairs."""
     for key, value in {**BACKBONE_DEFAULTS[backbone.kind], **STAGE_DEFAULTS[stage][backbone.kind]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -1853,9 +1791,8 @@ def apply_defaults(args, stage, backbone, pairs):
 
 
 def check_resume(args, inputs):
-    """--resume: refuse a flag outside RESUME_SAFE_FLAGS that differs from the
-    run's args.json, or an input whose content changed since it started
-    (inputs.json): that would train one run on two datasets or models."""
+    """--resume: refuse a flag outside RESUME_SAFE_FLAGS that differs from args.json,
+    or an input whose content changed (inputs.json): one run on two datasets or models."""
     try:
         previous = json.loads((Path(args.output_dir) / "args.json").read_text())
     except (OSError, ValueError):
@@ -1865,9 +1802,10 @@ def check_resume(args, inputs):
                if key not in RESUME_SAFE_FLAGS + LAUNCH_FLAGS + tuple(INPUT_FLAGS) and previous.get(key) != value
                ] if previous is not None else []
     if changed:
+        safe = ", ".join("--" + flag for flag in RESUME_SAFE_FLAGS if flag not in NOT_FLAGS)
         raise UserError(f"--resume with other settings than the run in {args.output_dir} ({'; '.join(changed)}). "
-                        f"Only these may change on resume: {', '.join('--' + f for f in RESUME_SAFE_FLAGS if f not in NOT_FLAGS)}; "
-                        "start a new run in another --output_dir for the rest")
+                        f"Only these may change on resume: {safe}; start a new run in another --output_dir for "
+                        "the rest")
     try:
         previous = json.loads((Path(args.output_dir) / "inputs.json").read_text())
     except (OSError, ValueError):
@@ -1885,8 +1823,7 @@ class UserError(Exception):
 
 
 def flag_type(convert, allowed, test):
-    """An argparse type: a value outside its domain stops the script before
-    anything loads ("argument --beta: must be a finite number > 0 (got 0)")."""
+    """An argparse type: "argument --beta: must be a finite number > 0 (got 0)" before anything loads."""
     def parse(text):
         try:
             value = convert(text)
@@ -1912,8 +1849,7 @@ resolution_int = flag_type(int, "a multiple of 8, at least 8", lambda v: v >= 8 
 
 
 def check_resolution(backbone, resolution):
-    """Whole latent patches: a multiple of the VAE factor (8; the tiny test
-    models 2) times the transformer's patch (SD-3: 2)."""
+    """Whole latent patches: a multiple of the VAE factor (8; tiny test models 2) times the patch (SD-3: 2)."""
     vae, patch = backbone.pipe.vae_scale_factor, backbone.net.config.get("patch_size", 1)
     if resolution % (vae * patch):
         raise UserError(f"--resolution {resolution} must be a multiple of {vae * patch} for this model (its VAE "
@@ -1921,8 +1857,7 @@ def check_resolution(backbone, resolution):
 
 
 def read_text(path):
-    """A user's text file: UTF-8, with or without a byte-order mark (never part
-    of the first column or prompt); anything else is one UserError."""
+    """A user's text file: UTF-8, with or without a byte-order mark; anything else is one UserError."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -1935,8 +1870,7 @@ def read_text(path):
                         "save it as UTF-8 (with or without a byte-order mark)") from None
 
 
-
-# The authors' public repository (Cwyxx/RealAlign) at the commit this reproduction was checked against. Their
+# The authors' repository (Cwyxx/RealAlign) at the commit this reproduction was checked against: their
 # instruments (the question asked to a VLM, the prompt files) are read from it at run time, never copied here.
 AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
 AUTHORS_REPO = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
@@ -1947,9 +1881,8 @@ def download_url(url, path):  # the tests replace it to serve local files
 
 
 def fetch_authors_file(relpath, cache_dir, what, offline_alternative=""):
-    """RELPATH of the authors' repository at AUTHORS_COMMIT, fetched once into
-    CACHE_DIR/authors/COMMIT/RELPATH; offline, one UserError that names the URL
-    and where to place the file."""
+    """RELPATH of the authors' repository, fetched once into CACHE_DIR/authors/COMMIT/RELPATH;
+    offline, one UserError naming the URL and where to place the file."""
     url, cached = f"{AUTHORS_REPO}/{relpath}", Path(cache_dir) / "authors" / AUTHORS_COMMIT / relpath
     if not cached.is_file():
         tmp = cached.with_name(cached.name + ".download")
@@ -1963,9 +1896,9 @@ def fetch_authors_file(relpath, cache_dir, what, offline_alternative=""):
         os.replace(tmp, cached)
     return cached
 
-# Ctrl-C is recorded before it is raised: Python runs a signal handler between
-# any two bytecodes, also inside a finalizer, where an exception is printed as
-# "Exception ignored in ..." and dropped (seen while a model card was written).
+# Ctrl-C is recorded before it is raised: Python runs a signal handler between any
+# two bytecodes, also inside a finalizer, where an exception is printed as "Exception
+# ignored in ..." and dropped (seen while a model card was written).
 # `check_interrupted` re-raises it at the next safe point, run_main at the latest.
 INTERRUPTS = []
 
@@ -1982,14 +1915,12 @@ def _on_unraisable(unraisable):
 
 
 def check_interrupted():
-    """Stop here if a Ctrl-C arrived, even one a finalizer swallowed."""
-    if INTERRUPTS:
+    if INTERRUPTS:  # a Ctrl-C arrived, even one a finalizer swallowed
         raise KeyboardInterrupt
 
 
 def quiet_libraries():
-    """Keep the console to our own messages: the libraries' loading chatter and
-    progress bars. Called where they are first used, so --help loads neither."""
+    """Only our own messages: no loading chatter or progress bars (called where the libraries are first used)."""
     import diffusers
     import transformers
 
@@ -1999,8 +1930,6 @@ def quiet_libraries():
 
 
 class _DropMessages(logging.Filter):
-    """Drops a library logger's records that contain one of the fragments."""
-
     def __init__(self, *fragments):
         super().__init__()
         self.fragments = fragments
@@ -2029,8 +1958,7 @@ def run_main(main):
         os.environ.setdefault(f"{library}_VERBOSITY", "error")
     if "diffusers" in sys.modules or "transformers" in sys.modules:
         quiet_libraries()
-    # peft's "several adapters" note is intended here (one adapter per role)
-    warnings.filterwarnings("ignore", message=".*peft_config.*")
+    warnings.filterwarnings("ignore", message=".*peft_config.*")  # peft's "several adapters": one per role, meant
     warnings.filterwarnings("ignore", category=FutureWarning)
     main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGINT, _on_interrupt) if main_thread else None
@@ -2068,8 +1996,7 @@ def default_dtype(device) -> torch.dtype:
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """Host -> device copy of a freshly drawn tensor; on CUDA through pinned
-    memory without blocking, so the host queues the next kernels meanwhile."""
+    """Host -> device; on CUDA through pinned memory without blocking: the host queues the next kernels meanwhile."""
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
@@ -2087,8 +2014,8 @@ def peak_memory_gb(device) -> float:
 
 def requested_num_processes(environ=None, launcher_cmdline=None):
     """How many processes the launcher was asked for: WORLD_SIZE, else the
-    `--num_processes N` of an `accelerate launch` parent (which with --cpu
-    starts ONE process and says nothing); None when unknown."""
+    `--num_processes N` of an `accelerate launch` parent (which with --cpu starts
+    ONE process and says nothing); None when unknown."""
     environ = os.environ if environ is None else environ
     if environ.get("WORLD_SIZE"):
         return int(environ["WORLD_SIZE"])
@@ -2111,10 +2038,9 @@ def requested_num_processes(environ=None, launcher_cmdline=None):
 def log_world_size(num_processes, what, is_main_process=True):
     """Log a stage's process count; warn when the launcher was asked for another (README "Several processes")."""
     requested = requested_num_processes()
-    if not is_main_process:
-        return
-    logger.info("%s: %d process(es)", what, num_processes)
-    if requested is not None and requested != num_processes:
+    if is_main_process:
+        logger.info("%s: %d process(es)", what, num_processes)
+    if is_main_process and requested is not None and requested != num_processes:
         logger.warning("%s: %d processes were asked for, but this run has %d. `accelerate launch --num_processes N "
                        "--cpu` starts ONE process; on CPUs use `torchrun --nproc_per_node N`", what, requested,
                        num_processes)
