@@ -522,9 +522,11 @@ class PolicySampler:
         assert self.idle(), "a window starts when the last one is done"
         self.pending, self.make_request = collections.deque(micro_batches), make_request
 
-    def _submit(self, request):
-        self.waiting.append(request)
-        self.queue.extend((request, row) for row in range(len(request.stops)))
+    def _submit_next(self):
+        if self.pending:
+            request = self.make_request(self.pending.popleft())
+            self.waiting.append(request)
+            self.queue.extend((request, row) for row in range(len(request.stops)))
 
     def next(self):
         """The next micro-batch's request, with every one of its points made."""
@@ -598,10 +600,6 @@ class PolicySampler:
             request.out_x.index_copy_(0, rows, x.index_select(0, slots))
             request.out_prediction.index_copy_(0, rows, prediction.index_select(0, slots))
         self.state[0], self.state[1] = bb.solver_update(x, prediction, coef, x0_prev)
-
-    def _submit_next(self):
-        if self.pending:
-            self._submit(self.make_request(self.pending.popleft()))
 
 
 # =============================================================================
@@ -1929,21 +1927,12 @@ def quiet_libraries():
         library.utils.logging.disable_progress_bar()
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record):
-        return not any(fragment in record.getMessage() for fragment in self.fragments)
-
-
 # Known-harmless notices, silenced at their loggers only: without torchvision,
 # CLIPImageProcessor uses its PIL version (the one PickScore was trained with);
 # saving a pipeline with an absent optional component (safety_checker=None).
-logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision (not installed)"))
-logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
-    _DropMessages("=None of type <class 'NoneType'> cannot be saved"))
+for _logger, _notice in (("transformers.utils.import_utils", "requires torchvision (not installed)"),
+                         ("diffusers.pipelines.pipeline_utils", "=None of type <class 'NoneType'> cannot be saved")):
+    logging.getLogger(_logger).addFilter(lambda record, notice=_notice: notice not in record.getMessage())
 
 
 def run_main(main):
@@ -2202,10 +2191,9 @@ def check_same_settings(path, settings, what):
 
 # ---- PickScore (README 'Method: data'): curation filter and evaluation metric ----
 class PickScorer:
-    """Raw PickScore: exp(logit_scale) * cos(image, text embedding), text cut to
-    77 tokens, in raw units (about 20-23 for SD images; never divided by 26).
-    fp32 by default, on GPU too, as the public scorers: bf16 embeddings move a
-    score by ~0.1 at logit scale 100, as much as some gaps of paper Table 1."""
+    """Raw PickScore: exp(logit_scale) * cos(image, text embedding), text cut to 77
+    tokens (about 20-23 for SD images; never divided by 26). fp32 on GPU too, as the
+    public scorers: bf16 moves a score by ~0.1, as much as some gaps of Table 1."""
 
     def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                  device=None, dtype=torch.float32):
