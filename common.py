@@ -271,10 +271,8 @@ def load_pipeline(model, dtype=torch.float32, inpainting=False):
     try:
         pipe = (StableDiffusionInpaintPipeline if inpainting else DiffusionPipeline).from_pretrained(model, dtype=dtype)
     except Exception as err:  # OSError, HF hub errors, ...
-        raise UserError(
-            f"could not load the diffusers pipeline '{model}': {type(err).__name__}: {str(err).splitlines()[0]}"
-            " (check the hub id or path; offline, use a local folder or SMOKE=1)"
-        ) from None
+        raise UserError(f"could not load the diffusers pipeline '{model}': {first_line(err)} (check the hub id or "
+                        "path; offline, use a local folder or SMOKE=1)") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -1292,10 +1290,8 @@ def compile_network(net, backend="inductor"):
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    blocks = getattr(net, "_repeated_blocks", None) or ["JointTransformerBlock"]  # diffusers names none for SD-3
-    for module in net.modules():
-        if type(module).__name__ in blocks:
-            module.compile(backend=backend, dynamic=False)
+    net._repeated_blocks = getattr(net, "_repeated_blocks", None) or ["JointTransformerBlock"]  # none for SD-3
+    net.compile_repeated_blocks(backend=backend, dynamic=False)
     return net
 
 
@@ -1403,8 +1399,7 @@ class RunRecord:
             logger.info("resumed from step %d", start_step)
         if start_step >= (args.benchmark_steps or args.max_train_steps):
             logger.info("already finished (%d steps)", start_step)
-        if self.enabled:
-            init_trackers(args, accelerator, start_step)
+        init_trackers(args, accelerator, start_step)  # not with --benchmark_steps
         self.metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step, main)
         self.validation = None
         if cache is not None and args.sample_grid_steps > 0 and main and args.validation_prompts:
@@ -2100,9 +2095,10 @@ def atomic_save_torch(obj, path):
 def make_temp_dir(final_dir):
     """A fresh folder beside `final_dir`, to fill and then `replace_dir` into place."""
     final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
     with writing(final_dir):
         final_dir.parent.mkdir(parents=True, exist_ok=True)
-        (tmp := final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}")).mkdir()
+        tmp.mkdir()
     return tmp
 
 
@@ -2175,9 +2171,8 @@ def lock_output_dir(directory, what):
 
 
 def check_same_settings(path, settings, what):
-    """Refuse to mix outputs of different settings in one folder: a JSON at
-    `path` (an earlier run's) that differs from `settings` stops with a message
-    naming every changed key. An absent or unreadable file passes."""
+    """Refuse to mix settings in one folder: an earlier run's JSON at `path` that differs
+    from `settings` stops with every changed key named (absent or unreadable: passes)."""
     try:
         previous = json.loads(Path(path).read_text()) if Path(path).is_file() else None
     except ValueError:
@@ -2368,9 +2363,8 @@ def save_sample_grid(images, prompts, seeds, path, title=None):
 
 # ---- trackers, model card, checkpoint limit, hub (diffusers' training examples' handles) ----
 def init_trackers(args, accelerator, start_step):
-    """Start the --report_to trackers (accelerate: main process only), with the
-    run's arguments as scalars and strings; TensorBoard's purge_step hides
-    what an interrupted run logged after the state it resumes from."""
+    """Start the --report_to trackers (accelerate: main process only) with the run's
+    arguments; TensorBoard's purge_step hides what an interrupted run logged past its state."""
     if args.report_to == "none" or args.benchmark_steps:
         return
     config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -2450,8 +2444,7 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
 
 
 def prune_checkpoints(args):
-    """--checkpoints_total_limit N: delete the oldest checkpoint folders beyond
-    the newest N, never --final_checkpoint (nor state/, not a checkpoint)."""
+    """--checkpoints_total_limit N: delete the oldest checkpoints beyond N, never --final_checkpoint."""
     if not args.checkpoints_total_limit:
         return
     steps = sorted(int(path.name.split("-")[1]) for path in Path(args.output_dir).glob("checkpoint-*")
@@ -2463,9 +2456,8 @@ def prune_checkpoints(args):
 
 
 def push_final_checkpoint(args, accelerator, backbone, cache):
-    """--push_to_hub: the final checkpoint folder (LoRA, grid, a model card
-    naming the repository) to the hub, as diffusers' examples (create_repo,
-    upload_folder)."""
+    """--push_to_hub: the final checkpoint folder (LoRA, grid, model card naming the
+    repository), with create_repo and upload_folder as diffusers' examples."""
     from huggingface_hub import create_repo, upload_folder
 
     if accelerator.is_main_process:
