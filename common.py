@@ -1001,7 +1001,8 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
     into a safetensors file; N pairs, U unique prompts (0 = ""):
       real_mean, real_std  [N, 2, C, h, w] posterior of the image and of its mirror
                            (a flipped latent is not the flipped image's); fake_* alike
-      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept), prompt_index [N]
+      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept: the MMDiT attends
+                           to it), prompt_index [N]
     `part` = (i, k): the i-th of k slices of rows and prompts (one shard)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -1012,12 +1013,10 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
     prompts = all_prompts[slice(*shard(len(all_prompts)))]
     row_start, row_end = shard(len(pairs))
     tensors = dict(backbone.encode_prompts_once(prompts)) if prompts else {}
-    tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs[row_start:row_end]],
-                                           dtype=torch.long)
+    tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs[row_start:row_end]], dtype=torch.long)
     for side in ["real"] + (["fake"] if need_fake else []):
         means, stds = [], []
-        for start in tqdm(range(row_start, row_end, batch_size), desc=f"encoding {side} images",
-                          disable=not progress):
+        for start in tqdm(range(row_start, row_end, batch_size), desc=f"encoding {side} images", disable=not progress):
             batch = []
             for pair in pairs[start : min(start + batch_size, row_end)]:
                 try:
@@ -1155,11 +1154,8 @@ def micro_batches(args, accelerator, grad_accum, num_rows, first_step, last_step
 def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
     """Cache rows of one micro-batch: a seeded permutation per epoch at its global position (nothing to resume)."""
     start = global_micro_batch_index(step, micro, grad_accum, rank, world) * batch_size
-    rows = []
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, num_rows)
-        rows.append(int(_epoch_permutation(num_rows, seed, epoch)[offset]))
-    return torch.tensor(rows)
+    return torch.tensor([int(_epoch_permutation(num_rows, seed, position // num_rows)[position % num_rows])
+                         for position in range(start, start + batch_size)])
 
 
 @functools.lru_cache(maxsize=4)
@@ -1341,8 +1337,7 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
             raise RuntimeError("the processes start from different LoRA weights")
     # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
     scaler = torch.amp.GradScaler(backbone.device.type, enabled=args.mixed_precision == "fp16")
-    record = RunRecord(args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema,
-                       start_step)
+    record = RunRecord(args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema, start_step)
     num_rows = len(cache["prompt_index"]) if cache is not None else 0
     max_steps = args.benchmark_steps or args.max_train_steps
     progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
