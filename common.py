@@ -1225,10 +1225,10 @@ def prepare_training(args, stage, need_fake):
     if args.mixed_precision is None:  # CPU bf16 kernels are slow: fp32 there
         args.mixed_precision = "bf16" if use_cuda else "no"
     # cpu=True without GPUs: only then does accelerate join torchrun's gloo group
+    logging_dir = str(Path(args.output_dir) / args.logging_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not use_cuda,
                               log_with=None if args.report_to == "none" else args.report_to,
-                              project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(
-                                  Path(args.output_dir) / args.logging_dir)))
+                              project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
     if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
@@ -2146,7 +2146,8 @@ def lock_output_dir(directory, what):
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
         holder = {}
-    pid, lock = holder.get("pid") if holder.get("host") == host else None, FileLock(directory / f"{LOCK_FILE}.flock")
+    pid = holder.get("pid") if holder.get("host") == host else None
+    lock = FileLock(directory / f"{LOCK_FILE}.flock")
     try:
         if isinstance(pid, int) and pid != os.getpid():
             with contextlib.suppress(ProcessLookupError):
@@ -2325,8 +2326,8 @@ def plot_training_curves(metrics_path, path, keys=tuple(CURVE_TITLES)):
             pad = 0.1 * scale if scale > 0 else 1.0
             ax.set_ylim(low - pad, high + pad)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # 1e-4, not 0.0001000
-        ax.set(title=wrap_text(title, 52), xlabel="optimizer step", ylabel=key)
-        ax.title.set_fontsize(10)
+        ax.set_title(wrap_text(title, 52), fontsize=10)
+        ax.set(xlabel="optimizer step", ylabel=key)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if i == 0:
@@ -2385,7 +2386,8 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
 
     location = repo_id or str((Path(args.output_dir) / f"checkpoint-{step}").resolve())
     net = "transformer" if kind == "sd3" else "unet"
-    weights = f"an EMA (decay {args.ema_decay}, every {args.ema_every} steps) of" if args.use_ema else ""
+    weights = (f"an EMA (decay {args.ema_decay}, every {args.ema_every} steps) of the LoRA weights" if args.use_ema
+               else "the LoRA weights")
     data = f"`{args.pairs}`: {num_pairs} (real, inpainted) pairs" if num_pairs is not None else "random inputs"
     data += " (Stage 1 trains on their real photos only)" if args.stage == "stage1" and num_pairs is not None else ""
     summary = Path(args.pairs or "").parent / "summary.json"  # curate.py's, beside its pairs.csv
@@ -2396,7 +2398,7 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
                  f"{settings.get('fake_mode')} with `{settings.get('model')}`, saliency {settings.get('saliency')}")
     lines = [f"# RealAlign {STAGE_TITLES[args.stage]}: LoRA for {args.pretrained_model}, step {step}", "",
              "LoRA trained with RealAlign (\"When Preference Labels Fall Short: Aligning Diffusion Models from Real "
-             f"Data\", ICML 2026): {weights} the LoRA weights at optimizer step {step} of {args.max_train_steps}.", "",
+             f"Data\", ICML 2026): {weights} at optimizer step {step} of {args.max_train_steps}.", "",
              f"- **Base model:** `{args.pretrained_model}`" + (f", its {net} replaced by `{args.init_network}`"
                                                                if args.init_network else ""),
              f"- **Stage:** {STAGE_TITLES[args.stage]}",
@@ -2406,13 +2408,15 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
              f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`, or `PeftModel.from_pretrained(pipe.{net}, "
              f"\"{location}\")`"]
     if (Path(directory) / "grid.png").is_file():
-        lines += ["", "![checkpoint grid](./grid.png)", "", "Columns: " + "; ".join(
-            f"\"{prompt}\"" for prompt in args.validation_prompts) + f". Rows: seeds 0 and 1; {args.sample_grid_steps} "
-            f"steps, guidance {args.guidance_scale}."]
-    usage = (f"import torch\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("
-             f"\"{args.pretrained_model}\", torch_dtype=torch.bfloat16).to(\"cuda\")\npipe.load_lora_weights("
-             f"\"{location}\")\nimage = pipe({(args.validation_prompts or ['a photo'])[0]!r}, "
-             f"guidance_scale={args.guidance_scale}).images[0]")
+        columns = "; ".join(f"\"{prompt}\"" for prompt in args.validation_prompts)
+        lines += ["", "![checkpoint grid](./grid.png)", "", f"Columns: {columns}. Rows: seeds 0 and 1; "
+                  f"{args.sample_grid_steps} steps, guidance {args.guidance_scale}."]
+    usage = "\n".join([
+        "import torch", "from diffusers import DiffusionPipeline", "",
+        f"pipe = DiffusionPipeline.from_pretrained(\"{args.pretrained_model}\", torch_dtype=torch.bfloat16)",
+        "pipe.to(\"cuda\")", f"pipe.load_lora_weights(\"{location}\")",
+        f"image = pipe({(args.validation_prompts or ['a photo'])[0]!r}, "
+        f"guidance_scale={args.guidance_scale}).images[0]"])
     table = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
                        *(f"| {key} | " + f"`{value}`".replace("|", "\\|").replace("\n", " ") + " |"
                          for key, value in public_args(args).items())])
@@ -2421,7 +2425,7 @@ def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
     try:
         card = load_or_create_model_card(repo_id or f"realalign-{args.stage}", from_training=True,
                                          model_description="\n".join(lines), base_model=args.pretrained_model,
-                                         inference=True,  # SD-3.5: Stability AI's community licence
+                                         inference=True,  # "other" for SD-3.5: Stability AI's community licence
                                          license="creativeml-openrail-m" if kind == "sd15" else "other")
     finally:
         huggingface_hub.constants.HF_HUB_OFFLINE = offline
