@@ -52,8 +52,7 @@ SCORE_COLUMNS = ("pickscore_real", "pickscore_fake", "color_real", "color_fake")
 
 
 class FileHashes:
-    """sha256 of files, remembered under (name, size, mtime) in CACHE_DIR/file-hashes.json;
-    a file modified in the last 2 s is hashed every time (file times are coarse)."""
+    """sha256 of files, cached in CACHE_DIR/file-hashes.json by (name, size, mtime) unless modified < 2 s ago."""
 
     def __init__(self, path=None):
         self.path, self.known, self.new = Path(path) if path else None, {}, False
@@ -477,8 +476,7 @@ class Backbone:
 
 
 class PolicyRequest:
-    """One micro-batch's trajectories (noise, cond, descending stops, K points each),
-    then the points' x_t and predictions once a PolicySampler has run them."""
+    """One micro-batch's trajectories (noise, cond, stops, K points each), then its points' x_t and predictions."""
 
     def __init__(self, key, x, cond, stops, points, device):
         self.key, self.x, self.cond, self.stops = key, x, cond, stops
@@ -536,8 +534,7 @@ class PolicySampler:
         return self.waiting.popleft()
 
     def _plan_call(self):
-        """Host side of one call: fill the free slots; per slot its t and step
-        coefficients; which slots start a trajectory and which reach a point."""
+        """Host side of one call: fill free slots; per slot its t and step coefficients; which slots start or record."""
         starts, records, t_now, coef = {}, {}, [], []
         for slot in range(self.slots):
             if self.running[slot] is None:
@@ -844,8 +841,7 @@ def weights_swapped(params, values):
 
 
 def lora_state_dict(net, role, params=None):
-    """The role's LoRA weights in PEFT key format ("...to_q.lora_A.weight", what diffusers'
-    loaders read); `params`: other values in role_parameters' order (the EMA weights)."""
+    """The role's LoRA weights in PEFT key format (what diffusers' loaders read); `params`: other values (EMA)."""
     from peft.utils import get_peft_model_state_dict
 
     with weights_swapped(role_parameters(net, role), params):
@@ -881,8 +877,7 @@ def save_lora_checkpoint(backbone, state_dict, config, directory):
 
 
 def load_network_override(backbone, path):
-    """Replace the UNet/transformer (folder or hub id, root or subfolder) for the
-    complementarity runs (README 'Method: Stage 2', e.g. mhdang/dpo-sd1.5-text2image-v1)."""
+    """Another UNet/transformer (folder or hub id) for the complementarity runs (README 'Method: Stage 2')."""
     cls, errors = type(backbone.net), []
     for subfolder in (None, backbone.net_name):
         try:
@@ -910,8 +905,7 @@ PAIR_ALIASES = {"win_image_path": "real_image_path", "lose_image_path": "fake_im
 
 
 def read_pairs_csv(path, need_fake=True):
-    """The rows of a pairs CSV (curate.py's schema, README 'Method: data'; win/lose names
-    accepted), image paths made absolute; every problem is a UserError naming it."""
+    """A pairs CSV's rows (README 'Method: data'; win/lose names accepted), paths absolute; problems: UserError."""
     import io
 
     path = Path(path)
@@ -1214,8 +1208,7 @@ def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None)
 
 
 def prepare_training(args, stage, need_fake):
-    """Everything before the first step: checks, accelerator, models, defaults and
-    the input cache. Returns (accelerator, backbone, pairs, cache, grad_accum)."""
+    """Checks, accelerator, models, defaults, input cache -> (accelerator, backbone, pairs, cache, grad_accum)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -1301,8 +1294,7 @@ def make_optimizer(args, params):
 
 
 def all_reduce_gradients(params, accelerator):
-    """Average the LoRA gradients over processes in one flat all-reduce (not DDP:
-    only one of the network's LoRA roles trains)."""
+    """Average the LoRA gradients over processes in one flat all-reduce (not DDP: one LoRA role trains)."""
     if accelerator.num_processes == 1:
         return
     flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
@@ -1417,8 +1409,7 @@ class RunRecord:
                         steps_left)
 
     def log_step(self, step, totals, grad_norm, scaler, lr_scheduler, step_start, extra):
-        """One host sync per step: the stats averaged over processes and the gradient
-        norm; a non-finite one stops the run before the step is logged or saved."""
+        """One host sync per step: stats averaged over processes, grad norm; a non-finite one stops the run unsaved."""
         args, accelerator, device = self.args, self.accelerator, self.backbone.device
         keys = sorted(totals)
         means = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=device) for k in keys])
@@ -1471,8 +1462,7 @@ def format_duration(seconds):
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl, one line per optimizer step (main process); on
-    resume, lines past the resumed step are dropped: it always matches the weights."""
+    """OUTPUT_DIR/metrics.jsonl, a line per step (main process); on resume, cut to match the resumed weights."""
 
     def __init__(self, path, resume_step, enabled):
         self.path, self.enabled = Path(path), enabled
@@ -1492,8 +1482,7 @@ class MetricsLog:
 
 @torch.no_grad()
 def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation):
-    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in both published formats, a model
-    card and a grid of the validation prompts x seeds 0, 1; curves.png beside it."""
+    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in both formats, model card, grid; curves.png beside it."""
     if not accelerator.is_main_process:
         return
     final = Path(args.output_dir) / f"checkpoint-{step}"
@@ -1731,8 +1720,7 @@ def public_args(args):
 
 
 def check_training_args(args):
-    """Before any model loads: refuse a missing tracker, hub flags without
-    --push_to_hub, an output folder in use or holding another run."""
+    """Before any model loads: refuse a missing tracker, stray hub flags, an output folder in use or taken."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     installed = {"tensorboard": is_tensorboard_available(), "wandb": bool(is_wandb_available())}
@@ -1926,8 +1914,7 @@ for _logger, _notice in (("transformers.utils.import_utils", "requires torchvisi
 
 
 def run_main(main):
-    """Run `main()`: a UserError or an unhandled file error ends with one line
-    and exit 2, Ctrl-C with "interrupted" and exit 130 (never lost)."""
+    """`main()` with a UserError or file error as one line and exit 2, Ctrl-C as "interrupted" and exit 130."""
     import signal
     import threading
     import warnings
@@ -2042,8 +2029,7 @@ def io_error_message(err, path=None):
 
 @contextlib.contextmanager
 def writing(path):
-    """A failed write under `path` becomes one UserError naming it and the cause,
-    also safetensors' '(os error 28)' and torch.save's 'file write failed'."""
+    """A failed write under `path` (also safetensors' and torch.save's) becomes one UserError naming it."""
     try:
         yield
     except UserError:
@@ -2098,8 +2084,7 @@ def make_temp_dir(final_dir):
 
 
 def replace_dir(tmp_dir, final_dir):
-    """os.replace a written folder into place; an old one goes to FINAL.old first
-    (a run killed between the two renames leaves it: `recover_dir`)."""
+    """os.replace a written folder into place via FINAL.old (a run killed in between: `recover_dir`)."""
     final_dir = Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
     with writing(final_dir):
@@ -2359,8 +2344,7 @@ def save_sample_grid(images, prompts, seeds, path, title=None):
 
 # ---- trackers, model card, checkpoint limit, hub (diffusers' training examples' handles) ----
 def init_trackers(args, accelerator, start_step):
-    """Start the --report_to trackers (accelerate: main process only) with the run's
-    arguments; TensorBoard's purge_step hides what an interrupted run logged past its state."""
+    """The --report_to trackers, with the run's arguments; purge_step hides what was logged past the state."""
     if args.report_to == "none" or args.benchmark_steps:
         return
     config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -2379,8 +2363,7 @@ def log_grid(accelerator, grid, step):
 
 
 def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
-    """README.md of a checkpoint folder from diffusers' training template: base model,
-    stage, warm start, data, every argument, the grid, how to load it."""
+    """README.md of a checkpoint from diffusers' training template: base, stage, data, arguments, grid, usage."""
     import huggingface_hub.constants
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
@@ -2455,8 +2438,7 @@ def prune_checkpoints(args):
 
 
 def push_final_checkpoint(args, accelerator, backbone, cache):
-    """--push_to_hub: the final checkpoint folder (LoRA, grid, model card naming the
-    repository), with create_repo and upload_folder as diffusers' examples."""
+    """--push_to_hub: the final checkpoint folder to the hub (create_repo, upload_folder: diffusers' way)."""
     from huggingface_hub import create_repo, upload_folder
 
     if accelerator.is_main_process:
