@@ -1,18 +1,13 @@
-"""The method and training loop of the RealAlign reproduction.
+"""The method and training loop of RealAlign ("When Preference Labels Fall Short:
+Aligning Diffusion Models from Real Data", ICML 2026): Stage 1, Diffusion-DRO
+(train_dro.py, `diffusion_dro_loss`): toward real photos, away from the model's
+own samples; Stage 2, Diffusion-DPO (train_dpo.py, `diffusion_dpo_loss`): each
+real photo preferred over its copy with the salient region inpainted.
 
-RealAlign ("When Preference Labels Fall Short: Aligning Diffusion Models from
-Real Data", ICML 2026) trains a diffusion model in two stages:
-
-  Stage 1, Diffusion-DRO (train_dro.py): pull the model toward real photos and
-           away from its own samples (hinge loss, `diffusion_dro_loss`).
-  Stage 2, Diffusion-DPO (train_dpo.py): prefer each real photo over the same
-           photo with its salient region inpainted (`diffusion_dpo_loss`).
-
-Read in order: 1. losses, 2. forward processes (`Backbone`) and Stage 1's
-policy sampling, 3. LoRA roles and EMA, 4. data and cache, 5. the step, 6. the
-loop; then the plumbing. Section 0 (fingerprints) comes first only because
-`python common.py fingerprint` (run_all.sh) runs it alone, without torch.
-Comments cite the paper and the README's "Method" section, which restates it.
+Read in order: 1. losses, 2. forward processes and policy sampling, 3. LoRA
+roles and EMA, 4. data and cache, 5. the step, 6. the loop; then the plumbing.
+Section 0 comes first only because `python common.py fingerprint` (run_all.sh)
+runs it alone, without torch. Comments cite the paper and the README's "Method".
 """
 
 from __future__ import annotations
@@ -57,9 +52,7 @@ SCORE_COLUMNS = ("pickscore_real", "pickscore_fake", "color_real", "color_fake")
 
 
 class FileHashes:
-    """sha256 of files, remembered in CACHE_DIR/file-hashes.json under (name in
-    its input, size, mtime): a rerun costs stat() calls, not the bytes. A file
-    modified in the last 2 s is hashed every time (file times are coarse)."""
+    """sha256 of files, cached in CACHE_DIR/file-hashes.json by (name, size, mtime) unless modified < 2 s ago."""
 
     def __init__(self, path=None):
         self.path, self.known, self.new = Path(path) if path else None, {}, False
@@ -85,7 +78,7 @@ class FileHashes:
 
 
 def write_json_atomically(path, value):
-    """JSON written whole or not at all (a per-process temporary, then os.replace)."""
+    """Standard library only (section 0 runs without the plumbing's `atomic_write`)."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1)
@@ -93,15 +86,11 @@ def write_json_atomically(path, value):
 
 
 def fingerprint(spec, hashes, exclude=None):
-    """What the input `spec` holds, as {name: sha256 or revision}; None when it
-    names nothing on disk or on the hub (a setting, not an input). Names are
-    relative to the input, so moving it changes nothing.
-      a file    its bytes; a CSV its rows (SCORE_COLUMNS aside) and every file
-                its cells name (relative to its folder, or absolute)
-      a folder  every file under it (hidden ones and `exclude` aside); a model
-                folder (MODEL_MARKERS) its config and weight files; an HPDv3
-                root its all.json (a million files, downloaded, not edited)
-      a hub id  the revision of its local copy ("not downloaded" without one)"""
+    """What the input `spec` holds, as {relative name: sha256 or revision}; None for
+    a setting. A file: its bytes; a CSV: its rows (SCORE_COLUMNS aside) and every
+    file its cells name; a folder: every file (hidden ones and `exclude` aside; a
+    model folder only its config and weights; an HPDv3 root its all.json); a hub
+    id: the revision of its local copy."""
     path = Path(spec).expanduser() if spec else None
     if path is None or not os.path.exists(path):  # os.path: False, not an error, for an impossible name
         if spec and HUB_ID.fullmatch(spec):
@@ -150,11 +139,9 @@ def fingerprint_changes(old, new):
 
 
 def step_fingerprint(command, output, hashes):
-    """run_all.sh's record of a step: its settings (the command line with each
-    input, and the step's own output, replaced by a placeholder) and the digest
-    of each input, labelled by its flag ("--pairs", "--method stage1",
-    "argument 3"). *.py files are settings: new code does not redo finished
-    steps. --resume only says how a step continues: left out."""
+    """run_all.sh's record of a step: its settings (the command line, inputs and
+    output replaced by placeholders; *.py files are settings, --resume is left out)
+    and the digest of each input, labelled by its flag ("--pairs", "argument 3")."""
     output = Path(output).resolve() if output else None
     settings, inputs = [], {}
     for i, arg in enumerate(command):
@@ -178,10 +165,8 @@ def step_fingerprint(command, output, hashes):
 
 def fingerprint_main(argv):
     """`python common.py fingerprint MARKER OUTPUT [--write started|done] -- COMMAND...`
-    (run_all.sh's `step`). With --write: record the step in MARKER. Without:
-    exit 0 if it is done with the same settings and inputs, else say why it
-    runs and exit 10, or 11 when an input changed (a training run must then
-    start afresh)."""
+    (run_all.sh's `step`): --write records the step; else exit 0 if it is done with
+    the same settings and inputs, 10 if it must run, 11 if an input changed."""
     marker, output, rest = Path(argv[0]), argv[1], argv[2:]
     write = rest[1] if rest[:1] == ["--write"] else None
     hashes = FileHashes(marker.parent / "cache" / HASH_CACHE_FILE)  # beside the trainers' input cache
@@ -232,8 +217,7 @@ logger = logging.getLogger("realalign")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||^2 / numel per sample, shape [B], in float32 whatever the
-    input dtype (bf16 is too coarse for the model-minus-reference gaps below)."""
+    """||pred - target||^2 / numel per sample, [B], in float32 (bf16 is too coarse for the gaps below)."""
     diff = pred.float() - target.float()
     return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
 
@@ -244,11 +228,9 @@ def diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta):
         inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
         loss  = -mean log sigmoid( -beta/2 * inner )
 
-    Per-sample errors [B] of the trainable model and the frozen reference on the
-    winner (w, the real photo) and loser (l, its inpainted copy), noised with
-    the same noise and timestep. Returns (loss, stats), stats detached 0-dim
-    tensors: implicit_acc = share of pairs with inner < 0 (the model prefers w),
-    reward_margin = mean of -inner (the implicit reward is minus the error gap)."""
+    Per-sample errors [B] of the model and the frozen reference on the winner w (the
+    real photo) and loser l (its inpainted copy), same noise and timestep. Stats:
+    implicit_acc = share with inner < 0 (w preferred), reward_margin = mean(-inner)."""
     inner = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
     loss = -F.logsigmoid(-0.5 * beta * inner).mean()
     with torch.no_grad():
@@ -262,11 +244,9 @@ def diffusion_dro_loss(model_err_real, model_err_policy, ref_err_real, ref_err_p
         D    = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
         loss = mean( max(D + margin, 0) )
 
-    `*_real`: errors on a real image noised with fresh noise; `*_policy`: errors
-    against the sampling snapshot's own prediction on its trajectory. Pushing D
-    down makes real images more likely and the model's own samples less likely
-    than under the reference. Returns (loss, stats): D (its mean) and
-    active_frac (share of samples with D + margin > 0), detached."""
+    `*_real`: errors on a noised real image; `*_policy`: errors against the sampling
+    snapshot's own prediction on its trajectory. Lower D: real images more likely,
+    own samples less likely than under the reference. Stats: mean D, active_frac."""
     D = (model_err_real - ref_err_real) - (model_err_policy - ref_err_policy)
     loss = torch.clamp(D + margin, min=0).mean()
     with torch.no_grad():
@@ -290,38 +270,28 @@ def load_pipeline(model, dtype=torch.float32, inpainting=False):
     try:
         pipe = (StableDiffusionInpaintPipeline if inpainting else DiffusionPipeline).from_pretrained(model, dtype=dtype)
     except Exception as err:  # OSError, HF hub errors, ...
-        raise UserError(
-            f"could not load the diffusers pipeline '{model}': {type(err).__name__}: {str(err).splitlines()[0]}"
-            " (check the hub id or path; offline, use a local folder or SMOKE=1)"
-        ) from None
+        raise UserError(f"could not load the diffusers pipeline '{model}': {first_line(err)} (check the hub id or "
+                        "path; offline, use a local folder or SMOKE=1)") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 class Backbone:
-    """The model-specific half of training: the trainers talk only to this
-    class, so they have one code path for SD-1.5 (UNet, epsilon-prediction,
-    DDPM) and SD-3(.5) (MMDiT, flow matching), detected from the pipeline.
-
-      encode_prompts / encode_images / latents_from_posterior   (the cache)
-      sample_timesteps, add_noise, target, predict              (the forward process)
-      policy_request + PolicySampler, policy_endpoint_point     (Stage 1's policy points)
-    """
+    """The model-specific half of training, so the trainers have one code path for
+    SD-1.5 (UNet, epsilon, DDPM) and SD-3(.5) (MMDiT, flow matching): the cache's
+    encoders, the forward process (sample_timesteps, add_noise, target, predict)
+    and Stage 1's policy points (policy_request + PolicySampler, policy_endpoint_point)."""
 
     def __init__(self, pipe, device=None, dtype=torch.float32):
         from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-        self.pipe = pipe
+        self.pipe, self.vae, self.dtype = pipe, pipe.vae, dtype
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype
         self.is_flow = getattr(pipe, "transformer", None) is not None  # SD-3 carries a "transformer"
-        self.kind = "sd3" if self.is_flow else "sd15"
-        self.net = pipe.transformer if self.is_flow else pipe.unet
-        self.net_name = "transformer" if self.is_flow else "unet"
-        self.vae = pipe.vae
+        self.kind, self.net_name = ("sd3", "transformer") if self.is_flow else ("sd15", "unet")
+        self.net = getattr(pipe, self.net_name)
         if self.is_flow:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-            self.shift = float(self.scheduler.config.shift)
             # the 1000 shifted training timesteps, kept apart: the policy sampler's set_timesteps overwrites them
             self.train_timesteps = self.scheduler.timesteps.clone().float().cpu()
         else:
@@ -343,10 +313,9 @@ class Backbone:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             if self.is_flow:
-                embeds, _, pooled, _ = self.pipe.encode_prompt(
-                    chunk, chunk, chunk, device=self.device, do_classifier_free_guidance=False,
-                    max_sequence_length=max_sequence_length,
-                )
+                embeds, _, pooled, _ = self.pipe.encode_prompt(chunk, chunk, chunk, device=self.device,
+                                                               do_classifier_free_guidance=False,
+                                                               max_sequence_length=max_sequence_length)
                 parts = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
             else:
                 embeds, _ = self.pipe.encode_prompt(chunk, self.device, 1, False)
@@ -356,9 +325,8 @@ class Backbone:
         return {key: torch.cat(values) for key, values in out.items()}
 
     def encode_prompts_once(self, prompts):
-        """`encode_prompts` with the text encoders on the device for this pass
-        only (T5-XXL alone is ~9.5 GB): training reads cached embeddings."""
-        encoders = [getattr(self.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        """`encode_prompts` with the text encoders on the device for this pass only (T5-XXL is ~9.5 GB)."""
+        encoders = [getattr(self.pipe, f"text_encoder{suffix}", None) for suffix in ("", "_2", "_3")]
         encoders = [encoder for encoder in encoders if encoder is not None]
         for encoder in encoders:
             encoder.to(self.device)
@@ -372,8 +340,7 @@ class Backbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor):
-        """VAE posterior (mean, std) of images in [-1, 1], float32: stored
-        rather than one sample, so every step draws a fresh latent for free."""
+        """VAE posterior (mean, std) of images in [-1, 1]: every step draws a fresh latent for free."""
         posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
@@ -382,20 +349,11 @@ class Backbone:
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return (mean + std * noise - self.vae_shift) * self.vae_scale
 
-    @torch.no_grad()
-    def decode(self, latents):
-        latents = latents.to(self.vae.dtype) / self.vae_scale + self.vae_shift
-        images = self.vae.decode(latents).sample.float().clamp(-1, 1)
-        images = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(image) for image in images]
-
     # ---- the forward process ----
     def sample_timesteps(self, n, generator=None, device=None):
-        """SD-1.5: uniform over the 1000 DDPM steps. SD-3 (paper Sec. 3, as the
-        public SD-3.5-M trainers): u from diffusers' logit-normal density
-        (mean 0, std 1), t = scheduler.timesteps[floor(u * 1000)], the table of
-        1000 * sigma, sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000. Drawn on the
-        (CPU) generator, so the values are known on the host."""
+        """SD-1.5: uniform over the 1000 DDPM steps. SD-3 (paper Sec. 3, as the public
+        SD-3.5-M trainers): u logit-normal (0, 1), t = scheduler.timesteps[floor(u *
+        1000)] = 1000 sigma, sigma = s*v / (1 + (s-1)*v), v = 1 - j/1000. On the host."""
         device = device or self.device
         if self.is_flow:
             from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -443,16 +401,14 @@ class Backbone:
     # grid and its own last point. tests/reference_sampler.py runs diffusers'
     # scheduler per sample, and the tests compare the two point by point.
     def policy_request(self, cond, resolution, num_steps, generator, points_per_trajectory=1, key=None):
-        """Draw one micro-batch's policy trajectories, run by a PolicySampler:
-        per entry of `cond` its initial noise and the K timesteps of its points.
+        """One micro-batch's policy trajectories for a PolicySampler: per entry of
+        `cond` its initial noise and the K timesteps of its points (CPU draws).
         SD-1.5: DPM-Solver++(2M) on t_i = offset + step_ratio * (num_steps - 1 - i),
-                a per-sample offset in [0, step_ratio) (Diffusion-DRO's
-                "timestep offset"); points at K distinct random steps.
-        SD-3:   K timesteps from the training law; flow-match Euler on the
-                shifted grid lands exactly on each (grid points above the lowest
-                t, plus the drawn t's): the policy side trains at the real
-                side's continuous timesteps (README "Differences from the public code").
-        A trajectory stops at its last point; every draw is on the CPU generator."""
+                a per-sample offset in [0, step_ratio) (Diffusion-DRO's "timestep
+                offset"); points at K distinct random steps.
+        SD-3:   K timesteps from the training law; flow-match Euler on the shifted
+                grid lands exactly on each (README "Differences from the public code").
+        A trajectory stops at its last point."""
         n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
         x = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         if self.is_flow:
@@ -477,12 +433,10 @@ class Backbone:
     @torch.no_grad()
     def policy_endpoint_point(self, net, cond, resolution, num_steps, generator, points_per_trajectory=1,
                               with_prediction=True):
-        """SD-3 only, the public SD-3.5-M trainer's policy point (train_dro.py
-        --sd3_policy_point endpoint): `net` samples each caption to its end x0
-        with the pipeline (Euler, `num_steps`, guidance 1), then x0 is noised at
-        K drawn timesteps with fresh eps. Returns (x_t, t, prediction of `net`
-        or None, eps), trajectory-major; the caller noises the real latent with
-        the SAME eps and t, as the public trainer does."""
+        """SD-3, the public SD-3.5-M trainer's policy point (--sd3_policy_point endpoint):
+        `net` samples each caption to x0 (Euler, guidance 1), noised at K drawn t with
+        fresh eps. Returns (x_t, t, prediction or None, eps), trajectory-major; the
+        caller noises the real latent with the SAME eps and t, as the public trainer."""
         n, K = cond["prompt_embeds"].shape[0], points_per_trajectory
         latents = torch.randn((n, *self.latent_shape(resolution)), generator=generator)
         embeds = {key: value.to(self.device, self.dtype) for key, value in cond.items()}
@@ -499,9 +453,9 @@ class Backbone:
         return x_t, t, self.predict(net, x_t, t, cond).float(), noise
 
     def solver_step(self, t, t_next, h_prev):
-        """Host-side coefficients of one step from t to t_next (= t: no step),
-        and its h. SD-1.5, DPM-Solver++(2M), lambda = log(alpha / sigma),
-        h = lambda(t_next) - lambda(t), r = h_prev / h (first order at first):
+        """Host-side coefficients of one step t -> t_next (= t: none), and its h.
+        SD-1.5, DPM-Solver++(2M), lambda = log(alpha / sigma), h = lambda(t_next) -
+        lambda(t), r = h_prev / h (first order at first):
             x0 = (x - sigma_t eps) / alpha_t,  d = x0 + (1 / 2r) (x0 - x0_prev)
             x' = (sigma_n / sigma_t) x - alpha_n expm1(-h) d
         SD-3, flow-match Euler: x' = x + (t_next - t) / 1000 * v."""
@@ -522,9 +476,7 @@ class Backbone:
 
 
 class PolicyRequest:
-    """One micro-batch's policy trajectories: initial noise, cond, stops
-    (descending timesteps) and points (K recorded per trajectory), then the
-    points' x_t and predictions once a PolicySampler has run them."""
+    """One micro-batch's trajectories (noise, cond, stops, K points each), then its points' x_t and predictions."""
 
     def __init__(self, key, x, cond, stops, points, device):
         self.key, self.x, self.cond, self.stops = key, x, cond, stops
@@ -543,14 +495,12 @@ class PolicyRequest:
 
 class PolicySampler:
     """Makes the Stage-1 policy points in a fixed number of slots (README
-    "Throughput"): every network call evaluates exactly `slots` rows (one
-    graph, static shapes). A finished trajectory's slot takes the next one in
-    line, of this micro-batch or of the next ones of the snapshot window
-    (theta is frozen for --snapshot_every steps; every stop is drawn up
-    front), so no row idles except at the window's end. A micro-batch's
-    points do not depend on who shares its calls (its draws come from its own
-    generator), hence not on the process count. Plans are made on the host;
-    the loop never waits for the device."""
+    "Throughput"): every network call evaluates exactly `slots` rows (static
+    shapes); a finished trajectory's slot takes the next in line, of this or a
+    later micro-batch of the snapshot window (theta is frozen for --snapshot_every
+    steps), so no row idles but at the window's end. A micro-batch's points come
+    from its own generator: they do not depend on the process count. Plans are
+    made on the host; the loop never waits for the device."""
 
     def __init__(self, backbone, net, slots):
         self.bb, self.net, self.slots = backbone, net, slots
@@ -561,18 +511,18 @@ class PolicySampler:
         self.state = None  # x, x0_prev and cond of the slots, on the device
 
     def idle(self):
-        """True when every request of the window has been handed out."""
-        return not self.waiting and not self.pending
+        return not self.waiting and not self.pending  # every request of the window handed out
 
     def start(self, micro_batches, make_request):
-        """A new window: this process's micro-batches up to its end, in order;
-        `make_request(micro_batch)` draws a request when the slots need it."""
+        """A window: this process's micro-batches to its end; `make_request(mb)` draws one's request."""
         assert self.idle(), "a window starts when the last one is done"
         self.pending, self.make_request = collections.deque(micro_batches), make_request
 
-    def _submit(self, request):
-        self.waiting.append(request)
-        self.queue.extend((request, row) for row in range(len(request.stops)))
+    def _submit_next(self):
+        if self.pending:
+            request = self.make_request(self.pending.popleft())
+            self.waiting.append(request)
+            self.queue.extend((request, row) for row in range(len(request.stops)))
 
     def next(self):
         """The next micro-batch's request, with every one of its points made."""
@@ -584,9 +534,7 @@ class PolicySampler:
         return self.waiting.popleft()
 
     def _plan_call(self):
-        """Host side of one call: fill the free slots, then per slot its t and
-        step coefficients; which slots start a trajectory (request -> (slots,
-        its rows)) and which reach a point (request -> (slots, output rows))."""
+        """Host side of one call: fill free slots; per slot its t and step coefficients; which slots start or record."""
         starts, records, t_now, coef = {}, {}, [], []
         for slot in range(self.slots):
             if self.running[slot] is None:
@@ -648,18 +596,13 @@ class PolicySampler:
             request.out_prediction.index_copy_(0, rows, prediction.index_select(0, slots))
         self.state[0], self.state[1] = bb.solver_update(x, prediction, coef, x0_prev)
 
-    def _submit_next(self):
-        if self.pending:
-            self._submit(self.make_request(self.pending.popleft()))
-
 
 # =============================================================================
 # 3. LoRA roles on one base network, their EMA, and the published LoRA formats
 # =============================================================================
-# Three views of one network (README 'Method: Stage 1'): the trainable
-# `learner`, the frozen reference `ref` and, in Stage 1, the frozen sampling
-# snapshot `policy`. Each is a LoRA adapter on the same frozen base; switching
-# role only changes the active adapter, so one network is in memory.
+# Three LoRA adapters on one frozen base network (README 'Method: Stage 1'): the
+# trainable `learner`, the frozen reference `ref` and, in Stage 1, the frozen
+# sampling snapshot `policy`; switching role only changes the active adapter.
 
 LEARNER, REF, POLICY = "learner", "ref", "policy"
 
@@ -684,23 +627,19 @@ def role_parameters(net, role):
     return [param for name, param in net.named_parameters() if f".{role}." in name]
 
 
-# use_role runs several times per micro-batch: the LoRA layers are looked up
-# once per network and set of adapters, not walked per call.
-_ROLE_LOOKUP = weakref.WeakKeyDictionary()
+_ROLE_LOOKUP = weakref.WeakKeyDictionary()  # net -> (its adapters, its LoRA layers): found once, not per call
 
 
 def use_role(net, role):
-    """Make `role` the active adapter of every LoRA layer. Only that flag
-    changes (peft's set_adapter also resets requires_grad on every adapter,
-    milliseconds on the big networks); requires_grad is set once, by
-    setup_lora_roles."""
+    """Make `role` the active adapter of every LoRA layer. Only that flag changes
+    (peft's set_adapter also resets requires_grad on every adapter, milliseconds on
+    the big networks); requires_grad is set once, by setup_lora_roles."""
     adapters = tuple(getattr(net, "peft_config", {}))
     cached = _ROLE_LOOKUP.get(net)
     if cached is None or cached[0] != adapters:
         cached = _ROLE_LOOKUP[net] = (adapters, _tuner_layers(net))
     for layer in cached[1]:
-        # the attribute peft's set_adapter sets, written straight into the instance
-        # dict: nn.Module.__setattr__'s checks would be 95% of the time
+        # the attribute set_adapter sets, into the instance dict: nn.Module.__setattr__'s checks cost 95%
         vars(layer)["_active_adapter"] = role
 
 
@@ -712,10 +651,9 @@ def copy_role(net, source, dest):
 
 
 def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
-    """Add the LoRA roles to the backbone's network. The learner is a fresh
-    LoRA (B = 0: it equals the base network) or, with `init_lora`, that
-    checkpoint (rank and alpha from its own metadata); every other role starts
-    as a copy, so `ref` is "the model at the start of the stage"."""
+    """Add the LoRA roles: the learner a fresh LoRA (B = 0: the base network) or
+    `init_lora` (its own rank and alpha); every other role starts as its copy, so
+    `ref` is "the model at the start of the stage"."""
     from peft import LoraConfig
 
     net = backbone.net
@@ -731,10 +669,9 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     for role in roles:
         if role != LEARNER:
             net.add_adapter(copy.deepcopy(config), adapter_name=role)
-    # The learner's weights are fp32 masters (autocast computes with their bf16
-    # casts); the frozen roles are kept in that compute dtype, the very values
-    # autocast would use, with no cast per call. No layer casts its input to
-    # the LoRA's dtype either (autocast does).
+    # The learner's weights are fp32 masters (autocast computes with bf16 casts);
+    # the frozen roles are kept in that compute dtype, with no cast per call, and
+    # no layer casts its input to the LoRA's dtype (autocast does).
     for role in roles:
         for param in role_parameters(net, role):
             param.data = param.data.to(torch.float32 if role == LEARNER else backbone.dtype)
@@ -747,13 +684,11 @@ def setup_lora_roles(backbone, roles, rank, alpha, init_lora=None, seed=0):
     return config
 
 
-# Hand-written rather than diffusers' EMAModel: that covers the SD-1.5
-# schedule, not flow_grpo's fixed decay every 8 steps, and averages a whole
-# module, not one LoRA role among several adapters.
+# Not diffusers' EMAModel: that has the SD-1.5 schedule, not flow_grpo's, and
+# averages a whole module, not one LoRA role among several adapters.
 class LoraEMA:
-    """Exponential moving average of the learner's LoRA weights (paper Sec. 3),
-    starting from the weights at the start of the stage; checkpoints hold it.
-    shadow <- decay * shadow + (1 - decay) * weights, with
+    """EMA of the learner's LoRA weights (paper Sec. 3) from the stage's start;
+    checkpoints hold it. shadow <- decay * shadow + (1 - decay) * weights, with
       "diffusers" (SD-1.5, EMAModel's defaults): every `update_every` steps; at
           the n-th update decay = 0 for n = 0, else min(max_decay, (1+n)/(10+n));
       "flow_grpo" (SD-3.5-M, decay 0.9, interval 8): after optimizer step s
@@ -774,15 +709,10 @@ class LoraEMA:
         n = self.num_updates
         return 0.0 if n == 0 else min(self.max_decay, (1 + n) / (10 + n))
 
-    def is_update_step(self, optimizer_step):
-        if self.schedule == "flow_grpo":
-            return (optimizer_step + 1) % self.update_every == 0
-        return optimizer_step % self.update_every == 0
-
     @torch.no_grad()
     def step(self, params, optimizer_step):
         """After optimizer step `optimizer_step` (1-based); one multi-tensor lerp."""
-        if self.is_update_step(optimizer_step):
+        if (optimizer_step + (self.schedule == "flow_grpo")) % self.update_every == 0:
             torch._foreach_lerp_(self.shadow, [p.float() for p in params], 1 - self.decay(optimizer_step))
             self.num_updates += 1
 
@@ -795,15 +725,12 @@ class LoraEMA:
 
 
 # The published LoRA formats, recognised by their files (README 'What the real run needs'):
-#  - diffusers' `save_lora_weights` file, pytorch_lora_weights.safetensors: our
-#    checkpoints and the authors' SD-1.5 ones (Cwyxx/RealAlign,
-#    training_sd15/stage2_dpo/train-lora_init.py);
-#  - a PEFT adapter folder as `PeftModel.save_pretrained` writes it:
-#    adapter_config.json + adapter_model.safetensors, keys
-#    base_model.model.<module>.lora_A/B.weight. Flow-GRPO's released LoRA
-#    (yifan123/flow_grpo, scripts/train_sd3.py save_ckpt), and the authors'
-#    SD-3.5-M checkpoints in <checkpoint>/lora/learner/
-#    (training_sd35m/scripts/train-sd-3-5-medium-irl.py save_ckpt).
+#  - diffusers' `save_lora_weights` file, pytorch_lora_weights.safetensors: ours and the
+#    authors' SD-1.5 ones (Cwyxx/RealAlign, training_sd15/stage2_dpo/train-lora_init.py);
+#  - a PEFT adapter folder (`PeftModel.save_pretrained`: adapter_config.json +
+#    adapter_model.safetensors, keys base_model.model.<module>.lora_A/B.weight): Flow-GRPO's
+#    (yifan123/flow_grpo, scripts/train_sd3.py save_ckpt) and the authors' SD-3.5-M ones in
+#    <checkpoint>/lora/learner/ (training_sd35m/scripts/train-sd-3-5-medium-irl.py save_ckpt).
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel's own prefix of every key
@@ -817,10 +744,9 @@ def lora_files(folder):
 
 
 def find_lora(files, where):
-    """Which LoRA a folder (or hub repository) holds, from its file list:
-    ("peft", folder) or ("diffusers", file), or None. One at the root wins (a
-    PEFT folder over a diffusers file: it carries its config); else the only
-    one in a subfolder, or among several the one in a folder named `learner`."""
+    """Which LoRA a file list holds: ("peft", folder), ("diffusers", file) or None.
+    One at the root wins (PEFT over diffusers: it carries its config), else the
+    only one, else the one in a folder named `learner`."""
     found = {}
     for name in files:
         folder, _, base = name.rpartition("/")
@@ -845,8 +771,7 @@ def first_line(err):
 
 
 def load_lora_into(backbone, lora, adapter_name):
-    """Load a LoRA (a file, a folder or a hub id; either format) into the
-    network as `adapter_name`, checking that every weight found its module."""
+    """Load a LoRA (file, folder or hub id; either format) as `adapter_name`; every weight must find its module."""
     net, path = backbone.net, Path(lora).expanduser()
     if not path.exists():  # a hub id: only its LoRA files are downloaded
         try:
@@ -878,8 +803,7 @@ def load_lora_into(backbone, lora, adapter_name):
 
 
 def _load_peft_adapter(net, folder, adapter_name, mismatch):
-    """A PEFT adapter folder into a diffusers network, as PeftModel.from_pretrained
-    would: its LoraConfig injected, then its weights (without PeftModel's prefix)."""
+    """A PEFT adapter folder into a diffusers network, as PeftModel.from_pretrained would."""
     from peft import PeftConfig
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
@@ -908,20 +832,16 @@ def weights_swapped(params, values):
         return
     backup = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p, value in zip(params, values, strict=True):
-            p.copy_(value)
+        torch._foreach_copy_(params, list(values))
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, value in zip(params, backup, strict=True):
-                p.copy_(value)
+            torch._foreach_copy_(params, backup)
 
 
 def lora_state_dict(net, role, params=None):
-    """The role's LoRA weights in PEFT key format ("...to_q.lora_A.weight", what
-    diffusers' SD-1.5 and SD-3 loaders read); `params` substitutes other values
-    (the EMA weights, in role_parameters' order)."""
+    """The role's LoRA weights in PEFT key format (what diffusers' loaders read); `params`: other values (EMA)."""
     from peft.utils import get_peft_model_state_dict
 
     with weights_swapped(role_parameters(net, role), params):
@@ -930,14 +850,11 @@ def lora_state_dict(net, role, params=None):
 
 
 def save_lora_checkpoint(backbone, state_dict, config, directory):
-    """Save LoRA weights so that both ecosystems read them:
-    - diffusers' `load_lora_weights(dir)`, with the adapter config as metadata
-      (SD-3.5-M has alpha != rank and would otherwise load at the wrong scale);
-    - PEFT's adapter_config.json + adapter_model.safetensors, for
-      `PeftModel.from_pretrained` (flow_grpo's loader) and `load_adapter`,
-      hard-linked again into lora/learner/, where the authors' SD-3.5-M
-      evaluation looks (Cwyxx/RealAlign, training_sd35m/evaluation/
-      sd-3-5-medium/generate_image.py)."""
+    """LoRA weights in both formats: diffusers' `load_lora_weights(dir)` with the
+    adapter config as metadata (SD-3.5-M's alpha != rank), and a PEFT adapter
+    (flow_grpo's `PeftModel.from_pretrained`), hard-linked into lora/learner/ where
+    the authors' SD-3.5-M evaluation looks (Cwyxx/RealAlign,
+    training_sd35m/evaluation/sd-3-5-medium/generate_image.py)."""
     from safetensors.torch import save_file
 
     metadata = config.to_dict()
@@ -960,9 +877,7 @@ def save_lora_checkpoint(backbone, state_dict, config, directory):
 
 
 def load_network_override(backbone, path):
-    """Replace the base UNet/transformer by another (a folder or hub id, at its
-    root or in a unet/transformer subfolder), for the complementarity runs
-    (README 'Method: Stage 2', e.g. mhdang/dpo-sd1.5-text2image-v1)."""
+    """Another UNet/transformer (folder or hub id) for the complementarity runs (README 'Method: Stage 2')."""
     cls, errors = type(backbone.net), []
     for subfolder in (None, backbone.net_name):
         try:
@@ -990,9 +905,7 @@ PAIR_ALIASES = {"win_image_path": "real_image_path", "lose_image_path": "fake_im
 
 
 def read_pairs_csv(path, need_fake=True):
-    """The rows of a pairs CSV (curate.py's schema, README 'Method: data'; win/lose
-    names accepted) with absolute image paths (relative ones are to the CSV's
-    folder); every problem is a UserError that names it."""
+    """A pairs CSV's rows (README 'Method: data'; win/lose names accepted), paths absolute; problems: UserError."""
     import io
 
     path = Path(path)
@@ -1038,9 +951,8 @@ def read_pairs_csv(path, need_fake=True):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled to 0..255 (PIL's
-    convert would clip it to white); transparency composited on WHITE, as a
-    browser shows it, never on whatever colour the hidden pixels hold."""
+    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled (PIL's convert clips it to
+    white); transparency on WHITE, as a browser shows it, not on the hidden pixels."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.round(array.clip(0, 65535) / 257.0).astype(np.uint8), mode="L")
@@ -1051,8 +963,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
-    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a
-    centre crop of resolution x resolution (after `to_rgb`)."""
+    """The paper's preprocessing: shorter side to `resolution` (Lanczos), then a centre crop."""
     image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
@@ -1069,26 +980,23 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def cache_key(model_name, resolution, pairs_csv, need_fake, hashes=None):
-    """The cache's name: the model (a fingerprint digest), the resolution, and
-    the CONTENT of the pairs CSV and of every image it names."""
+    """The cache's name: the model's fingerprint, the resolution, and the CONTENT of the CSV and its images."""
     return digest_of([str(model_name), resolution, need_fake, fingerprint(pairs_csv, hashes or FileHashes())])
 
 
-# Stored in bf16, half the size (README "Throughput and memory"): at most a
-# 2^-9 relative rounding of each value, the same size as the one the network's
-# bf16 inputs (`Backbone.predict`) take on the GPU anyway. Read back in fp32.
+# Stored in bf16, half the size (README "Throughput and memory"): a 2^-9 relative
+# rounding at most, as the network's bf16 inputs take on the GPU anyway.
 CACHE_DTYPE = torch.bfloat16
 
 
 def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, batch_size=8, progress=True,
                       part=(0, 1)):
-    """Encode every image and prompt once (README 'Differences from the public
-    code') into a safetensors file; N pairs, U unique prompts (0 = ""):
-      real_mean, real_std  [N, 2, C, h, w] VAE posterior of the image and of its
-                           mirror (a flipped latent is not the flipped image's);
-                           fake_* the same (Stage 2)
-      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept:
-                           the MMDiT attends to it), prompt_index [N]
+    """Encode every image and prompt once (README 'Differences from the public code')
+    into a safetensors file; N pairs, U unique prompts (0 = ""):
+      real_mean, real_std  [N, 2, C, h, w] posterior of the image and of its mirror
+                           (a flipped latent is not the flipped image's); fake_* alike
+      prompt_embeds        [U, L, D] (+ pooled [U, D], SD-3; T5's padding kept: the MMDiT attends
+                           to it), prompt_index [N]
     `part` = (i, k): the i-th of k slices of rows and prompts (one shard)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -1099,12 +1007,10 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
     prompts = all_prompts[slice(*shard(len(all_prompts)))]
     row_start, row_end = shard(len(pairs))
     tensors = dict(backbone.encode_prompts_once(prompts)) if prompts else {}
-    tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs[row_start:row_end]],
-                                           dtype=torch.long)
+    tensors["prompt_index"] = torch.tensor([prompt_id[p["prompt"]] for p in pairs[row_start:row_end]], dtype=torch.long)
     for side in ["real"] + (["fake"] if need_fake else []):
         means, stds = [], []
-        for start in tqdm(range(row_start, row_end, batch_size), desc=f"encoding {side} images",
-                          disable=not progress):
+        for start in tqdm(range(row_start, row_end, batch_size), desc=f"encoding {side} images", disable=not progress):
             batch = []
             for pair in pairs[start : min(start + batch_size, row_end)]:
                 try:
@@ -1125,11 +1031,9 @@ def build_input_cache(backbone, pairs, resolution, cache_file, need_fake=True, b
 
 
 def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cache_dir, need_fake, accelerator):
-    """The cache folder CACHE_DIR/inputs-KEY of (model, resolution, pairs
-    content). Built sharded: each of k processes encodes its 1/k into
-    shard-i-of-k.safetensors (k times faster, no process idling at a barrier),
-    then the main process writes manifest.json, which marks it complete; a
-    finished shard of an interrupted build is kept."""
+    """CACHE_DIR/inputs-KEY, built sharded: each of k processes encodes its 1/k
+    (shard-i-of-k.safetensors, kept if a build is interrupted), then the main
+    process writes manifest.json, which marks it complete."""
     hashes = FileHashes(Path(cache_dir) / HASH_CACHE_FILE)  # what the trainer just hashed (it saves them)
     folder = Path(cache_dir) / f"inputs-{cache_key(model_name, resolution, pairs_csv, need_fake, hashes)}"
     manifest = folder / "manifest.json"
@@ -1149,10 +1053,9 @@ def load_or_build_cache(backbone, model_name, pairs_csv, pairs, resolution, cach
 
 
 class ShardedRows:
-    """One cache tensor whose rows lie in several memory-mapped shards, read as
-    if concatenated: x[rows] or x[rows, per_row_index] copies those rows only.
-    Never concatenated: for all of HPDv3 on SD-3.5-M a private copy would be
-    ~120-150 GiB per process; mapped, a node's processes share the page cache."""
+    """A cache tensor whose rows lie in memory-mapped shards, read as if concatenated
+    (x[rows], x[rows, per_row_index]). Never concatenated: all of HPDv3 on SD-3.5-M
+    would be ~120-150 GiB per process; mapped, a node's processes share the page cache."""
 
     def __init__(self, parts):
         self.parts = parts  # views of the mapped files, in shard order
@@ -1181,8 +1084,7 @@ class ShardedRows:
 
 
 def read_input_cache(folder):
-    """The cache of the folder's manifest, memory-mapped: the bf16 tensors as
-    ShardedRows, prompt_index (8 bytes a row) in memory."""
+    """The cache of the folder's manifest: ShardedRows, and prompt_index in memory."""
     from safetensors.torch import load_file
 
     names = json.loads((Path(folder) / "manifest.json").read_text())["shards"]
@@ -1204,34 +1106,27 @@ def cat_cond(*conds):
 
 # =============================================================================
 # 5. The step: micro-batches keyed on their position, their inputs, and the
-#    learner's and reference's errors
+#    learner's and reference's errors (the loss and the second half of the batch
+#    are the scripts')
 # =============================================================================
-# Both stages compute per-sample errors of the learner and the reference on
-# one concatenated batch, take a loss and accumulate to an effective batch of
-# 256. What differs (the loss, and where the second half of the batch comes
-# from) lives in the two scripts.
 
 
 def global_micro_batch_index(step, micro, grad_accum, rank, world):
-    """A micro-batch's position among all of the run's, over all processes:
-    step s (1-based) holds (s-1)*A*W ... s*A*W - 1. 1 process x accumulation 4
-    and 2 x 2 cover the same indices in every step."""
+    """A micro-batch's position over all processes: step s (1-based) holds (s-1)*A*W ...
+    s*A*W - 1, so 1 process x accumulation 4 and 2 x 2 cover the same indices."""
     return ((step - 1) * grad_accum + micro) * world + rank
 
 
 def micro_batch_generator(seed, index, stream=""):
-    """The generator of every draw of one micro-batch (flips, latents, noise,
-    timesteps; its "policy" `stream`: Stage 1's caption dropout and policy
-    trajectories, drawn ahead of the micro-batch's turn). Keyed on (seed,
-    global index) alone: the same run on any number of processes, and a
-    resume needs no generator state."""
+    """The generator of every draw of one micro-batch ("policy" `stream`: Stage 1's
+    trajectories, drawn ahead of its turn), keyed on (seed, global index) alone: the
+    same run on any number of processes, and a resume needs no generator state."""
     digest = hashlib.sha256(f"realalign/{seed}/{index}{'/' + stream if stream else ''}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**63)
 
 
 class MicroBatch(typing.NamedTuple):
-    """Its optimizer step (1-based) and place in it, its global index, its
-    cache rows (None with --benchmark_steps) and its generator."""
+    """Its step (1-based), place in it, global index, cache rows (None: --benchmark_steps), generator."""
     step: int
     micro: int
     index: int
@@ -1251,14 +1146,10 @@ def micro_batches(args, accelerator, grad_accum, num_rows, first_step, last_step
 
 
 def micro_batch_rows(step, micro, grad_accum, rank, world, batch_size, num_rows, seed):
-    """Cache rows of one micro-batch: a seeded permutation per epoch, read at
-    the micro-batch's global position; no data-loader state to resume."""
+    """Cache rows of one micro-batch: a seeded permutation per epoch at its global position (nothing to resume)."""
     start = global_micro_batch_index(step, micro, grad_accum, rank, world) * batch_size
-    rows = []
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, num_rows)
-        rows.append(int(_epoch_permutation(num_rows, seed, epoch)[offset]))
-    return torch.tensor(rows)
+    return torch.tensor([int(_epoch_permutation(num_rows, seed, position // num_rows)[position % num_rows])
+                         for position in range(start, start + batch_size)])
 
 
 @functools.lru_cache(maxsize=4)
@@ -1267,10 +1158,9 @@ def _epoch_permutation(num_rows, seed, epoch):
 
 
 def sample_inputs(backbone, cache, rows, generator, sides, caption_dropout=0.0, flip=True):
-    """Clean latents x0 per side ("real", "fake") of the rows, and their prompt
-    embeddings. Both sides of a pair share one flip (README 'Method: Stage 2':
-    the fake is pixel-aligned; the public code flips them independently); a
-    dropped caption (probability `caption_dropout`) becomes ""."""
+    """Clean latents x0 per side ("real", "fake") and prompt embeddings of the rows. A
+    pair's sides share one flip (README 'Method: Stage 2': the fake is pixel-aligned;
+    the public code flips them independently); a dropped caption becomes ""."""
     n = len(rows)
     flip_index = torch.randint(0, 2, (n,), generator=generator) if flip else torch.zeros(n, dtype=torch.long)
     x0 = {}
@@ -1297,12 +1187,10 @@ def random_inputs(backbone, n, resolution, generator, sides):
 
 
 def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None):
-    """Per-sample errors of the learner (with grad) and the frozen reference (no
-    grad) on one concatenated batch, one forward each (README 'Differences
-    from the public code'). `own_target_from` = m (train_dro.py
-    --policy_target learner, a diagnostic): rows m: take the learner's own
-    detached prediction as target, as the public SD-3.5-M trainer does (error
-    and gradient exactly 0 there)."""
+    """Per-sample errors of the learner (grad) and the reference (no grad), one forward
+    each over the batch. `own_target_from` = m (--policy_target learner, a diagnostic):
+    rows m: the learner's own detached prediction is the target, as in the public
+    SD-3.5-M trainer (error and gradient exactly 0 there)."""
     net = backbone.net
     use_role(net, REF)
     with torch.no_grad():
@@ -1320,8 +1208,7 @@ def learner_and_ref_errors(backbone, x_t, t, cond, target, own_target_from=None)
 
 
 def prepare_training(args, stage, need_fake):
-    """Everything before the first step: checks, accelerator, models, defaults
-    and the input cache. Returns (accelerator, backbone, pairs, cache, grad_accum)."""
+    """Checks, accelerator, models, defaults, input cache -> (accelerator, backbone, pairs, cache, grad_accum)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -1331,11 +1218,10 @@ def prepare_training(args, stage, need_fake):
     if args.mixed_precision is None:  # CPU bf16 kernels are slow: fp32 there
         args.mixed_precision = "bf16" if use_cuda else "no"
     # cpu=True without GPUs: only then does accelerate join torchrun's gloo group
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, cpu=not use_cuda,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)))
+    logging_dir = str(Path(args.output_dir) / args.logging_dir)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not use_cuda,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
     if use_cuda:  # TF32 matmuls for whatever autocast leaves in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     weight_dtype = MIXED_PRECISION_DTYPES[args.mixed_precision]
@@ -1378,26 +1264,23 @@ def prepare_training(args, stage, need_fake):
     if accelerator.is_main_process:
         atomic_write_text(Path(args.output_dir) / "args.json", json.dumps(public_args(args), indent=2, default=str))
         atomic_write_text(Path(args.output_dir) / "inputs.json", json.dumps(inputs, indent=1))
-        logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step",
-                    backbone.kind, accelerator.device, accelerator.num_processes, args.train_batch_size,
-                    grad_accum, args.effective_batch_size)
+        logger.info("%s on %s: %d processes x batch %d x accumulation %d = %d samples per step", backbone.kind,
+                    accelerator.device, accelerator.num_processes, args.train_batch_size, grad_accum,
+                    args.effective_batch_size)
     return accelerator, backbone, pairs, cache, grad_accum
 
 
 def compile_network(net, backend="inductor"):
-    """torch.compile the repeated blocks one by one (diffusers' regional
-    compilation): one graph per block shape, seconds instead of minutes. Each
-    role (`use_role` sets an attribute dynamo guards on), shape and grad mode
-    compiles once; static shapes, and a cache limit that fits them all."""
+    """torch.compile the repeated blocks one by one (diffusers' regional compilation):
+    seconds instead of minutes. Each role (`use_role` sets an attribute dynamo guards
+    on), shape and grad mode compiles once: static shapes, a cache limit that fits."""
     import torch._dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    blocks = getattr(net, "_repeated_blocks", None) or ["JointTransformerBlock"]  # diffusers names none for SD-3
-    for module in net.modules():
-        if type(module).__name__ in blocks:
-            module.compile(backend=backend, dynamic=False)
+    net._repeated_blocks = getattr(net, "_repeated_blocks", None) or ["JointTransformerBlock"]  # none for SD-3
+    net.compile_repeated_blocks(backend=backend, dynamic=False)
     return net
 
 
@@ -1407,26 +1290,20 @@ def make_optimizer(args, params):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon,
                                   fused=torch.cuda.is_available())
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
-    return optimizer, lr_scheduler
+    return optimizer, get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
 
 
 def all_reduce_gradients(params, accelerator):
-    """Average the LoRA gradients over processes in one flat all-reduce (not
-    DDP: only one of the network's three LoRA roles trains)."""
+    """Average the LoRA gradients over processes in one flat all-reduce (not DDP: one LoRA role trains)."""
     if accelerator.num_processes == 1:
         return
     flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    for p, value in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(value.view_as(p))
 
 
 def mixed_precision_autocast(args, backbone):
-    """Autocast in the --mixed_precision dtype. Ours rather than
-    accelerator.autocast(): accelerate does not autocast fp16 on CPU, and the
-    fp16 path (with its gradient scaler) is tested on CPU."""
+    """Ours, not accelerator.autocast(): accelerate does not autocast fp16 on CPU, where the fp16 path is tested."""
     if args.mixed_precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(backbone.device.type, dtype=MIXED_PRECISION_DTYPES[args.mixed_precision])
@@ -1435,11 +1312,10 @@ def mixed_precision_autocast(args, backbone):
 def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum, micro_batch_loss,
              after_optimizer_step=None):
     """The training loop of both stages (paper Sec. 3): per optimizer step,
-    accumulate `micro_batch_loss(micro_batch)` -> (loss, stats) over the
-    effective batch, average the gradients over processes, clip, step AdamW
-    and the EMA; `after_optimizer_step(step)` follows (Stage 1 refreshes its
-    sampling snapshot there). What the run leaves behind (metrics, trackers,
-    checkpoints, state, hub) is `RunRecord`'s."""
+    accumulate `micro_batch_loss(micro_batch)` -> (loss, stats) over the effective
+    batch, average the gradients over processes, clip, step AdamW and the EMA;
+    then `after_optimizer_step(step)` (Stage 1 refreshes its sampling snapshot).
+    What the run leaves behind (metrics, checkpoints, state, hub) is `RunRecord`'s."""
     from tqdm.auto import tqdm
 
     params = role_parameters(backbone.net, LEARNER)
@@ -1453,19 +1329,16 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
             raise RuntimeError("the processes start from different LoRA weights")
     # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
     scaler = torch.amp.GradScaler(backbone.device.type, enabled=args.mixed_precision == "fp16")
-    record = RunRecord(args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema,
-                       start_step)
+    record = RunRecord(args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema, start_step)
     num_rows = len(cache["prompt_index"]) if cache is not None else 0
     max_steps = args.benchmark_steps or args.max_train_steps
-    # the bar moves per micro-batch: on few devices one optimizer step is many
     progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
-                    desc="training", disable=not accelerator.is_main_process)
+                    desc="training", disable=not accelerator.is_main_process)  # one step may be many micro-batches
     if backbone.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backbone.device)
     records = []
     for step in range(start_step + 1, max_steps + 1):
-        step_start = time.perf_counter()
-        totals = {}
+        step_start, totals = time.perf_counter(), {}
         for micro_batch in micro_batches(args, accelerator, grad_accum, num_rows, step, step):
             with mixed_precision_autocast(args, backbone):
                 loss, stats = micro_batch_loss(micro_batch)
@@ -1491,16 +1364,16 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
         if step % args.checkpoint_every == 0 or step == max_steps:
             record.checkpoint(step, params)
         check_interrupted()  # a Ctrl-C that a finalizer swallowed stops the run here
-    record.push_to_hub()
+    if record.enabled and args.push_to_hub:
+        push_final_checkpoint(args, accelerator, backbone, cache)
     progress.close()
     return records
 
 
 class RunRecord:
     """What a run leaves behind: OUTPUT_DIR/metrics.jsonl and the trackers each
-    step, checkpoint-STEP and state/ every --checkpoint_every steps, the final
-    checkpoint on the hub (--push_to_hub). --benchmark_steps times the loop
-    and leaves nothing (its records are returned)."""
+    step, checkpoint-STEP and state/ every --checkpoint_every steps. With
+    --benchmark_steps nothing (the loop returns its records)."""
 
     def __init__(self, args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema,
                  start_step):
@@ -1513,18 +1386,16 @@ class RunRecord:
             logger.info("resumed from step %d", start_step)
         if start_step >= (args.benchmark_steps or args.max_train_steps):
             logger.info("already finished (%d steps)", start_step)
-        if self.enabled:
-            init_trackers(args, accelerator, start_step)
+        init_trackers(args, accelerator, start_step)  # not with --benchmark_steps
         self.metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", start_step, main)
         self.validation = None
         if cache is not None and args.sample_grid_steps > 0 and main and args.validation_prompts:
-            # embeddings of ["", *prompts], encoded once (the text encoders visit the device for this pass only)
+            # embeddings of ["", *prompts], encoded once
             self.validation = backbone.encode_prompts_once(["", *args.validation_prompts])
 
     def announce_run_time(self, grad_accum, steps_left, step_start):
-        """After the first micro-batch: a rough estimate of the run's time (errs
-        high: it includes warm-up), so a CPU run at the paper's batch of 256
-        says at once that it would take days."""
+        """After the first micro-batch, a rough (high) estimate of the run's time: a
+        CPU run at the paper's batch of 256 says at once that it would take days."""
         if not self.enabled:
             return
         if self.backbone.device.type == "cuda":
@@ -1538,9 +1409,7 @@ class RunRecord:
                         steps_left)
 
     def log_step(self, step, totals, grad_norm, scaler, lr_scheduler, step_start, extra):
-        """One host sync per step: the stats averaged over processes and the
-        gradient norm; a non-finite one stops the run before anything of the
-        step is logged or saved (all processes see the same values)."""
+        """One host sync per step: stats averaged over processes, grad norm; a non-finite one stops the run unsaved."""
         args, accelerator, device = self.args, self.accelerator, self.backbone.device
         keys = sorted(totals)
         means = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=device) for k in keys])
@@ -1553,10 +1422,9 @@ class RunRecord:
         if not scaler.is_enabled():  # fp16: an overflowing gradient is expected now and then, the scaler skips it
             checked["grad_norm"] = values[-1]
         self.check_finite(step, checked)
-        record = {"step": step, **{k: float(v) for k, v in zip(keys, values)},
-                  "grad_norm": values[-1], "lr": lr_scheduler.get_last_lr()[0],
-                  "samples_per_s": args.effective_batch_size / seconds, "step_seconds": seconds,
-                  "peak_memory_gb": peak_memory_gb(device), **(extra or {})}
+        record = {"step": step, **{k: float(v) for k, v in zip(keys, values)}, "grad_norm": values[-1],
+                  "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": args.effective_batch_size / seconds,
+                  "step_seconds": seconds, "peak_memory_gb": peak_memory_gb(device), **(extra or {})}
         if scaler.is_enabled():
             record["grad_scale"] = scaler.get_scale()
         self.metrics.write(record)
@@ -1564,8 +1432,7 @@ class RunRecord:
         return record
 
     def check_finite(self, step, values):
-        """A diverged run stops with a UserError naming the step and every
-        non-finite quantity; state/ keeps the last good step."""
+        """A diverged run stops with a UserError naming the step and every non-finite quantity."""
         bad = [name for name, value in values.items() if not math.isfinite(value)]
         if bad:
             kept = (f"the last good state is {Path(self.args.output_dir) / 'state'} (step {self.last_saved})"
@@ -1575,23 +1442,17 @@ class RunRecord:
                             "may help")
 
     def checkpoint(self, step, params):
-        """checkpoint-STEP and state/ (weights can overflow while the loss that
-        moved them was finite: checked first, one more host sync)."""
+        """checkpoint-STEP and state/ (weights can overflow while the loss that moved them was finite: checked)."""
         if not self.enabled:
             return
-        ema = self.ema
-        saved = params + (ema.shadow if ema is not None else [])
+        saved = params + (self.ema.shadow if self.ema is not None else [])
         finite = bool(torch.stack([p.detach().isfinite().all() for p in saved]).all())
         self.check_finite(step, {"LoRA weights": 0.0 if finite else math.nan})
-        save_checkpoint(self.args, self.accelerator, step, self.backbone, self.lora_config, params, ema, self.cache,
-                        self.validation)
+        save_checkpoint(self.args, self.accelerator, step, self.backbone, self.lora_config, params, self.ema,
+                        self.cache, self.validation)
         save_training_state(self.args, self.accelerator, step, self.backbone, self.roles, self.optimizer,
-                            self.lr_scheduler, ema)
+                            self.lr_scheduler, self.ema)
         self.last_saved = step
-
-    def push_to_hub(self):
-        if self.enabled and self.args.push_to_hub:
-            push_final_checkpoint(self.args, self.accelerator, self.backbone, self.cache)
 
 
 def format_duration(seconds):
@@ -1601,20 +1462,16 @@ def format_duration(seconds):
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl, one line per optimizer step (main process). On
-    resume, lines past the resumed step are dropped: it always matches the weights."""
+    """OUTPUT_DIR/metrics.jsonl, a line per step (main process); on resume, cut to match the resumed weights."""
 
     def __init__(self, path, resume_step, enabled):
         self.path, self.enabled = Path(path), enabled
         if enabled:
             kept = []
-            if resume_step and self.path.exists():
-                for line in self.path.read_text().splitlines():
-                    try:
-                        if json.loads(line)["step"] <= resume_step:
-                            kept.append(line)
-                    except ValueError:  # a line cut short by a kill or a full disk: dropped
-                        continue
+            for line in self.path.read_text().splitlines() if resume_step and self.path.exists() else []:
+                with contextlib.suppress(ValueError):  # a line cut short by a kill or a full disk: dropped
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record):
@@ -1625,9 +1482,7 @@ class MetricsLog:
 
 @torch.no_grad()
 def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema, cache, validation):
-    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in both published formats, a
-    model card and a grid of the validation prompts x seeds 0, 1 (also sent to
-    the trackers); curves.png is redrawn beside it."""
+    """OUTPUT_DIR/checkpoint-STEP: the (EMA) LoRA in both formats, model card, grid; curves.png beside it."""
     if not accelerator.is_main_process:
         return
     final = Path(args.output_dir) / f"checkpoint-{step}"
@@ -1653,14 +1508,13 @@ def save_checkpoint(args, accelerator, step, backbone, lora_config, params, ema,
         write_model_card(args, backbone.kind, tmp, step, num_pairs=len(cache["prompt_index"]) if cache else None)
         replace_dir(tmp, final)
         prune_checkpoints(args)
-        metrics_path = Path(args.output_dir) / "metrics.jsonl"
-        if metrics_path.exists():
-            plot_training_curves(metrics_path, Path(args.output_dir) / "curves.png")
+        if (Path(args.output_dir) / "metrics.jsonl").exists():
+            plot_training_curves(Path(args.output_dir) / "metrics.jsonl", Path(args.output_dir) / "curves.png")
     logger.info("saved %s", final)
 
 
 def generate_grid_images(backbone, validation, args, seeds):
-    """Images of the validation prompts (embeddings of ["", *prompts]) with CFG, one row per seed."""
+    """The validation prompts (embeddings of ["", *prompts]) with CFG, one row per seed."""
     n = len(validation["prompt_embeds"]) - 1
     cond = cond_from_cache(validation, torch.arange(1, n + 1), backbone.device)
     uncond = cond_from_cache(validation, torch.zeros(n, dtype=torch.long), backbone.device)
@@ -1671,20 +1525,17 @@ def generate_grid_images(backbone, validation, args, seeds):
     kwargs = {key: value.to(backbone.dtype) for key, value in kwargs.items()}
     images = []
     for seed in seeds:
-        generator = [torch.Generator().manual_seed(seed) for _ in range(n)]
         with mixed_precision_autocast(args, backbone):
             images += backbone.pipe(**kwargs, num_inference_steps=args.sample_grid_steps,
-                                    guidance_scale=args.guidance_scale, height=args.resolution,
-                                    width=args.resolution, generator=generator).images
+                                    guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+                                    generator=[torch.Generator().manual_seed(seed) for _ in range(n)]).images
     return images
 
 
 def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema):
-    """OUTPUT_DIR/state: everything --resume needs, written atomically, tensors,
-    numbers and strings only (it loads with weights_only=True: a state file
-    cannot run code, whoever wrote it). Each rank adds its global RNG states
-    (training draws from per-micro-batch generators; these are for a library
-    drawing from the global RNG)."""
+    """OUTPUT_DIR/state: what --resume needs, atomically, in tensors, numbers and
+    strings only (loaded with weights_only=True: a state file cannot run code);
+    each rank adds its global RNG states, for a library drawing from them."""
     from accelerate.utils import broadcast_object_list
 
     state_dir = Path(args.output_dir) / "state"
@@ -1700,12 +1551,10 @@ def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_
     atomic_save_torch(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(),
-                           "lr_scheduler": lr_scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                           "num_processes": accelerator.num_processes,
-                           "roles": {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)]
-                                     for role in roles}},
-                          tmp / "training_state.pt")
+        roles = {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)] for role in roles}
+        atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                           "ema": ema.state_dict() if ema else None, "num_processes": accelerator.num_processes,
+                           "roles": roles}, tmp / "training_state.pt")
         replace_dir(tmp, state_dir)
     accelerator.wait_for_everyone()
 
@@ -1718,12 +1567,11 @@ def load_training_state(args, accelerator, backbone, roles, optimizer, lr_schedu
         rank_file = state_dir / f"rng_rank{accelerator.process_index}.pt"
         rng = torch.load(rank_file if rank_file.exists() else state_dir / "rng_rank0.pt", weights_only=True)
     except Exception as err:
-        raise UserError(f"cannot read the saved state in {state_dir} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0]}); it was written by an older version or is damaged") from None
+        raise UserError(f"cannot read the saved state in {state_dir} ({first_line(err)}); it was written by an "
+                        "older version or is damaged") from None
     if state["num_processes"] != accelerator.num_processes:
-        logger.info("the state was saved by %d processes, this run has %d: the same run continues (every "
-                    "random draw is keyed on the global sample position)", state["num_processes"],
-                    accelerator.num_processes)
+        logger.info("the state was saved by %d processes, this run has %d: the same run continues (every random "
+                    "draw is keyed on the global sample position)", state["num_processes"], accelerator.num_processes)
     with torch.no_grad():
         for role in roles:
             for p, value in zip(role_parameters(backbone.net, role), state["roles"][role], strict=True):
@@ -1772,111 +1620,78 @@ SECRET_ARGS = ("hub_token",)  # never written to args.json, the trackers or a mo
 
 
 def add_training_args(parser, stage):
-    """Flags both trainers share (`stage`: "dro" or "dpo"); those whose default
-    depends on the backbone default to None, filled in by `apply_defaults`."""
+    """Flags both trainers share (`stage`: "dro" or "dpo"); a per-backbone default is None, set by `apply_defaults`."""
     parser.formatter_class = HelpFormatter
-
-    def paper(key):  # the paper's per-backbone default, for the help text
-        return f"({backbone_default_help(key, stage)})"
-
+    paper = lambda key: f"({backbone_default_help(key, stage)})"  # noqa: E731
     g = parser.add_argument_group("model and data")
     g.add_argument("--pretrained_model", "--pretrained_model_name_or_path",
                    default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="hub id or local folder of an SD-1.5- or SD-3-style diffusers pipeline "
-                        "(stabilityai/stable-diffusion-3.5-medium for the SD-3.5-M runs)")
-    g.add_argument("--pairs", default=None,
-                   help="pairs CSV written by curate.py (win/lose column names accepted); needed unless "
-                        "--benchmark_steps (default: none)")
-    g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json go here")
-    g.add_argument("--init_lora", default=None,
-                   help="start from this LoRA (file, folder or hub id: diffusers' load_lora_weights format, a PEFT "
-                        "adapter folder, or a checkpoint with lora/learner/); it is also the reference "
-                        "(default: none, a fresh LoRA on the base model)")
-    g.add_argument("--init_unet", "--init_transformer", dest="init_network", default=None,
-                   help="replace the pipeline's UNet/transformer by this one first (complementarity runs, "
-                        "e.g. mhdang/dpo-sd1.5-text2image-v1) (default: none, the pipeline's own)")
+                   help="hub id or folder of an SD-1.5- or SD-3-style diffusers pipeline")
+    g.add_argument("--pairs", help="pairs CSV of curate.py; needed unless --benchmark_steps (default: none)")
+    g.add_argument("--output_dir", required=True, help="checkpoints, state/, metrics.jsonl and args.json")
+    g.add_argument("--init_lora", help="start from this LoRA (file, folder or hub id, diffusers or PEFT format); "
+                                       "it is also the reference (default: none, a fresh LoRA)")
+    g.add_argument("--init_unet", "--init_transformer", dest="init_network",
+                   help="replace the pipeline's UNet/transformer first, e.g. mhdang/dpo-sd1.5-text2image-v1 "
+                        "(default: none)")
     g.add_argument("--resolution", type=resolution_int, default=512, help="training resolution in pixels")
-    g.add_argument("--cache_dir", default=None, help="input cache folder (default: OUTPUT_DIR/../cache)")
+    g.add_argument("--cache_dir", help="input cache folder (default: OUTPUT_DIR/../cache)")
     g = parser.add_argument_group("optimisation (unset = the paper's value for the backbone)")
-    g.add_argument("--train_batch_size", type=positive_int, default=None,
-                   help=f"per-device micro-batch {paper('train_batch_size')}")
+    g.add_argument("--train_batch_size", type=positive_int, help=f"per-device micro-batch {paper('train_batch_size')}")
     g.add_argument("--effective_batch_size", type=positive_int, default=256,
-                   help="samples per optimizer step over all processes; accumulation = this / (batch x processes)")
-    g.add_argument("--max_train_steps", type=positive_int, default=None,
-                   help=f"optimizer steps {paper('max_train_steps')}")
-    g.add_argument("--learning_rate", type=positive_float, default=None,
-                   help=f"AdamW learning rate, constant after the warm-up {paper('learning_rate')}")
-    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=None,
+                   help="samples per optimizer step over all processes (accumulation = this / batch / processes)")
+    g.add_argument("--max_train_steps", type=positive_int, help=f"optimizer steps {paper('max_train_steps')}")
+    g.add_argument("--learning_rate", type=positive_float, help=f"AdamW learning rate {paper('learning_rate')}")
+    g.add_argument("--lr_warmup_steps", type=non_negative_int,
                    help=f"linear warm-up, then constant {paper('lr_warmup_steps')}")
-    g.add_argument("--weight_decay", type=non_negative_float, default=None,
-                   help=f"AdamW weight decay {paper('weight_decay')}")
+    g.add_argument("--weight_decay", type=non_negative_float, help=f"AdamW weight decay {paper('weight_decay')}")
     g.add_argument("--adam_beta1", type=decay, default=0.9, help="AdamW beta1")
     g.add_argument("--adam_beta2", type=decay, default=0.999, help="AdamW beta2")
     g.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--lora_rank", type=positive_int, default=None,
-                   help=f"LoRA rank; ignored with --init_lora {paper('lora_rank')}")
-    g.add_argument("--lora_alpha", type=positive_int, default=None, help=f"LoRA alpha {paper('lora_alpha')}")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--lora_rank", type=positive_int, help=f"LoRA rank; ignored with --init_lora {paper('lora_rank')}")
+    g.add_argument("--lora_alpha", type=positive_int, help=f"LoRA alpha {paper('lora_alpha')}")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction,
                    help=f"checkpoints hold an EMA of the LoRA weights {paper('use_ema')}")
-    g.add_argument("--ema_decay", type=decay, default=None,
-                   help=f"largest EMA decay; SD-1.5 follows diffusers' warm-up, SD-3.5-M flow_grpo's "
-                        f"schedule {paper('ema_decay')}")
-    g.add_argument("--ema_every", type=positive_int, default=None,
-                   help=f"EMA update interval in optimizer steps {paper('ema_every')}")
+    g.add_argument("--ema_decay", type=decay, help=f"largest EMA decay {paper('ema_decay')}")
+    g.add_argument("--ema_every", type=positive_int, help=f"EMA update interval in steps {paper('ema_every')}")
     g.add_argument("--no_flip", action="store_true", help="disable the random horizontal flip")
-    g.add_argument("--seed", type=seed_int, default=0, help="seeds the LoRA init and every random draw of training")
+    g.add_argument("--seed", type=seed_int, default=0, help="seeds the LoRA init and every random draw")
     g = parser.add_argument_group("run")
     g.add_argument("--checkpoint_every", "--checkpointing_steps", type=positive_int, default=100,
                    help="save a checkpoint and the state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
-    g.add_argument("--allow_unusual", action="store_true",
-                   help="accept values that are legal but almost surely a mistake, refused otherwise: a "
-                        "--train_batch_size larger than the pairs CSV (micro-batches repeat pairs), "
-                        "--caption_dropout 1 (every caption dropped)")
+    g.add_argument("--allow_unusual", action="store_true", help="accept a --train_batch_size larger than the pairs "
+                   "CSV and --caption_dropout 1 (legal, almost surely a mistake)")
     g.add_argument("--sample_grid_steps", type=non_negative_int, default=25,
-                   help="sampling steps of the image grid saved with each checkpoint; 0 disables the grid")
-    g.add_argument("--guidance_scale", type=non_negative_float, default=None,
-                   help=f"CFG of the checkpoint grids {paper('guidance_scale')}")
+                   help="sampling steps of each checkpoint's image grid; 0: no grid")
+    g.add_argument("--guidance_scale", type=non_negative_float, help=f"CFG of the grids {paper('guidance_scale')}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU, where compiling "
-                        "costs more than it saves at test sizes); see README 'Throughput and memory'")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the UNet/transformer (default: on with CUDA, off on CPU)")
     g.add_argument("--benchmark_steps", type=non_negative_int, default=0,
-                   help="time N optimizer steps with random inputs (no CSV needed; see README 'Throughput')")
-    # diffusers' training examples' handles (README "Trackers, the hub, precision"); no
-    # --dataloader_num_workers: the trainers read a tensor cache, there is no data loader
-    g = parser.add_argument_group("precision")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="compute precision of the frozen base network (the LoRA weights stay fp32); fp16 trains "
-                        "with a gradient scaler. Default: bf16 on a GPU, no (fp32) on CPU")
+                   help="time N optimizer steps on random inputs (no CSV, nothing saved)")
+    # diffusers' training examples' handles; no --dataloader_num_workers: there is no data loader
+    g = parser.add_argument_group("precision, logging and hub")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="compute precision of the frozen "
+                   "network; LoRA weights stay fp32, fp16 uses a gradient scaler (default: bf16 on GPU, no on CPU)")
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on Ampere or newer GPUs for what runs in fp32 (default: on)")
-    g = parser.add_argument_group("logging and hub")
+                   help="TF32 matmuls on Ampere or newer GPUs")
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"], default="tensorboard",
-                   help="tracker that receives every metric of metrics.jsonl and the checkpoint grids, through "
-                        "accelerate; 'all' = every installed one (default: tensorboard)")
-    g.add_argument("--logging_dir", default="logs",
-                   help="tracker folder, relative to OUTPUT_DIR (default: logs)")
-    g.add_argument("--tracker_project_name", default=None,
-                   help="tracker project / run name (default: realalign-stage1 or realalign-stage2)")
-    g.add_argument("--validation_prompts", nargs="+", default=None,
-                   help="prompts of the checkpoint grids (default: the first four distinct prompts of the pairs CSV)")
-    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
-                   help="keep only the newest N checkpoint folders, plus --final_checkpoint (default: keep all)")
-    g.add_argument("--final_checkpoint", type=positive_int, default=None,
-                   help="the step whose checkpoint this run delivers: never deleted by --checkpoints_total_limit, "
-                        "uploaded by --push_to_hub (default: the last step; run_all.sh: STAGE1_CKPT / STAGE2_CKPT)")
+                   help="tracker of every metric and grid, through accelerate")
+    g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to OUTPUT_DIR")
+    g.add_argument("--tracker_project_name", help="tracker run name (default: realalign-stage1/-stage2)")
+    g.add_argument("--validation_prompts", nargs="+",
+                   help="prompts of the grids (default: the first four distinct prompts of the pairs)")
+    g.add_argument("--checkpoints_total_limit", type=positive_int,
+                   help="keep the newest N checkpoints and --final_checkpoint (default: keep all)")
+    g.add_argument("--final_checkpoint", type=positive_int, help="the step this run delivers: kept by "
+                   "--checkpoints_total_limit, uploaded by --push_to_hub (default: the last)")
     g.add_argument("--resume_from_checkpoint", choices=["latest"], action=_ResumeLatest, dest="resume",
-                   default=argparse.SUPPRESS,
-                   help="diffusers' name of --resume: continue from OUTPUT_DIR/state, the latest state saved "
-                        "(default: off)")
-    g.add_argument("--push_to_hub", action="store_true",
-                   help="upload the final checkpoint (LoRA, model card, grid) to the Hugging Face hub (default: off)")
-    g.add_argument("--hub_model_id", default=None,
-                   help="hub repository, e.g. you/realalign-sd15 (default: the name of OUTPUT_DIR)")
-    g.add_argument("--hub_token", default=None,
-                   help="hub token (default: the token of `hf auth login`, which is safer than a flag)")
+                   default=argparse.SUPPRESS, help="diffusers' name of --resume (default: off)")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the final checkpoint to the hub")
+    g.add_argument("--hub_model_id", help="hub repository (default: the name of OUTPUT_DIR)")
+    g.add_argument("--hub_token", help="hub token (default: the one of `hf auth login`, safer than a flag)")
     return parser
 
 
@@ -1887,11 +1702,9 @@ class _ResumeLatest(argparse.Action):
         setattr(namespace, self.dest, True)
 
 
-# What may differ between a run and its --resume (README "Resuming"): how long
-# it goes, what it saves, where the cache lives, how it computes; never what a
-# step computes. LAUNCH_FLAGS are recorded but set by the launch: every draw is
-# keyed on the global sample position, so any process count trains the same
-# run. INPUT_FLAGS are compared by content (OUTPUT_DIR/inputs.json), not path.
+# What may differ on --resume (README "Resuming"): how long a run goes, what it
+# saves, how it computes; never what a step computes. LAUNCH_FLAGS are set by the
+# launch (any process count trains the same run); INPUT_FLAGS are compared by content.
 RESUME_SAFE_FLAGS = ("max_train_steps", "checkpoint_every", "sample_grid_steps", "guidance_scale", "resume",
                      "gradient_checkpointing", "cache_dir", "output_dir", "benchmark_steps", "compile", "allow_tf32",
                      "checkpoints_total_limit", "final_checkpoint", "validation_prompts", "report_to", "logging_dir",
@@ -1907,9 +1720,7 @@ def public_args(args):
 
 
 def check_training_args(args):
-    """Refuse what would start training on bad ground, before any model loads:
-    trackers not installed, hub flags without --push_to_hub, an output folder
-    in use (locked by the main process) or holding another run."""
+    """Before any model loads: refuse a missing tracker, stray hub flags, an output folder in use or taken."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     installed = {"tensorboard": is_tensorboard_available(), "wandb": bool(is_wandb_available())}
@@ -1935,8 +1746,7 @@ def check_training_args(args):
 
 
 def apply_defaults(args, stage, backbone, pairs):
-    """The paper's per-backbone values of the flags left unset, and the defaults
-    and checks that need the loaded model or the pairs."""
+    """The paper's per-backbone values of unset flags; the checks that need the model or the pairs."""
     for key, value in {**BACKBONE_DEFAULTS[backbone.kind], **STAGE_DEFAULTS[stage][backbone.kind]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -1957,9 +1767,8 @@ def apply_defaults(args, stage, backbone, pairs):
 
 
 def check_resume(args, inputs):
-    """--resume: refuse a flag outside RESUME_SAFE_FLAGS that differs from the
-    run's args.json, or an input whose content changed since it started
-    (inputs.json): that would train one run on two datasets or models."""
+    """--resume: refuse a flag outside RESUME_SAFE_FLAGS that differs from args.json,
+    or an input whose content changed (inputs.json): one run on two datasets or models."""
     try:
         previous = json.loads((Path(args.output_dir) / "args.json").read_text())
     except (OSError, ValueError):
@@ -1969,9 +1778,10 @@ def check_resume(args, inputs):
                if key not in RESUME_SAFE_FLAGS + LAUNCH_FLAGS + tuple(INPUT_FLAGS) and previous.get(key) != value
                ] if previous is not None else []
     if changed:
+        safe = ", ".join("--" + flag for flag in RESUME_SAFE_FLAGS if flag not in NOT_FLAGS)
         raise UserError(f"--resume with other settings than the run in {args.output_dir} ({'; '.join(changed)}). "
-                        f"Only these may change on resume: {', '.join('--' + f for f in RESUME_SAFE_FLAGS if f not in NOT_FLAGS)}; "
-                        "start a new run in another --output_dir for the rest")
+                        f"Only these may change on resume: {safe}; start a new run in another --output_dir for "
+                        "the rest")
     try:
         previous = json.loads((Path(args.output_dir) / "inputs.json").read_text())
     except (OSError, ValueError):
@@ -1989,8 +1799,7 @@ class UserError(Exception):
 
 
 def flag_type(convert, allowed, test):
-    """An argparse type: a value outside its domain stops the script before
-    anything loads ("argument --beta: must be a finite number > 0 (got 0)")."""
+    """An argparse type: "argument --beta: must be a finite number > 0 (got 0)" before anything loads."""
     def parse(text):
         try:
             value = convert(text)
@@ -2016,8 +1825,7 @@ resolution_int = flag_type(int, "a multiple of 8, at least 8", lambda v: v >= 8 
 
 
 def check_resolution(backbone, resolution):
-    """Whole latent patches: a multiple of the VAE factor (8; the tiny test
-    models 2) times the transformer's patch (SD-3: 2)."""
+    """Whole latent patches: a multiple of the VAE factor (8; tiny test models 2) times the patch (SD-3: 2)."""
     vae, patch = backbone.pipe.vae_scale_factor, backbone.net.config.get("patch_size", 1)
     if resolution % (vae * patch):
         raise UserError(f"--resolution {resolution} must be a multiple of {vae * patch} for this model (its VAE "
@@ -2025,8 +1833,7 @@ def check_resolution(backbone, resolution):
 
 
 def read_text(path):
-    """A user's text file: UTF-8, with or without a byte-order mark (never part
-    of the first column or prompt); anything else is one UserError."""
+    """A user's text file: UTF-8, with or without a byte-order mark; anything else is one UserError."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -2039,8 +1846,7 @@ def read_text(path):
                         "save it as UTF-8 (with or without a byte-order mark)") from None
 
 
-
-# The authors' public repository (Cwyxx/RealAlign) at the commit this reproduction was checked against. Their
+# The authors' repository (Cwyxx/RealAlign) at the commit this reproduction was checked against: their
 # instruments (the question asked to a VLM, the prompt files) are read from it at run time, never copied here.
 AUTHORS_COMMIT = "158ce2826b51566f58131235911e313a9313c91c"
 AUTHORS_REPO = f"https://raw.githubusercontent.com/Cwyxx/RealAlign/{AUTHORS_COMMIT}"
@@ -2051,9 +1857,8 @@ def download_url(url, path):  # the tests replace it to serve local files
 
 
 def fetch_authors_file(relpath, cache_dir, what, offline_alternative=""):
-    """RELPATH of the authors' repository at AUTHORS_COMMIT, fetched once into
-    CACHE_DIR/authors/COMMIT/RELPATH; offline, one UserError that names the URL
-    and where to place the file."""
+    """RELPATH of the authors' repository, fetched once into CACHE_DIR/authors/COMMIT/RELPATH;
+    offline, one UserError naming the URL and where to place the file."""
     url, cached = f"{AUTHORS_REPO}/{relpath}", Path(cache_dir) / "authors" / AUTHORS_COMMIT / relpath
     if not cached.is_file():
         tmp = cached.with_name(cached.name + ".download")
@@ -2067,9 +1872,9 @@ def fetch_authors_file(relpath, cache_dir, what, offline_alternative=""):
         os.replace(tmp, cached)
     return cached
 
-# Ctrl-C is recorded before it is raised: Python runs a signal handler between
-# any two bytecodes, also inside a finalizer, where an exception is printed as
-# "Exception ignored in ..." and dropped (seen while a model card was written).
+# Ctrl-C is recorded before it is raised: Python runs a signal handler between any
+# two bytecodes, also inside a finalizer, where an exception is printed as "Exception
+# ignored in ..." and dropped (seen while a model card was written).
 # `check_interrupted` re-raises it at the next safe point, run_main at the latest.
 INTERRUPTS = []
 
@@ -2086,14 +1891,12 @@ def _on_unraisable(unraisable):
 
 
 def check_interrupted():
-    """Stop here if a Ctrl-C arrived, even one a finalizer swallowed."""
-    if INTERRUPTS:
+    if INTERRUPTS:  # a Ctrl-C arrived, even one a finalizer swallowed
         raise KeyboardInterrupt
 
 
 def quiet_libraries():
-    """Keep the console to our own messages: the libraries' loading chatter and
-    progress bars. Called where they are first used, so --help loads neither."""
+    """Only our own messages: no loading chatter or progress bars (called where the libraries are first used)."""
     import diffusers
     import transformers
 
@@ -2102,28 +1905,16 @@ def quiet_libraries():
         library.utils.logging.disable_progress_bar()
 
 
-class _DropMessages(logging.Filter):
-    """Drops a library logger's records that contain one of the fragments."""
-
-    def __init__(self, *fragments):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record):
-        return not any(fragment in record.getMessage() for fragment in self.fragments)
-
-
 # Known-harmless notices, silenced at their loggers only: without torchvision,
 # CLIPImageProcessor uses its PIL version (the one PickScore was trained with);
 # saving a pipeline with an absent optional component (safety_checker=None).
-logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision (not installed)"))
-logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(
-    _DropMessages("=None of type <class 'NoneType'> cannot be saved"))
+for _logger, _notice in (("transformers.utils.import_utils", "requires torchvision (not installed)"),
+                         ("diffusers.pipelines.pipeline_utils", "=None of type <class 'NoneType'> cannot be saved")):
+    logging.getLogger(_logger).addFilter(lambda record, notice=_notice: notice not in record.getMessage())
 
 
 def run_main(main):
-    """Run `main()`: a UserError or an unhandled file error ends with one line
-    and exit 2, Ctrl-C with "interrupted" and exit 130 (never lost)."""
+    """`main()` with a UserError or file error as one line and exit 2, Ctrl-C as "interrupted" and exit 130."""
     import signal
     import threading
     import warnings
@@ -2133,8 +1924,7 @@ def run_main(main):
         os.environ.setdefault(f"{library}_VERBOSITY", "error")
     if "diffusers" in sys.modules or "transformers" in sys.modules:
         quiet_libraries()
-    # peft's "several adapters" note is intended here (one adapter per role)
-    warnings.filterwarnings("ignore", message=".*peft_config.*")
+    warnings.filterwarnings("ignore", message=".*peft_config.*")  # peft's "several adapters": one per role, meant
     warnings.filterwarnings("ignore", category=FutureWarning)
     main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGINT, _on_interrupt) if main_thread else None
@@ -2172,8 +1962,7 @@ def default_dtype(device) -> torch.dtype:
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """Host -> device copy of a freshly drawn tensor; on CUDA through pinned
-    memory without blocking, so the host queues the next kernels meanwhile."""
+    """Host -> device; on CUDA through pinned memory without blocking: the host queues the next kernels meanwhile."""
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
@@ -2191,8 +1980,8 @@ def peak_memory_gb(device) -> float:
 
 def requested_num_processes(environ=None, launcher_cmdline=None):
     """How many processes the launcher was asked for: WORLD_SIZE, else the
-    `--num_processes N` of an `accelerate launch` parent (which with --cpu
-    starts ONE process and says nothing); None when unknown."""
+    `--num_processes N` of an `accelerate launch` parent (which with --cpu starts
+    ONE process and says nothing); None when unknown."""
     environ = os.environ if environ is None else environ
     if environ.get("WORLD_SIZE"):
         return int(environ["WORLD_SIZE"])
@@ -2215,10 +2004,9 @@ def requested_num_processes(environ=None, launcher_cmdline=None):
 def log_world_size(num_processes, what, is_main_process=True):
     """Log a stage's process count; warn when the launcher was asked for another (README "Several processes")."""
     requested = requested_num_processes()
-    if not is_main_process:
-        return
-    logger.info("%s: %d process(es)", what, num_processes)
-    if requested is not None and requested != num_processes:
+    if is_main_process:
+        logger.info("%s: %d process(es)", what, num_processes)
+    if is_main_process and requested is not None and requested != num_processes:
         logger.warning("%s: %d processes were asked for, but this run has %d. `accelerate launch --num_processes N "
                        "--cpu` starts ONE process; on CPUs use `torchrun --nproc_per_node N`", what, requested,
                        num_processes)
@@ -2241,10 +2029,7 @@ def io_error_message(err, path=None):
 
 @contextlib.contextmanager
 def writing(path):
-    """A failed write under `path` (full disk, no permission, read-only, a file
-    where a folder should be) becomes one UserError naming it and the cause;
-    also the I/O errors safetensors ('(os error 28)') and torch.save ('file
-    write failed') raise as other types. Earlier outputs stay as they are."""
+    """A failed write under `path` (also safetensors' and torch.save's) becomes one UserError naming it."""
     try:
         yield
     except UserError:
@@ -2256,9 +2041,8 @@ def writing(path):
 
 
 def atomic_write(path, write_fn, suffix=None):
-    """Write through `write_fn(tmp)` to a uniquely named temporary beside `path`,
-    then os.replace: a killed run never leaves half a file. write_fn's own
-    open() makes the file, so its mode follows the umask."""
+    """`write_fn(tmp)` writes a unique temporary beside `path` (its own open(): the
+    umask's mode), then os.replace: a killed run never leaves half a file."""
     path = Path(path)
     with writing(path):
         if path.parent.exists() and not path.parent.is_dir():
@@ -2281,8 +2065,7 @@ def atomic_write_text(path, text: str):
 
 
 def atomic_save_torch(obj, path):
-    """torch.save, atomically; serialised in memory first (torch.save to a full
-    disk fails with an opaque C++ error, a plain write with ENOSPC)."""
+    """Serialised in memory first: torch.save to a full disk fails with an opaque C++ error."""
     import io
 
     buffer = io.BytesIO()
@@ -2291,7 +2074,7 @@ def atomic_save_torch(obj, path):
 
 
 def make_temp_dir(final_dir):
-    """A fresh, uniquely named folder beside `final_dir` (a plain mkdir: the umask's mode)."""
+    """A fresh folder beside `final_dir`, to fill and then `replace_dir` into place."""
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
     with writing(final_dir):
@@ -2301,9 +2084,7 @@ def make_temp_dir(final_dir):
 
 
 def replace_dir(tmp_dir, final_dir):
-    """Move a fully written folder into place (os.replace); an old one is moved
-    to FINAL.old first and removed after. A run killed between the two renames
-    leaves FINAL.old, which `recover_dir` puts back."""
+    """os.replace a written folder into place via FINAL.old (a run killed in between: `recover_dir`)."""
     final_dir = Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
     with writing(final_dir):
@@ -2330,10 +2111,9 @@ _HELD_LOCKS = {}  # folder -> its FileLock, held until the process ends
 
 def lock_output_dir(directory, what):
     """Hold DIRECTORY until the process ends, so that two runs never write one
-    folder: filelock's lock on .lock.flock (the OS drops it when its holder
-    dies, however it dies), and in .lock the holder (pid, host, what, since),
-    which a run refused names. A holder named there that is alive on this host
-    holds the folder too; a dead one's lock is taken over."""
+    folder: filelock's lock on .lock.flock (the OS drops it when its holder dies),
+    and in .lock the holder (pid, host, what, since), which a refused run names; a
+    holder named there that is alive on this host holds it too."""
     import atexit
     import socket
 
@@ -2345,7 +2125,7 @@ def lock_output_dir(directory, what):
     with writing(directory):
         directory.mkdir(parents=True, exist_ok=True)
     path, host = directory / LOCK_FILE, socket.gethostname()
-    if directory.resolve() in _HELD_LOCKS:  # this process holds it already (several stages in one process)
+    if directory.resolve() in _HELD_LOCKS:  # held by this process already (several stages in one process)
         return path
     try:
         holder = json.loads(path.read_text())
@@ -2361,9 +2141,8 @@ def lock_output_dir(directory, what):
         lock.acquire(timeout=0)
     except (Timeout, PermissionError):
         raise UserError(f"{directory} is in use by another run (pid {holder.get('pid', '?')} on host "
-                        f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since "
-                        f"{holder.get('since', '?')}); wait for it to end or use another folder. If that run "
-                        f"is gone, delete {path}") from None
+                        f"{holder.get('host', '?')}, {holder.get('what', 'a run')} since {holder.get('since', '?')}); "
+                        f"wait for it to end or use another folder. If that run is gone, delete {path}") from None
     _HELD_LOCKS[directory.resolve()] = lock
     with writing(path):
         path.write_text(json.dumps({"pid": os.getpid(), "host": host, "what": what,
@@ -2373,9 +2152,8 @@ def lock_output_dir(directory, what):
 
 
 def check_same_settings(path, settings, what):
-    """Refuse to mix outputs of different settings in one folder: a JSON at
-    `path` (an earlier run's) that differs from `settings` stops with a message
-    naming every changed key. An absent or unreadable file passes."""
+    """Refuse to mix settings in one folder: an earlier run's JSON at `path` that differs
+    from `settings` stops with every changed key named (absent or unreadable: passes)."""
     try:
         previous = json.loads(Path(path).read_text()) if Path(path).is_file() else None
     except ValueError:
@@ -2389,10 +2167,9 @@ def check_same_settings(path, settings, what):
 
 # ---- PickScore (README 'Method: data'): curation filter and evaluation metric ----
 class PickScorer:
-    """Raw PickScore: exp(logit_scale) * cos(image, text embedding), text cut to
-    77 tokens, in raw units (about 20-23 for SD images; never divided by 26).
-    fp32 by default, on GPU too, as the public scorers: bf16 embeddings move a
-    score by ~0.1 at logit scale 100, as much as some gaps of paper Table 1."""
+    """Raw PickScore: exp(logit_scale) * cos(image, text embedding), text cut to 77
+    tokens (about 20-23 for SD images; never divided by 26). fp32 on GPU too, as the
+    public scorers: bf16 moves a score by ~0.1, as much as some gaps of Table 1."""
 
     def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                  device=None, dtype=torch.float32):
@@ -2438,8 +2215,7 @@ def _show_default(value):
 
 
 def backbone_default_help(key, stage):
-    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4', read from BACKBONE_DEFAULTS /
-    STAGE_DEFAULTS so --help cannot drift from the code."""
+    """'default: SD-1.5: 1e-4, SD-3.5-M: 2e-4', read from the tables: --help cannot drift from the code."""
     shown = {kind: _show_default({**BACKBONE_DEFAULTS[kind], **STAGE_DEFAULTS[stage][kind]}[key])
              for kind in BACKBONE_NAMES}
     if len(set(shown.values())) == 1:
@@ -2448,27 +2224,21 @@ def backbone_default_help(key, stage):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" unless the help already states its default,
-    and "(required)" for a required flag."""
+    """argparse's "(default: X)" unless the help states its default; "(required)" for a required flag."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if action.required:
             return text if "required" in text else f"{text} (required)".strip()
-        if "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
+        return text if "default" in text.lower() else super()._get_help_string(action)
 
 
 # ---- figures (matplotlib's object API on the Agg canvas: no display, no pyplot state) ----
 def new_figure(width, height, dpi=100):
-    """An empty matplotlib Figure of width x height inches on the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
+    return FigureCanvasAgg(Figure(figsize=(width, height), dpi=dpi, layout="constrained")).figure
 
 
 def save_figure(figure, path):
@@ -2479,11 +2249,7 @@ def wrap_text(text, width, max_lines=None):
     """`text` wrapped to lines of `width` characters, cut to `max_lines` with an ellipsis."""
     import textwrap
 
-    lines = textwrap.wrap(" ".join(str(text).split()), width) or [""]
-    if max_lines and len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] = lines[-1][: width - 1] + "…"
-    return "\n".join(lines)
+    return textwrap.fill(" ".join(str(text).split()), width, max_lines=max_lines, placeholder="…")
 
 
 # The panel titles of curves.png, in panel order; keys a run does not log get no panel.
@@ -2505,13 +2271,11 @@ CURVE_TITLES = {
     "lr": "learning rate",
     "samples_per_s": "throughput: samples per second",
 }
-CURVE_KEYS = tuple(CURVE_TITLES)
 CURVE_SMOOTHING = 0.9
 
 
 def smooth_curve(values, weight=CURVE_SMOOTHING):
-    """TensorBoard's smoothing: s_t = weight * s_(t-1) + (1 - weight) * x_t,
-    s_0 = 0, shown bias-corrected as s_t / (1 - weight^t)."""
+    """TensorBoard's smoothing: s_t = weight * s_(t-1) + (1 - weight) * x_t, s_0 = 0, shown as s_t / (1 - weight^t)."""
     smoothed, running = [], 0.0
     for t, value in enumerate(values, start=1):
         running = weight * running + (1 - weight) * value
@@ -2519,19 +2283,14 @@ def smooth_curve(values, weight=CURVE_SMOOTHING):
     return smoothed
 
 
-def curve_panels(records, keys=CURVE_KEYS):
-    """(key, title) of each panel curves.png draws for these metrics.jsonl records."""
-    return [(key, CURVE_TITLES.get(key, key)) for key in keys
-            if records and all(isinstance(r.get(key), (int, float)) for r in records)]
-
-
-def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
-    """OUTPUT_DIR/curves.png: per logged quantity, each step (thin) under its
-    smoothed curve (thick) against the optimizer step; returns the panels."""
+def plot_training_curves(metrics_path, path, keys=tuple(CURVE_TITLES)):
+    """OUTPUT_DIR/curves.png: per logged quantity, each step (thin) and its smoothed
+    curve (thick) against the optimizer step; returns the panels [(key, title)]."""
     from matplotlib.ticker import MaxNLocator
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    panels = curve_panels(records, keys)
+    panels = [(key, CURVE_TITLES.get(key, key)) for key in keys
+              if records and all(isinstance(r.get(key), (int, float)) for r in records)]
     if not panels:
         return panels
     columns = min(3, len(panels))
@@ -2548,13 +2307,12 @@ def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
         ax.plot(steps, smooth_curve(values), color="tab:blue", linewidth=2, label="EMA")
         low, high = min(values), max(values)
         scale = max(abs(low), abs(high))
-        if high - low <= 1e-9 * scale or high == low:  # a constant series: pad the range, or ticks repeat
+        if high - low <= 1e-9 * scale:  # a constant series: pad the range, or ticks repeat
             pad = 0.1 * scale if scale > 0 else 1.0
             ax.set_ylim(low - pad, high + pad)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # 1e-4, not 0.0001000
         ax.set_title(wrap_text(title, 52), fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key)
+        ax.set(xlabel="optimizer step", ylabel=key)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if i == 0:
@@ -2564,20 +2322,17 @@ def plot_training_curves(metrics_path, path, keys=CURVE_KEYS):
 
 
 def save_sample_grid(images, prompts, seeds, path, title=None):
-    """grid.png: one column per prompt (its text above), one row per seed;
-    `images` row-major, as `generate_grid_images` returns them."""
-    cell = 2.6  # inches per image: the prompt text stays legible at 8 pt
-    width_px = images[0].size[0]
-    # height: the images, the prompts above the first row (up to 4 lines), the title
+    """grid.png: one column per prompt (its text above), one row per seed; `images` row-major."""
+    cell, width_px = 2.6, images[0].size[0]  # inches per image: the prompt text stays legible at 8 pt
+    # height: the images, the prompts above the first row (up to 4 lines), the title; dpi: the images' own
     figure = new_figure(cell * len(prompts) + 0.5, (cell + 0.1) * len(seeds) + 0.7 + (0.3 if title else 0),
-                        dpi=max(100, round(width_px / cell)))  # never below the images' own resolution
+                        dpi=max(100, round(width_px / cell)))
     if title:
         figure.suptitle(title, fontsize=10)
     for row, seed in enumerate(seeds):
         for column, prompt in enumerate(prompts):
             ax = figure.add_subplot(len(seeds), len(prompts), row * len(prompts) + column + 1)
-            image = images[row * len(prompts) + column]
-            ax.imshow(image, interpolation="nearest" if width_px < 128 else "antialiased")
+            ax.imshow(images[row * len(prompts) + column], interpolation="nearest" if width_px < 128 else "antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -2589,9 +2344,7 @@ def save_sample_grid(images, prompts, seeds, path, title=None):
 
 # ---- trackers, model card, checkpoint limit, hub (diffusers' training examples' handles) ----
 def init_trackers(args, accelerator, start_step):
-    """Start the --report_to trackers (accelerate: main process only), with the
-    run's arguments as scalars and strings; TensorBoard's purge_step hides
-    what an interrupted run logged after the state it resumes from."""
+    """The --report_to trackers, with the run's arguments; purge_step hides what was logged past the state."""
     if args.report_to == "none" or args.benchmark_steps:
         return
     config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -2609,93 +2362,71 @@ def log_grid(accelerator, grid, step):
             tracker.log_images({"validation": [grid]}, step)
 
 
-def _markdown_cell(value):
-    return f"`{value}`".replace("|", "\\|").replace("\n", " ")
-
-
 def write_model_card(args, kind, directory, step, num_pairs, repo_id=None):
-    """README.md of a checkpoint folder, with diffusers' model-card helpers:
-    base model, stage, warm start, data, every argument, the grid, how to load
-    it. `repo_id`: where it is uploaded (default: its folder)."""
+    """README.md of a checkpoint from diffusers' training template: base, stage, data, arguments, grid, usage."""
     import huggingface_hub.constants
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
     location = repo_id or str((Path(args.output_dir) / f"checkpoint-{step}").resolve())
-    weights = (f"an EMA of the LoRA weights (decay {args.ema_decay}, updated every {args.ema_every} steps)"
-               if args.use_ema else "the LoRA weights")
-    warm_start = (f"`{args.init_lora}` (the Stage-1 LoRA; a frozen copy of it is the reference)" if args.init_lora
-                  else "none: a fresh LoRA on the base model, which is also the reference")
-    base = f"`{args.pretrained_model}`" + (f", its {'transformer' if kind == 'sd3' else 'UNet'} replaced by "
-                                           f"`{args.init_network}`" if args.init_network else "")
+    net = "transformer" if kind == "sd3" else "unet"
+    weights = (f"an EMA (decay {args.ema_decay}, every {args.ema_every} steps) of the LoRA weights" if args.use_ema
+               else "the LoRA weights")
     data = f"`{args.pairs}`: {num_pairs} (real, inpainted) pairs" if num_pairs is not None else "random inputs"
-    if args.stage == "stage1" and num_pairs is not None:
-        data += " (Stage 1 trains on their real photos only)"
-    summary_path = Path(args.pairs or "").parent / "summary.json"
-    if args.pairs and summary_path.is_file():  # written by curate.py next to its pairs.csv
-        summary = json.loads(summary_path.read_text())
+    data += " (Stage 1 trains on their real photos only)" if args.stage == "stage1" and num_pairs is not None else ""
+    summary = Path(args.pairs or "").parent / "summary.json"  # curate.py's, beside its pairs.csv
+    if args.pairs and summary.is_file():
+        summary = json.loads(summary.read_text())
         settings = summary.get("settings", {})
-        data += (f", curated by curate.py from {summary.get('listed')} listed images ({summary.get('input_kind')}); "
-                 f"fakes: {settings.get('fake_mode')} with `{settings.get('model')}`, saliency "
-                 f"{settings.get('saliency')}, top_k {settings.get('top_k')}")
-    elif args.pairs:
-        data += " (no curate.py summary.json beside it: a CSV made elsewhere)"
-    description = "\n".join([
-        f"# RealAlign {STAGE_TITLES[args.stage]}: LoRA for {args.pretrained_model}, step {step}",
-        "",
-        "LoRA weights trained with RealAlign (\"When Preference Labels Fall Short: Aligning Diffusion Models "
-        f"from Real Data\", ICML 2026), {STAGE_TITLES[args.stage]}. They hold {weights} at optimizer step "
-        f"{step} of {args.max_train_steps}.",
-        "",
-        f"- **Base model:** {base}",
-        f"- **Stage:** {STAGE_TITLES[args.stage]}",
-        f"- **Warm start:** {warm_start}",
-        f"- **Data:** {data}",
-        f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`, or with PEFT "
-        f"`PeftModel.from_pretrained(pipe.{'transformer' if kind == 'sd3' else 'unet'}, \"{location}\")`",
-    ])
+        data += (f", curated from {summary.get('listed')} listed images ({summary.get('input_kind')}); fakes: "
+                 f"{settings.get('fake_mode')} with `{settings.get('model')}`, saliency {settings.get('saliency')}")
+    lines = [f"# RealAlign {STAGE_TITLES[args.stage]}: LoRA for {args.pretrained_model}, step {step}", "",
+             "LoRA trained with RealAlign (\"When Preference Labels Fall Short: Aligning Diffusion Models from Real "
+             f"Data\", ICML 2026): {weights} at optimizer step {step} of {args.max_train_steps}.", "",
+             f"- **Base model:** `{args.pretrained_model}`" + (f", its {net} replaced by `{args.init_network}`"
+                                                               if args.init_network else ""),
+             f"- **Stage:** {STAGE_TITLES[args.stage]}",
+             "- **Warm start:** " + (f"`{args.init_lora}` (a frozen copy of it is the reference)" if args.init_lora
+                                     else "none: a fresh LoRA on the base model, which is also the reference"),
+             f"- **Data:** {data}",
+             f"- **Load it:** `pipe.load_lora_weights(\"{location}\")`, or `PeftModel.from_pretrained(pipe.{net}, "
+             f"\"{location}\")`"]
     if (Path(directory) / "grid.png").is_file():
-        description += ("\n\n![checkpoint grid](./grid.png)\n\nColumns: "
-                        + "; ".join(f"\"{prompt}\"" for prompt in args.validation_prompts)
-                        + f". Rows: seeds 0 and 1; {args.sample_grid_steps} steps, guidance {args.guidance_scale}.")
-    example_prompt = (args.validation_prompts or ["a photo"])[0]
+        columns = "; ".join(f"\"{prompt}\"" for prompt in args.validation_prompts)
+        lines += ["", "![checkpoint grid](./grid.png)", "", f"Columns: {columns}. Rows: seeds 0 and 1; "
+                  f"{args.sample_grid_steps} steps, guidance {args.guidance_scale}."]
     usage = "\n".join([
         "import torch", "from diffusers import DiffusionPipeline", "",
         f"pipe = DiffusionPipeline.from_pretrained(\"{args.pretrained_model}\", torch_dtype=torch.bfloat16)",
-        "pipe.to(\"cuda\")",
-        f"pipe.load_lora_weights(\"{location}\")",
-        f"image = pipe({example_prompt!r}, guidance_scale={args.guidance_scale}).images[0]",
-    ])
-    hyperparameters = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
-                                 *(f"| {key} | {_markdown_cell(value)} |" for key, value in public_args(args).items())])
-    # the helper would first look for a card on the hub (~30 s of retries offline): this card
-    # describes this checkpoint only, so it comes from diffusers' template
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
+        "pipe.to(\"cuda\")", f"pipe.load_lora_weights(\"{location}\")",
+        f"image = pipe({(args.validation_prompts or ['a photo'])[0]!r}, "
+        f"guidance_scale={args.guidance_scale}).images[0]"])
+    table = "\n".join(["Every argument of the run:", "", "| argument | value |", "| --- | --- |",
+                       *(f"| {key} | " + f"`{value}`".replace("|", "\\|").replace("\n", " ") + " |"
+                         for key, value in public_args(args).items())])
+    # offline: the helper would first look for this card on the hub (~30 s of retries)
+    offline, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
     try:
-        card = load_or_create_model_card(
-            repo_id_or_path=repo_id or f"realalign-{args.stage}", from_training=True, model_description=description,
-            base_model=args.pretrained_model, inference=True,
-            license="creativeml-openrail-m" if kind == "sd15" else "other")  # SD-3.5: Stability AI community licence
+        card = load_or_create_model_card(repo_id or f"realalign-{args.stage}", from_training=True,
+                                         model_description="\n".join(lines), base_model=args.pretrained_model,
+                                         inference=True,  # "other" for SD-3.5: Stability AI's community licence
+                                         license="creativeml-openrail-m" if kind == "sd15" else "other")
     finally:
         huggingface_hub.constants.HF_HUB_OFFLINE = offline
     card = populate_model_card(card, tags=["text-to-image", "diffusers", "lora", "diffusers-training", "realalign",
                                             "stable-diffusion" if kind == "sd15" else "sd3",
                                             "diffusion-dro" if args.stage == "stage1" else "diffusion-dpo"])
-    # diffusers' training template leaves three TODO slots; we know what goes there
-    card.text = (card.text
-                 .replace("# TODO: add an example code snippet for running this diffusion pipeline", usage)
+    # the template's three TODO slots
+    card.text = (card.text.replace("# TODO: add an example code snippet for running this diffusion pipeline", usage)
                  .replace("[TODO: provide examples of latent issues and potential remediations]",
-                          f"Trained on {num_pairs} photos (Stage 2: and their inpainted copies), a small set: the "
-                          "paper's Table 1 measures what it changes. The base model's licence and limitations "
-                          "apply.")
-                 .replace("[TODO: describe the data used to train the model]", hyperparameters))
+                          f"Trained on {num_pairs} photos (Stage 2: and their inpainted copies); the base model's "
+                          "licence and limitations apply.")
+                 .replace("[TODO: describe the data used to train the model]", table))
     card.save(str(Path(directory) / "README.md"))
     return card
 
 
 def prune_checkpoints(args):
-    """--checkpoints_total_limit N: delete the oldest checkpoint folders beyond
-    the newest N, never --final_checkpoint (nor state/, not a checkpoint)."""
+    """--checkpoints_total_limit N: delete the oldest checkpoints beyond N, never --final_checkpoint."""
     if not args.checkpoints_total_limit:
         return
     steps = sorted(int(path.name.split("-")[1]) for path in Path(args.output_dir).glob("checkpoint-*")
@@ -2707,9 +2438,7 @@ def prune_checkpoints(args):
 
 
 def push_final_checkpoint(args, accelerator, backbone, cache):
-    """--push_to_hub: the final checkpoint folder (LoRA, grid, a model card
-    naming the repository) to the hub, as diffusers' examples (create_repo,
-    upload_folder)."""
+    """--push_to_hub: the final checkpoint folder to the hub (create_repo, upload_folder: diffusers' way)."""
     from huggingface_hub import create_repo, upload_folder
 
     if accelerator.is_main_process:
