@@ -119,9 +119,8 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "realalign")
 # ---------------------------------------------------------------- arguments (the shared flags defined once)
 
 
-def add_scoring_args(parser):
+def add_scoring_args(add):
     """Flags of the scorers (the main command and `score`)."""
-    add = parser.add_argument
     add("--metrics", default=DEFAULT_METRICS,
         help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.")
     add("--score_batch_size", type=common.positive_int, default=16,
@@ -160,10 +159,9 @@ def add_scoring_args(parser):
     add("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
 
 
-def add_generation_args(parser):
+def add_generation_args(add):
     """Flags of generation (the main command and `userstudy`): the same defaults, so either reuses the
     images the other made in the same evaluation folder."""
-    add = parser.add_argument
     defaults = lambda j: ", ".join(f"{common.BACKBONE_NAMES[k]}: {v[j]}" for k, v in SAMPLING_DEFAULTS.items())
     add("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
         help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
@@ -214,17 +212,17 @@ def parse_args(argv=None):
         add("--prompts", help="Only for a folder without manifest.jsonl: its prompts (file or set name).")
         add("--baseline", help="Only for a folder without manifest.jsonl: the baseline method's folder name "
             "(default: the first name in alphabetical order).")
-        add_scoring_args(parser)
+        add_scoring_args(add)
     elif command == "generate":
-        add_generation_args(parser)
+        add_generation_args(add)
         add("--prompts", default="pickapic_v2", help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the "
             f"paper's qualitative panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
         add("--max_prompts", type=common.positive_int, help="Use only the first N prompts (quick runs).")
         add("--seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
             help="One image per prompt per seed; every prompt is generated with the same seed.")
-        add_scoring_args(parser)
+        add_scoring_args(add)
     else:
-        add_generation_args(parser)
+        add_generation_args(add)
         add("--prompts", default="hpdv2", help="The prompt set or file of the study's prompts (the paper: HPDv2).")
         add("--num_prompts", type=common.positive_int, default=60, help="Prompts drawn (the paper: 60).")
         add("--seed", type=common.seed_int, default=0, help="Seed of the draws: which prompts, the image seed and "
@@ -235,22 +233,11 @@ def parse_args(argv=None):
         add("--study_dir", help="Where the study goes (default: OUTPUT_DIR/userstudy).")
         add("--question", default=STUDY_QUESTION, help="The question the page asks.")
         add("--cache_dir", default=CACHE_DIR, help="Where fetched prompt sets are kept.")
-    args = parser.parse_args(argv)
-    args.command = command
-    return args
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    return argparse.Namespace(**vars(parser.parse_args(argv)), command=command)
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path, records):
-    common.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def write_json(path, value):
@@ -262,39 +249,15 @@ def open_image(path):
         with Image.open(path) as image:
             return image.convert("RGB")
     except Exception as err:
-        raise UserError(f"cannot read the image {path} ({type(err).__name__}: {_first_line(err)}); it is damaged "
-                        "or missing: delete it and rerun to generate it again") from None
-
+        raise UserError(f"cannot read the image {path} ({common.first_line(err)}); it is damaged or missing: delete "
+                        "it and rerun to generate it again") from None
 
 # ---------------------------------------------------------------- prompts (README 'What the real run needs')
 
 
-def _hub_parquet_column(repo_id, columns, revision=None, keep=lambda f: True):
-    """The unique values of a hub dataset's text column (the first of `columns` present)."""
-    from huggingface_hub import hf_hub_download, list_repo_files
-
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("this needs the package 'pyarrow': pip install pyarrow") from None
-    files = [f for f in sorted(list_repo_files(repo_id, repo_type="dataset", revision=revision))
-             if f.endswith(".parquet") and keep(f)]
-    if not files:
-        raise UserError(f"found no parquet files in {repo_id}" + (f" ({revision})" if revision else ""))
-    values = []
-    for filename in files:
-        path = hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision)
-        names = pq.read_schema(path).names
-        name = next((c for c in columns if c in names), None)
-        if name is None:
-            raise UserError(f"{repo_id}/{filename} has none of the columns {columns} (has {names})")
-        values += [str(v) for v in pq.read_table(path, columns=[name]).column(name).to_pylist()]
-    return list(dict.fromkeys(values))  # the 'unique' sets: first occurrence kept
-
-
 def fetch_prompt_set(name):
-    """Download a public prompt set from the hub."""
-    from huggingface_hub import hf_hub_download
+    """Download a public prompt set from the hub (PROMPT_SETS names the files and columns)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
 
     if name == "partiprompts":
         path = hf_hub_download("nateraw/parti-prompts", "PartiPrompts.tsv", repo_type="dataset")
@@ -304,11 +267,28 @@ def fetch_prompt_set(name):
         paths = [hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
                  for style in ("anime", "concept-art", "paintings", "photo")]
         return [e if isinstance(e, str) else e["prompt"] for p in paths for e in json.loads(Path(p).read_text())]
-    if name == "pickapic_v2":  # its parquet shards also hold the images: a large download, once (then cached)
-        return _hub_parquet_column("yuvalkirstain/pickapic_v2", ["caption"], keep=lambda f: "test_unique" in f)
-    if name == "drawbench":  # the hub's automatic parquet conversion
-        return _hub_parquet_column("shunk031/DrawBench", ["prompts", "prompt"], "refs/convert/parquet")
-    raise ValueError(name)
+    # Pick-a-Pic's parquet shards also hold the images (a large download, once); DrawBench: the hub's automatic
+    # parquet conversion. Both are the 'unique' sets: the first occurrence of a prompt is kept.
+    repo_id, columns, revision, part = {"pickapic_v2": ("yuvalkirstain/pickapic_v2", ["caption"], None, "test_unique"),
+                                        "drawbench": ("shunk031/DrawBench", ["prompts", "prompt"],
+                                                      "refs/convert/parquet", "")}[name]
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("this needs the package 'pyarrow': pip install pyarrow") from None
+    files = [f for f in sorted(list_repo_files(repo_id, repo_type="dataset", revision=revision))
+             if f.endswith(".parquet") and part in f]
+    if not files:
+        raise UserError(f"found no parquet files in {repo_id}" + (f" ({revision})" if revision else ""))
+    values = []
+    for filename in files:
+        path = hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision)
+        names = pq.read_schema(path).names
+        column = next((c for c in columns if c in names), None)
+        if column is None:
+            raise UserError(f"{repo_id}/{filename} has none of the columns {columns} (has {names})")
+        values += [str(v) for v in pq.read_table(path, columns=[column]).column(column).to_pylist()]
+    return list(dict.fromkeys(values))
 
 
 def read_prompt_file(path):
@@ -323,30 +303,28 @@ def unifiedreward_question_name(args):
 
 
 def unifiedreward_question(args):
-    """--unifiedreward_question FILE, or the authors': `prompt_template` in their `unifiedreward_score`."""
+    """--unifiedreward_question FILE, or the authors': the string `prompt_template` in their `unifiedreward_score`."""
     import ast
 
-    question, name = None, unifiedreward_question_name(args)
     if args.unifiedreward_question:
-        if not Path(args.unifiedreward_question).is_file():
-            raise UserError(f"--unifiedreward_question {args.unifiedreward_question}: no such file")
         question = common.read_text(args.unifiedreward_question)
     else:
         path = common.fetch_authors_file(AUTHORS_REWARDS_FILE, args.cache_dir, "the authors' UnifiedReward question")
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError) as err:
-            raise UserError(f"{path} is not a Python file ({_first_line(err)}); delete it and rerun") from None
+            tree = ast.parse(common.read_text(path))
+        except SyntaxError as err:
+            raise UserError(f"{path} is not a Python file ({common.first_line(err)}); delete it and rerun") from None
         functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "unifiedreward_score"]
-        for node in (n for f in functions for n in ast.walk(f) if isinstance(n, ast.Assign)):
-            if [getattr(t, "id", None) for t in node.targets] == ["prompt_template"] and \
-                    isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                question = node.value.value
-        if question is None:
+        found = [n.value.value for f in functions for n in ast.walk(f) if isinstance(n, ast.Assign)
+                 and [getattr(t, "id", None) for t in n.targets] == ["prompt_template"]
+                 and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)]
+        if not found:
             raise UserError(f"{path} has no string `prompt_template` in a function `unifiedreward_score`; delete it "
                             "and rerun, or pass --unifiedreward_question FILE")
+        question = found[-1]
     if "{prompt}" not in question:
-        raise UserError(f"the UnifiedReward question, {name}, lacks the {{prompt}} placeholder")
+        raise UserError(f"the UnifiedReward question, {unifiedreward_question_name(args)}, lacks the {{prompt}} "
+                        "placeholder")
     return question
 
 
@@ -354,59 +332,53 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
     """The prompts of a set (fetched once from the authors' files or the hub, cached) or a text file."""
     if spec in FIGURE_PROMPT_SETS:
         prompts, source = FIGURE_PROMPT_SETS[spec], spec
+    elif spec in AUTHORS_PROMPT_FILES and source == "authors":
+        relpath, expected = AUTHORS_PROMPT_FILES[spec]
+        cached = common.fetch_authors_file(relpath, cache_dir, f"the prompt set '{spec}'")
+        prompts, source = read_prompt_file(cached), f"{spec} ({common.AUTHORS_REPO}/{relpath}, cached in {cached})"
+        if len(prompts) != expected:
+            cached.unlink()
+            raise UserError(f"{common.AUTHORS_REPO}/{relpath} holds {len(prompts)} prompts, not the {expected} of "
+                            f"paper Table 1's set '{spec}'; refusing it (pass --prompt_source hub, or a prompt file)")
     elif spec in PROMPT_SETS:
-        if source == "authors" and spec in AUTHORS_PROMPT_FILES:
-            relpath, expected = AUTHORS_PROMPT_FILES[spec]
-            cached = common.fetch_authors_file(relpath, cache_dir, f"the prompt set '{spec}'")
-            count = len(read_prompt_file(cached))
-            if count != expected:
-                cached.unlink()
-                raise UserError(f"{common.AUTHORS_REPO}/{relpath} holds {count} prompts, not the {expected} of "
-                                f"paper Table 1's set '{spec}'; refusing it (pass --prompt_source hub, or a prompt file)")
-            source_text = f"{common.AUTHORS_REPO}/{relpath}"
-        else:
-            cached, source_text = Path(cache_dir) / "prompts" / f"{spec}.hub.txt", PROMPT_SETS[spec]
-            if not cached.is_file():
-                try:
-                    prompts = fetch_prompt_set(spec)
-                except UserError:
-                    raise
-                except Exception as err:
-                    raise UserError(f"could not fetch the prompt set '{spec}' ({PROMPT_SETS[spec]}): "
-                                    f"{_first_line(err)} (offline, pass a text file of prompts instead)") from None
-                # one prompt per line: only line breaks inside a prompt become spaces
-                common.atomic_write_text(cached, "".join(" ".join(p.strip().splitlines()) + "\n"
-                                                         for p in prompts if p.strip()))
-        prompts, source = read_prompt_file(cached), f"{spec} ({source_text}, cached in {cached})"
+        cached = Path(cache_dir) / "prompts" / f"{spec}.hub.txt"
+        if not cached.is_file():
+            try:
+                prompts = fetch_prompt_set(spec)
+            except UserError:
+                raise
+            except Exception as err:
+                raise UserError(f"could not fetch the prompt set '{spec}' ({PROMPT_SETS[spec]}): "
+                                f"{common.first_line(err)} (offline, pass a text file of prompts instead)") from None
+            # one prompt per line: only line breaks inside a prompt become spaces
+            common.atomic_write_text(cached, "".join(" ".join(p.strip().splitlines()) + "\n"
+                                                     for p in prompts if p.strip()))
+        prompts, source = read_prompt_file(cached), f"{spec} ({PROMPT_SETS[spec]}, cached in {cached})"
     elif Path(spec).is_file():
         prompts, source = read_prompt_file(spec), spec
     else:
         names = ", ".join([*PROMPT_SETS, *FIGURE_PROMPT_SETS])
         raise UserError(f"--prompts '{spec}' is neither a prompt set ({names}) nor a file")
-    prompts = prompts[:max_prompts] if max_prompts is not None else prompts
-    if not prompts:
+    if not prompts[:max_prompts]:
         raise UserError(f"no prompts in {source}")
-    return prompts
+    return prompts[:max_prompts]
 
 
 def check_prompts(out_dir, prompts, write=True):
     """Image i of every method belongs to prompt i: a folder made for other prompts is refused (by every
     process, so all stop together). Keeps the longest list seen."""
     path = out_dir / PROMPTS_FILE
-    if path.is_file():
-        old = path.read_text(encoding="utf-8").split("\n")[:-1]
-        for i, (a, b) in enumerate(zip(old, prompts)):
-            if a != b:
-                raise UserError(f"{out_dir} holds images for other prompts (prompt {i}: '{a}' there, '{b}' now); "
-                                "use another --output_dir")
-        prompts = prompts + old[len(prompts):]
+    old = path.read_text(encoding="utf-8").split("\n")[:-1] if path.is_file() else []
+    for i, (a, b) in enumerate(zip(old, prompts)):
+        if a != b:
+            raise UserError(f"{out_dir} holds images for other prompts (prompt {i}: '{a}' there, '{b}' now); "
+                            "use another --output_dir")
     if write:
-        common.atomic_write_text(path, "".join(p + "\n" for p in prompts))
+        common.atomic_write_text(path, "".join(p + "\n" for p in prompts + old[len(prompts):]))
 
 # ---------------------------------------------------------------- methods (NAME=MODEL): base, LoRA, network
 
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def classify_part(part):
@@ -424,23 +396,22 @@ def classify_part(part):
             return "network", str(path)
         raise UserError(f"'{part}' is a folder with neither a LoRA ({common.DIFFUSERS_LORA} or a PEFT "
                         f"{common.PEFT_CONFIG} + {common.PEFT_WEIGHTS}) nor config.json (a UNet/transformer)")
-    if HUB_ID.fullmatch(part):
+    if common.HUB_ID.fullmatch(part):
         return "hub", part  # resolved when loaded
     raise UserError(f"'{part}' is neither an existing file or folder nor a hub id (owner/name)")
 
 
 def parse_methods(texts):
     """`NAME=MODEL` strings -> [{"name", "spec", "parts"}]; 'NET+LORA' splits, an existing path never."""
-    methods, seen = [], set()
+    methods = []
     for text in texts or ["base="]:
-        if "=" not in text:
+        name, equals, spec = (s.strip() for s in text.partition("="))
+        if not equals:
             raise UserError(f"--method '{text}' must be NAME=MODEL (MODEL empty for the base model)")
-        name, spec = (s.strip() for s in text.split("=", 1))
         if not METHOD_NAME.fullmatch(name):
             raise UserError(f"--method '{text}': the name must be letters, digits, '.', '_' or '-' (it names a folder)")
-        if name in seen:
+        if name in [m["name"] for m in methods]:
             raise UserError(f"--method name '{name}' is used twice")
-        seen.add(name)
         pieces = [] if not spec else [spec] if Path(spec).expanduser().exists() else spec.split("+")
         try:
             parts = [classify_part(piece.strip()) for piece in pieces]
@@ -467,23 +438,16 @@ def hub_kind(repo_id):
     return "network" if files & {"config.json", "unet/config.json", "transformer/config.json"} else None
 
 
-def cached_snapshot(repo_id):
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception:
-        return None
-
-
 def apply_method(backbone, method, device):
     """Load a method's network and LoRAs into the base pipeline; returns the adapter names."""
     adapters = []
     for k, (kind, ref) in enumerate(method["parts"]):
-        if kind == "hub":
-            kind = hub_kind(ref) or "hub"
-            if kind == "hub" and cached_snapshot(ref):  # offline: look at the local copy instead
-                kind, ref = classify_part(cached_snapshot(ref))
+        if kind == "hub" and not (kind := hub_kind(ref)):  # offline: what its local copy holds, if there is one
+            snapshot = None
+            with contextlib.suppress(Exception):
+                from huggingface_hub import snapshot_download
+                snapshot = snapshot_download(ref, local_files_only=True)
+            kind, ref = classify_part(snapshot) if snapshot else ("hub", ref)
         if kind == "hub":  # unknown: try it as a LoRA, then (first part only) as a network
             try:
                 common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
@@ -535,25 +499,6 @@ def image_relpath(method, seed, index):
     return f"{method}/seed_{seed}/{index:05d}.png"
 
 
-def check_generation_settings(out_dir, name, settings, models, write=True):
-    """A method folder's images all come from one set of settings. The models count by content (a fingerprint
-    of the files), not path: a moved folder keeps its images, a retrained checkpoint makes them stale."""
-    path = out_dir / name / "generation.json"
-    common.check_same_settings(path, settings, f"{out_dir / name}")
-    try:
-        recorded = json.loads(path.read_text()).get("model_content")
-    except (OSError, ValueError):
-        recorded = None
-    content = models["model_content"] or recorded  # None: a hub model not downloaded yet, so unknown
-    if write:
-        if None not in (recorded, content) and recorded != content:
-            stale = sorted((out_dir / name).glob("seed_*/*.png"))
-            logger.info("%s: its model changed since its %d images were made: they are made again", name, len(stale))
-            for image in stale:
-                image.unlink()
-        write_json(path, {**settings, **models, "model_content": content})
-
-
 @torch.no_grad()
 def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resolution, batch_size, device, progress):
     """The (seed, index) items of `todo` as PNGs, each image from its own generator seeded with its seed on
@@ -572,43 +517,53 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
 def generate_missing_images(args, methods, prompts, items, out_dir, state):
     """Generate each method's missing images of the (seed, prompt index) `items` (a list, or {name: list});
     the main command and `userstudy` both come here, so each reuses the other's images. Returns the manifest
-    entries of `items` and the generation settings."""
-    if state.is_main_process:
+    entries of `items` and the generation settings. A method folder's images all come from one set of settings
+    (NAME/generation.json); its models count by content (a fingerprint of the files), not path: a moved folder
+    keeps its images, a retrained checkpoint makes them stale."""
+    main_process, device = state.is_main_process, state.device
+    if main_process:
         common.lock_output_dir(out_dir, "evaluate.py")
-    check_prompts(out_dir, prompts, write=state.is_main_process)
-    device = state.device
+    check_prompts(out_dir, prompts, write=main_process)
     # The base pipeline, once, in the public protocol's dtypes (GPU: --generation_dtype; CPU: fp32). The
     # public evaluation disables the safety checker: a blacked-out image would be scored as the model's.
-    dtype = torch.float32 if device.type != "cuda" else {"fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.generation_dtype]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.generation_dtype] if device.type == "cuda" \
+        else torch.float32
     pipe = common.load_pipeline(args.pretrained_model, dtype=dtype)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
-    pipe.to(device)
-    backbone = common.Backbone(pipe, device, dtype)
+    backbone = common.Backbone(pipe.to(device), device, dtype)
     common.check_resolution(backbone, args.resolution)
     base_net, autocast = backbone.net, set_generation_precision(pipe, backbone.kind, dtype, device)
-    default_steps, default_guidance = SAMPLING_DEFAULTS[backbone.kind]
-    steps = args.num_inference_steps or default_steps
-    guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
-    generation = {"pretrained_model": args.pretrained_model, "backbone": backbone.kind, "num_inference_steps": steps,
-                  "guidance_scale": guidance, "resolution": args.resolution, "dtype": str(dtype).removeprefix("torch.")}
-    settings = {key: value for key, value in generation.items() if key != "pretrained_model"}
+    steps, guidance = SAMPLING_DEFAULTS[backbone.kind]
+    steps = args.num_inference_steps or steps
+    guidance = guidance if args.guidance_scale is None else args.guidance_scale
+    settings = {"backbone": backbone.kind, "num_inference_steps": steps, "guidance_scale": guidance,
+                "resolution": args.resolution, "dtype": str(dtype).removeprefix("torch.")}
     hashes = common.FileHashes(out_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
 
     def models_of(method):  # the paths (shown) and a digest of the files (compared; None while not downloaded)
         parts = [common.fingerprint(ref, hashes) for ref in [args.pretrained_model, *(r for _, r in method["parts"])]]
-        known = not any("not downloaded" in (part or {}).values() for part in parts)
         hashes.save()
-        return {"pretrained_model": args.pretrained_model, "spec": method["spec"],
-                "model_content": common.digest_of(parts) if known else None}
+        return {"pretrained_model": args.pretrained_model, "spec": method["spec"], "model_content": None if any(
+            "not downloaded" in (part or {}).values() for part in parts) else common.digest_of(parts)}
 
     manifest = []
     for method in methods:
-        name = method["name"]
-        method_items = items[name] if isinstance(items, dict) else items
-        models = models_of(method)
-        check_generation_settings(out_dir, name, settings, models, write=state.is_main_process)
+        name, record = method["name"], out_dir / method["name"] / "generation.json"
+        method_items, models = items[name] if isinstance(items, dict) else items, models_of(method)
+        common.check_same_settings(record, settings, f"{out_dir / name}")
+        recorded = None
+        with contextlib.suppress(OSError, ValueError):
+            recorded = json.loads(record.read_text()).get("model_content")
+        content = models["model_content"] or recorded  # None: a hub model not downloaded yet, so unknown
+        if main_process:
+            if recorded is not None and recorded != content:
+                stale = sorted((out_dir / name).glob("seed_*/*.png"))
+                logger.info("%s: its model changed since its %d images were made: they are made again", name,
+                            len(stale))
+                for image in stale:
+                    image.unlink()
+            write_json(record, {**settings, **models, "model_content": content})
         state.wait_for_everyone()  # stale images are deleted before anyone lists what is missing
         manifest += [{"image": image_relpath(name, s, i), "method": name, "seed": s, "index": i,
                       "prompt": prompts[i]} for s, i in method_items]
@@ -617,18 +572,18 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         if not todo:
             logger.info("%s: all %d images exist in %s", name, len(method_items), out_dir)
             continue
-        if state.is_main_process:  # a score belongs to the image it was computed on
+        if main_process:  # a score belongs to the image it was computed on
             rewrite_scores(out_dir, drop={image_relpath(name, s, i) for s, i in todo})
         state.wait_for_everyone()
         logger.info("%s: generating %d of %d images (%d steps, guidance %s)", name, len(todo), len(method_items),
                     steps, guidance)
         adapters = apply_method(backbone, method, device)
-        if state.is_main_process and models["model_content"] is None:  # a hub model just downloaded: its revision
-            write_json(out_dir / name / "generation.json", {**settings, **models_of(method)})
+        if main_process and models["model_content"] is None:  # a hub model just downloaded: its revision
+            write_json(record, {**settings, **models_of(method)})
         try:
             with state.split_between_processes(todo) as mine, autocast:
                 generate_images(pipe, prompts, mine, out_dir, name, steps, guidance, args.resolution,
-                                args.batch_size, device, state.is_main_process)
+                                args.batch_size, device, main_process)
         finally:  # the base pipeline back
             if adapters:
                 pipe.unload_lora_weights()
@@ -639,7 +594,7 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         state.wait_for_everyone()
     del pipe, backbone, base_net
     free_memory()
-    return manifest, generation
+    return manifest, {"pretrained_model": args.pretrained_model, **settings}
 
 # ---------------------------------------------------------------- the per-image score table
 # scores.jsonl: one line {"image", "metric", "value"} per scored image; null means the scorer ran but gave
@@ -653,27 +608,19 @@ def read_score_table(out_dir):
     table = {}
     for path in [out_dir / SCORES] + sorted(out_dir.glob("scores.part-*.jsonl")):
         for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 record = json.loads(line)
                 table[(record["image"], record["metric"])] = record["value"]
-            except (ValueError, KeyError, TypeError):
-                continue
     return table
-
-
-def append_scores(path, records):
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def rewrite_scores(out_dir, drop=frozenset()):
     """Fold the part files into scores.jsonl and forget the scores of `drop` (images about to be made again)."""
     parts, table = sorted(out_dir.glob("scores.part-*.jsonl")), read_score_table(out_dir)
     if parts or any(image in drop for image, _ in table):
-        write_jsonl(out_dir / SCORES, [{"image": image, "metric": metric, "value": value}
-                                       for (image, metric), value in table.items() if image not in drop])
+        common.atomic_write_text(out_dir / SCORES, "".join(json.dumps({"image": image, "metric": metric, "value": v})
+                                                           + "\n" for (image, metric), v in table.items()
+                                                           if image not in drop))
         for part in parts:
             part.unlink()
 
@@ -694,7 +641,7 @@ def loaded(what, load, hint=""):
     except ScorerUnavailable:
         raise
     except Exception as err:
-        raise ScorerUnavailable(f"could not load {what} ({_first_line(err)}){hint}") from None
+        raise ScorerUnavailable(f"could not load {what} ({common.first_line(err)}){hint}") from None
 
 
 def need(module, hint):
@@ -728,12 +675,11 @@ class PickScoreMetric:
 
     def __init__(self, args, device):
         key = (args.pickscore_model, args.pickscore_processor)
-        if key not in _PICKSCORERS:
-            try:
+        try:
+            if key not in _PICKSCORERS:
                 _PICKSCORERS[key] = common.PickScorer(*key, device=device)
-            except UserError as err:
-                raise ScorerUnavailable(f"{err}; download them or pass --pickscore_model/--pickscore_processor") \
-                    from None
+        except UserError as err:
+            raise ScorerUnavailable(f"{err}; download them or pass --pickscore_model/--pickscore_processor") from None
         self.scorer, self.prefixes = _PICKSCORERS[key], (args.sgp_real_prefix, args.sgp_cg_prefix)
 
     def __call__(self, images, prompts):
@@ -774,52 +720,44 @@ class ClipScoreMetric:
         return [float(v) for v in 100 * cosine.clamp(min=0)]
 
 
-def build_aesthetic_mlp(state_dict):
-    """The LAION improved-aesthetic-predictor head (christophschuhmann/improved-aesthetic-predictor): Linear
-    768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first four, no activation; the layer indices
-    are the released keys (layers.0/2/4/6/7), the sizes read from it (the tests' tiny CLIP has its own)."""
-    linear = [0, 2, 4, 6, 7]
-    try:
-        shapes = [state_dict[f"layers.{i}.weight"].shape for i in linear]
-    except KeyError as err:
-        raise ScorerUnavailable(f"the aesthetic weights lack {err}; expected the sac+logos+ava1-l14-linearMSE.pth "
-                                "state dict") from None
-    layers = []
-    for i, shape in zip(linear, shapes):
-        layers += [torch.nn.Dropout(0.0)] * (i - len(layers)) + [torch.nn.Linear(shape[1], shape[0])]
-    mlp = torch.nn.Module()
-    mlp.layers = torch.nn.Sequential(*layers)
-    mlp.load_state_dict(state_dict)
-    return mlp.eval()
-
-
 class AestheticMetric(ClipScoreMetric):
-    """LAION aesthetic score: the MLP above on the L2-normalised CLIP ViT-L/14 image embedding (about 5-6)."""
+    """LAION aesthetic score (christophschuhmann/improved-aesthetic-predictor, about 5-6): its MLP head on the
+    L2-normalised CLIP ViT-L/14 image embedding, Linear 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the
+    first four, no activation; the layer indices are the released keys (layers.0/2/4/6/7), the sizes read from
+    them (the tests' tiny CLIP has its own)."""
 
     def __init__(self, args, device):
-        weights = args.aesthetic_weights
-        if re.match(r"https?://", weights):
-            local = Path(args.cache_dir) / "weights" / Path(weights).name
-            if not local.is_file():
-                try:
-                    local.parent.mkdir(parents=True, exist_ok=True)
-                    common.download_url(weights, local)
-                except Exception as err:
-                    raise ScorerUnavailable(f"could not download {weights} ({_first_line(err)}); download it and "
-                                            "pass --aesthetic_weights FILE") from None
-            weights = local
-        if not Path(weights).is_file():
+        weights = Path(args.aesthetic_weights)
+        if re.match(r"https?://", args.aesthetic_weights):
+            weights = Path(args.cache_dir) / "weights" / weights.name
+            try:
+                if not weights.is_file():
+                    weights.parent.mkdir(parents=True, exist_ok=True)
+                    common.download_url(args.aesthetic_weights, weights)
+            except Exception as err:
+                raise ScorerUnavailable(f"could not download {args.aesthetic_weights} ({common.first_line(err)}); "
+                                        "download it and pass --aesthetic_weights FILE") from None
+        if not weights.is_file():
             raise ScorerUnavailable(f"aesthetic weights not found: {weights}")
-        self.mlp = build_aesthetic_mlp(torch.load(weights, map_location="cpu", weights_only=True)).to(device)
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            shapes = {i: state_dict[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)}
+        except KeyError as err:
+            raise ScorerUnavailable(f"the aesthetic weights lack {err}; expected the sac+logos+ava1-l14-linearMSE.pth "
+                                    "state dict") from None
+        self.mlp = torch.nn.ModuleDict({"layers": torch.nn.Sequential(*(
+            torch.nn.Linear(shapes[i][1], shapes[i][0]) if i in shapes else torch.nn.Dropout(0.0) for i in range(8)))})
+        self.mlp.load_state_dict(state_dict)
+        self.mlp.to(device).eval()
         super().__init__(args, device, args.aesthetic_clip_model)
-        embed_dim, takes = self.model.config.projection_dim, self.mlp.layers[0].in_features
-        if takes != embed_dim:
-            raise ScorerUnavailable(f"the aesthetic MLP takes {takes}-d embeddings but {args.aesthetic_clip_model} "
-                                    f"gives {embed_dim}-d (use CLIP ViT-L/14)")
+        if shapes[0][1] != self.model.config.projection_dim:
+            raise ScorerUnavailable(f"the aesthetic MLP takes {shapes[0][1]}-d embeddings but "
+                                    f"{args.aesthetic_clip_model} gives {self.model.config.projection_dim}-d (use "
+                                    "CLIP ViT-L/14)")
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        return [float(v) for v in self.mlp.layers(self.embed(images=images)).squeeze(-1)]
+        return [float(v) for v in self.mlp["layers"](self.embed(images=images)).squeeze(-1)]
 
 
 def rgb_to_gray(image):
@@ -904,23 +842,12 @@ def read_csv_columns(path, columns):
             reader = csv.DictReader(f)
             rows, header = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise ScorerUnavailable(f"cannot read {path} ({_first_line(err)}); needs its column(s) "
+        raise ScorerUnavailable(f"cannot read {path} ({common.first_line(err)}); needs its column(s) "
                                 f"{', '.join(columns)}") from None
     missing = [c for c in columns if c not in header]
     if missing:
         raise ScorerUnavailable(f"{path} lacks the column(s) {', '.join(missing)} (has: {', '.join(header)})")
     return rows
-
-
-def oneig_style_classes(root):
-    """{prompt: style} of OneIG-Bench's stylization prompts, named as its style_score.py names them ("Line
-    Art" -> "line_art"); prompts without a class are left out."""
-    prompts = read_csv_columns(Path(root) / ONEIG_PROMPTS, ["category", "id", "prompt_en"])
-    style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_")
-                   for row in read_csv_columns(Path(root) / ONEIG_STYLES, ["id", "class"])
-                   if (row["class"] or "").strip() not in ("", "nan")}
-    return {(row["prompt_en"] or "").strip(): style_of_id[row["id"].strip()] for row in prompts
-            if row["category"] == ONEIG_STYLE_CATEGORY and row["id"].strip() in style_of_id}
 
 
 class StylizationMetric:
@@ -937,32 +864,37 @@ class StylizationMetric:
                                     "style models, in OneIG-Bench's environment (README: Metric environments)")
         root = Path(args.oneig_dir).resolve()
         style_dir = root / "scripts" / "style"
-        self.style_of = oneig_style_classes(root)  # the CSV files first: a wrong clone says so at once
+        # {prompt: style} of its stylization prompts, the CSV files first (a wrong clone says so at once), the
+        # styles named as its style_score.py names them ("Line Art" -> "line_art"), prompts without one left out
+        prompts = read_csv_columns(root / ONEIG_PROMPTS, ["category", "id", "prompt_en"])
+        style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_")
+                       for row in read_csv_columns(root / ONEIG_STYLES, ["id", "class"])
+                       if (row["class"] or "").strip() not in ("", "nan")}
+        self.style_of = {(row["prompt_en"] or "").strip(): style_of_id[row["id"].strip()] for row in prompts
+                         if row["category"] == ONEIG_STYLE_CATEGORY and row["id"].strip() in style_of_id}
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))  # its modules import each other as scripts.*
 
         def load():
             from scripts.utils.inference import CSDStyleEmbedding, SEStyleEmbedding
-
             return (CSDStyleEmbedding(model_path=str(style_dir / "models" / "checkpoint.pth")),
                     SEStyleEmbedding(pretrained_path="xingpng/OneIG-StyleEncoder"),
                     torch.load(style_dir / "CSD_embed.pt", weights_only=False),
                     torch.load(style_dir / "SE_embed.pt", weights_only=False))
-        self.csd, self.se, self.csd_ref, self.se_ref = loaded(
-            f"OneIG-Bench's style evaluator from {root}", load, "; install its requirements and models as its README "
-                                                                "says")
+        self.csd, self.se, self.csd_ref, self.se_ref = loaded(f"OneIG-Bench's style evaluator from {root}", load,
+                                                              "; install its requirements and models as its README "
+                                                              "says")
 
     @torch.no_grad()
     def __call__(self, paths, prompts):
         scores = []
-        for path, prompt in zip(paths, prompts):
-            style = self.style_of.get(prompt.strip())
-            if style is None or style not in self.csd_ref or style not in self.se_ref:
+        for path, style in zip(paths, (self.style_of.get(prompt.strip()) for prompt in prompts)):
+            if style not in self.csd_ref or style not in self.se_ref:
                 scores.append(None)
                 continue
-            best = [float((encoder.get_style_embedding(str(path)) @ ref[style].T).max())
+            best = [max(float((encoder.get_style_embedding(str(path)) @ ref[style].T).max()), 0.0)
                     for encoder, ref in ((self.csd, self.csd_ref), (self.se, self.se_ref))]
-            scores.append((max(best[0], 0.0) + max(best[1], 0.0)) / 2)
+            scores.append(sum(best) / 2)
         return scores
 
 
@@ -1056,14 +988,17 @@ def score_images(out_dir, manifest, metrics, args, state):
                     images = [open_image(path) for path in paths]  # also checks the files of path-reading scorers
                     values = scorer(paths if getattr(scorer, "wants_paths", False) else images,
                                     [entry["prompt"] for entry in batch])
-                    append_scores(target, [{"image": entry["image"], "metric": metric,
-                                            "value": v if v is not None and math.isfinite(v) else None}
-                                           for entry, v in zip(batch, values)])
+                    with open(target, "a", encoding="utf-8") as f:
+                        f.writelines(json.dumps({"image": entry["image"], "metric": metric, "value": v if v is not None
+                                                 and math.isfinite(v) else None}) + "\n"
+                                     for entry, v in zip(batch, values))
+                        f.flush()
+                        os.fsync(f.fileno())
         except UserError:  # a damaged image: the user's to fix, not the scorer's failure
             raise
         except Exception as err:  # a broken scorer must not lose the others' work
             logger.exception("%s failed", metric)
-            not_run[metric] = f"failed: {_first_line(err)}"
+            not_run[metric] = f"failed: {common.first_line(err)}"
         del scorer
         free_memory()
     _PICKSCORERS.clear()
@@ -1119,7 +1054,7 @@ def stylization_means(results, methods, other_results=None):
             results = json.loads(Path(other_results).read_text())["results"]
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"--stylization_results {other_results}: not an evaluate.py results.json "
-                            f"({_first_line(err)})") from None
+                            f"({common.first_line(err)})") from None
     values = {m: results.get(m, {}).get("stylization", {}).get("mean") for m in methods}
     return None if any(v is None for v in values.values()) else values
 
@@ -1186,31 +1121,30 @@ def results_markdown(report):
     per column the best bold, the second underlined (at the shown precision, HIGHER_IS_BETTER's way)."""
     methods, metrics, results = [m["name"] for m in report["methods"]], report["metrics"], report["results"]
     baseline, paper = methods[0], paper_values(report)
+    entry = lambda method, metric: results.get(method, {}).get(metric) or {}
     lines = [f"# {report.get('title', 'Evaluation')}", ""]
     if report.get("note"):  # e.g. the smoke run's: tiny random models
         lines += [f"**{report['note']}**", ""]
     cells = {m: [] for m in methods}
     for metric in metrics:
         decimals = METRIC_DECIMALS.get(metric, 2)
-        means = [results.get(m, {}).get(metric, {}).get("mean") for m in methods]
-        spreads = [results.get(m, {}).get(metric, {}).get("std") for m in methods]
-        marks = _rank_marks([None if v is None else round(v, decimals) for v in means], spreads,
-                            HIGHER_IS_BETTER.get(metric, True))
-        for i, method in enumerate(methods):
-            entry, reference = results.get(method, {}).get(metric), paper.get(method, {}).get(metric)
-            if entry is None or entry["mean"] is None:
-                cells[method].append("—" + (f" · paper {reference:.{decimals}f}" if reference is not None else ""))
+        means = [entry(m, metric).get("mean") for m in methods]
+        marks = _rank_marks([None if v is None else round(v, decimals) for v in means],
+                            [entry(m, metric).get("std") for m in methods], HIGHER_IS_BETTER.get(metric, True))
+        for i, (method, mean) in enumerate(zip(methods, means)):
+            reference = paper.get(method, {}).get(metric)
+            cited = "" if reference is None else f" · paper {reference:.{decimals}f}"
+            if mean is None:
+                cells[method].append("—" + cited)
                 continue
-            text = f"{entry['mean']:.{decimals}f}"
-            if len(entry.get("per_seed") or {}) != 1:  # one seed has no spread to show
-                text += f" ± {entry['std']:.{decimals}f}"
+            text = f"{mean:.{decimals}f}"
+            if len(entry(method, metric).get("per_seed") or {}) != 1:  # one seed has no spread to show
+                text += f" ± {entry(method, metric)['std']:.{decimals}f}"
             text = {"best": f"**{text}**", "second": f"<u>{text}</u>"}.get(marks.get(i), text)
-            if method != baseline and means[0] not in (None, 0):
-                gain = round(100 * (entry["mean"] - means[0]) / abs(means[0]), 1) + 0.0  # + 0.0: no -0.0
-                text += f" ({gain:+.1f}%)"
+            if method != baseline and means[0] not in (None, 0):  # + 0.0: no -0.0
+                text += f" ({round(100 * (mean - means[0]) / abs(means[0]), 1) + 0.0:+.1f}%)"
             if reference is not None:
-                difference = round(entry["mean"] - reference, decimals) + 0.0
-                text += f" · paper {reference:.{decimals}f} (Δ {difference:+.{decimals}f})"
+                text += f"{cited} (Δ {round(mean - reference, decimals) + 0.0:+.{decimals}f})"
             cells[method].append(text)
     lines += markdown_table(["Method"] + [METRIC_TITLES.get(m, m) for m in metrics],
                             [[m] + cells[m] for m in methods])
@@ -1223,14 +1157,13 @@ def results_markdown(report):
     if paper:
         lines += ["", f"'paper': the value of paper Table 1 / Fig. 2 (a) for {report.get('backbone')} on "
                       f"{report.get('prompts')}; Δ = ours − paper."]
-    missing = [(method, metric, results[method][metric]["missing"]) for method in methods
-               for metric in metrics if results.get(method, {}).get(metric, {}).get("missing")]
+    missing = [f"- {method} / {metric}: {entry(method, metric)['missing']}" for method in methods for metric in metrics
+               if entry(method, metric).get("missing")]
     if missing:
-        lines += ["", "Missing scores (excluded from the means, e.g. unparseable UnifiedReward answers):"]
-        lines += [f"- {method} / {metric}: {count}" for method, metric, count in missing]
+        lines += ["", "Missing scores (excluded from the means, e.g. unparseable UnifiedReward answers):", *missing]
     if "unifiedreward" in metrics:
-        unparsed = sum(results.get(m, {}).get("unifiedreward", {}).get("missing", 0) for m in methods)
-        total = unparsed + sum(results.get(m, {}).get("unifiedreward", {}).get("n", 0) for m in methods)
+        unparsed = sum(entry(m, "unifiedreward").get("missing", 0) for m in methods)
+        total = unparsed + sum(entry(m, "unifiedreward").get("n", 0) for m in methods)
         lines += ["", f"UnifiedReward question: {report.get('unifiedreward_question', 'not recorded')}. "
                       f"Unparsed answers (no 'Final Score: x'): {unparsed} of {total}, left out of the means "
                       "(the public code counts them as 0.0)."]
@@ -1248,34 +1181,26 @@ def results_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib's pyplot on the Agg canvas (no display), imported only where a figure is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(figure, path, **kwargs):
-    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight", **kwargs))
-    pyplot().close(figure)
+def save_figure(figure, path):
+    """A figure made by common.new_figure (constrained layout), saved with everything drawn around its axes."""
+    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
 
 
 def draw_figure2(report, path):
     """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow, under each panel the methods each
     normalisation ran over; a panel lacking metrics says why. False when neither can be drawn."""
+    from matplotlib import colormaps
+
     points = figure2_points(report)
     if not points:
         return False
-    plt = pyplot()
-    methods, colours = [m["name"] for m in report["methods"]], plt.get_cmap("tab10").colors
-    figure, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    methods, colours = [m["name"] for m in report["methods"]], colormaps["tab10"].colors
+    figure = common.new_figure(11, 5)
     panels = {"a": ("(a) Texture detail vs realism", "Realism (SGP-PickScore), min-max",  # paper Fig. 2's axes
                     "Texture Detail (Laplacian variance), min-max"),
-              "b": ("(b) Human preference vs stylization",
-                    "Human Preference (½ minmax HPSv3 + ½ minmax UnifiedReward)",
-                    "Stylization (OneIG-Bench style score)")}
-    for ax, (panel, (title, xlabel, ylabel)) in zip(axes, panels.items()):
+              "b": ("(b) Human preference vs stylization", "Human Preference (½ minmax HPSv3 + ½ minmax "
+                    "UnifiedReward)", "Stylization (OneIG-Bench style score)")}
+    for ax, (panel, (title, xlabel, ylabel)) in zip(figure.subplots(1, 2), panels.items()):
         ax.set_title(title)
         if panel not in points:
             why = ["the laplacian and sgp metrics"] if panel == "a" else [w for w, key in (
@@ -1288,8 +1213,7 @@ def draw_figure2(report, path):
                     fontsize=9)
             continue
         drawn = points[panel]
-        for i, m in enumerate(methods):
-            colour = colours[i % len(colours)]
+        for m, colour in zip(methods, colours * len(methods)):
             ax.scatter(*drawn["ours"][m], color=colour, s=60, label=m, zorder=3)
             if m in drawn.get("paper", {}):
                 ax.scatter(*drawn["paper"][m], facecolors="none", edgecolors=colour, s=90, linewidths=1.5,
@@ -1302,40 +1226,32 @@ def draw_figure2(report, path):
         if drawn.get("paper"):
             over += f"\nthe paper's points: min-max over its methods: {', '.join(drawn['paper_over'])}"
         ax.text(0.5, -0.16, over, transform=ax.transAxes, ha="center", va="top", fontsize=7)
-    save_figure(figure, path, dpi=100)
+    save_figure(figure, path)
     return True
 
 
 def draw_grid(out_dir, manifest, methods, num_prompts, path):
     """The first prompts at the first seed as the paper's qualitative panels (Figs. 6-7), a column per method."""
-    import textwrap
-
     if not manifest:
         return False
-    seed = manifest[0]["seed"]
-    indices = sorted({e["index"] for e in manifest})[:num_prompts]
-    prompts = {e["index"]: e["prompt"] for e in manifest}
+    seed, prompts = manifest[0]["seed"], {e["index"]: e["prompt"] for e in manifest}
+    indices = sorted(prompts)[:num_prompts]
     by_key = {(e["method"], e["seed"], e["index"]): out_dir / e["image"] for e in manifest}
     tiles = [[by_key.get((m, seed, i)) for m in methods] for i in indices]
     if not any(p is not None and p.is_file() for row in tiles for p in row):
         return False
     tile, text_width = 2.4, 2.6  # inches; at 100 dpi a tile is 240 px, tiny test images are enlarged
-    figure, axes = pyplot().subplots(
-        len(indices), len(methods) + 1, squeeze=False, dpi=100,
-        figsize=(text_width + tile * len(methods), 0.5 + tile * len(indices)),
-        gridspec_kw={"width_ratios": [text_width] + [tile] * len(methods), "wspace": 0.04, "hspace": 0.04})
+    figure = common.new_figure(text_width + tile * len(methods), 0.5 + tile * len(indices))
+    axes = figure.subplots(len(indices), len(methods) + 1, squeeze=False,
+                           gridspec_kw={"width_ratios": [text_width] + [tile] * len(methods)})
     for row, index in enumerate(indices):
-        lines = textwrap.wrap(prompts[index], 30)
-        if len(lines) > 9:  # a long prompt is cut, not drawn over the next row
-            lines = lines[:8] + [lines[8] + " ..."]
-        axes[row][0].axis("off")
-        axes[row][0].text(0.97, 0.5, "\n".join(lines), ha="right", va="center", fontsize=9,
-                          transform=axes[row][0].transAxes)
+        axes[row][0].axis("off")  # a long prompt is cut, not drawn over the next row
+        axes[row][0].text(0.97, 0.5, common.wrap_text(prompts[index], 30, max_lines=9), ha="right", va="center",
+                          fontsize=9, transform=axes[row][0].transAxes)
         for col, tile_path in enumerate(tiles[row], start=1):
             ax = axes[row][col]
             ax.set(xticks=[], yticks=[])
-            if row == 0:
-                ax.set_title(methods[col - 1], fontsize=11)
+            ax.set_title(methods[col - 1] if row == 0 else "", fontsize=11)
             if tile_path is not None and tile_path.is_file():
                 image = open_image(tile_path)
                 ax.imshow(np.asarray(image), interpolation="nearest" if image.width < 128 else "antialiased")
@@ -1346,17 +1262,16 @@ def draw_grid(out_dir, manifest, methods, num_prompts, path):
     return True
 
 
-def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_prompts):
-    """results.json, results.md, figure2.png and grid.png from the score table; returns them and the paths."""
-    methods = [m["name"] for m in run_info["methods"]]
-    table = read_score_table(out_dir)
+def write_report(out_dir, run_info, manifest, metrics, grid_prompts):
+    """results.json, results.md, figure2.png and grid.png from the score table; returns the paths."""
+    methods, table = [m["name"] for m in run_info["methods"]], read_score_table(out_dir)
     rows = [{"method": e["method"], "seed": e["seed"], "index": e["index"], "metric": metric,
              "value": table[(e["image"], metric)]} for e in manifest for metric in ALL_METRICS
             if (e["image"], metric) in table]
-    scored = {row["metric"] for row in rows}
-    # columns: every requested metric and every one scored earlier (e.g. by `evaluate.py score` in another
-    # environment), in Table 1's order
-    metrics = [m for m in ALL_METRICS if m in scored or m in requested_metrics]
+    scored, not_run = {row["metric"] for row in rows}, run_info.get("not_run", {})
+    # columns: this run's metrics, earlier ones still waiting to be computed, and every one scored earlier (e.g.
+    # by `evaluate.py score` in another environment), in Table 1's order
+    metrics = [m for m in ALL_METRICS if m in scored or m in metrics or m in not_run]
     results = aggregate(rows, methods, metrics)
     report = {**run_info, "title": run_info.get("title", "Evaluation"), "metrics": metrics,
               "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics}, "results": results,
@@ -1375,7 +1290,7 @@ def write_report(out_dir, run_info, manifest, requested_metrics, not_run, grid_p
                     "and stylization")
     if draw_grid(out_dir, manifest, methods, grid_prompts, out_dir / "grid.png"):
         written.append(out_dir / "grid.png")
-    return report, written
+    return written
 
 # ---------------------------------------------------------------- the two commands: generate and score
 
@@ -1425,50 +1340,39 @@ def scan_image_folder(folder, prompts, baseline=None):
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("seed_*/*.png")))
     if not names:
         raise UserError(f"{folder} has no NAME/seed_S/00000.png images")
-    if baseline is not None:
-        if baseline not in names:
-            raise UserError(f"--baseline {baseline} is not a method folder of {folder} ({', '.join(names)})")
-        names.remove(baseline)
-        names.insert(0, baseline)
+    if baseline is not None and baseline not in names:
+        raise UserError(f"--baseline {baseline} is not a method folder of {folder} ({', '.join(names)})")
     manifest = []
-    for name in names:
-        for seed_dir in sorted((folder / name).glob("seed_*")):
-            seed = int(seed_dir.name.split("_", 1)[1])
-            for image in sorted(seed_dir.glob("*.png")):
-                index = int(image.stem)
-                if index >= len(prompts):
-                    raise UserError(f"{image}: index {index} but only {len(prompts)} prompts")
-                manifest.append({"image": image_relpath(name, seed, index), "method": name, "seed": seed,
-                                 "index": index, "prompt": prompts[index]})
-    return manifest, manifest_run_info(manifest, names, folder.name)
-
-
-def manifest_run_info(manifest, names, title=None):
-    info = {"title": title} if title else {}
-    return {**info, "methods": [{"name": n, "spec": ""} for n in names],
-            "n_prompts": len({e["index"] for e in manifest}), "seeds": sorted({e["seed"] for e in manifest})}
+    for name in sorted(names, key=lambda n: n != baseline):  # the baseline first
+        for image in sorted((folder / name).glob("seed_*/*.png")):
+            seed, index = int(image.parent.name.split("_", 1)[1]), int(image.stem)
+            if index >= len(prompts):
+                raise UserError(f"{image}: index {index} but only {len(prompts)} prompts")
+            manifest.append({"image": image_relpath(name, seed, index), "method": name, "seed": seed,
+                             "index": index, "prompt": prompts[index]})
+    return manifest
 
 
 def score_main(args):
     """`evaluate.py score`: score an existing folder and refresh its report."""
-    metrics = parse_metrics(args.metrics)
-    out_dir = Path(args.images)
+    metrics, out_dir = parse_metrics(args.metrics), Path(args.images)
     if not out_dir.is_dir():
         raise UserError(f"--images {out_dir} is not a folder")
     state = make_state()
     if (out_dir / MANIFEST).is_file():
-        manifest = read_jsonl(out_dir / MANIFEST)
-        run_info = json.loads((out_dir / RUN_INFO).read_text()) if (out_dir / RUN_INFO).is_file() else \
-            manifest_run_info(manifest, list(dict.fromkeys(e["method"] for e in manifest)))
+        manifest, title = read_jsonl(out_dir / MANIFEST), {}
+    elif args.prompts is None:
+        raise UserError(f"{out_dir} has no {MANIFEST}: pass --prompts (the prompts its images were made from)")
     else:
-        if args.prompts is None:
-            raise UserError(f"{out_dir} has no {MANIFEST}: pass --prompts (the prompts its images were made from)")
         prompts = load_prompts(args.prompts, args.cache_dir, source=args.prompt_source)
-        manifest, run_info = scan_image_folder(out_dir, prompts, args.baseline)
+        manifest, title = scan_image_folder(out_dir, prompts, args.baseline), {"title": out_dir.name}
     missing = [e["image"] for e in manifest if not (out_dir / e["image"]).is_file()]
     if missing:
         raise UserError(f"{len(missing)} image(s) of {out_dir / MANIFEST} are missing, e.g. {missing[0]}; "
                         "run the generation first")
+    run_info = json.loads((out_dir / RUN_INFO).read_text()) if not title and (out_dir / RUN_INFO).is_file() else {
+        **title, "methods": [{"name": n, "spec": ""} for n in dict.fromkeys(e["method"] for e in manifest)],
+        "n_prompts": len({e["index"] for e in manifest}), "seeds": sorted({e["seed"] for e in manifest})}
     finish(out_dir, run_info, manifest, metrics, args, state)
 
 
@@ -1490,7 +1394,7 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
             unifiedreward_question(args)
         run_info["unifiedreward_question"] = question
     if state.is_main_process:
-        write_jsonl(out_dir / MANIFEST, manifest)
+        common.atomic_write_text(out_dir / MANIFEST, "".join(json.dumps(entry) + "\n" for entry in manifest))
         write_json(out_dir / RUN_INFO, run_info)
     not_run = score_images(out_dir, manifest, metrics, args, state)
     state.wait_for_everyone()
@@ -1500,9 +1404,7 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
     # a metric reported "not run" earlier stays so until it gets scores
     run_info["not_run"] = {**{m: r for m, r in run_info.get("not_run", {}).items() if m not in metrics}, **not_run}
     write_json(out_dir / RUN_INFO, run_info)
-    # columns: this run's metrics, and earlier ones still waiting to be computed
-    requested = metrics + [m for m in run_info["not_run"] if m not in metrics]
-    _, written = write_report(out_dir, run_info, manifest, requested, run_info["not_run"], args.grid_prompts)
+    written = write_report(out_dir, run_info, manifest, metrics, args.grid_prompts)
     logger.info("report: %s (and results.json)", ", ".join(map(str, written)))
     failed = {m: r for m, r in not_run.items() if r.startswith("failed")}
     if failed:
@@ -1529,27 +1431,27 @@ STUDY_PAGE = r"""<!DOCTYPE html>
 <style>
 body { font-family: system-ui, sans-serif; margin: 0; background: #f3f3f3; color: #222; }
 main { max-width: 1120px; margin: 0 auto; padding: 18px 20px; }  [hidden] { display: none !important; }
-#progress { height: 10px; background: #ddd; border-radius: 5px; } #bar { height: 100%; width: 0; background: #3b7dd8; }
-#count, .nav { font-size: 14px; color: #666; margin: 6px 0; } #prompt { font-size: 19px; font-weight: 600; }
-.pair, .choices, .nav { display: flex; gap: 18px; justify-content: center; margin: 12px 0; } figure { margin: 0; }
+#progress { height: 10px; background: #ddd; border-radius: 5px; }  #bar { height: 100%; width: 0; background: #3b7dd8; }
+#count, .nav { font-size: 14px; color: #666; margin: 6px 0; }  #prompt { font-size: 19px; font-weight: 600; }
+.pair, .choices, .nav { display: flex; gap: 18px; justify-content: center; margin: 12px 0; }  figure { margin: 0; }
 /* both images and the buttons fit in the window, whatever its shape; small images stay sharp */
-figure img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-ratio: 1; object-fit: contain;
-             background: #fff; border: 1px solid #ccc; }  figure img.small { image-rendering: pixelated; }
+img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-ratio: 1; object-fit: contain;
+      background: #fff; border: 1px solid #ccc; }  img.small { image-rendering: pixelated; }
 button { font-size: 16px; padding: 10px 18px; border-radius: 6px; border: 1px solid #999; background: #fff; }
 button.chosen { background: #3b7dd8; color: #fff; }  button:disabled { opacity: .4; }
 kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #fff; }
 </style></head>
 <body><main>
 <section id="intro" hidden><h1>Which image is better?</h1>
-  <p>You will see <b id="total"></b> pairs of images, both made from the text shown above them.
-    <span id="intro-question"></span></p>
+  <p>You will see <b class="total"></b> pairs of images, both made from the text shown above them.
+    <span class="question"></span></p>
   <p>Answer with the buttons or the keys <kbd>1</kbd> left is better, <kbd>2</kbd> about the same, <kbd>3</kbd>
     right is better; <kbd>Backspace</kbd> goes back. There are no right answers: go with your impression. Your
     progress is kept in this browser, so you can close the page and continue later.</p>
   <p><label>Your participant id: <input id="pid" autocomplete="off"></label> <button id="start">Start</button></p>
 </section>
 <section id="study" hidden><div id="progress"><div id="bar"></div></div><div id="count"></div>
-  <p id="question"></p><p id="prompt"></p>
+  <p class="question"></p><p id="prompt"></p>
   <div class="pair"><figure><img id="left" alt="left image"><figcaption>left (1)</figcaption></figure>
     <figure><img id="right" alt="right image"><figcaption>right (3)</figcaption></figure></div>
   <div class="choices"><button data-choice="left"><kbd>1</kbd> Left is better</button>
@@ -1558,8 +1460,8 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
   <div class="nav"><button id="back">&larr; Back</button><span id="who"></span></div>
 </section>
 <section id="done" hidden><h1>Thank you!</h1>
-  <p>All <b id="done-total"></b> comparisons are answered. Save your votes and send the file to the person who
-    runs the study.</p>
+  <p>All <b class="total"></b> comparisons are answered. Save your votes and send the file to the person who runs
+    the study.</p>
   <p><button id="download">Save my votes (JSON)</button> <button id="review">&larr; Back to the last pair</button></p>
   <p><button id="restart">Start again as another participant</button></p>
 </section></main>
@@ -1567,65 +1469,55 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
 "use strict";
 const STUDY = __STUDY__, STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one participant at a time
 const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), $ = id => document.getElementById(id);
-const choices = document.querySelectorAll("[data-choice]");
+const all = selector => document.querySelectorAll(selector), KEYS = { "1": "left", "2": "tie", "3": "right" };
 let state = JSON.parse(localStorage.getItem(STORE) || "null"), shownAt = 0;
-// Seeded draws (FNV-1a of a text, then mulberry32), reproducible per participant id: every participant sees the
-// pairs in their own order (no order effect shared by all), and about half see every pair mirrored (the votes
-// say so; the tally swaps the sides back).
+for (const e of all(".total")) e.textContent = STUDY.comparisons.length;
+for (const e of all(".question")) e.textContent = STUDY.question;
+// Seeded draws (FNV-1a of a text seeds mulberry32), reproducible per participant id: every participant sees the
+// pairs in an order of their own (no order effect shared by all), and about half see every pair mirrored (the
+// votes say so; the tally swaps the sides back).
 function random(text) {
   let a = 2166136261;
   for (const ch of text) a = Math.imul(a ^ ch.codePointAt(0), 16777619);
-  return () => {
-    a = (a + 0x6D2B79F5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  return () => { a = (a + 0x6D2B79F5) | 0; let t = Math.imul(a ^ (a >>> 15), 1 | a);
+                 t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t; return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };
 }
-function participantOrder(pid) {
+function participantOrder(pid) {  // Fisher-Yates
   const draw = random(STUDY.id + "/" + pid), ids = STUDY.comparisons.map(c => c.id);
-  for (let i = ids.length - 1; i > 0; i--) {
-    const j = Math.floor(draw() * (i + 1));
-    [ids[i], ids[j]] = [ids[j], ids[i]];
-  }
+  for (let i = ids.length - 1, j; i > 0; i--) { j = Math.floor(draw() * (i + 1)); [ids[i], ids[j]] = [ids[j], ids[i]]; }
   return ids;
 }
 function sidesMirrored(pid) { return random(STUDY.id + "/sides/" + pid)() < 0.5; }
-function save() { localStorage.setItem(STORE, JSON.stringify(state)); }
 function show(section) { for (const s of ["intro", "study", "done"]) $(s).hidden = s !== section; }
 function render() {
-  if (!state) {
-    $("total").textContent = STUDY.comparisons.length; $("intro-question").textContent = STUDY.question;
-    show("intro"); $("pid").focus(); return;
-  }
+  if (!state) { show("intro"); return $("pid").focus(); }
   const n = state.order.length, answered = Object.keys(state.answers).length, c = byId[state.order[state.pos]];
   $("bar").style.width = (100 * answered / n) + "%";
   $("count").textContent = answered + " of " + n + " answered";
   document.body.dataset.comparison = c ? c.id : "";  // read by the browser test
-  if (!c) { $("done-total").textContent = n; show("done"); return; }
-  $("question").textContent = STUDY.question;
+  if (!c) return show("done");
   $("prompt").textContent = "\u201c" + c.prompt + "\u201d";
   [$("left").src, $("right").src] = state.mirrored ? [c.right, c.left] : [c.left, c.right];
   $("who").textContent = "participant " + state.participant + " \u00b7 pair " + (state.pos + 1) + " of " + n;
-  for (const b of choices) b.classList.toggle("chosen", state.answers[c.id]?.choice === b.dataset.choice);
+  for (const b of all("[data-choice]")) b.classList.toggle("chosen", state.answers[c.id]?.choice === b.dataset.choice);
   $("back").disabled = state.pos === 0;
   show("study");
   shownAt = performance.now();
   const next = byId[state.order[state.pos + 1]];  // preload the next pair
-  if (next) { new Image().src = next.left; new Image().src = next.right; }
+  if (next) new Image().src = next.left, new Image().src = next.right;
 }
+function go(pos) { state.pos = pos; localStorage.setItem(STORE, JSON.stringify(state)); render(); }
 function start() {
   const pid = $("pid").value.trim();
   if (!pid) return $("pid").focus();
-  state = { participant: pid, order: participantOrder(pid), mirrored: sidesMirrored(pid), pos: 0, answers: {} };
-  save(); render();
+  state = { participant: pid, order: participantOrder(pid), mirrored: sidesMirrored(pid), answers: {} };
+  go(0);
 }
 function choose(choice) {
-  if (!state || state.pos >= state.order.length) return;
   state.answers[state.order[state.pos]] = { choice: choice, time_ms: Math.round(performance.now() - shownAt) };
-  state.pos += 1; save(); render();
+  go(state.pos + 1);
 }
-function back() { if (state && state.pos > 0) { state.pos -= 1; save(); render(); } }
+function back() { if (state.pos > 0) go(state.pos - 1); }
 window.studyVotes = () => ({  // the votes as the tally reads them; also callable from the console
   study: STUDY.id, participant: state.participant, comparisons: state.order.length, mirrored: !!state.mirrored,
   saved_at: new Date().toISOString(), votes: state.order.filter(id => id in state.answers).map(id => ({
@@ -1637,19 +1529,18 @@ $("download").onclick = () => {
   document.body.appendChild(link); link.click(); link.remove();
 };
 for (const img of [$("left"), $("right")]) img.onload = () => img.classList.toggle("small", img.naturalWidth < 128);
-for (const b of choices) b.onclick = () => choose(b.dataset.choice);
-$("start").onclick = start; $("back").onclick = back; $("review").onclick = back;
+for (const b of all("[data-choice]")) b.onclick = () => choose(b.dataset.choice);
+$("start").onclick = start; $("back").onclick = $("review").onclick = back;
 $("restart").onclick = () => {
   if (!confirm("Start again as another participant? Save your votes first: the answers kept in this browser "
                + "are cleared.")) return;
   localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
 };
-document.addEventListener("keydown", event => {
-  if (!$("intro").hidden) { if (event.key === "Enter") start(); return; }
-  if ($("study").hidden) return;
-  const choice = { "1": "left", "2": "tie", "3": "right" }[event.key];
-  if (choice) { event.preventDefault(); choose(choice); }
-  else if (event.key === "Backspace") { event.preventDefault(); back(); }
+document.addEventListener("keydown", event => {  // keys only act in the section they belong to
+  if (!$("intro").hidden && event.key === "Enter") start();
+  if ($("study").hidden || !(event.key in KEYS || event.key === "Backspace")) return;
+  event.preventDefault();
+  event.key in KEYS ? choose(KEYS[event.key]) : back();
 });
 render();
 </script></body></html>
@@ -1715,8 +1606,8 @@ def userstudy_main(args):
         sides = {c["ours_side"]: c["ours"], OTHER_SIDE[c["ours_side"]]: c["baseline"]}
         files = {side: f"images/{cid}-{number}.png" for side, number in (("left", 1), ("right", 2))}
         for side, file in files.items():  # re-encoded, not copied: a PNG text chunk could name its maker
-            source = out_dir / image_relpath(sides[side], c["image_seed"], c["prompt_index"])
-            common.atomic_save_image(open_image(source), page / file)
+            image = open_image(out_dir / image_relpath(sides[side], c["image_seed"], c["prompt_index"]))
+            common.atomic_save_image(image, page / file)
         page_comparisons.append({"id": cid, "prompt": c["prompt"], **files})
     page_data = {"id": key["study_id"], "question": args.question, "comparisons": page_comparisons}
     # "</" is escaped so that no prompt can close the <script> element
@@ -1780,21 +1671,16 @@ def tally_study(key, participants, bootstrap_samples, seed):
             ours_side = OTHER_SIDE[comparison["ours_side"]] if mirrored else comparison["ours_side"]
             counts[comparison["baseline"]][p, 1 if choice == "tie" else 0 if choice == ours_side else 2] += 1
             sides[choice] += 1
-    rng = np.random.default_rng(seed)
-    rows = {}
+    rng, rows = np.random.default_rng(seed), {}
     for baseline, matrix in counts.items():
-        total = int(matrix.sum())
-        row = {"votes": total, "participants": int((matrix.sum(1) > 0).sum())}
-        for j, outcome in enumerate(outcomes):
-            row[outcome] = 100.0 * matrix[:, j].sum() / total if total else None
-            row[f"{outcome}_ci95"] = None
+        total, intervals = int(matrix.sum()), [None] * 3
         if total and len(names) > 1:
             sums = matrix[rng.integers(0, len(names), size=(bootstrap_samples, len(names)))].sum(axis=1)
             n = sums.sum(axis=1)
-            low, high = np.percentile(100.0 * sums[n > 0] / n[n > 0, None], [2.5, 97.5], axis=0)
-            for j, outcome in enumerate(outcomes):
-                row[f"{outcome}_ci95"] = [float(low[j]), float(high[j])]
-        rows[baseline] = row
+            intervals = np.percentile(100.0 * sums[n > 0] / n[n > 0, None], [2.5, 97.5], axis=0).T.tolist()
+        rows[baseline] = row = {"votes": total, "participants": int((matrix.sum(1) > 0).sum())}
+        for j, outcome in enumerate(outcomes):
+            row[outcome], row[f"{outcome}_ci95"] = 100.0 * matrix[:, j].sum() / total if total else None, intervals[j]
     decided = sides["left"] + sides["right"]
     return {"study_id": key["study_id"], "ours": key["ours"], "participants": len(names),
             "mirrored_participants": sum(mirrored for mirrored, _ in participants.values()),
@@ -1835,7 +1721,8 @@ def draw_figure4(tally, path):
     rows = [(b, r) for b, r in tally["baselines"].items() if r["votes"]]
     if not rows:
         return False
-    figure, ax = pyplot().subplots(figsize=(7.5, 0.8 + 0.6 * len(rows)), dpi=120)
+    figure = common.new_figure(7.5, 0.8 + 0.6 * len(rows), dpi=120)
+    ax = figure.subplots()
     colours = {"win": "#3b7dd8", "tie": "#c8c8c8", "lose": "#e58b3a"}
     labels = {"win": f"{tally['ours']} wins", "tie": "tie", "lose": f"{tally['ours']} loses"}
     y, left = np.arange(len(rows))[::-1], np.zeros(len(rows))
@@ -1861,10 +1748,9 @@ def userstudy_tally_main(args):
     key = json.loads(key_path.read_text())
     tally = tally_study(key, read_study_votes(args.votes, key), args.bootstrap_samples, args.seed)
     write_json(study_dir / "tally.json", tally)
-    text = tally_markdown(tally)
-    common.atomic_write_text(study_dir / "tally.md", text)
+    common.atomic_write_text(study_dir / "tally.md", tally_markdown(tally))
     draw_figure4(tally, study_dir / "figure4.png")
-    print(text)
+    print(tally_markdown(tally))
     logger.info("wrote %s, %s and %s", study_dir / "tally.md", study_dir / "tally.json", study_dir / "figure4.png")
 
 
