@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -119,69 +118,6 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "realalign")
 # ---------------------------------------------------------------- arguments (the shared flags defined once)
 
 
-def add_scoring_args(add):
-    """Flags of the scorers (the main command and `score`)."""
-    add("--metrics", default=DEFAULT_METRICS,
-        help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.")
-    add("--score_batch_size", type=common.positive_int, default=16,
-        help="Images per scorer call, except HPSv3 and UnifiedReward (--vlm_batch_size).")
-    add("--vlm_batch_size", type=common.positive_int, default=1, help="Images per HPSv3 / UnifiedReward call. 1 is "
-        "the public evaluation's: batching pads the prompts, which can change a greedy answer.")
-    add("--cache_dir", default=CACHE_DIR,
-        help="Where fetched prompt sets, the authors' UnifiedReward question and the aesthetic MLP are kept.")
-    add("--pickscore_model", default="yuvalkirstain/PickScore_v1", help="PickScore CLIP model (also for 'sgp').")
-    add("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        help="Processor (tokenizer + image transform) of the PickScore model.")
-    add("--sgp_real_prefix", default="Realistic photo, ", help="Realism = PickScore(image, real_prefix + prompt) - "
-        "PickScore(image, cg_prefix + prompt) (README 'Method: evaluation').")
-    add("--sgp_cg_prefix", default="CG render, ", help="See --sgp_real_prefix.")
-    add("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP of the 'clip' metric (100 * max(cos, 0)).")
-    add("--aesthetic_clip_model", default="openai/clip-vit-large-patch14",
-        help="CLIP whose L2-normalised image embedding feeds the LAION aesthetic MLP.")
-    add("--aesthetic_weights", default=AESTHETIC_WEIGHTS_URL,
-        help="The aesthetic MLP's state dict: a local .pth file or a URL (downloaded to --cache_dir).")
-    add("--unifiedreward_model", default="CodeGoat24/UnifiedReward-qwen-7b", help="UnifiedReward (a Qwen2.5-VL).")
-    add("--unifiedreward_question", default=None, help="Text file with the question to ask UnifiedReward ({prompt} "
-        f"is replaced by the prompt); default: the authors' template, read from {AUTHORS_REWARDS_FILE} of their "
-        "repository at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
-    add("--unifiedreward_max_new_tokens", type=common.positive_int, default=512,
-        help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
-    add("--deqa_model", default="zhiyuanyou/DeQA-Score-Mix3", help="DeQA-Score model (loaded with trust_remote_code).")
-    add("--deqa_revision", default=DEQA_REVISION,
-        help="Revision of --deqa_model, pinned to the public evaluation's (its remote code runs from it).")
-    add("--oneig_dir", default=None, help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models "
-        "(scripts/style/...), for 'stylization'; run `evaluate.py score --metrics stylization` in its environment.")
-    add("--stylization_results", default=None, help="results.json of another evaluation folder with 'stylization' "
-        "for the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
-    add("--note", default=None, help="A line above results.md's table (the smoke run's: its models are tiny).")
-    add("--prompt_source", choices=["authors", "hub"], default="authors", help="Where a named prompt set comes "
-        "from: the authors' prompt files (the paper's prompts, pinned commit) or the Hugging Face hub datasets.")
-    add("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
-
-
-def add_generation_args(add):
-    """Flags of generation (the main command and `userstudy`): the same defaults, so either reuses the
-    images the other made in the same evaluation folder."""
-    defaults = lambda j: ", ".join(f"{common.BACKBONE_NAMES[k]}: {v[j]}" for k, v in SAMPLING_DEFAULTS.items())
-    add("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
-    add("--output_dir", default="outputs/eval", help="The evaluation folder: images (NAME/seed_S/00000.png) and "
-        "reports. `userstudy` takes its images from here and makes the missing ones here.")
-    add("--resolution", type=common.resolution_int, default=512, help="Image height and width.")
-    add("--num_inference_steps", type=common.positive_int, help=f"Sampling steps (default: {defaults(0)}).")
-    add("--guidance_scale", type=common.non_negative_float, help=f"Classifier-free guidance (default: {defaults(1)}).")
-    add("--batch_size", type=common.positive_int, default=8, help="Prompts per pipeline call (per process).")
-    add("--generation_dtype", choices=["fp16", "bf16"], default="fp16", help="Half precision of generation on a GPU. "
-        "fp16 is the public protocol's (SD-1.5 pipeline in fp16; SD-3.5-M transformer and text encoders in fp16, VAE "
-        "in fp32, under fp16 autocast). On CPU everything runs in fp32.")
-    add("--method", action="append", metavar="NAME=MODEL", help="A model to evaluate, repeatable; the first is the "
-        "baseline of the gains (in `userstudy`: the method under study, each later one a baseline). MODEL is empty "
-        "(the base model), a LoRA (a .safetensors file; a folder or hub id holding diffusers' "
-        "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
-        "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on another network "
-        "(e.g. RealAlign trained on top of Diffusion-DPO). Default: base= (`userstudy` needs two or more).")
-
-
 DESCRIPTIONS = {
     "generate": "Generate images for several methods and score them (RealAlign Table 1 / Figure 2). Use "
                 "`evaluate.py score --help` to score an existing folder.",
@@ -194,7 +130,10 @@ DESCRIPTIONS = {
                        "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png."}
 
 
+
 def parse_args(argv=None):
+    """The flags of the four commands. Generation's (the main command and `userstudy`) and scoring's (the main
+    command and `score`) are defined once: the same defaults, so each reuses what the other made in a folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("score", "userstudy", "userstudy-tally") else "generate"
     formatter = argparse.ArgumentDefaultsHelpFormatter if command == "userstudy-tally" else common.HelpFormatter
@@ -207,22 +146,39 @@ def parse_args(argv=None):
         add("--bootstrap_samples", type=common.positive_int, default=10000,
             help="Resamples of the participant-level bootstrap behind the 95%% intervals.")
         add("--seed", type=common.seed_int, default=0, help="Seed of the bootstrap.")
-    elif command == "score":
+    if command in ("generate", "userstudy"):
+        defaults = lambda j: ", ".join(f"{common.BACKBONE_NAMES[k]}: {v[j]}" for k, v in SAMPLING_DEFAULTS.items())
+        add("--pretrained_model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            help="Base diffusers pipeline (hub id or folder): SD-1.5 or SD-3.5-M.")
+        add("--output_dir", default="outputs/eval", help="The evaluation folder: images (NAME/seed_S/00000.png) and "
+            "reports. `userstudy` takes its images from here and makes the missing ones here.")
+        add("--resolution", type=common.resolution_int, default=512, help="Image height and width.")
+        add("--num_inference_steps", type=common.positive_int, help=f"Sampling steps (default: {defaults(0)}).")
+        add("--guidance_scale", type=common.non_negative_float,
+            help=f"Classifier-free guidance (default: {defaults(1)}).")
+        add("--batch_size", type=common.positive_int, default=8, help="Prompts per pipeline call (per process).")
+        add("--generation_dtype", choices=["fp16", "bf16"], default="fp16", help="Half precision of generation on a "
+            "GPU. fp16 is the public protocol's (SD-1.5 pipeline in fp16; SD-3.5-M transformer and text encoders in "
+            "fp16, VAE in fp32, under fp16 autocast). On CPU everything runs in fp32.")
+        add("--method", action="append", metavar="NAME=MODEL", help="A model to evaluate, repeatable; the first is the "
+            "baseline of the gains (in `userstudy`: the method under study, each later one a baseline). MODEL is empty "
+            "(the base model), a LoRA (a .safetensors file; a folder or hub id holding diffusers' "
+            "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
+            "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on another network "
+            "(e.g. RealAlign trained on top of Diffusion-DPO). Default: base= (`userstudy` needs two or more).")
+
+    if command == "score":
         add("--images", required=True, help="An evaluate.py output folder, or a folder of NAME/seed_S/00000.png.")
         add("--prompts", help="Only for a folder without manifest.jsonl: its prompts (file or set name).")
         add("--baseline", help="Only for a folder without manifest.jsonl: the baseline method's folder name "
             "(default: the first name in alphabetical order).")
-        add_scoring_args(add)
     elif command == "generate":
-        add_generation_args(add)
         add("--prompts", default="pickapic_v2", help=f"A prompt set ({', '.join(PROMPT_SETS)}), the prompts of the "
             f"paper's qualitative panels ({', '.join(FIGURE_PROMPT_SETS)}), or a text file with one prompt per line.")
         add("--max_prompts", type=common.positive_int, help="Use only the first N prompts (quick runs).")
         add("--seeds", type=common.seed_int, nargs="+", default=DEFAULT_SEEDS,
             help="One image per prompt per seed; every prompt is generated with the same seed.")
-        add_scoring_args(add)
-    else:
-        add_generation_args(add)
+    elif command == "userstudy":
         add("--prompts", default="hpdv2", help="The prompt set or file of the study's prompts (the paper: HPDv2).")
         add("--num_prompts", type=common.positive_int, default=60, help="Prompts drawn (the paper: 60).")
         add("--seed", type=common.seed_int, default=0, help="Seed of the draws: which prompts, the image seed and "
@@ -233,11 +189,45 @@ def parse_args(argv=None):
         add("--study_dir", help="Where the study goes (default: OUTPUT_DIR/userstudy).")
         add("--question", default=STUDY_QUESTION, help="The question the page asks.")
         add("--cache_dir", default=CACHE_DIR, help="Where fetched prompt sets are kept.")
+    if command in ("generate", "score"):
+        add("--metrics", default=DEFAULT_METRICS,
+            help=f"Comma-separated metrics, from: {', '.join(ALL_METRICS)}. Default: Table 1 and Figure 2's metrics.")
+        add("--score_batch_size", type=common.positive_int, default=16,
+            help="Images per scorer call, except HPSv3 and UnifiedReward (--vlm_batch_size).")
+        add("--vlm_batch_size", type=common.positive_int, default=1, help="Images per HPSv3 / UnifiedReward call. 1 is "
+            "the public evaluation's: batching pads the prompts, which can change a greedy answer.")
+        add("--cache_dir", default=CACHE_DIR,
+            help="Where fetched prompt sets, the authors' UnifiedReward question and the aesthetic MLP are kept.")
+        add("--pickscore_model", default="yuvalkirstain/PickScore_v1", help="PickScore CLIP model (also for 'sgp').")
+        add("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+            help="Processor (tokenizer + image transform) of the PickScore model.")
+        add("--sgp_real_prefix", default="Realistic photo, ", help="Realism = PickScore(image, real_prefix + prompt) - "
+            "PickScore(image, cg_prefix + prompt) (README 'Method: evaluation').")
+        add("--sgp_cg_prefix", default="CG render, ", help="See --sgp_real_prefix.")
+        add("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP of 'clip' (100 * max(cos, 0)).")
+        add("--aesthetic_clip_model", default="openai/clip-vit-large-patch14",
+            help="CLIP whose L2-normalised image embedding feeds the LAION aesthetic MLP.")
+        add("--aesthetic_weights", default=AESTHETIC_WEIGHTS_URL,
+            help="The aesthetic MLP's state dict: a local .pth file or a URL (downloaded to --cache_dir).")
+        add("--unifiedreward_model", default="CodeGoat24/UnifiedReward-qwen-7b", help="UnifiedReward (a Qwen2.5-VL).")
+        add("--unifiedreward_question", default=None, help="Text file with the question to ask UnifiedReward ({prompt} "
+            f"is replaced by the prompt); default: the authors' template, read from {AUTHORS_REWARDS_FILE} of their "
+            "repository at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
+        add("--unifiedreward_max_new_tokens", type=common.positive_int, default=512,
+            help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
+        add("--deqa_model", default="zhiyuanyou/DeQA-Score-Mix3", help="DeQA-Score (loaded with trust_remote_code).")
+        add("--deqa_revision", default=DEQA_REVISION,
+            help="Revision of --deqa_model, pinned to the public evaluation's (its remote code runs from it).")
+        add("--oneig_dir", default=None, help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models "
+            "(scripts/style/...), for 'stylization'; run `evaluate.py score --metrics stylization` in its environment.")
+        add("--stylization_results", default=None, help="results.json of another evaluation folder with 'stylization' "
+            "for the same method names (OneIG-Bench's style prompts), for Figure 2 (b).")
+        add("--note", default=None, help="A line above results.md's table (the smoke run's: its models are tiny).")
+        add("--prompt_source", choices=["authors", "hub"], default="authors", help="Where a named prompt set comes "
+            "from: the authors' prompt files (the paper's prompts, pinned commit) or the Hugging Face hub datasets.")
+        add("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
+
     return argparse.Namespace(**vars(parser.parse_args(argv)), command=command)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_json(path, value):
@@ -257,7 +247,7 @@ def open_image(path):
 
 def fetch_prompt_set(name):
     """Download a public prompt set from the hub (PROMPT_SETS names the files and columns)."""
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     if name == "partiprompts":
         path = hf_hub_download("nateraw/parti-prompts", "PartiPrompts.tsv", repo_type="dataset")
@@ -269,24 +259,21 @@ def fetch_prompt_set(name):
         return [e if isinstance(e, str) else e["prompt"] for p in paths for e in json.loads(Path(p).read_text())]
     # Pick-a-Pic's parquet shards also hold the images (a large download, once); DrawBench: the hub's automatic
     # parquet conversion. Both are the 'unique' sets: the first occurrence of a prompt is kept.
-    repo_id, columns, revision, part = {"pickapic_v2": ("yuvalkirstain/pickapic_v2", ["caption"], None, "test_unique"),
-                                        "drawbench": ("shunk031/DrawBench", ["prompts", "prompt"],
-                                                      "refs/convert/parquet", "")}[name]
+    repo_id, columns, revision, files = {"pickapic_v2": ("yuvalkirstain/pickapic_v2", ["caption"], None,
+                                                         "*test_unique*.parquet"),
+                                         "drawbench": ("shunk031/DrawBench", ["prompts", "prompt"],
+                                                       "refs/convert/parquet", "*.parquet")}[name]
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("this needs the package 'pyarrow': pip install pyarrow") from None
-    files = [f for f in sorted(list_repo_files(repo_id, repo_type="dataset", revision=revision))
-             if f.endswith(".parquet") and part in f]
-    if not files:
-        raise UserError(f"found no parquet files in {repo_id}" + (f" ({revision})" if revision else ""))
+    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=[files]))
     values = []
-    for filename in files:
-        path = hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision)
+    for path in sorted(folder.glob("**/*.parquet")):
         names = pq.read_schema(path).names
         column = next((c for c in columns if c in names), None)
         if column is None:
-            raise UserError(f"{repo_id}/{filename} has none of the columns {columns} (has {names})")
+            raise UserError(f"{repo_id}/{path.relative_to(folder)} has none of the columns {columns} (has {names})")
         values += [str(v) for v in pq.read_table(path, columns=[column]).column(column).to_pylist()]
     return list(dict.fromkeys(values))
 
@@ -297,9 +284,8 @@ def read_prompt_file(path):
 
 
 def unifiedreward_question_name(args):
-    if args.unifiedreward_question:
-        return f"{args.unifiedreward_question} (user file)"
-    return f"the authors' (prompt_template of unifiedreward_score in {common.AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
+    return f"{args.unifiedreward_question} (user file)" if args.unifiedreward_question else \
+        f"the authors' (prompt_template of unifiedreward_score in {common.AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
 
 
 def unifiedreward_question(args):
@@ -426,9 +412,9 @@ def parse_methods(texts):
 def hub_kind(repo_id):
     """"lora" or "network" from a hub model's file list (not a full UNet downloaded to learn it is no LoRA);
     None offline or when it says neither."""
-    try:
-        from huggingface_hub import list_repo_files
+    from huggingface_hub import list_repo_files
 
+    try:
         files = set(list_repo_files(repo_id))
     except Exception:
         return None
@@ -448,31 +434,27 @@ def apply_method(backbone, method, device):
                 from huggingface_hub import snapshot_download
                 snapshot = snapshot_download(ref, local_files_only=True)
             kind, ref = classify_part(snapshot) if snapshot else ("hub", ref)
-        if kind == "hub":  # unknown: try it as a LoRA, then (first part only) as a network
-            try:
-                common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
-                kind = "lora_loaded"
-            except UserError as lora_err:
-                if k > 0:
-                    raise
-                backbone.pipe.unload_lora_weights()  # drop anything half-loaded
-                try:
-                    common.load_network_override(backbone, ref)
-                except UserError as net_err:
-                    raise UserError(f"method '{method['name']}': '{ref}' is not a local path, and from the hub it "
-                                    f"loads neither as a LoRA ({lora_err}) nor as a network ({net_err})") from None
-        elif kind == "lora":
-            common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
-            kind = "lora_loaded"
-        elif k > 0:  # a network: parse_methods checks local folders, this catches hub ids
+        if kind == "network" and k > 0:  # parse_methods checks local folders, this catches hub ids
             raise UserError(f"method '{method['name']}': '{ref}' is a UNet/transformer; only the first part of "
                             "NET+LORA may be one")
-        else:
+        if kind != "network":  # a LoRA; a hub model of unknown kind too, and if not, (first part only) a network
+            try:
+                common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
+                adapters.append(f"eval_{k}")
+                continue
+            except UserError as err:
+                if kind == "lora" or k > 0:
+                    raise
+                backbone.pipe.unload_lora_weights()  # drop anything half-loaded
+                lora_error = err
+        try:
             common.load_network_override(backbone, ref)
-        if kind == "lora_loaded":
-            adapters.append(f"eval_{k}")
-        else:
-            backbone.net.to(device)
+        except UserError as err:
+            if kind == "network":
+                raise
+            raise UserError(f"method '{method['name']}': '{ref}' is not a local path, and from the hub it loads "
+                            f"neither as a LoRA ({lora_error}) nor as a network ({err})") from None
+        backbone.net.to(device)
     if adapters:  # every LoRA at full strength, as it was trained
         backbone.pipe.set_adapters(adapters, [1.0] * len(adapters))
     return adapters
@@ -480,8 +462,7 @@ def apply_method(backbone, method, device):
 
 def free_memory():
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
 
 # ---------------------------------------------------------------- generation (README 'Method: evaluation')
 
@@ -515,11 +496,10 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
 
 
 def generate_missing_images(args, methods, prompts, items, out_dir, state):
-    """Generate each method's missing images of the (seed, prompt index) `items` (a list, or {name: list});
-    the main command and `userstudy` both come here, so each reuses the other's images. Returns the manifest
-    entries of `items` and the generation settings. A method folder's images all come from one set of settings
-    (NAME/generation.json); its models count by content (a fingerprint of the files), not path: a moved folder
-    keeps its images, a retrained checkpoint makes them stale."""
+    """Each method's missing images of the (seed, prompt index) `items` (a list, or {name: list}); the main command
+    and `userstudy` both come here, so each reuses the other's images. A method folder's images all come from one
+    set of settings (NAME/generation.json), its models counted by content, not path: a moved folder keeps its
+    images, a retrained checkpoint makes them stale. Returns the manifest of `items` and the settings."""
     main_process, device = state.is_main_process, state.device
     if main_process:
         common.lock_output_dir(out_dir, "evaluate.py")
@@ -658,29 +638,26 @@ def gpu_half(device):
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _load_clip(model_id, device):
-    """A transformers CLIP model and processor, fp32 on GPU too, as the public scorers (common.PickScorer)."""
-    from transformers import AutoProcessor, CLIPModel
-
-    return loaded(f"the CLIP model '{model_id}'", lambda: (
-        CLIPModel.from_pretrained(model_id, dtype=torch.float32).to(device).eval(),
-        AutoProcessor.from_pretrained(model_id)), "; download it or pass a local folder")
+_CLIP_MODELS = {}  # one copy of each CLIP: PickScore serves 'pickscore' and 'sgp', ViT-L/14 'clip' and 'aesthetic'
 
 
-_PICKSCORERS = {}  # PickScore serves 'pickscore' and 'sgp': one copy in memory
+def clip_model(model, processor, device, flags):
+    """common.PickScorer (a transformers CLIP and processor, fp32 on GPU too, as the public scorers), loaded once."""
+    try:
+        if (model, processor, str(device)) not in _CLIP_MODELS:
+            _CLIP_MODELS[(model, processor, str(device))] = common.PickScorer(model, processor, device=device)
+    except UserError as err:
+        raise ScorerUnavailable(f"{err}; download them or pass {flags}") from None
+    return _CLIP_MODELS[(model, processor, str(device))]
 
 
 class PickScoreMetric:
     """Raw PickScore (yuvalkirstain/PickScore_v1), exp(logit_scale) * cosine: about 20-23, never /26."""
 
     def __init__(self, args, device):
-        key = (args.pickscore_model, args.pickscore_processor)
-        try:
-            if key not in _PICKSCORERS:
-                _PICKSCORERS[key] = common.PickScorer(*key, device=device)
-        except UserError as err:
-            raise ScorerUnavailable(f"{err}; download them or pass --pickscore_model/--pickscore_processor") from None
-        self.scorer, self.prefixes = _PICKSCORERS[key], (args.sgp_real_prefix, args.sgp_cg_prefix)
+        self.scorer = clip_model(args.pickscore_model, args.pickscore_processor, device,
+                                 "--pickscore_model/--pickscore_processor")
+        self.prefixes = args.sgp_real_prefix, args.sgp_cg_prefix
 
     def __call__(self, images, prompts):
         return [float(v) for v in self.scorer(images, prompts, batch_size=len(images))]
@@ -696,68 +673,50 @@ class RealismMetric(PickScoreMetric):
         return [float(v) for v in real - cg]
 
 
-class ClipScoreMetric:
-    """CLIP score = 100 * max(cosine(image, text), 0), text cut at 77 tokens (openai/clip-vit-large-patch14;
-    the usual CLIPScore scale, not in the paper's tables)."""
+class ClipScoreMetric(PickScoreMetric):
+    """CLIP score = 100 * max(cosine(image, text), 0), text cut at 77 tokens (openai/clip-vit-large-patch14; the
+    usual CLIPScore scale, not in the paper's tables): PickScore's computation without CLIP's own logit scale."""
 
-    def __init__(self, args, device, model_id=None):
-        self.model, self.processor = _load_clip(model_id or args.clip_model, device)
-
-    @torch.no_grad()
-    def embed(self, images=None, texts=None):
-        if images is not None:
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            output = self.model.get_image_features(pixel_values=pixels.to(self.model.device, self.model.dtype))
-        else:
-            output = self.model.get_text_features(**self.processor(
-                text=texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(
-                self.model.device))
-        # transformers 5 returns a model output from get_*_features, older ones a tensor
-        return F.normalize(getattr(output, "pooler_output", output).float(), dim=-1)
+    def __init__(self, args, device):
+        self.scorer = clip_model(args.clip_model, args.clip_model, device, "--clip_model")
 
     def __call__(self, images, prompts):
-        cosine = (self.embed(images=images) * self.embed(texts=prompts)).sum(-1)
-        return [float(v) for v in 100 * cosine.clamp(min=0)]
+        cosine = np.array(super().__call__(images, prompts)) / float(self.scorer.model.logit_scale.exp())
+        return [float(v) for v in 100 * cosine.clip(min=0)]
 
 
-class AestheticMetric(ClipScoreMetric):
+class AestheticMetric:
     """LAION aesthetic score (christophschuhmann/improved-aesthetic-predictor, about 5-6): its MLP head on the
     L2-normalised CLIP ViT-L/14 image embedding, Linear 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the
     first four, no activation; the layer indices are the released keys (layers.0/2/4/6/7), the sizes read from
     them (the tests' tiny CLIP has its own)."""
 
     def __init__(self, args, device):
-        weights = Path(args.aesthetic_weights)
-        if re.match(r"https?://", args.aesthetic_weights):
-            weights = Path(args.cache_dir) / "weights" / weights.name
-            try:
-                if not weights.is_file():
-                    weights.parent.mkdir(parents=True, exist_ok=True)
-                    common.download_url(args.aesthetic_weights, weights)
-            except Exception as err:
-                raise ScorerUnavailable(f"could not download {args.aesthetic_weights} ({common.first_line(err)}); "
-                                        "download it and pass --aesthetic_weights FILE") from None
-        if not weights.is_file():
-            raise ScorerUnavailable(f"aesthetic weights not found: {weights}")
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        try:
-            shapes = {i: state_dict[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)}
-        except KeyError as err:
-            raise ScorerUnavailable(f"the aesthetic weights lack {err}; expected the sac+logos+ava1-l14-linearMSE.pth "
-                                    "state dict") from None
-        self.mlp = torch.nn.ModuleDict({"layers": torch.nn.Sequential(*(
-            torch.nn.Linear(shapes[i][1], shapes[i][0]) if i in shapes else torch.nn.Dropout(0.0) for i in range(8)))})
-        self.mlp.load_state_dict(state_dict)
-        self.mlp.to(device).eval()
-        super().__init__(args, device, args.aesthetic_clip_model)
-        if shapes[0][1] != self.model.config.projection_dim:
-            raise ScorerUnavailable(f"the aesthetic MLP takes {shapes[0][1]}-d embeddings but "
-                                    f"{args.aesthetic_clip_model} gives {self.model.config.projection_dim}-d (use "
-                                    "CLIP ViT-L/14)")
+        weights, options = args.aesthetic_weights, dict(map_location="cpu", weights_only=True)
 
-    @torch.no_grad()
+        def load():  # a URL is downloaded once, into --cache_dir/weights
+            state = torch.hub.load_state_dict_from_url(weights, str(Path(args.cache_dir) / "weights"), progress=False,
+                                                       **options) if re.match(r"https?://", weights) else \
+                torch.load(weights, **options)
+            shapes = {i: state[f"layers.{i}.weight"].shape for i in (0, 2, 4, 6, 7)}
+            layers = [torch.nn.Linear(*shapes[i][::-1]) if i in shapes else torch.nn.Dropout(0.0) for i in range(8)]
+            mlp = torch.nn.ModuleDict({"layers": torch.nn.Sequential(*layers)})
+            mlp.load_state_dict(state)
+            return mlp.to(device).eval()
+        self.mlp = loaded(f"the aesthetic MLP {weights}", load, "; download it and pass --aesthetic_weights FILE, the "
+                                                                "sac+logos+ava1-l14-linearMSE.pth state dict")
+        self.clip = clip_model(args.aesthetic_clip_model, args.aesthetic_clip_model, device, "--aesthetic_clip_model")
+        takes, gives = self.mlp["layers"][0].in_features, self.clip.model.config.projection_dim
+        if takes != gives:
+            raise ScorerUnavailable(f"the aesthetic MLP takes {takes}-d embeddings but {args.aesthetic_clip_model} "
+                                    f"gives {gives}-d (use CLIP ViT-L/14)")
+
     def __call__(self, images, prompts):
-        return [float(v) for v in self.mlp["layers"](self.embed(images=images)).squeeze(-1)]
+        pixels = self.clip.processor(images=images, return_tensors="pt")["pixel_values"]
+        output = self.clip.model.get_image_features(pixel_values=pixels.to(self.clip.device, self.clip.model.dtype))
+        # transformers 5 returns a model output from get_image_features, older ones a tensor
+        embedding = torch.nn.functional.normalize(getattr(output, "pooler_output", output).float(), dim=-1)
+        return [float(v) for v in self.mlp["layers"](embedding).squeeze(-1)]
 
 
 def rgb_to_gray(image):
@@ -792,7 +751,6 @@ class ImageRewardMetric:
                                  "environment and `evaluate.py score` if that conflicts)")
         self.model = loaded("ImageReward-v1.0", lambda: rm.load("ImageReward-v1.0", device=str(device)).eval())
 
-    @torch.no_grad()
     def __call__(self, images, prompts):
         return [float(self.model.score(prompt, image)) for image, prompt in zip(images, prompts)]
 
@@ -806,10 +764,8 @@ class HPSv3Metric:
                               "and run `python evaluate.py score --images OUT --metrics hpsv3` there)")
         self.inferencer = loaded("HPSv3", lambda: hpsv3.HPSv3RewardInferencer(device=str(device)))
 
-    @torch.no_grad()
     def __call__(self, paths, prompts):
-        rewards = self.inferencer.reward(prompts=list(prompts), image_paths=[str(p) for p in paths])
-        return [float(r[0]) for r in rewards]
+        return [float(r[0]) for r in self.inferencer.reward(prompts=list(prompts), image_paths=list(map(str, paths)))]
 
 
 class DeQAMetric:
@@ -824,7 +780,6 @@ class DeQAMetric:
             dtype=gpu_half(device)).to(device).eval(), "; its remote code targets an older transformers: if that "
             "is the cause, run `evaluate.py score --metrics deqa` with the transformers its model card names")
 
-    @torch.no_grad()
     def __call__(self, images, prompts):
         return [float(v) for v in torch.as_tensor(self.model.score(images)).float().flatten()]
 
@@ -885,16 +840,12 @@ class StylizationMetric:
                                                               "; install its requirements and models as its README "
                                                               "says")
 
-    @torch.no_grad()
     def __call__(self, paths, prompts):
         scores = []
         for path, style in zip(paths, (self.style_of.get(prompt.strip()) for prompt in prompts)):
-            if style not in self.csd_ref or style not in self.se_ref:
-                scores.append(None)
-                continue
             best = [max(float((encoder.get_style_embedding(str(path)) @ ref[style].T).max()), 0.0)
-                    for encoder, ref in ((self.csd, self.csd_ref), (self.se, self.se_ref))]
-            scores.append(sum(best) / 2)
+                    for encoder, ref in ((self.csd, self.csd_ref), (self.se, self.se_ref)) if style in ref]
+            scores.append(sum(best) / 2 if len(best) == 2 else None)
         return scores
 
 
@@ -927,7 +878,6 @@ class UnifiedRewardMetric:
         self.processor.tokenizer.padding_side = "left"  # only a batch (--vlm_batch_size > 1) is padded
         self.max_new_tokens, self.unparsed = args.unifiedreward_max_new_tokens, 0
 
-    @torch.no_grad()
     def __call__(self, images, prompts):
         texts = [self.processor.apply_chat_template([{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": self.question.replace("{prompt}", prompt)}]}],
@@ -980,7 +930,7 @@ def score_images(out_dir, manifest, metrics, args, state):
         # HPSv3 and UnifiedReward one image at a time by default, as the public evaluation scores them
         size = args.vlm_batch_size if metric in ("hpsv3", "unifiedreward") else args.score_batch_size
         try:
-            with state.split_between_processes(pending) as mine:
+            with state.split_between_processes(pending) as mine, torch.no_grad():
                 for start in tqdm(range(0, len(mine), size), desc=f"scoring {metric}",
                                   disable=not state.is_main_process):
                     batch = mine[start : start + size]
@@ -1001,7 +951,7 @@ def score_images(out_dir, manifest, metrics, args, state):
             not_run[metric] = f"failed: {common.first_line(err)}"
         del scorer
         free_memory()
-    _PICKSCORERS.clear()
+    _CLIP_MODELS.clear()
     gc.collect()
     return not_run
 
@@ -1011,21 +961,17 @@ def score_images(out_dir, manifest, metrics, args, state):
 def aggregate(rows, methods, metrics):
     """Table 1's statistics from rows {method, seed, metric, value (None = missing)}: per (method, metric) the
     mean over prompts per seed (missing excluded), then mean and population std of those per-seed means."""
-    groups = {}
+    groups, results = {}, {}
     for row in rows:
         groups.setdefault((row["method"], row["metric"]), {}).setdefault(row["seed"], []).append(row["value"])
-    results = {}
-    for method in methods:
-        for metric in metrics:
-            by_seed = groups.get((method, metric))
-            if not by_seed:  # no scores at all: left out
-                continue
-            valid = {seed: [v for v in by_seed[seed] if v is not None] for seed in sorted(by_seed)}
-            per_seed = {str(seed): float(np.mean(values)) for seed, values in valid.items() if values}
-            n, means = sum(map(len, valid.values())), list(per_seed.values())
-            results.setdefault(method, {})[metric] = {
-                "mean": float(np.mean(means)) if means else None, "std": float(np.std(means)) if means else None,
-                "per_seed": per_seed, "n": n, "missing": sum(map(len, by_seed.values())) - n}
+    for method, metric in ((method, metric) for method in methods for metric in metrics if (method, metric) in groups):
+        by_seed = groups[(method, metric)]
+        valid = {seed: [v for v in by_seed[seed] if v is not None] for seed in sorted(by_seed)}
+        per_seed = {str(seed): float(np.mean(values)) for seed, values in valid.items() if values}
+        n, means = sum(map(len, valid.values())), list(per_seed.values())
+        results.setdefault(method, {})[metric] = {
+            "mean": float(np.mean(means)) if means else None, "std": float(np.std(means)) if means else None,
+            "per_seed": per_seed, "n": n, "missing": sum(map(len, by_seed.values())) - n}
     return results
 
 
@@ -1037,13 +983,11 @@ def minmax(values):
 
 def human_preference(results, methods):
     """Fig. 2's ½·minmax(UnifiedReward) + ½·minmax(HPSv3) across `methods`; None unless all have both."""
-    columns = []
-    for metric in ("unifiedreward", "hpsv3"):
-        values = {m: results.get(m, {}).get(metric, {}).get("mean") for m in methods}
-        if any(v is None for v in values.values()):
-            return None
-        columns.append(minmax(values))
-    return {m: 0.5 * columns[0][m] + 0.5 * columns[1][m] for m in methods}
+    means = [{m: results.get(m, {}).get(k, {}).get("mean") for m in methods} for k in ("unifiedreward", "hpsv3")]
+    if any(v is None for values in means for v in values.values()):
+        return None
+    unifiedreward, hpsv3 = map(minmax, means)
+    return {m: 0.5 * unifiedreward[m] + 0.5 * hpsv3[m] for m in methods}
 
 
 def stylization_means(results, methods, other_results=None):
@@ -1335,44 +1279,40 @@ def main(argv=None):
     finish(out_dir, run_info, manifest, metrics, args, state)
 
 
-def scan_image_folder(folder, prompts, baseline=None):
-    """A manifest for a NAME/seed_S/00000.png folder another tool wrote: prompts[i] is image i's prompt."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("seed_*/*.png")))
-    if not names:
-        raise UserError(f"{folder} has no NAME/seed_S/00000.png images")
-    if baseline is not None and baseline not in names:
-        raise UserError(f"--baseline {baseline} is not a method folder of {folder} ({', '.join(names)})")
-    manifest = []
-    for name in sorted(names, key=lambda n: n != baseline):  # the baseline first
-        for image in sorted((folder / name).glob("seed_*/*.png")):
-            seed, index = int(image.parent.name.split("_", 1)[1]), int(image.stem)
-            if index >= len(prompts):
-                raise UserError(f"{image}: index {index} but only {len(prompts)} prompts")
-            manifest.append({"image": image_relpath(name, seed, index), "method": name, "seed": seed,
-                             "index": index, "prompt": prompts[index]})
-    return manifest
-
-
 def score_main(args):
-    """`evaluate.py score`: score an existing folder and refresh its report."""
+    """`evaluate.py score`: score an existing folder and refresh its report. A NAME/seed_S/00000.png folder another
+    tool wrote gets a manifest first: prompts[i] is image i's prompt, the --baseline folder first."""
     metrics, out_dir = parse_metrics(args.metrics), Path(args.images)
     if not out_dir.is_dir():
         raise UserError(f"--images {out_dir} is not a folder")
-    state = make_state()
+    state, manifest, run_info = make_state(), [], {}
     if (out_dir / MANIFEST).is_file():
-        manifest, title = read_jsonl(out_dir / MANIFEST), {}
+        manifest = [json.loads(line) for line in (out_dir / MANIFEST).read_text().splitlines() if line.strip()]
+        run_info = json.loads((out_dir / RUN_INFO).read_text()) if (out_dir / RUN_INFO).is_file() else {}
     elif args.prompts is None:
         raise UserError(f"{out_dir} has no {MANIFEST}: pass --prompts (the prompts its images were made from)")
     else:
         prompts = load_prompts(args.prompts, args.cache_dir, source=args.prompt_source)
-        manifest, title = scan_image_folder(out_dir, prompts, args.baseline), {"title": out_dir.name}
+        names = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and any(p.glob("seed_*/*.png")))
+        if not names:
+            raise UserError(f"{out_dir} has no NAME/seed_S/00000.png images")
+        if args.baseline is not None and args.baseline not in names:
+            raise UserError(f"--baseline {args.baseline} is not a method folder of {out_dir} ({', '.join(names)})")
+        for name in sorted(names, key=lambda n: n != args.baseline):  # the baseline first
+            for image in sorted((out_dir / name).glob("seed_*/*.png")):
+                seed, index = int(image.parent.name.split("_", 1)[1]), int(image.stem)
+                if index >= len(prompts):
+                    raise UserError(f"{image}: index {index} but only {len(prompts)} prompts")
+                manifest.append({"image": image_relpath(name, seed, index), "method": name, "seed": seed,
+                                 "index": index, "prompt": prompts[index]})
+        run_info = {"title": out_dir.name}
     missing = [e["image"] for e in manifest if not (out_dir / e["image"]).is_file()]
     if missing:
         raise UserError(f"{len(missing)} image(s) of {out_dir / MANIFEST} are missing, e.g. {missing[0]}; "
                         "run the generation first")
-    run_info = json.loads((out_dir / RUN_INFO).read_text()) if not title and (out_dir / RUN_INFO).is_file() else {
-        **title, "methods": [{"name": n, "spec": ""} for n in dict.fromkeys(e["method"] for e in manifest)],
-        "n_prompts": len({e["index"] for e in manifest}), "seeds": sorted({e["seed"] for e in manifest})}
+    if "methods" not in run_info:
+        run_info.update(methods=[{"name": n, "spec": ""} for n in dict.fromkeys(e["method"] for e in manifest)],
+                        n_prompts=len({e["index"] for e in manifest}), seeds=sorted({e["seed"] for e in manifest}))
     finish(out_dir, run_info, manifest, metrics, args, state)
 
 
@@ -1468,8 +1408,8 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
 <script>
 "use strict";
 const STUDY = __STUDY__, STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one participant at a time
-const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), $ = id => document.getElementById(id);
-const all = selector => document.querySelectorAll(selector), KEYS = { "1": "left", "2": "tie", "3": "right" };
+const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), KEYS = { 1: "left", 2: "tie", 3: "right" };
+const $ = id => document.getElementById(id), all = selector => document.querySelectorAll(selector);
 let state = JSON.parse(localStorage.getItem(STORE) || "null"), shownAt = 0;
 for (const e of all(".total")) e.textContent = STUDY.comparisons.length;
 for (const e of all(".question")) e.textContent = STUDY.question;
@@ -1482,35 +1422,31 @@ function random(text) {
   return () => { a = (a + 0x6D2B79F5) | 0; let t = Math.imul(a ^ (a >>> 15), 1 | a);
                  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t; return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };
 }
-function participantOrder(pid) {  // Fisher-Yates
-  const draw = random(STUDY.id + "/" + pid), ids = STUDY.comparisons.map(c => c.id);
-  for (let i = ids.length - 1, j; i > 0; i--) { j = Math.floor(draw() * (i + 1)); [ids[i], ids[j]] = [ids[j], ids[i]]; }
-  return ids;
-}
 function sidesMirrored(pid) { return random(STUDY.id + "/sides/" + pid)() < 0.5; }
-function show(section) { for (const s of ["intro", "study", "done"]) $(s).hidden = s !== section; }
 function render() {
-  if (!state) { show("intro"); return $("pid").focus(); }
-  const n = state.order.length, answered = Object.keys(state.answers).length, c = byId[state.order[state.pos]];
+  const c = state && byId[state.order[state.pos]], n = STUDY.comparisons.length;
+  for (const s of ["intro", "study", "done"]) $(s).hidden = s !== (!state ? "intro" : c ? "study" : "done");
+  if (!state) return $("pid").focus();
+  const answered = Object.keys(state.answers).length;
   $("bar").style.width = (100 * answered / n) + "%";
   $("count").textContent = answered + " of " + n + " answered";
   document.body.dataset.comparison = c ? c.id : "";  // read by the browser test
-  if (!c) return show("done");
+  if (!c) return;
   $("prompt").textContent = "\u201c" + c.prompt + "\u201d";
   [$("left").src, $("right").src] = state.mirrored ? [c.right, c.left] : [c.left, c.right];
   $("who").textContent = "participant " + state.participant + " \u00b7 pair " + (state.pos + 1) + " of " + n;
   for (const b of all("[data-choice]")) b.classList.toggle("chosen", state.answers[c.id]?.choice === b.dataset.choice);
   $("back").disabled = state.pos === 0;
-  show("study");
   shownAt = performance.now();
   const next = byId[state.order[state.pos + 1]];  // preload the next pair
   if (next) new Image().src = next.left, new Image().src = next.right;
 }
 function go(pos) { state.pos = pos; localStorage.setItem(STORE, JSON.stringify(state)); render(); }
-function start() {
-  const pid = $("pid").value.trim();
+function start() {  // the participant's own order: a Fisher-Yates shuffle
+  const pid = $("pid").value.trim(), draw = random(STUDY.id + "/" + pid), ids = STUDY.comparisons.map(c => c.id);
   if (!pid) return $("pid").focus();
-  state = { participant: pid, order: participantOrder(pid), mirrored: sidesMirrored(pid), answers: {} };
+  for (let i = ids.length - 1, j; i > 0; i--) { j = Math.floor(draw() * (i + 1)); [ids[i], ids[j]] = [ids[j], ids[i]]; }
+  state = { participant: pid, order: ids, mirrored: sidesMirrored(pid), answers: {} };
   go(0);
 }
 function choose(choice) {
@@ -1522,18 +1458,14 @@ window.studyVotes = () => ({  // the votes as the tally reads them; also callabl
   study: STUDY.id, participant: state.participant, comparisons: state.order.length, mirrored: !!state.mirrored,
   saved_at: new Date().toISOString(), votes: state.order.filter(id => id in state.answers).map(id => ({
     comparison: id, choice: state.answers[id].choice, time_ms: state.answers[id].time_ms })) });
-$("download").onclick = () => {
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(new Blob([JSON.stringify(studyVotes(), null, 1)], { type: "application/json" }));
-  link.download = "votes-" + state.participant.replace(/[^A-Za-z0-9._-]+/g, "_") + ".json";
-  document.body.appendChild(link); link.click(); link.remove();
-};
+$("download").onclick = () => Object.assign(document.createElement("a"), {
+  href: URL.createObjectURL(new Blob([JSON.stringify(studyVotes(), null, 1)], { type: "application/json" })),
+  download: "votes-" + state.participant.replace(/[^A-Za-z0-9._-]+/g, "_") + ".json" }).click();
 for (const img of [$("left"), $("right")]) img.onload = () => img.classList.toggle("small", img.naturalWidth < 128);
 for (const b of all("[data-choice]")) b.onclick = () => choose(b.dataset.choice);
 $("start").onclick = start; $("back").onclick = $("review").onclick = back;
-$("restart").onclick = () => {
-  if (!confirm("Start again as another participant? Save your votes first: the answers kept in this browser "
-               + "are cleared.")) return;
+$("restart").onclick = () => {  // the answers kept in this browser are cleared
+  if (!confirm("Start again as another participant? Save your votes first: the answers kept here are cleared.")) return;
   localStorage.removeItem(STORE); state = null; $("pid").value = ""; render();
 };
 document.addEventListener("keydown", event => {  // keys only act in the section they belong to
@@ -1579,9 +1511,8 @@ def userstudy_main(args):
     if len(methods) < 2:
         raise UserError("a user study needs --method twice or more: the method under study first, then the "
                         "baseline(s) it is compared with")
-    out_dir = Path(args.output_dir)
+    out_dir, state = Path(args.output_dir), make_state()
     study_dir = Path(args.study_dir) if args.study_dir else out_dir / "userstudy"
-    state = make_state()
     with state.main_process_first():  # only the main process downloads a prompt set
         prompts = load_prompts(args.prompts, args.cache_dir)
     indices, comparisons = sample_study(prompts, methods, args.num_prompts, args.seed, args.image_seeds)
@@ -1621,9 +1552,9 @@ def userstudy_main(args):
 
 
 def read_study_votes(paths, key):
-    """{participant: (mirrored, {comparison: choice as shown})} from the vote files, checked against the key
+    """{participant: (mirrored, {comparison: choice as shown}, file)} from the vote files, checked against the key
     (same study, known comparisons, one file per participant); mirrored: shown the other way round."""
-    participants, files = {}, {}
+    participants = {}
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"no vote file {path}")
@@ -1633,27 +1564,25 @@ def read_study_votes(paths, key):
             if not (isinstance(participant, (str, int)) and isinstance(votes, list) and isinstance(mirrored, bool)
                     and all(isinstance(vote, dict) for vote in votes)):
                 raise TypeError
-            participant = str(participant).strip()
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path} is not a vote file of the study page (a JSON object with study, participant, "
                             "mirrored and votes, a list of {comparison, choice})") from None
+        participant, choices = str(participant).strip(), {}
         if study != key["study_id"]:
             raise UserError(f"{path} holds votes of study {study}, not of this one ({key['study_id']})")
         if not participant:
             raise UserError(f"{path} has no participant id")
         if participant in participants:
-            raise UserError(f"participant '{participant}' has two vote files: {files[participant]} and {path}")
-        choices = {}
-        for vote in votes:
-            cid, choice = vote.get("comparison"), vote.get("choice")
+            raise UserError(f"participant '{participant}' has two vote files: {participants[participant][2]} and "
+                            f"{path}")
+        for cid, choice in ((vote.get("comparison"), vote.get("choice")) for vote in votes):
             if not isinstance(cid, str) or cid not in key["comparisons"] or choice not in STUDY_CHOICES:
                 raise UserError(f"{path}: a vote for comparison {cid!r} with choice {choice!r} does not belong to "
                                 f"this study (choices: {', '.join(STUDY_CHOICES)})")
-            if choices.get(cid, choice) != choice:
+            if choices.setdefault(cid, choice) != choice:
                 raise UserError(f"{path}: comparison {cid} is answered twice, '{choices[cid]}' and '{choice}'; "
                                 "keep one answer and tally again")
-            choices[cid] = choice
-        participants[participant], files[participant] = (mirrored, choices), path
+        participants[participant] = mirrored, choices, path
     return participants
 
 
@@ -1664,8 +1593,7 @@ def tally_study(key, participants, bootstrap_samples, seed):
     names, outcomes = list(participants), ("win", "tie", "lose")
     counts = {b: np.zeros((len(names), 3), dtype=np.int64) for b in key["baselines"]}  # win, tie, lose
     sides = dict.fromkeys(STUDY_CHOICES, 0)
-    for p, name in enumerate(names):
-        mirrored, choices = participants[name]
+    for p, (mirrored, choices, _) in enumerate(participants.values()):
         for cid, choice in choices.items():
             comparison = key["comparisons"][cid]
             ours_side = OTHER_SIDE[comparison["ours_side"]] if mirrored else comparison["ours_side"]
@@ -1683,20 +1611,17 @@ def tally_study(key, participants, bootstrap_samples, seed):
             row[outcome], row[f"{outcome}_ci95"] = 100.0 * matrix[:, j].sum() / total if total else None, intervals[j]
     decided = sides["left"] + sides["right"]
     return {"study_id": key["study_id"], "ours": key["ours"], "participants": len(names),
-            "mirrored_participants": sum(mirrored for mirrored, _ in participants.values()),
+            "mirrored_participants": sum(p[0] for p in participants.values()),
             "left_win": 100.0 * sides["left"] / decided if decided else None, "decided_votes": decided,
             "comparisons": len(key["comparisons"]),
-            "answered": {name: len(choices) for name, (_, choices) in participants.items()}, "baselines": rows,
+            "answered": {name: len(p[1]) for name, p in participants.items()}, "baselines": rows,
             "interval": f"95% participant-level percentile bootstrap, {bootstrap_samples} resamples, seed {seed}"}
 
 
 def tally_markdown(tally):
     ours = tally["ours"]
-
-    def cell(row, outcome):
-        ci = row[f"{outcome}_ci95"]
-        return "—" if row[outcome] is None else f"{row[outcome]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
-
+    cell = lambda row, outcome: "—" if row[outcome] is None else f"{row[outcome]:.1f}" + (
+        " [{:.1f}, {:.1f}]".format(*row[f"{outcome}_ci95"]) if row[f"{outcome}_ci95"] else "")
     lines = [f"# User study: {ours} vs each baseline (paper Fig. 4)", "",
              f"{tally['participants']} participant(s), {tally['comparisons']} comparisons in the study. "
              f"Win = the participant preferred {ours}'s image. Percentages pool all votes; brackets: "
@@ -1709,10 +1634,9 @@ def tally_markdown(tally):
         lines += ["", f"Side check: the left image won {tally['left_win']:.1f}% of the {tally['decided_votes']} "
                       f"decided votes (about 50% without a side bias); {tally['mirrored_participants']} of "
                       f"{tally['participants']} participant(s) saw the pairs mirrored."]
-    partial = {name: n for name, n in tally["answered"].items() if n < tally["comparisons"]}
+    partial = [f"{name}: {n}" for name, n in tally["answered"].items() if n < tally["comparisons"]]
     if partial:
-        lines += ["", f"Incomplete vote files (answered of {tally['comparisons']}): "
-                  + ", ".join(f"{name}: {n}" for name, n in partial.items())]
+        lines += ["", f"Incomplete vote files (answered of {tally['comparisons']}): " + ", ".join(partial)]
     return "\n".join(lines) + "\n"
 
 
@@ -1722,10 +1646,9 @@ def draw_figure4(tally, path):
     if not rows:
         return False
     figure = common.new_figure(7.5, 0.8 + 0.6 * len(rows), dpi=120)
-    ax = figure.subplots()
+    ax, y, left = figure.subplots(), np.arange(len(rows))[::-1], np.zeros(len(rows))
     colours = {"win": "#3b7dd8", "tie": "#c8c8c8", "lose": "#e58b3a"}
     labels = {"win": f"{tally['ours']} wins", "tie": "tie", "lose": f"{tally['ours']} loses"}
-    y, left = np.arange(len(rows))[::-1], np.zeros(len(rows))
     for outcome in ("win", "tie", "lose"):
         values = np.array([r[outcome] for _, r in rows])
         bars = ax.barh(y, values, left=left, color=colours[outcome], label=labels[outcome], height=0.6)
@@ -1742,10 +1665,9 @@ def draw_figure4(tally, path):
 def userstudy_tally_main(args):
     """`evaluate.py userstudy-tally`: tally.json, tally.md and figure4.png."""
     study_dir = Path(args.study_dir)
-    key_path = study_dir / "key.json"
-    if not key_path.is_file():
-        raise UserError(f"{key_path} not found: STUDY_DIR is the folder `evaluate.py userstudy` wrote")
-    key = json.loads(key_path.read_text())
+    if not (study_dir / "key.json").is_file():
+        raise UserError(f"{study_dir / 'key.json'} not found: STUDY_DIR is the folder `evaluate.py userstudy` wrote")
+    key = json.loads((study_dir / "key.json").read_text())
     tally = tally_study(key, read_study_votes(args.votes, key), args.bootstrap_samples, args.seed)
     write_json(study_dir / "tally.json", tally)
     common.atomic_write_text(study_dir / "tally.md", tally_markdown(tally))
