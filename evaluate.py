@@ -7,12 +7,11 @@
   python evaluate.py userstudy --method ours=... --method dpo=... --prompts hpdv2 --num_prompts 60
   python evaluate.py userstudy-tally STUDY_DIR votes-*.json     (the paper's Fig. 4 user study)
 
-Under `accelerate launch` the prompts, then the images to score, are split across processes. Everything
-resumes. The output folder: NAME/seed_S/00000.png (prompt 0, method NAME, seed S), NAME/generation.json and
-prompts.txt (checked on resume), manifest.jsonl (one line per image), scores.jsonl (one line per image and
-metric), run.json (the methods in order, the first is the baseline), results.json and results.md (paper
-Table 1 beside the paper's values), figure2.png (paper Fig. 2), grid.png (the same prompts across methods).
-"""
+Under `accelerate launch` the prompts, then the images to score, are split across processes; all resumes. The
+folder: NAME/seed_S/00000.png (prompt 0, method NAME, seed S), NAME/generation.json and prompts.txt (checked on
+resume), manifest.jsonl (one line per image), scores.jsonl (per image and metric), run.json (the methods, the first
+the baseline), results.json and results.md (Table 1 beside the paper's values), figure2.png (Fig. 2), grid.png (the
+same prompts across methods)."""
 
 import argparse
 import contextlib
@@ -53,9 +52,8 @@ METRIC_DECIMALS = {"laplacian": 0, "sgp": 3, "stylization": 3}
 # All higher-is-better (Laplacian variance: more texture detail); the table honours False here.
 HIGHER_IS_BETTER = {metric: True for metric in ALL_METRICS}
 
-# Table 1's prompt sets: the authors' files at the pinned commit, one prompt per line read with line.strip()
-# (13 of the 500 Pick-a-Pic prompts hold double spaces, which T5 and UnifiedReward see); a file without the
-# stated count is refused (moved or edited).
+# Table 1's prompt sets: the authors' files at the pinned commit, read with line.strip() (13 of the 500 Pick-a-Pic
+# prompts hold double spaces, which T5 and UnifiedReward see); a file without the stated count is refused.
 AUTHORS_PROMPT_FILES = {  # name: (path in the authors' repository, number of prompts)
     "pickapic_v2": ("training_sd35m/dataset/pick_a_pic_v2/test.txt", 500),
     "partiprompts": ("training_sd35m/dataset/partiprompts/test.txt", 1632),
@@ -267,25 +265,19 @@ def fetch_prompt_set(name):
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("this needs the package 'pyarrow': pip install pyarrow") from None
-    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=[files]))
-    values = []
-    for path in sorted(folder.glob("**/*.parquet")):
-        names = pq.read_schema(path).names
-        column = next((c for c in columns if c in names), None)
-        if column is None:
-            raise UserError(f"{repo_id}/{path.relative_to(folder)} has none of the columns {columns} (has {names})")
-        values += [str(v) for v in pq.read_table(path, columns=[column]).column(column).to_pylist()]
-    return list(dict.fromkeys(values))
+    paths = sorted(Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=[files]))
+                   .glob("**/*.parquet"))
+    names = pq.read_schema(paths[0]).names if paths else []
+    column = next((c for c in columns if c in names), None)
+    if column is None:
+        raise UserError(f"{repo_id} has no parquet file with one of the columns {columns} (found: {names})")
+    values = (v for path in paths for v in pq.read_table(path, columns=[column])[column].to_pylist())
+    return list(dict.fromkeys(map(str, values)))
 
 
 def read_prompt_file(path):
     """One prompt per line, as the public code reads them (line.strip()); blank lines are skipped."""
     return [line.strip() for line in common.read_text(path).splitlines() if line.strip()]
-
-
-def unifiedreward_question_name(args):
-    return f"{args.unifiedreward_question} (user file)" if args.unifiedreward_question else \
-        f"the authors' (prompt_template of unifiedreward_score in {common.AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
 
 
 def unifiedreward_question(args):
@@ -309,7 +301,7 @@ def unifiedreward_question(args):
                             "and rerun, or pass --unifiedreward_question FILE")
         question = found[-1]
     if "{prompt}" not in question:
-        raise UserError(f"the UnifiedReward question, {unifiedreward_question_name(args)}, lacks the {{prompt}} "
+        raise UserError(f"the UnifiedReward question in {args.unifiedreward_question or path} lacks the {{prompt}} "
                         "placeholder")
     return question
 
@@ -577,10 +569,9 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
     return manifest, {"pretrained_model": args.pretrained_model, **settings}
 
 # ---------------------------------------------------------------- the per-image score table
-# scores.jsonl: one line {"image", "metric", "value"} per scored image; null means the scorer ran but gave
-# no score (an unparseable UnifiedReward answer): counted as missing, never as 0. Lines are appended after
-# every batch (a killed run loses at most one); several processes each write scores.part-RANK.jsonl, which
-# the main process folds into scores.jsonl.
+# scores.jsonl: one line {"image", "metric", "value"} per scored image; null: the scorer gave no score (an unparseable
+# UnifiedReward answer), counted as missing, never as 0. Appended after every batch (a killed run loses one at most);
+# several processes each write scores.part-RANK.jsonl, which the main process folds into scores.jsonl.
 
 
 def read_score_table(out_dir):
@@ -622,16 +613,6 @@ def loaded(what, load, hint=""):
         raise
     except Exception as err:
         raise ScorerUnavailable(f"could not load {what} ({common.first_line(err)}){hint}") from None
-
-
-def need(module, hint):
-    """Import a scorer's own package, or ScorerUnavailable with the pip command."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ScorerUnavailable(hint) from None
 
 
 def gpu_half(device):
@@ -747,8 +728,11 @@ class ImageRewardMetric:
     """ImageReward v1.0 (PyPI image-reward, THUDM/ImageReward)."""
 
     def __init__(self, args, device):
-        rm = need("ImageReward", "pip install image-reward (it pins timm 0.6.13 and fairscale; use a separate "
-                                 "environment and `evaluate.py score` if that conflicts)")
+        try:
+            import ImageReward as rm
+        except ImportError:
+            raise ScorerUnavailable("pip install image-reward (it pins timm 0.6.13 and fairscale; use a separate "
+                                    "environment and `evaluate.py score` if that conflicts)") from None
         self.model = loaded("ImageReward-v1.0", lambda: rm.load("ImageReward-v1.0", device=str(device)).eval())
 
     def __call__(self, images, prompts):
@@ -760,8 +744,11 @@ class HPSv3Metric:
     wants_paths = True
 
     def __init__(self, args, device):
-        hpsv3 = need("hpsv3", "pip install hpsv3 (it pins transformers 4.45.2: install it in its own environment "
-                              "and run `python evaluate.py score --images OUT --metrics hpsv3` there)")
+        try:
+            import hpsv3
+        except ImportError:
+            raise ScorerUnavailable("pip install hpsv3 (it pins transformers 4.45.2: install it in its own environment "
+                                    "and run `python evaluate.py score --images OUT --metrics hpsv3` there)") from None
         self.inferencer = loaded("HPSv3", lambda: hpsv3.HPSv3RewardInferencer(device=str(device)))
 
     def __call__(self, paths, prompts):
@@ -787,7 +774,6 @@ class DeQAMetric:
 # OneIG-Benchmark's layout (github.com/OneIG-Bench/OneIG-Benchmark, commit 41b49831e79e6dde5323618c164da1c4cf0f699d):
 # the prompts in OneIG-Bench.csv (category,id,prompt_en,type,prompt_length,class), the stylization ones in category
 # Anime_Stylization; each id's style in scripts/style/style.csv (,id,class), empty where style_score.py skips it.
-ONEIG_PROMPTS, ONEIG_STYLES, ONEIG_STYLE_CATEGORY = "OneIG-Bench.csv", "scripts/style/style.csv", "Anime_Stylization"
 
 
 def read_csv_columns(path, columns):
@@ -807,10 +793,9 @@ def read_csv_columns(path, columns):
 
 class StylizationMetric:
     """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score by its own evaluator, imported from a clone
-    (--oneig_dir) in its own environment. Per image, as its style_score.py: the CSD and OneIG style embeddings
-    against the references of the prompt's style class (dot product), the mean of the two best matches, each
-    clipped at 0; a prompt without a class gets no score, as there. (It averages a prompt's images, then the
-    prompts: with as many seeds per prompt, the mean over images that results.json reports.)"""
+    (--oneig_dir) in its own environment. Per image, as its style_score.py: the CSD and OneIG style embeddings against
+    the references of the prompt's style class (dot product), the mean of the two best matches, each clipped at 0; a
+    prompt without a class gets no score, as there (its mean over prompts is results.json's, seeds being equal)."""
     wants_paths = True  # the style encoders read the files themselves
 
     def __init__(self, args, device):
@@ -821,12 +806,12 @@ class StylizationMetric:
         style_dir = root / "scripts" / "style"
         # {prompt: style} of its stylization prompts, the CSV files first (a wrong clone says so at once), the
         # styles named as its style_score.py names them ("Line Art" -> "line_art"), prompts without one left out
-        prompts = read_csv_columns(root / ONEIG_PROMPTS, ["category", "id", "prompt_en"])
+        prompts = read_csv_columns(root / "OneIG-Bench.csv", ["category", "id", "prompt_en"])
         style_of_id = {row["id"].strip(): row["class"].strip().lower().replace(" ", "_")
-                       for row in read_csv_columns(root / ONEIG_STYLES, ["id", "class"])
+                       for row in read_csv_columns(style_dir / "style.csv", ["id", "class"])
                        if (row["class"] or "").strip() not in ("", "nan")}
         self.style_of = {(row["prompt_en"] or "").strip(): style_of_id[row["id"].strip()] for row in prompts
-                         if row["category"] == ONEIG_STYLE_CATEGORY and row["id"].strip() in style_of_id}
+                         if row["category"] == "Anime_Stylization" and row["id"].strip() in style_of_id}
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))  # its modules import each other as scripts.*
 
@@ -837,8 +822,7 @@ class StylizationMetric:
                     torch.load(style_dir / "CSD_embed.pt", weights_only=False),
                     torch.load(style_dir / "SE_embed.pt", weights_only=False))
         self.csd, self.se, self.csd_ref, self.se_ref = loaded(f"OneIG-Bench's style evaluator from {root}", load,
-                                                              "; install its requirements and models as its README "
-                                                              "says")
+                                                              "; install its requirements and models (its README)")
 
     def __call__(self, paths, prompts):
         scores = []
@@ -849,22 +833,18 @@ class StylizationMetric:
         return scores
 
 
-# The public parser (the authors' rewards.py): case-sensitive, the first match, 1-5 only; a regex search, so
-# "Final Score: 10" reads as 1 and "Final Score: 7" as nothing, as there.
-FINAL_SCORE = re.compile(r"Final Score:\s*([1-5](?:\.\d+)?)")
-
-
 def parse_final_score(answer):
-    """A UnifiedReward answer's score, or None (counted as missing; the public code scores 0.0)."""
-    match = FINAL_SCORE.search(answer) if isinstance(answer, str) else None
+    """A UnifiedReward answer's score, or None (counted as missing; the public code scores 0.0). The public parser
+    (the authors' rewards.py): case-sensitive, the first match, 1-5 only; a regex search, so "Final Score: 10" reads
+    as 1 and "Final Score: 7" as nothing, as there."""
+    match = re.search(r"Final Score:\s*([1-5](?:\.\d+)?)", answer) if isinstance(answer, str) else None
     return float(match.group(1)) if match else None
 
 
 class UnifiedRewardMetric:
-    """UnifiedReward-qwen-7b point score (CodeGoat24/UnifiedReward-qwen-7b), asked as the public evaluation
-    asks: the image, then the question with the prompt; the image resized as qwen_vl_utils does (sides to
-    the nearest multiple of 28 px); fp16 on GPU; generate() with max_new_tokens and the model's own
-    generation settings; one image per call (--vlm_batch_size)."""
+    """UnifiedReward-qwen-7b point score (CodeGoat24/UnifiedReward-qwen-7b), asked as the public evaluation asks: the
+    image, then the question with the prompt; the image resized as qwen_vl_utils does (sides to the nearest multiple
+    of 28 px); fp16 on GPU; generate() with the model's own settings; one image per call (--vlm_batch_size)."""
 
     def __init__(self, args, device):
         try:
@@ -1090,8 +1070,7 @@ def results_markdown(report):
             if reference is not None:
                 text += f"{cited} (Δ {round(mean - reference, decimals) + 0.0:+.{decimals}f})"
             cells[method].append(text)
-    lines += markdown_table(["Method"] + [METRIC_TITLES.get(m, m) for m in metrics],
-                            [[m] + cells[m] for m in methods])
+    lines += markdown_table(["Method"] + [METRIC_TITLES.get(m, m) for m in metrics], [[m] + cells[m] for m in methods])
     seeds, lower = report.get("seeds", []), [m for m in metrics if not HIGHER_IS_BETTER.get(m, True)]
     lines += ["", f"Mean over {report.get('n_prompts', '?')} prompts per seed, then mean ± std (population) over "
                   f"{len(seeds)} seed{'' if len(seeds) == 1 else 's'} ({', '.join(map(str, seeds))}). Relative gains "
@@ -1125,11 +1104,6 @@ def results_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def save_figure(figure, path):
-    """A figure made by common.new_figure (constrained layout), saved with everything drawn around its axes."""
-    common.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
-
-
 def draw_figure2(report, path):
     """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow, under each panel the methods each
     normalisation ran over; a panel lacking metrics says why. False when neither can be drawn."""
@@ -1145,7 +1119,7 @@ def draw_figure2(report, path):
               "b": ("(b) Human preference vs stylization", "Human Preference (½ minmax HPSv3 + ½ minmax "
                     "UnifiedReward)", "Stylization (OneIG-Bench style score)")}
     for ax, (panel, (title, xlabel, ylabel)) in zip(figure.subplots(1, 2), panels.items()):
-        ax.set_title(title)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         if panel not in points:
             why = ["the laplacian and sgp metrics"] if panel == "a" else [w for w, key in (
                 ("unifiedreward and hpsv3 (human preference)", "human_preference"),
@@ -1162,7 +1136,6 @@ def draw_figure2(report, path):
             if m in drawn.get("paper", {}):
                 ax.scatter(*drawn["paper"][m], facecolors="none", edgecolors=colour, s=90, linewidths=1.5,
                            label=f"{m} (paper)", zorder=3)
-        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title_fontsize=7, title="filled: this run, hollow: the paper,\neach normalised over "
                   "its own methods" if drawn.get("paper") else None)
@@ -1170,7 +1143,7 @@ def draw_figure2(report, path):
         if drawn.get("paper"):
             over += f"\nthe paper's points: min-max over its methods: {', '.join(drawn['paper_over'])}"
         ax.text(0.5, -0.16, over, transform=ax.transAxes, ha="center", va="top", fontsize=7)
-    save_figure(figure, path)
+    common.save_figure(figure, path)
     return True
 
 
@@ -1192,17 +1165,16 @@ def draw_grid(out_dir, manifest, methods, num_prompts, path):
         axes[row][0].axis("off")  # a long prompt is cut, not drawn over the next row
         axes[row][0].text(0.97, 0.5, common.wrap_text(prompts[index], 30, max_lines=9), ha="right", va="center",
                           fontsize=9, transform=axes[row][0].transAxes)
-        for col, tile_path in enumerate(tiles[row], start=1):
-            ax = axes[row][col]
+        for ax, method, tile_path in zip(axes[row][1:], methods, tiles[row]):
             ax.set(xticks=[], yticks=[])
-            ax.set_title(methods[col - 1] if row == 0 else "", fontsize=11)
+            ax.set_title(method if row == 0 else "", fontsize=11)
             if tile_path is not None and tile_path.is_file():
                 image = open_image(tile_path)
                 ax.imshow(np.asarray(image), interpolation="nearest" if image.width < 128 else "antialiased")
             else:
                 ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
     figure.suptitle(f"seed {seed}", fontsize=10)
-    save_figure(figure, path)
+    common.save_figure(figure, path)
     return True
 
 
@@ -1226,15 +1198,13 @@ def write_report(out_dir, run_info, manifest, metrics, grid_prompts):
                           if m in metrics and (m not in scored or r.startswith("failed"))}}
     write_json(out_dir / "results.json", report)
     common.atomic_write_text(out_dir / "results.md", results_markdown(report))
-    written = [out_dir / "results.md"]
-    if draw_figure2(report, out_dir / "figure2.png"):
-        written.append(out_dir / "figure2.png")
-    else:
+    figure2 = draw_figure2(report, out_dir / "figure2.png")
+    grid = draw_grid(out_dir, manifest, methods, grid_prompts, out_dir / "grid.png")
+    if not figure2:
         logger.info("figure2.png not drawn: panel (a) needs laplacian and sgp, panel (b) unifiedreward, hpsv3 "
                     "and stylization")
-    if draw_grid(out_dir, manifest, methods, grid_prompts, out_dir / "grid.png"):
-        written.append(out_dir / "grid.png")
-    return written
+    return [out_dir / name for name, made in (("results.md", True), ("figure2.png", figure2), ("grid.png", grid))
+            if made]
 
 # ---------------------------------------------------------------- the two commands: generate and score
 
@@ -1253,8 +1223,7 @@ def main(argv=None):
 
     # 1. every input checked before any heavy work
     metrics, methods = parse_metrics(args.metrics), parse_methods(args.method)
-    state = make_state()
-    out_dir = Path(args.output_dir)
+    state, out_dir = make_state(), Path(args.output_dir)
     with state.main_process_first():  # only the main process downloads a prompt set
         prompts = load_prompts(args.prompts, args.cache_dir, args.max_prompts, args.prompt_source)
     common.log_world_size(state.num_processes, "evaluate", state.is_main_process)
@@ -1264,17 +1233,15 @@ def main(argv=None):
     # 2. generate what is missing, one method at a time
     items = [(seed, index) for seed in args.seeds for index in range(len(prompts))]
     manifest, generation = generate_missing_images(args, methods, prompts, items, out_dir, state)
+    previous = json.loads((out_dir / RUN_INFO).read_text()) if (out_dir / RUN_INFO).is_file() else {}
     run_info = {
         "title": f"{Path(args.pretrained_model).name}, {Path(args.prompts).name}",
         "methods": [{"name": m["name"], "spec": m["spec"]} for m in methods],
         "prompts": args.prompts, "prompt_source": args.prompt_source if args.prompts in PROMPT_SETS else "file",
         "backbone": generation["backbone"], "n_prompts": len(prompts), "seeds": list(args.seeds),
         "generation": {**{k: v for k, v in generation.items() if k != "backbone"}, "device": state.device.type},
-    }
-    if (out_dir / RUN_INFO).is_file():  # what an earlier run recorded about its scores stays true of them
-        previous = json.loads((out_dir / RUN_INFO).read_text())
-        run_info.update({k: previous[k] for k in ("unifiedreward_question", "stylization_results", "note")
-                         if k in previous})
+        # what an earlier run recorded about its scores stays true of them
+        **{k: previous[k] for k in ("unifiedreward_question", "stylization_results", "note") if k in previous}}
     # 3. score, then the report
     finish(out_dir, run_info, manifest, metrics, args, state)
 
@@ -1326,7 +1293,9 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
     table = read_score_table(out_dir)
     if "unifiedreward" in metrics and any((e["image"], "unifiedreward") not in table for e in manifest):
         # the question sets the scale of the answers: one question per output folder, named in results.md
-        question, recorded = unifiedreward_question_name(args), run_info.get("unifiedreward_question")
+        question = f"{args.unifiedreward_question} (user file)" if args.unifiedreward_question else \
+            f"the authors' (prompt_template of unifiedreward_score in {common.AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
+        recorded = run_info.get("unifiedreward_question")
         if recorded and recorded != question:
             raise UserError(f"{out_dir} holds UnifiedReward scores from another question ({recorded}); pass the "
                             "same --unifiedreward_question, or use another output folder")
@@ -1351,20 +1320,18 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
         raise SystemExit(f"error: metric(s) failed while scoring: {failed} (the other results were written)")
 
 # ---------------------------------------------------------------- paper Fig. 4: the user study
-# `evaluate.py userstudy` writes STUDY_DIR/page/index.html (the blind page, opens from disk),
-# page/images/c017-1.png and -2.png (left and right image of comparison c017), and key.json (which method
-# is on which side), kept OUT of page/ so that sharing page/ keeps the study blind;
-# `evaluate.py userstudy-tally STUDY_DIR votes...` writes tally.md, tally.json and figure4.png there.
+# `evaluate.py userstudy` writes STUDY_DIR/page/index.html (the blind page, opens from disk), page/images/c017-1.png
+# and -2.png (left and right image of comparison c017), and key.json (which method is on which side), kept OUT of
+# page/ so that sharing page/ keeps the study blind; `userstudy-tally` writes tally.md, tally.json and figure4.png.
 
 STUDY_CHOICES, OTHER_SIDE = ("left", "tie", "right"), {"left": "right", "right": "left"}
 STUDY_QUESTION = ("Which image is better? Judge the overall quality: how realistic and detailed it looks, the "
                   "absence of artifacts, and how well it matches the text.")
 
-# The page: plain HTML and JavaScript, no library, so it opens from disk (file://) in any browser. __STUDY__
-# becomes the page's data: the study id, the question, and per comparison its id, prompt and two image
-# files (key.json's sides; the page mirrors them for about half the participants), never the methods.
-# Each participant sees the pairs in an order of their own (seeded by study and participant id); answers
-# (keys 1/2/3, Backspace to go back) are kept in localStorage, so a reload continues where it stopped.
+# The page: plain HTML and JavaScript, no library, so it opens from disk (file://) in any browser. __STUDY__ becomes
+# the page's data: the study id, the question, and per comparison its id, prompt and two image files (key.json's
+# sides; the page mirrors them for about half the participants), never the methods. Each participant sees the pairs
+# in an order of their own; answers (keys 1/2/3, Backspace goes back) are kept in localStorage, so a reload resumes.
 STUDY_PAGE = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Image comparison study</title>
@@ -1388,8 +1355,7 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
   <p>Answer with the buttons or the keys <kbd>1</kbd> left is better, <kbd>2</kbd> about the same, <kbd>3</kbd>
     right is better; <kbd>Backspace</kbd> goes back. There are no right answers: go with your impression. Your
     progress is kept in this browser, so you can close the page and continue later.</p>
-  <p><label>Your participant id: <input id="pid" autocomplete="off"></label> <button id="start">Start</button></p>
-</section>
+  <p><label>Participant id: <input id="pid" autocomplete="off"></label> <button id="start">Start</button></p></section>
 <section id="study" hidden><div id="progress"><div id="bar"></div></div><div id="count"></div>
   <p class="question"></p><p id="prompt"></p>
   <div class="pair"><figure><img id="left" alt="left image"><figcaption>left (1)</figcaption></figure>
@@ -1397,14 +1363,12 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
   <div class="choices"><button data-choice="left"><kbd>1</kbd> Left is better</button>
     <button data-choice="tie"><kbd>2</kbd> About the same</button>
     <button data-choice="right"><kbd>3</kbd> Right is better</button></div>
-  <div class="nav"><button id="back">&larr; Back</button><span id="who"></span></div>
-</section>
+  <div class="nav"><button id="back">&larr; Back</button><span id="who"></span></div></section>
 <section id="done" hidden><h1>Thank you!</h1>
   <p>All <b class="total"></b> comparisons are answered. Save your votes and send the file to the person who runs
     the study.</p>
   <p><button id="download">Save my votes (JSON)</button> <button id="review">&larr; Back to the last pair</button></p>
-  <p><button id="restart">Start again as another participant</button></p>
-</section></main>
+  <p><button id="restart">Start again as another participant</button></p></section></main>
 <script>
 "use strict";
 const STUDY = __STUDY__, STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one participant at a time
@@ -1658,7 +1622,7 @@ def draw_figure4(tally, path):
     ax.set(xlim=(0, 100), xlabel=f"% of votes ({tally['participants']} participant(s))")
     ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
-    save_figure(figure, path)
+    common.save_figure(figure, path)
     return True
 
 
