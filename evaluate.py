@@ -14,6 +14,7 @@ the baseline), results.json and results.md (Table 1 beside the paper's values), 
 same prompts across methods)."""
 
 import argparse
+import ast
 import contextlib
 import csv
 import gc
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 import common
 from common import UserError
@@ -80,34 +82,29 @@ DEQA_REVISION = "f37ba4273ad8d7548e21ac2fa58353c517e4df49"  # the revision (remo
 # The paper's numbers: Table 1 and Fig. 2's raw values from the authors' notebooks (notebook/figures/ at
 # AUTHORS_COMMIT: detail_vs_realism/sd15_detail_vs_realism.ipynb, human_preference_vs_stylization/*.ipynb;
 # Fig. 2 normalises over the rows without Table 1 values). Keyed by (backbone, prompt set), run_all.sh's names.
-PAPER_RESULTS = {
+PAPER_RESULTS = {  # the rows in the notebooks' order
     ("sd15", "pickapic_v2"): {
         "base": dict(pickscore=20.65, imagereward=0.16, unifiedreward=2.92, hpsv3=5.98, deqa=3.70, aesthetic=5.48,
                      laplacian=1832.336, sgp=-0.041),
         "diffusion_dpo": dict(pickscore=21.03, imagereward=0.33, unifiedreward=3.03, hpsv3=6.80, deqa=3.78,
                               aesthetic=5.59, laplacian=1552.312, sgp=-0.075),
+        "diffusion_kto": dict(laplacian=1580.512, sgp=-0.221), "inpo": dict(laplacian=1255.905, sgp=-0.253),
         "realalign": dict(pickscore=21.04, imagereward=0.38, unifiedreward=3.06, hpsv3=7.33, deqa=3.96,
                           aesthetic=5.64, laplacian=2353.761, sgp=-0.009),
         "diffusion_dpo_realalign": dict(pickscore=21.19, imagereward=0.42, unifiedreward=3.08, hpsv3=7.50,
-                                        deqa=3.95, aesthetic=5.65, laplacian=2345.722, sgp=-0.011),
-        "diffusion_kto": dict(laplacian=1580.512, sgp=-0.221), "inpo": dict(laplacian=1255.905, sgp=-0.253)},
+                                        deqa=3.95, aesthetic=5.65, laplacian=2345.722, sgp=-0.011)},
     ("sd3", "drawbench"): {
         "base": dict(pickscore=22.42, imagereward=0.79, unifiedreward=3.30, hpsv3=10.03, deqa=4.09, aesthetic=5.44,
                      stylization=0.357),
         "flow_grpo": dict(pickscore=23.56, imagereward=1.26, unifiedreward=3.59, hpsv3=12.63, deqa=4.18,
                           aesthetic=5.94, stylization=0.260),
+        "grpo_guard": dict(unifiedreward=3.64, hpsv3=12.51, stylization=0.241),
+        "diffusion_nft": dict(unifiedreward=3.68, hpsv3=12.47, stylization=0.175),
         "realalign": dict(pickscore=22.80, imagereward=1.08, unifiedreward=3.46, hpsv3=12.77, deqa=4.26,
                           aesthetic=5.55, stylization=0.305),
         "flow_grpo_realalign": dict(pickscore=23.63, imagereward=1.30, unifiedreward=3.60, hpsv3=13.30, deqa=4.21,
-                                    aesthetic=5.99, stylization=0.273),
-        "grpo_guard": dict(unifiedreward=3.64, hpsv3=12.51, stylization=0.241),
-        "diffusion_nft": dict(unifiedreward=3.68, hpsv3=12.47, stylization=0.175)}}
-# The six methods each panel of paper Fig. 2 is min-max normalised over (the notebooks above).
-PAPER_FIGURE2_METHODS = {
-    "a": ("sd15", "pickapic_v2", ["base", "diffusion_dpo", "diffusion_kto", "inpo", "realalign",
-                                  "diffusion_dpo_realalign"]),
-    "b": ("sd3", "drawbench", ["base", "flow_grpo", "grpo_guard", "diffusion_nft", "realalign",
-                               "flow_grpo_realalign"])}
+                                    aesthetic=5.99, stylization=0.273)}}
+PAPER_FIGURE2 = {"a": ("sd15", "pickapic_v2"), "b": ("sd3", "drawbench")}  # each min-max over its table's six rows
 PAPER_ROW_ALIASES = {"realalign_released": "realalign"}  # the authors' released LoRAs are the RealAlign row
 
 MANIFEST, SCORES, RUN_INFO, PROMPTS_FILE = "manifest.jsonl", "scores.jsonl", "run.json", "prompts.txt"
@@ -116,27 +113,23 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "realalign")
 # ---------------------------------------------------------------- arguments (the shared flags defined once)
 
 
-DESCRIPTIONS = {
-    "generate": "Generate images for several methods and score them (RealAlign Table 1 / Figure 2). Use "
-                "`evaluate.py score --help` to score an existing folder.",
-    "score": "Score the images of an existing evaluation folder (or any NAME/seed_S/00000.png folder) and refresh "
-             "its report. Scores already in the table are kept.",
-    "userstudy": "Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
-                 "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images come "
-                 "from the evaluation folder --output_dir; the missing ones are generated there first.",
-    "userstudy-tally": "Tally a user study (paper Fig. 4): win / tie / lose of the first method against each "
-                       "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png."}
-
-
-
 def parse_args(argv=None):
-    """The flags of the four commands. Generation's (the main command and `userstudy`) and scoring's (the main
-    command and `score`) are defined once: the same defaults, so each reuses what the other made in a folder."""
+    """The four commands' flags; generation's and scoring's are shared, so each command reuses the other's work."""
+    descriptions = {
+        "generate": "Generate images for several methods and score them (RealAlign Table 1 / Figure 2). Use "
+                    "`evaluate.py score --help` to score an existing folder.",
+        "score": "Score the images of an existing evaluation folder (or any NAME/seed_S/00000.png folder) and refresh "
+                 "its report. Scores already in the table are kept.",
+        "userstudy": "Build a blind side-by-side user study (paper Fig. 4, Diffusion-DRO's protocol): --num_prompts "
+                     "prompts drawn from --prompts with --seed, one comparison per prompt and baseline. The images "
+                     "come from the evaluation folder --output_dir; the missing ones are generated there first.",
+        "userstudy-tally": "Tally a user study (paper Fig. 4): win / tie / lose of the first method against each "
+                           "baseline, with 95% intervals, into STUDY_DIR/tally.md, tally.json and figure4.png."}
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("score", "userstudy", "userstudy-tally") else "generate"
     formatter = argparse.ArgumentDefaultsHelpFormatter if command == "userstudy-tally" else common.HelpFormatter
     parser = argparse.ArgumentParser(prog="evaluate.py" + ("" if command == "generate" else f" {command}"),
-                                     description=DESCRIPTIONS[command], formatter_class=formatter)
+                                     description=descriptions[command], formatter_class=formatter)
     add = parser.add_argument
     if command == "userstudy-tally":
         add("study_dir", help="The folder `evaluate.py userstudy` wrote (it holds key.json).")
@@ -202,7 +195,8 @@ def parse_args(argv=None):
         add("--sgp_real_prefix", default="Realistic photo, ", help="Realism = PickScore(image, real_prefix + prompt) - "
             "PickScore(image, cg_prefix + prompt) (README 'Method: evaluation').")
         add("--sgp_cg_prefix", default="CG render, ", help="See --sgp_real_prefix.")
-        add("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP of 'clip' (100 * max(cos, 0)).")
+        add("--clip_model", default="openai/clip-vit-large-patch14",
+            help="CLIP of the 'clip' metric (100 * max(cos, 0)).")
         add("--aesthetic_clip_model", default="openai/clip-vit-large-patch14",
             help="CLIP whose L2-normalised image embedding feeds the LAION aesthetic MLP.")
         add("--aesthetic_weights", default=AESTHETIC_WEIGHTS_URL,
@@ -213,7 +207,8 @@ def parse_args(argv=None):
             "repository at the pinned commit. The answer is read at 'Final Score: x', x in 1-5.")
         add("--unifiedreward_max_new_tokens", type=common.positive_int, default=512,
             help="Length limit of UnifiedReward's answer (its reasoning precedes the final score).")
-        add("--deqa_model", default="zhiyuanyou/DeQA-Score-Mix3", help="DeQA-Score (loaded with trust_remote_code).")
+        add("--deqa_model", default="zhiyuanyou/DeQA-Score-Mix3",
+            help="DeQA-Score model (loaded with trust_remote_code).")
         add("--deqa_revision", default=DEQA_REVISION,
             help="Revision of --deqa_model, pinned to the public evaluation's (its remote code runs from it).")
         add("--oneig_dir", default=None, help="A clone of github.com/OneIG-Bench/OneIG-Benchmark with its style models "
@@ -257,10 +252,9 @@ def fetch_prompt_set(name):
         return [e if isinstance(e, str) else e["prompt"] for p in paths for e in json.loads(Path(p).read_text())]
     # Pick-a-Pic's parquet shards also hold the images (a large download, once); DrawBench: the hub's automatic
     # parquet conversion. Both are the 'unique' sets: the first occurrence of a prompt is kept.
-    repo_id, columns, revision, files = {"pickapic_v2": ("yuvalkirstain/pickapic_v2", ["caption"], None,
-                                                         "*test_unique*.parquet"),
-                                         "drawbench": ("shunk031/DrawBench", ["prompts", "prompt"],
-                                                       "refs/convert/parquet", "*.parquet")}[name]
+    repo_id, columns, revision, files = {
+        "pickapic_v2": ("yuvalkirstain/pickapic_v2", ["caption"], None, "*test_unique*.parquet"),
+        "drawbench": ("shunk031/DrawBench", ["prompts", "prompt"], "refs/convert/parquet", "*.parquet")}[name]
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -282,8 +276,6 @@ def read_prompt_file(path):
 
 def unifiedreward_question(args):
     """--unifiedreward_question FILE, or the authors': the string `prompt_template` in their `unifiedreward_score`."""
-    import ast
-
     if args.unifiedreward_question:
         question = common.read_text(args.unifiedreward_question)
     else:
@@ -301,8 +293,7 @@ def unifiedreward_question(args):
                             "and rerun, or pass --unifiedreward_question FILE")
         question = found[-1]
     if "{prompt}" not in question:
-        raise UserError(f"the UnifiedReward question in {args.unifiedreward_question or path} lacks the {{prompt}} "
-                        "placeholder")
+        raise UserError(f"the UnifiedReward question in {args.unifiedreward_question or path} lacks {{prompt}}")
     return question
 
 
@@ -356,9 +347,6 @@ def check_prompts(out_dir, prompts, write=True):
 
 # ---------------------------------------------------------------- methods (NAME=MODEL): base, LoRA, network
 
-METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
 def classify_part(part):
     """("lora" | "network" | "hub", ref) of one piece of a method spec: a folder is a LoRA in a published
     format (common.find_lora, also in e.g. the authors' lora/learner/) or a network (config.json)."""
@@ -386,7 +374,7 @@ def parse_methods(texts):
         name, equals, spec = (s.strip() for s in text.partition("="))
         if not equals:
             raise UserError(f"--method '{text}' must be NAME=MODEL (MODEL empty for the base model)")
-        if not METHOD_NAME.fullmatch(name):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise UserError(f"--method '{text}': the name must be letters, digits, '.', '_' or '-' (it names a folder)")
         if name in [m["name"] for m in methods]:
             raise UserError(f"--method name '{name}' is used twice")
@@ -402,8 +390,7 @@ def parse_methods(texts):
 
 
 def hub_kind(repo_id):
-    """"lora" or "network" from a hub model's file list (not a full UNet downloaded to learn it is no LoRA);
-    None offline or when it says neither."""
+    """"lora" or "network" from a hub model's file list (no UNet downloaded to learn it is no LoRA); None if unknown."""
     from huggingface_hub import list_repo_files
 
     try:
@@ -472,12 +459,9 @@ def image_relpath(method, seed, index):
     return f"{method}/seed_{seed}/{index:05d}.png"
 
 
-@torch.no_grad()
 def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resolution, batch_size, device, progress):
     """The (seed, index) items of `todo` as PNGs, each image from its own generator seeded with its seed on
     the device, as the public protocol re-seeds per prompt: an image does not depend on its batch."""
-    from tqdm.auto import tqdm
-
     for start in tqdm(range(0, len(todo), batch_size), desc=f"generating {method}", disable=not progress):
         batch = todo[start : start + batch_size]
         images = pipe(prompt=[prompts[index] for _, index in batch], height=resolution, width=resolution,
@@ -488,10 +472,9 @@ def generate_images(pipe, prompts, todo, out_dir, method, steps, guidance, resol
 
 
 def generate_missing_images(args, methods, prompts, items, out_dir, state):
-    """Each method's missing images of the (seed, prompt index) `items` (a list, or {name: list}); the main command
-    and `userstudy` both come here, so each reuses the other's images. A method folder's images all come from one
-    set of settings (NAME/generation.json), its models counted by content, not path: a moved folder keeps its
-    images, a retrained checkpoint makes them stale. Returns the manifest of `items` and the settings."""
+    """Each method's missing images of the (seed, prompt index) `items` (a list, or {name: list}), for the main command
+    and `userstudy` alike. A method folder's images come from one set of settings (NAME/generation.json), its models
+    counted by content: a moved folder keeps its images, a retrained one gets new ones. Returns manifest, settings."""
     main_process, device = state.is_main_process, state.device
     if main_process:
         common.lock_output_dir(out_dir, "evaluate.py")
@@ -531,8 +514,7 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         if main_process:
             if recorded is not None and recorded != content:
                 stale = sorted((out_dir / name).glob("seed_*/*.png"))
-                logger.info("%s: its model changed since its %d images were made: they are made again", name,
-                            len(stale))
+                logger.info("%s: its model changed since its %d images were made: made again", name, len(stale))
                 for image in stale:
                     image.unlink()
             write_json(record, {**settings, **models, "model_content": content})
@@ -609,8 +591,6 @@ def loaded(what, load, hint=""):
     """load(), or ScorerUnavailable naming what did not load."""
     try:
         return load()
-    except ScorerUnavailable:
-        raise
     except Exception as err:
         raise ScorerUnavailable(f"could not load {what} ({common.first_line(err)}){hint}") from None
 
@@ -649,8 +629,7 @@ class RealismMetric(PickScoreMetric):
     against "CG render, {prompt}" (--sgp_*_prefix); positive when the image reads as a photograph."""
 
     def __call__(self, images, prompts):
-        real, cg = (self.scorer(images, [prefix + p for p in prompts], batch_size=len(images))
-                    for prefix in self.prefixes)
+        real, cg = (self.scorer(images, [x + p for p in prompts], batch_size=len(images)) for x in self.prefixes)
         return [float(v) for v in real - cg]
 
 
@@ -668,9 +647,8 @@ class ClipScoreMetric(PickScoreMetric):
 
 class AestheticMetric:
     """LAION aesthetic score (christophschuhmann/improved-aesthetic-predictor, about 5-6): its MLP head on the
-    L2-normalised CLIP ViT-L/14 image embedding, Linear 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the
-    first four, no activation; the layer indices are the released keys (layers.0/2/4/6/7), the sizes read from
-    them (the tests' tiny CLIP has its own)."""
+    L2-normalised CLIP ViT-L/14 image embedding, Linear 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first
+    four, no activation; layer indices as the released keys (layers.0/2/4/6/7), sizes as the file's."""
 
     def __init__(self, args, device):
         weights, options = args.aesthetic_weights, dict(map_location="cpu", weights_only=True)
@@ -792,10 +770,9 @@ def read_csv_columns(path, columns):
 
 
 class StylizationMetric:
-    """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score by its own evaluator, imported from a clone
-    (--oneig_dir) in its own environment. Per image, as its style_score.py: the CSD and OneIG style embeddings against
-    the references of the prompt's style class (dot product), the mean of the two best matches, each clipped at 0; a
-    prompt without a class gets no score, as there (its mean over prompts is results.json's, seeds being equal)."""
+    """Stylization (paper Fig. 2 (b)): OneIG-Bench's style score by its own evaluator, from a clone (--oneig_dir) in its
+    environment. Per image, as its style_score.py: the CSD and OneIG style embeddings against the references of the
+    prompt's style class (dot product), the mean of the two best matches, each clipped at 0; no class, no score."""
     wants_paths = True  # the style encoders read the files themselves
 
     def __init__(self, args, device):
@@ -834,17 +811,15 @@ class StylizationMetric:
 
 
 def parse_final_score(answer):
-    """A UnifiedReward answer's score, or None (counted as missing; the public code scores 0.0). The public parser
-    (the authors' rewards.py): case-sensitive, the first match, 1-5 only; a regex search, so "Final Score: 10" reads
-    as 1 and "Final Score: 7" as nothing, as there."""
+    """A UnifiedReward answer's score or None (missing; the public code scores 0.0), read as the authors' rewards.py
+    reads it: case-sensitive, the first match, 1-5 only, so "Final Score: 10" reads as 1, "Final Score: 7" as None."""
     match = re.search(r"Final Score:\s*([1-5](?:\.\d+)?)", answer) if isinstance(answer, str) else None
     return float(match.group(1)) if match else None
 
 
 class UnifiedRewardMetric:
     """UnifiedReward-qwen-7b point score (CodeGoat24/UnifiedReward-qwen-7b), asked as the public evaluation asks: the
-    image, then the question with the prompt; the image resized as qwen_vl_utils does (sides to the nearest multiple
-    of 28 px); fp16 on GPU; generate() with the model's own settings; one image per call (--vlm_batch_size)."""
+    image, then the question; sides resized to multiples of 28 px (qwen_vl_utils); fp16 on GPU; one image per call."""
 
     def __init__(self, args, device):
         try:
@@ -875,10 +850,9 @@ class UnifiedRewardMetric:
         return [parse_final_score(answer) for answer in answers]
 
 
-SCORERS = {
-    "pickscore": PickScoreMetric, "imagereward": ImageRewardMetric, "unifiedreward": UnifiedRewardMetric,
-    "hpsv3": HPSv3Metric, "deqa": DeQAMetric, "aesthetic": AestheticMetric, "laplacian": LaplacianMetric,
-    "sgp": RealismMetric, "stylization": StylizationMetric, "clip": ClipScoreMetric}
+SCORERS = {"pickscore": PickScoreMetric, "imagereward": ImageRewardMetric, "unifiedreward": UnifiedRewardMetric,
+           "hpsv3": HPSv3Metric, "deqa": DeQAMetric, "aesthetic": AestheticMetric, "laplacian": LaplacianMetric,
+           "sgp": RealismMetric, "stylization": StylizationMetric, "clip": ClipScoreMetric}
 
 
 def parse_metrics(text):
@@ -890,10 +864,7 @@ def parse_metrics(text):
 
 
 def score_images(out_dir, manifest, metrics, args, state):
-    """Score every manifest image that lacks a score, metric by metric; returns {metric: reason} for the
-    metrics that did not run. A scorer is built only when it has work, and freed before the next one."""
-    from tqdm.auto import tqdm
-
+    """Score what lacks a score, metric by metric, each scorer built only for work; returns {metric: why} not run."""
     table, not_run = read_score_table(out_dir), {}
     target = out_dir / (SCORES if state.num_processes == 1 else f"scores.part-{state.process_index}.jsonl")
     for metric in metrics:
@@ -993,9 +964,8 @@ def paper_values(report):
 
 
 def figure2_points(report):
-    """Paper Fig. 2's points as the authors' notebooks normalise them: {panel: {"ours" | "paper": {method: (x, y)},
-    "over" | "paper_over": methods}}; (a) realism vs texture detail, both min-max; (b) human preference vs
-    stylization. Ours over this report's rows, the paper's over its six methods (no row of ours moves them)."""
+    """Paper Fig. 2's points as the authors' notebooks normalise them, {panel: {"ours" | "paper": {method: (x, y)},
+    "over" | "paper_over": methods}}: ours over this report's rows, the paper's over its six (ours move none)."""
     methods = [m["name"] for m in report["methods"]]
     mean = lambda m, metric: report["results"].get(m, {}).get(metric, {}).get("mean")
     points = {}
@@ -1006,10 +976,10 @@ def figure2_points(report):
         points["b"] = {"ours": {m: (report["human_preference"][m], report["stylization"][m]) for m in methods},
                        "over": methods}
     paper = paper_values(report)
-    for panel, (backbone, prompts, six) in PAPER_FIGURE2_METHODS.items():
-        if panel not in points or (report.get("backbone"), report.get("prompts")) != (backbone, prompts):
+    for panel, table in PAPER_FIGURE2.items():
+        if panel not in points or (report.get("backbone"), report.get("prompts")) != table:
             continue
-        rows = PAPER_RESULTS[(backbone, prompts)]
+        rows, six = PAPER_RESULTS[table], list(PAPER_RESULTS[table])
         if panel == "a":
             x, y = minmax({m: rows[m]["sgp"] for m in six}), minmax({m: rows[m]["laplacian"] for m in six})
         else:
@@ -1025,8 +995,7 @@ def figure2_points(report):
 def _rank_marks(values, spreads, higher_is_better):
     """{index: "best" | "second"}, each only to a method ahead of the next by more than one std over seeds (the
     larger): a lead within the spread or a tie is nobody's best, and nothing is second to an unmarked best."""
-    order = sorted((i for i, v in enumerate(values) if v is not None), key=lambda i: values[i],
-                   reverse=higher_is_better)
+    order = sorted((i for i, v in enumerate(values) if v is not None), key=values.__getitem__, reverse=higher_is_better)
     marks = {}
     for i, after, label in zip(order, order[1:] + [None], ("best", "second")):
         if after is not None and abs(values[i] - values[after]) <= max(spreads[i] or 0.0, spreads[after] or 0.0):
@@ -1040,9 +1009,8 @@ def markdown_table(header, rows):
 
 
 def results_markdown(report):
-    """Table 1: a cell is mean ± std over seeds (the mean alone for one seed), off the baseline (first) row the
-    gain (value - baseline) / |baseline| in %, and where the paper reports it its value and our difference;
-    per column the best bold, the second underlined (at the shown precision, HIGHER_IS_BETTER's way)."""
+    """Table 1: mean ± std over seeds (one seed: the mean), the gain over the first row in %, the paper's value and our
+    difference where it has one; per column the best bold, the second underlined (at the shown precision)."""
     methods, metrics, results = [m["name"] for m in report["methods"]], report["metrics"], report["results"]
     baseline, paper = methods[0], paper_values(report)
     entry = lambda method, metric: results.get(method, {}).get(metric) or {}
@@ -1105,8 +1073,7 @@ def results_markdown(report):
 
 
 def draw_figure2(report, path):
-    """Paper Fig. 2 (figure2_points): ours filled, the paper's hollow, under each panel the methods each
-    normalisation ran over; a panel lacking metrics says why. False when neither can be drawn."""
+    """Paper Fig. 2 (figure2_points), ours filled, the paper's hollow; a panel lacking data says why. False if none."""
     from matplotlib import colormaps
 
     points = figure2_points(report)
@@ -1201,10 +1168,8 @@ def write_report(out_dir, run_info, manifest, metrics, grid_prompts):
     figure2 = draw_figure2(report, out_dir / "figure2.png")
     grid = draw_grid(out_dir, manifest, methods, grid_prompts, out_dir / "grid.png")
     if not figure2:
-        logger.info("figure2.png not drawn: panel (a) needs laplacian and sgp, panel (b) unifiedreward, hpsv3 "
-                    "and stylization")
-    return [out_dir / name for name, made in (("results.md", True), ("figure2.png", figure2), ("grid.png", grid))
-            if made]
+        logger.info("figure2.png not drawn: (a) needs laplacian and sgp, (b) unifiedreward, hpsv3 and stylization")
+    return [out_dir / n for n, made in (("results.md", True), ("figure2.png", figure2), ("grid.png", grid)) if made]
 
 # ---------------------------------------------------------------- the two commands: generate and score
 
@@ -1220,7 +1185,6 @@ def main(argv=None):
     command = {"score": score_main, "userstudy": userstudy_main, "userstudy-tally": userstudy_tally_main}
     if args.command in command:
         return command[args.command](args)
-
     # 1. every input checked before any heavy work
     metrics, methods = parse_metrics(args.metrics), parse_methods(args.method)
     state, out_dir = make_state(), Path(args.output_dir)
@@ -1229,7 +1193,6 @@ def main(argv=None):
     common.log_world_size(state.num_processes, "evaluate", state.is_main_process)
     logger.info("%d prompts x %d seeds x %d methods on %d process(es)", len(prompts), len(args.seeds),
                 len(methods), state.num_processes)
-
     # 2. generate what is missing, one method at a time
     items = [(seed, index) for seed in args.seeds for index in range(len(prompts))]
     manifest, generation = generate_missing_images(args, methods, prompts, items, out_dir, state)
@@ -1332,10 +1295,8 @@ STUDY_QUESTION = ("Which image is better? Judge the overall quality: how realist
 # the page's data: the study id, the question, and per comparison its id, prompt and two image files (key.json's
 # sides; the page mirrors them for about half the participants), never the methods. Each participant sees the pairs
 # in an order of their own; answers (keys 1/2/3, Backspace goes back) are kept in localStorage, so a reload resumes.
-STUDY_PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Image comparison study</title>
-<style>
+STUDY_PAGE = r"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Image comparison study</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>
 body { font-family: system-ui, sans-serif; margin: 0; background: #f3f3f3; color: #222; }
 main { max-width: 1120px; margin: 0 auto; padding: 18px 20px; }  [hidden] { display: none !important; }
 #progress { height: 10px; background: #ddd; border-radius: 5px; }  #bar { height: 100%; width: 0; background: #3b7dd8; }
@@ -1347,8 +1308,7 @@ img { width: min(44vw, calc(100vh - 300px), 520px); min-width: 160px; aspect-rat
 button { font-size: 16px; padding: 10px 18px; border-radius: 6px; border: 1px solid #999; background: #fff; }
 button.chosen { background: #3b7dd8; color: #fff; }  button:disabled { opacity: .4; }
 kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #fff; }
-</style></head>
-<body><main>
+</style></head><body><main>
 <section id="intro" hidden><h1>Which image is better?</h1>
   <p>You will see <b class="total"></b> pairs of images, both made from the text shown above them.
     <span class="question"></span></p>
@@ -1369,17 +1329,15 @@ kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 5px; background: #f
     the study.</p>
   <p><button id="download">Save my votes (JSON)</button> <button id="review">&larr; Back to the last pair</button></p>
   <p><button id="restart">Start again as another participant</button></p></section></main>
-<script>
-"use strict";
+<script>"use strict";
 const STUDY = __STUDY__, STORE = "image-study-" + STUDY.id;  // localStorage key: one study, one participant at a time
 const byId = Object.fromEntries(STUDY.comparisons.map(c => [c.id, c])), KEYS = { 1: "left", 2: "tie", 3: "right" };
 const $ = id => document.getElementById(id), all = selector => document.querySelectorAll(selector);
 let state = JSON.parse(localStorage.getItem(STORE) || "null"), shownAt = 0;
 for (const e of all(".total")) e.textContent = STUDY.comparisons.length;
 for (const e of all(".question")) e.textContent = STUDY.question;
-// Seeded draws (FNV-1a of a text seeds mulberry32), reproducible per participant id: every participant sees the
-// pairs in an order of their own (no order effect shared by all), and about half see every pair mirrored (the
-// votes say so; the tally swaps the sides back).
+// Seeded draws (FNV-1a of a text seeds mulberry32) per participant id: each sees the pairs in an order of their own
+// (no order effect shared by all), about half see every pair mirrored (the votes say so; the tally swaps back).
 function random(text) {
   let a = 2166136261;
   for (const ch of text) a = Math.imul(a ^ ch.codePointAt(0), 16777619);
@@ -1438,15 +1396,13 @@ document.addEventListener("keydown", event => {  // keys only act in the section
   event.preventDefault();
   event.key in KEYS ? choose(KEYS[event.key]) : back();
 });
-render();
-</script></body></html>
+render();</script></body></html>
 """
 
 
 def sample_study(prompts, methods, num_prompts, seed, image_seeds):
-    """num_prompts prompts, each compared once with every baseline, from one seeded generator. Blind: a prompt's
-    comparisons use different image seeds (an image of ours met by every baseline could be recognised).
-    Balanced: per baseline 'ours' is left in half (±1) of them. Numbered after a shuffle (ids say nothing)."""
+    """num_prompts prompts, each compared once with every baseline (one seeded generator). Blind: a prompt's
+    comparisons each use another image seed; ids after a shuffle. Balanced: per baseline, ours left in half (±1)."""
     if num_prompts < 1 or num_prompts > len(prompts):
         raise UserError(f"--num_prompts {num_prompts}: the prompt set has {len(prompts)} prompts")
     baselines = [m["name"] for m in methods[1:]]
@@ -1551,9 +1507,8 @@ def read_study_votes(paths, key):
 
 
 def tally_study(key, participants, bootstrap_samples, seed):
-    """Win / tie / lose % of 'ours' per baseline, pooled over votes, with 95% intervals of a participant-level
-    percentile bootstrap (one person's votes are correlated: whole participants are resampled); as a check
-    of side bias, the share of decided votes that went to the left image (about 50% without one)."""
+    """Win / tie / lose % of 'ours' per baseline, pooled over votes, 95% intervals by a participant-level bootstrap
+    (one person's votes are correlated); as a side-bias check, the left image's share of decided votes (about 50%)."""
     names, outcomes = list(participants), ("win", "tie", "lose")
     counts = {b: np.zeros((len(names), 3), dtype=np.int64) for b in key["baselines"]}  # win, tie, lose
     sides = dict.fromkeys(STUDY_CHOICES, 0)
