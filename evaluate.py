@@ -157,7 +157,6 @@ def parse_args(argv=None):
             "pytorch_lora_weights.safetensors or a PEFT adapter, at its root or in e.g. lora/learner/), or a "
             "UNet/transformer (a folder with config.json, or a hub id). 'NET+LORA' stacks a LoRA on another network "
             "(e.g. RealAlign trained on top of Diffusion-DPO). Default: base= (`userstudy` needs two or more).")
-
     if command == "score":
         add("--images", required=True, help="An evaluate.py output folder, or a folder of NAME/seed_S/00000.png.")
         add("--prompts", help="Only for a folder without manifest.jsonl: its prompts (file or set name).")
@@ -219,7 +218,6 @@ def parse_args(argv=None):
         add("--prompt_source", choices=["authors", "hub"], default="authors", help="Where a named prompt set comes "
             "from: the authors' prompt files (the paper's prompts, pinned commit) or the Hugging Face hub datasets.")
         add("--grid_prompts", type=common.positive_int, default=4, help="Prompts shown in grid.png.")
-
     return argparse.Namespace(**vars(parser.parse_args(argv)), command=command)
 
 
@@ -277,6 +275,8 @@ def read_prompt_file(path):
 def unifiedreward_question(args):
     """--unifiedreward_question FILE, or the authors': the string `prompt_template` in their `unifiedreward_score`."""
     if args.unifiedreward_question:
+        if not Path(args.unifiedreward_question).is_file():
+            raise UserError(f"--unifiedreward_question {args.unifiedreward_question}: no such file")
         question = common.read_text(args.unifiedreward_question)
     else:
         path = common.fetch_authors_file(AUTHORS_REWARDS_FILE, args.cache_dir, "the authors' UnifiedReward question")
@@ -334,8 +334,7 @@ def load_prompts(spec, cache_dir, max_prompts=None, source="authors"):
 
 
 def check_prompts(out_dir, prompts, write=True):
-    """Image i of every method belongs to prompt i: a folder made for other prompts is refused (by every
-    process, so all stop together). Keeps the longest list seen."""
+    """Image i of every method is prompt i's: other prompts are refused (by every process); the longest list is kept."""
     path = out_dir / PROMPTS_FILE
     old = path.read_text(encoding="utf-8").split("\n")[:-1] if path.is_file() else []
     for i, (a, b) in enumerate(zip(old, prompts)):
@@ -416,7 +415,7 @@ def apply_method(backbone, method, device):
         if kind == "network" and k > 0:  # parse_methods checks local folders, this catches hub ids
             raise UserError(f"method '{method['name']}': '{ref}' is a UNet/transformer; only the first part of "
                             "NET+LORA may be one")
-        if kind != "network":  # a LoRA; a hub model of unknown kind too, and if not, (first part only) a network
+        if kind != "network":  # a LoRA, or a hub model of unknown kind: a LoRA, else (first part only) a network
             try:
                 common.load_lora_into(backbone, ref, adapter_name=f"eval_{k}")
                 adapters.append(f"eval_{k}")
@@ -514,7 +513,8 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
         if main_process:
             if recorded is not None and recorded != content:
                 stale = sorted((out_dir / name).glob("seed_*/*.png"))
-                logger.info("%s: its model changed since its %d images were made: made again", name, len(stale))
+                logger.info("%s: its model changed since its %d images were made: they are made again", name,
+                            len(stale))
                 for image in stale:
                     image.unlink()
             write_json(record, {**settings, **models, "model_content": content})
@@ -571,9 +571,9 @@ def rewrite_scores(out_dir, drop=frozenset()):
     """Fold the part files into scores.jsonl and forget the scores of `drop` (images about to be made again)."""
     parts, table = sorted(out_dir.glob("scores.part-*.jsonl")), read_score_table(out_dir)
     if parts or any(image in drop for image, _ in table):
-        common.atomic_write_text(out_dir / SCORES, "".join(json.dumps({"image": image, "metric": metric, "value": v})
-                                                           + "\n" for (image, metric), v in table.items()
-                                                           if image not in drop))
+        kept = ({"image": image, "metric": metric, "value": v} for (image, metric), v in table.items()
+                if image not in drop)
+        common.atomic_write_text(out_dir / SCORES, "".join(json.dumps(record) + "\n" for record in kept))
         for part in parts:
             part.unlink()
 
@@ -625,8 +625,7 @@ class PickScoreMetric:
 
 
 class RealismMetric(PickScoreMetric):
-    """'SGP-PickScore' realism (paper Fig. 2): PickScore against "Realistic photo, {prompt}" minus that
-    against "CG render, {prompt}" (--sgp_*_prefix); positive when the image reads as a photograph."""
+    """'SGP-PickScore' realism (paper Fig. 2): PickScore with "Realistic photo, " minus with "CG render, " prefixed."""
 
     def __call__(self, images, prompts):
         real, cg = (self.scorer(images, [x + p for p in prompts], batch_size=len(images)) for x in self.prefixes)
@@ -915,7 +914,7 @@ def aggregate(rows, methods, metrics):
     groups, results = {}, {}
     for row in rows:
         groups.setdefault((row["method"], row["metric"]), {}).setdefault(row["seed"], []).append(row["value"])
-    for method, metric in ((method, metric) for method in methods for metric in metrics if (method, metric) in groups):
+    for method, metric in [(m, k) for m in methods for k in metrics if (m, k) in groups]:  # no scores: left out
         by_seed = groups[(method, metric)]
         valid = {seed: [v for v in by_seed[seed] if v is not None] for seed in sorted(by_seed)}
         per_seed = {str(seed): float(np.mean(values)) for seed, values in valid.items() if values}
