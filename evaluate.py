@@ -390,9 +390,8 @@ def parse_methods(texts):
 
 def hub_kind(repo_id):
     """"lora" or "network" from a hub model's file list (no UNet downloaded to learn it is no LoRA); None if unknown."""
-    from huggingface_hub import list_repo_files
-
     try:
+        from huggingface_hub import list_repo_files
         files = set(list_repo_files(repo_id))
     except Exception:
         return None
@@ -1074,7 +1073,6 @@ def results_markdown(report):
 def draw_figure2(report, path):
     """Paper Fig. 2 (figure2_points), ours filled, the paper's hollow; a panel lacking data says why. False if none."""
     from matplotlib import colormaps
-
     points = figure2_points(report)
     if not points:
         return False
@@ -1082,8 +1080,9 @@ def draw_figure2(report, path):
     figure = common.new_figure(11, 5)
     panels = {"a": ("(a) Texture detail vs realism", "Realism (SGP-PickScore), min-max",  # paper Fig. 2's axes
                     "Texture Detail (Laplacian variance), min-max"),
-              "b": ("(b) Human preference vs stylization", "Human Preference (½ minmax HPSv3 + ½ minmax "
-                    "UnifiedReward)", "Stylization (OneIG-Bench style score)")}
+              "b": ("(b) Human preference vs stylization",
+                    "Human Preference (½ minmax HPSv3 + ½ minmax UnifiedReward)",
+                    "Stylization (OneIG-Bench style score)")}
     for ax, (panel, (title, xlabel, ylabel)) in zip(figure.subplots(1, 2), panels.items()):
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         if panel not in points:
@@ -1128,9 +1127,9 @@ def draw_grid(out_dir, manifest, methods, num_prompts, path):
     axes = figure.subplots(len(indices), len(methods) + 1, squeeze=False,
                            gridspec_kw={"width_ratios": [text_width] + [tile] * len(methods)})
     for row, index in enumerate(indices):
-        axes[row][0].axis("off")  # a long prompt is cut, not drawn over the next row
+        axes[row][0].axis("off")
         axes[row][0].text(0.97, 0.5, common.wrap_text(prompts[index], 30, max_lines=9), ha="right", va="center",
-                          fontsize=9, transform=axes[row][0].transAxes)
+                          fontsize=9, transform=axes[row][0].transAxes)  # cut, not drawn over the next row
         for ax, method, tile_path in zip(axes[row][1:], methods, tiles[row]):
             ax.set(xticks=[], yticks=[])
             ax.set_title(method if row == 0 else "", fontsize=11)
@@ -1216,7 +1215,8 @@ def score_main(args):
         raise UserError(f"--images {out_dir} is not a folder")
     state, manifest, run_info = make_state(), [], {}
     if (out_dir / MANIFEST).is_file():
-        manifest = [json.loads(line) for line in (out_dir / MANIFEST).read_text().splitlines() if line.strip()]
+        lines = (out_dir / MANIFEST).read_text(encoding="utf-8").splitlines()
+        manifest = [json.loads(line) for line in lines if line.strip()]
         run_info = json.loads((out_dir / RUN_INFO).read_text()) if (out_dir / RUN_INFO).is_file() else {}
     elif args.prompts is None:
         raise UserError(f"{out_dir} has no {MANIFEST}: pass --prompts (the prompts its images were made from)")
