@@ -164,8 +164,8 @@ def test_pickscore_defaults_to_fp32_and_bf16_would_move_it(tiny_models):
     assert moved.max() > 1e-3
     assert moved.mean() * 100 / scale > 0.02
     # the evaluation's CLIP models are fp32 too
-    model, _ = evaluate._load_clip(clip, "cpu")
-    assert model.dtype == torch.float32
+    assert evaluate.ClipScoreMetric(evaluate.parse_args(["--clip_model", clip]), "cpu").scorer.model.dtype == \
+        torch.float32
 
 
 def test_scorers_are_fp32_on_gpu_too(tiny_models, monkeypatch):
@@ -186,7 +186,8 @@ def test_scorers_are_fp32_on_gpu_too(tiny_models, monkeypatch):
                         lambda model, dtype=None, **kwargs: asked.append(dtype) or Loaded())
     clip = tiny_models["clip"]
     common.PickScorer(clip, clip, device="cuda")
-    evaluate._load_clip(clip, "cuda")
+    monkeypatch.setattr(evaluate, "_CLIP_MODELS", {})  # none loaded before
+    evaluate.ClipScoreMetric(evaluate.parse_args(["--clip_model", clip]), "cuda")
     assert asked == [torch.float32, torch.float32]
 
 
@@ -845,7 +846,7 @@ def test_end_to_end_report(e2e):
     assert "| ours |" in table and "**" in table and "<u>" in table and "not run: pip install image-reward" in table
     for name in ("figure2.png", "grid.png"):
         assert Image.open(out_dir / name).format == "PNG"
-    manifest = evaluate.read_jsonl(out_dir / "manifest.jsonl")
+    manifest = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 4 * 2 * 2
     assert {(e["seed"], e["index"], e["prompt"]) for e in manifest if e["method"] == "ours"} == \
         {(s, i, p) for s in (42, 123) for i, p in enumerate(PROMPTS[:2])}
