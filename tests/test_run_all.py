@@ -36,9 +36,13 @@ def smoke(out, backbone, extra_env=None):
 
 # paper Table 1's rows per backbone, as run_all.sh names them
 ROWS = {"sd15": ["base", "diffusion_dpo", "stage1", "realalign"], "sd35m": ["base", "flow_grpo", "stage1", "realalign"]}
-EXTRA_ROWS = {"sd15": ["diffusion_dpo_realalign", "realalign_released"],
-              "sd35m": ["flow_grpo_realalign", "realalign_released"]}
+EXTRA_ROWS = {"sd15": ["diffusion_dpo_realalign", "realalign_released"], "sd35m": ["realalign_released"]}
 ALL_ROWS = {"COMPLEMENTARITY": "1", "RELEASED": "1"}
+# SD-3.5-M's smoke run adds the released LoRA's row only: its "+ RealAlign" stages are the SD-1.5 run's
+# COMPLEMENTARITY steps with --init_lora (Flow-GRPO's PEFT folder) for --init_unet; their command lines are
+# checked by test_run_like_authors_dry_run_shows_their_stage1_flags, Stage 1 continuing that LoRA by
+# tests/test_published_formats.py (two trainings less: the suite stays within its 6 minutes).
+EXTRA_ENV = {"sd15": None, "sd35m": {"RELEASED": "1"}}
 
 
 def check_table(out, rows):
@@ -62,7 +66,7 @@ def check_table(out, rows):
 def test_smoke_run_end_to_end(backbone, tiny, tmp_path, tiny_models_build):
     """SD-1.5: a run that fails in Stage 1 and its rerun, which continues it;
     then reruns that add the opt-in rows, change settings and inputs.
-    SD-3.5-M: every row in one run."""
+    SD-3.5-M: the paper's rows and the released LoRA's in one run."""
     out = tmp_path / "smoke"
     # the session's tiny models, built by the command of the first step (conftest.py tiny_models_build):
     # that step then finds them and only lists them
@@ -74,7 +78,7 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path, tiny_models_build):
         assert first.returncode != 0 and "step 'stage1' failed" in first.stderr, first.stderr[-3000:]
         marked = {step: json.loads((out / f".done-{step}").read_text())["done"] for step in ("curate", "stage1")}
         assert marked == {"curate": True, "stage1": False}  # stage1 started, not done
-    result = smoke(out, backbone, None if backbone == "sd15" else ALL_ROWS)
+    result = smoke(out, backbone, EXTRA_ENV[backbone])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
     # 1. curation: pairs with the README 'Method: data' columns, files that exist
@@ -132,14 +136,8 @@ def test_smoke_run_end_to_end(backbone, tiny, tmp_path, tiny_models_build):
     assert "qualitative panel:" in result.stdout
     if backbone == "sd15":
         assert steps(result, "done already, skipped") == STEPS[:4]  # the failed run's finished steps
-    # the "+ RealAlign" stages start from the baseline: SD-3.5-M continues
-    # the stand-in Flow-GRPO LoRA in Stage 1 and Stage 1's LoRA in Stage 2
     if backbone == "sd35m":
-        args1 = json.loads((out / "complementarity" / "stage1" / "args.json").read_text())
-        args2 = json.loads((out / "complementarity" / "stage2" / "args.json").read_text())
-        assert args1["init_lora"] == str(released / "flowgrpo-lora-sd3")
-        assert args2["init_lora"] == str(out / "complementarity" / "stage1" / "checkpoint-4")
-        assert results["methods"][4]["spec"] == str(out / "complementarity" / "stage2" / "checkpoint-4")
+        assert results["methods"][4]["spec"] == str(released / "realalign-lora-sd3")
         return
 
     # A rerun with the opt-in rows and two more Stage-2 steps. A step whose settings changed is not skipped:
@@ -380,6 +378,11 @@ def test_run_like_authors_dry_run_shows_their_stage1_flags(tmp_path):
     assert "--inpaint_dtype" not in authors["curate"] and "--no-drop_nonphoto" not in authors["curate"]
     ours = dry_run(BACKBONE="sd35m")
     assert "--sd3_policy_point" not in ours["stage1"] and "outputs/sd35m/stage1" in ours["stage1"]
+    # "+ RealAlign" on SD-3.5-M: Stage 1 continues Flow-GRPO's LoRA, Stage 2 Stage 1's; the row is Stage 2's LoRA
+    assert "--init_lora jieliu/SD3.5M-FlowGRPO-PickScore " in ours["complementarity-stage1"]
+    assert "--init_unet" not in ours["complementarity-stage1"] + ours["complementarity-stage2"]
+    assert "--init_lora outputs/sd35m/complementarity/stage1/checkpoint-3200 " in ours["complementarity-stage2"]
+    assert "flow_grpo_realalign=outputs/sd35m/complementarity/stage2/checkpoint-450 " in ours["eval-complementarity"]
     assert {k: v.replace("-authors", "") for k, v in authors.items() if "stage1" not in k} == \
         {k: v for k, v in ours.items() if "stage1" not in k}
     assert dry_run(BACKBONE="sd15", RUN_LIKE_AUTHORS="1") == dry_run(BACKBONE="sd15")
