@@ -1322,14 +1322,16 @@ def optimize(args, accelerator, backbone, roles, lora_config, cache, grad_accum,
     optimizer, lr_scheduler = make_optimizer(args, params)
     ema = LoraEMA(params, args.ema_decay, args.ema_every, args.ema_schedule) if args.use_ema else None
     seed_everything(args.seed)  # alike on every process; training itself draws from `micro_batch_generator`
-    start_step = load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema) if args.resume else 0
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(backbone.device.type, enabled=args.mixed_precision == "fp16")
+    start_step = (load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, scaler)
+                  if args.resume else 0)
     if accelerator.num_processes > 1:  # every process must hold the same LoRA weights
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(backbone.device)
         if not torch.allclose(accelerator.gather(checksum), checksum):
             raise RuntimeError("the processes start from different LoRA weights")
-    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(backbone.device.type, enabled=args.mixed_precision == "fp16")
-    record = RunRecord(args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema, start_step)
+    record = RunRecord(args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema, scaler,
+                       start_step)
     num_rows = len(cache["prompt_index"]) if cache is not None else 0
     max_steps = args.benchmark_steps or args.max_train_steps
     progress = tqdm(total=max_steps * grad_accum, initial=start_step * grad_accum, unit="micro-batch",
@@ -1375,11 +1377,12 @@ class RunRecord:
     step, checkpoint-STEP and state/ every --checkpoint_every steps. With
     --benchmark_steps nothing (the loop returns its records)."""
 
-    def __init__(self, args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema,
+    def __init__(self, args, accelerator, backbone, roles, lora_config, cache, optimizer, lr_scheduler, ema, scaler,
                  start_step):
         self.args, self.accelerator, self.backbone, self.roles, self.lora_config = (args, accelerator, backbone,
                                                                                    roles, lora_config)
         self.cache, self.optimizer, self.lr_scheduler, self.ema = cache, optimizer, lr_scheduler, ema
+        self.scaler = scaler
         self.enabled, self.last_saved = not args.benchmark_steps, start_step
         main = accelerator.is_main_process and self.enabled
         if start_step:
@@ -1451,7 +1454,7 @@ class RunRecord:
         save_checkpoint(self.args, self.accelerator, step, self.backbone, self.lora_config, params, self.ema,
                         self.cache, self.validation)
         save_training_state(self.args, self.accelerator, step, self.backbone, self.roles, self.optimizer,
-                            self.lr_scheduler, self.ema)
+                            self.lr_scheduler, self.ema, self.scaler)
         self.last_saved = step
 
 
@@ -1532,7 +1535,7 @@ def generate_grid_images(backbone, validation, args, seeds):
     return images
 
 
-def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema):
+def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_scheduler, ema, scaler):
     """OUTPUT_DIR/state: what --resume needs, atomically, in tensors, numbers and
     strings only (loaded with weights_only=True: a state file cannot run code);
     each rank adds its global RNG states, for a library drawing from them."""
@@ -1554,12 +1557,13 @@ def save_training_state(args, accelerator, step, backbone, roles, optimizer, lr_
         roles = {role: [p.detach().cpu() for p in role_parameters(backbone.net, role)] for role in roles}
         atomic_save_torch({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                            "ema": ema.state_dict() if ema else None, "num_processes": accelerator.num_processes,
+                           "grad_scaler": scaler.state_dict(),  # fp16's loss scale ({} otherwise)
                            "roles": roles}, tmp / "training_state.pt")
         replace_dir(tmp, state_dir)
     accelerator.wait_for_everyone()
 
 
-def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema):
+def load_training_state(args, accelerator, backbone, roles, optimizer, lr_scheduler, ema, scaler):
     """Restore OUTPUT_DIR/state; returns its step (extra processes take rank 0's RNG states)."""
     state_dir = Path(args.output_dir) / "state"
     try:
@@ -1580,6 +1584,8 @@ def load_training_state(args, accelerator, backbone, roles, optimizer, lr_schedu
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
+    if state.get("grad_scaler"):  # fp16: the loss scale goes on where it was, not from 65536 again
+        scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

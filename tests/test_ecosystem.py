@@ -222,18 +222,20 @@ def test_final_checkpoint_must_be_a_checkpoint_step(tiny_models, pairs, tmp_path
                  "--final_checkpoint 3 is not a step that gets a checkpoint")
 
 
-def test_fp16_trains_with_a_gradient_scaler(tiny_models, pairs, tmp_path):
-    """fp16 autocast on CPU (a subprocess: accelerate's precision is fixed per
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_its_scale(tiny_models, pairs, tmp_path):
+    """fp16 autocast on CPU (subprocesses: accelerate's precision is fixed per
     process). Overflowing steps are skipped and halve the scale; the weights
-    stay finite."""
+    stay finite; --resume goes on with the saved scale (it restarted at 65536)."""
     out = tmp_path / "fp16"
     cmd = [sys.executable, str(ROOT / "train_dpo.py"), "--pretrained_model", tiny_models["sd15"], "--pairs",
-           str(pairs), "--output_dir", str(out), *SMALL, "--max_train_steps", "3", "--checkpoint_every", "3",
-           "--sample_grid_steps", "0", "--report_to", "none", "--mixed_precision", "fp16", "--learning_rate", "1e-3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+           str(pairs), "--output_dir", str(out), *SMALL, "--checkpoint_every", "2", "--sample_grid_steps", "0",
+           "--report_to", "none", "--mixed_precision", "fp16", "--learning_rate", "1e-3"]
+    for more in (["--max_train_steps", "2"], ["--max_train_steps", "3", "--resume"]):
+        result = subprocess.run(cmd + more, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and log[1]["grad_scale"] < 65536.0  # an overflow before the stop
     scale = 65536.0  # GradScaler's initial scale
     for record in log:
         if not math.isfinite(record["grad_norm"]):
@@ -241,6 +243,7 @@ def test_fp16_trains_with_a_gradient_scaler(tiny_models, pairs, tmp_path):
         assert record["grad_scale"] == scale
         assert math.isfinite(record["loss"])
     state = torch.load(out / "state" / "training_state.pt", weights_only=False)
+    assert state["grad_scaler"]["scale"] == log[-1]["grad_scale"]
     assert all(torch.isfinite(p).all() for p in state["roles"]["learner"])
     assert json.loads((out / "args.json").read_text())["mixed_precision"] == "fp16"
 
