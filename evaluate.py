@@ -18,7 +18,6 @@ import ast
 import contextlib
 import csv
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -556,13 +555,13 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
 
 
 def read_score_table(out_dir):
-    """{(image, metric): value}; a later line wins, a truncated last line (killed run) is ignored."""
+    """{(image, metric): record}; a later line wins, a truncated last line (killed run) is ignored."""
     table = {}
     for path in [out_dir / SCORES] + sorted(out_dir.glob("scores.part-*.jsonl")):
         for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
-            with contextlib.suppress(ValueError, KeyError, TypeError):
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # a record without a value is skipped too
                 record = json.loads(line)
-                table[(record["image"], record["metric"])] = record["value"]
+                table[(record["image"], record["metric"])] = record | {"value": record["value"]}
     return table
 
 
@@ -570,8 +569,7 @@ def rewrite_scores(out_dir, drop=frozenset()):
     """Fold the part files into scores.jsonl and forget the scores of `drop` (images about to be made again)."""
     parts, table = sorted(out_dir.glob("scores.part-*.jsonl")), read_score_table(out_dir)
     if parts or any(image in drop for image, _ in table):
-        kept = ({"image": image, "metric": metric, "value": v} for (image, metric), v in table.items()
-                if image not in drop)
+        kept = (record for (image, _), record in table.items() if image not in drop)
         common.atomic_write_text(out_dir / SCORES, "".join(json.dumps(record) + "\n" for record in kept))
         for part in parts:
             part.unlink()
@@ -861,16 +859,29 @@ def parse_metrics(text):
     return metrics
 
 
+def scorer_key(metric, args, hashes):
+    """What a metric's scores depend on besides image and prompt (README "Running reliably"): its flags (sgp's
+    include PickScore's, the VLMs' their batch size) and what they name (a file, a model folder, a hub revision)."""
+    prefixes = {"sgp": ("sgp_", "pickscore_"), "hpsv3": ("vlm_",), "unifiedreward": ("unifiedreward_", "vlm_"),
+                "stylization": ("oneig_",)}.get(metric, (metric + "_",))
+    values = [v for k, v in sorted(vars(args).items()) if k.startswith(prefixes)]  # a path by content: moved, the same
+    return common.digest_of([(common.fingerprint(v, hashes) if isinstance(v, str) else None) or v for v in values])
+
+
 def score_images(out_dir, manifest, metrics, args, state):
-    """Score what lacks a score, metric by metric, each scorer built only for work; returns {metric: why} not run."""
+    """Score what lacks a score under this scorer_key, metric by metric, building a scorer only for work; {metric: why}
+    not run."""
     table, not_run = read_score_table(out_dir), {}
     target = out_dir / (SCORES if state.num_processes == 1 else f"scores.part-{state.process_index}.jsonl")
+    hashes = common.FileHashes(out_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
     for metric in metrics:
-        pending = [entry for entry in manifest if (entry["image"], metric) not in table]
+        key = scorer_key(metric, args, hashes)
+        pending = [entry for entry in manifest if table.get((entry["image"], metric), {}).get("scorer") != key]
         if not pending:
             continue
         try:
             scorer = SCORERS[metric](args, state.device)
+            key = scorer_key(metric, args, hashes)  # a hub model it just downloaded has a revision now
         except ScorerUnavailable as err:
             not_run[metric] = f"not run: {err}"
             logger.warning("%s: not run: %s", metric, err)
@@ -889,7 +900,7 @@ def score_images(out_dir, manifest, metrics, args, state):
                                     [entry["prompt"] for entry in batch])
                     with open(target, "a", encoding="utf-8") as f:
                         f.writelines(json.dumps({"image": entry["image"], "metric": metric, "value": v if v is not None
-                                                 and math.isfinite(v) else None}) + "\n"
+                                                 and math.isfinite(v) else None, "scorer": key}) + "\n"
                                      for entry, v in zip(batch, values))
                         f.flush()
                         os.fsync(f.fileno())
@@ -902,6 +913,7 @@ def score_images(out_dir, manifest, metrics, args, state):
         free_memory()
     _CLIP_MODELS.clear()
     gc.collect()
+    hashes.save()
     return not_run
 
 # ---------------------------------------------------------------- aggregation (README 'Method: evaluation')
@@ -1147,7 +1159,7 @@ def write_report(out_dir, run_info, manifest, metrics, grid_prompts):
     """results.json, results.md, figure2.png and grid.png from the score table; returns the paths."""
     methods, table = [m["name"] for m in run_info["methods"]], read_score_table(out_dir)
     rows = [{"method": e["method"], "seed": e["seed"], "index": e["index"], "metric": metric,
-             "value": table[(e["image"], metric)]} for e in manifest for metric in ALL_METRICS
+             "value": table[(e["image"], metric)]["value"]} for e in manifest for metric in ALL_METRICS
             if (e["image"], metric) in table]
     scored, not_run = {row["metric"] for row in rows}, run_info.get("not_run", {})
     # columns: this run's metrics, earlier ones still waiting to be computed, and every one scored earlier (e.g.
@@ -1252,9 +1264,7 @@ def finish(out_dir, run_info, manifest, metrics, args, state):
         run_info["stylization_results"] = args.stylization_results
     if args.note is not None:
         run_info["note"] = args.note
-    table = read_score_table(out_dir)
-    if "unifiedreward" in metrics and any((e["image"], "unifiedreward") not in table for e in manifest):
-        # the question sets the scale of the answers: one question per output folder, named in results.md
+    if "unifiedreward" in metrics:  # the question sets the scale of the answers: one per folder, named in results.md
         question = f"{args.unifiedreward_question} (user file)" if args.unifiedreward_question else \
             f"the authors' (prompt_template of unifiedreward_score in {common.AUTHORS_REPO}/{AUTHORS_REWARDS_FILE})"
         recorded = run_info.get("unifiedreward_question")
@@ -1440,7 +1450,7 @@ def userstudy_main(args):
            "prompts": args.prompts, "num_prompts": args.num_prompts, "seed": args.seed,
            "evaluation_folder": str(out_dir), "pretrained_model": args.pretrained_model, "comparisons": comparisons}
     # the id ties vote files to this study; a hash, so it names no method
-    key = {"study_id": hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12], **key}
+    key = {"study_id": common.digest_of(key)[:12], **key}
     key_path = study_dir / "key.json"
     if key_path.is_file() and json.loads(key_path.read_text())["study_id"] != key["study_id"]:
         raise UserError(f"{study_dir} holds another study (votes collected for it would no longer match its key); "

@@ -1,6 +1,8 @@
 """Tests of evaluate.py (issue 6, README 'Method: evaluation') on the tiny offline models."""
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -460,7 +462,7 @@ def test_unifiedreward_asks_the_authors_question_one_image_at_a_time(tmp_path, m
     # one image per generate() call (--score_batch_size 16 does not batch it), resized as qwen_vl_utils does
     assert fake.calls == [(1, {"max_new_tokens": 512}, [(504, 504)])] * 3
     scores = evaluate.read_score_table(tmp_path)
-    assert [scores[(e["image"], "unifiedreward")] for e in manifest] == [4.0, None, None]
+    assert [scores[(e["image"], "unifiedreward")]["value"] for e in manifest] == [4.0, None, None]
 
 
 def test_hpsv3_scores_one_image_at_a_time(tmp_path, monkeypatch, capsys):
@@ -480,7 +482,7 @@ def test_hpsv3_scores_one_image_at_a_time(tmp_path, monkeypatch, capsys):
     manifest = image_folder(tmp_path, ["a", "bb", "ccc"])
     assert evaluate.score_images(tmp_path, manifest, ["hpsv3"], evaluate.parse_args([]), evaluate.make_state()) == {}
     assert batches == [1, 1, 1]
-    assert [evaluate.read_score_table(tmp_path)[(e["image"], "hpsv3")] for e in manifest] == [6.0, 7.0, 8.0]
+    assert [evaluate.read_score_table(tmp_path)[(e["image"], "hpsv3")]["value"] for e in manifest] == [6.0, 7.0, 8.0]
     batches.clear()
     evaluate.score_images(tmp_path / "b", image_folder(tmp_path / "b", ["a", "bb", "ccc"]), ["hpsv3"],
                           evaluate.parse_args(["--vlm_batch_size", "2"]), evaluate.make_state())
@@ -891,6 +893,33 @@ def test_score_command_merges_new_metric(e2e, tiny_models):
     assert all(after["results"][m]["clip"]["n"] == 4 for m in ("base", "ours", "net", "base2"))
     assert after["results"]["ours"]["pickscore"] == before["results"]["ours"]["pickscore"]
     assert "imagereward" in after["not_run"]  # still not computed
+
+
+def test_scores_follow_their_scorer(e2e, tiny_models, tmp_path, caplog):
+    """Scores are reused only from the same scorer (README "Running reliably"): a moved PickScore folder keeps
+    them; another --sgp_real_prefix scores sgp again; retrained PickScore weights under the same path, both."""
+    from transformers import CLIPModel
+
+    out_dir, clip = shutil.copytree(e2e[0], tmp_path / "out"), shutil.copytree(tiny_models["clip"], tmp_path / "clip")
+
+    def score(*extra):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="realalign"):
+            evaluate.main(["score", "--images", str(out_dir), "--metrics", "pickscore,sgp", "--pickscore_model",
+                           str(clip), "--pickscore_processor", str(clip), *extra])
+        report = json.loads((out_dir / "results.json").read_text())["results"]["ours"]
+        return [m for m in ("pickscore", "sgp") if f"{m}: scoring 16 images" in caplog.text], report
+
+    assert score()[0] == []  # the same weights in another folder
+    rescored, prefixed = score("--sgp_real_prefix", "A photo, ")
+    assert rescored == ["sgp"] and prefixed["sgp"]["mean"] != json.loads((e2e[0] / "results.json").read_text())[
+        "results"]["ours"]["sgp"]["mean"]
+    model = CLIPModel.from_pretrained(clip)
+    with torch.no_grad():
+        model.visual_projection.weight.mul_(-1.0)
+    model.save_pretrained(clip)
+    rescored, retrained = score("--sgp_real_prefix", "A photo, ")
+    assert rescored == ["pickscore", "sgp"] and retrained["pickscore"]["mean"] != prefixed["pickscore"]["mean"]
 
 
 def test_sd3_defaults_and_generation(tiny_models, prompt_file, tmp_path, monkeypatch):
