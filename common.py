@@ -59,6 +59,11 @@ class FileHashes:
         with contextlib.suppress(OSError, ValueError):  # a damaged cache only costs hashing again
             self.known = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
 
+    @classmethod
+    def beside(cls, output):
+        """The cache a run's steps share: OUTPUT_DIR/cache/file-hashes.json, for a step writing OUTPUT_DIR/output."""
+        return cls(Path(output).resolve().parent / "cache" / HASH_CACHE_FILE)
+
     def digest(self, path, name):
         stat = os.stat(path)
         key = f"{name}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -169,7 +174,7 @@ def fingerprint_main(argv):
     the same settings and inputs, 10 if it must run, 11 if an input changed."""
     marker, output, rest = Path(argv[0]), argv[1], argv[2:]
     write = rest[1] if rest[:1] == ["--write"] else None
-    hashes = FileHashes(marker.parent / "cache" / HASH_CACHE_FILE)  # beside the trainers' input cache
+    hashes = FileHashes.beside(marker)  # beside the trainers' input cache
     current = step_fingerprint(rest[rest.index("--") + 1:], output, hashes)
     if marker.parent.is_dir():
         hashes.save()

@@ -720,7 +720,7 @@ def main(argv=None):
     logger.info(f"{len(candidates)} candidate images from {args.real_images} ({counts['input_kind']})")
 
     model = args.inpaint_model if args.fake_mode == "inpaint" else args.t2i_model
-    hashes = common.FileHashes(output_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
+    hashes = common.FileHashes.beside(output_dir)
     generation_settings = {
         "fake_mode": args.fake_mode,
         "model": model,  # shown in the summary; compared by its content, model_content (a moved folder is the same)

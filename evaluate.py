@@ -491,7 +491,7 @@ def generate_missing_images(args, methods, prompts, items, out_dir, state):
     guidance = guidance if args.guidance_scale is None else args.guidance_scale
     settings = {"backbone": backbone.kind, "num_inference_steps": steps, "guidance_scale": guidance,
                 "resolution": args.resolution, "dtype": str(dtype).removeprefix("torch.")}
-    hashes = common.FileHashes(out_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
+    hashes = common.FileHashes.beside(out_dir)
 
     def models_of(method):  # the paths (shown) and a digest of the files (compared; None while not downloaded)
         parts = [common.fingerprint(ref, hashes) for ref in [args.pretrained_model, *(r for _, r in method["parts"])]]
@@ -873,7 +873,7 @@ def score_images(out_dir, manifest, metrics, args, state):
     not run."""
     table, not_run = read_score_table(out_dir), {}
     target = out_dir / (SCORES if state.num_processes == 1 else f"scores.part-{state.process_index}.jsonl")
-    hashes = common.FileHashes(out_dir.resolve().parent / "cache" / common.HASH_CACHE_FILE)
+    hashes = common.FileHashes.beside(out_dir)
     for metric in metrics:
         key = scorer_key(metric, args, hashes)
         pending = [entry for entry in manifest if table.get((entry["image"], metric), {}).get("scorer") != key]
